@@ -1,0 +1,11 @@
+"""nestlearn: Nested Learning in PyTorch.
+
+Exact chunkwise associative-memory ops, Titans and self-modifying Titans memories, the
+Continuum Memory System, HOPE models and deep optimizers.
+"""
+
+from nestlearn.errors import NestlearnError
+
+__version__ = "0.1.0"
+
+__all__ = ["NestlearnError", "__version__"]

@@ -1,0 +1,112 @@
+"""Shared benchmark plumbing: timing, peak memory in a fresh process, table and JSON output."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def time_call(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall time in seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        pages = int(handle.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_child(make_workload: Callable[..., Callable[[], Any]], kwargs: dict, threads: int,
+                queue: mp.Queue) -> None:
+    torch.set_num_threads(threads)
+    workload = make_workload(**kwargs)
+    baseline = _rss_mb()
+    workload()
+    # ru_maxrss is in KiB on Linux: the high-water mark of this fresh process.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put(max(0.0, peak - baseline))
+
+
+def peak_memory_mb(make_workload: Callable[..., Callable[[], Any]], threads: int | None = None,
+                   **kwargs: Any) -> float:
+    """Peak resident memory (MiB) that one call of the workload adds, in a fresh process.
+
+    ``make_workload(**kwargs)`` builds inputs and returns a zero-argument callable; it must be a
+    module-level function so the child process can import it. Measured on CPU as the rise of
+    the process's peak RSS above its RSS once inputs exist, so allocator caches of earlier
+    measurements cannot hide or inflate it.
+    """
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        workload = make_workload(**kwargs)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        workload()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    ctx = mp.get_context("spawn")
+    queue: mp.Queue = ctx.Queue()
+    proc = ctx.Process(
+        target=_peak_child,
+        args=(make_workload, kwargs, threads or torch.get_num_threads(), queue),
+    )
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A markdown table of ``rows`` restricted to ``columns`` (floats to 4 significant digits)."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return "" if value is None else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(name: str, rows: Sequence[dict[str, Any]], columns: Sequence[str],
+                 out_dir: str | Path) -> Path:
+    """Print the table and write ``<out_dir>/<name>.json`` (rows + environment); return its path."""
+    print(format_table(rows, columns))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"benchmark": name, "environment": environment(), "rows": list(rows)},
+                              indent=2))
+    tmp.replace(path)
+    print(f"wrote {path}")
+    return path

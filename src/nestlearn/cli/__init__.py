@@ -1,0 +1,46 @@
+"""The ``nestlearn`` command: one sub-command per module in this package.
+
+Each module exposes ``register(subparsers)``, which adds its parser and sets ``func`` to a
+callable taking the parsed arguments and returning an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from nestlearn import __version__
+from nestlearn.errors import NestlearnError
+
+# Sub-command modules, in the order `nestlearn --help` lists them.
+COMMANDS: tuple[str, ...] = ("info", "bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nestlearn",
+        description="Nested Learning in PyTorch: HOPE, Titans, CMS, deep optimizers.",
+    )
+    parser.add_argument("--version", action="version", version=f"nestlearn {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"nestlearn.cli.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except NestlearnError as err:
+        print(f"nestlearn {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"nestlearn {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,32 @@
+"""``nestlearn info``: versions, device, threads."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+import torch
+
+from nestlearn import __version__
+
+
+def info_lines() -> list[str]:
+    device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
+    lines = [
+        f"nestlearn {__version__}",
+        f"python {platform.python_version()} ({platform.machine()})",
+        f"torch {torch.__version__}",
+        f"device: {device}",
+        f"threads: {torch.get_num_threads()}",
+    ]
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    print("\n".join(info_lines()))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("info", help="print versions, device, threads and corpora")
+    parser.set_defaults(func=run)

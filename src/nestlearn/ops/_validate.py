@@ -1,0 +1,74 @@
+"""Argument checks shared by every op: a bad call fails here with a message, not deep in torch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from nestlearn.errors import invalid
+
+
+def check_chunk_size(chunk_size: int) -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise invalid("chunk_size", repr(chunk_size), "an int >= 1")
+    return chunk_size
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """Check q, k, v are ``[B, T, H, D]`` with matching B, T, H, dtype and device.
+
+    Returns ``(B, T, H, Dk, Dv)``.
+    """
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(tensor, torch.Tensor):
+            raise invalid(name, type(tensor).__name__, "a torch.Tensor of shape [B, T, H, D]")
+        if tensor.dim() != 4:
+            raise invalid(f"{name}.shape", tuple(tensor.shape), "4 dims [B, T, H, D]")
+        if not tensor.is_floating_point():
+            raise invalid(f"{name}.dtype", tensor.dtype, "a floating dtype")
+    if q.shape != k.shape:
+        raise invalid("k.shape", tuple(k.shape), f"the shape of q {tuple(q.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise invalid("v.shape", tuple(v.shape), f"[B, T, H] = {tuple(q.shape[:3])} as in q, any D")
+    check_same_kind(q, {"k": k, "v": v})
+    if q.shape[1] == 0:
+        raise invalid("q.shape", tuple(q.shape), "a sequence length T >= 1")
+    batch, length, heads, dk = q.shape
+    return batch, length, heads, dk, v.shape[-1]
+
+
+def check_same_kind(reference: torch.Tensor, others: dict[str, torch.Tensor]) -> None:
+    """Every tensor in ``others`` has the dtype and device of ``reference`` (q)."""
+    for name, tensor in others.items():
+        if tensor.dtype != reference.dtype:
+            raise invalid(f"{name}.dtype", tensor.dtype, f"the dtype of q ({reference.dtype})")
+        if tensor.device != reference.device:
+            raise invalid(f"{name}.device", tensor.device, f"the device of q ({reference.device})")
+
+
+def check_gate(name: str, gate: torch.Tensor, q: torch.Tensor, low: float | None,
+               high: float | None) -> None:
+    """A gate is ``[B, T, H]`` like q's first three dims, with values in ``[low, high]``."""
+    if not isinstance(gate, torch.Tensor):
+        raise invalid(name, type(gate).__name__, f"a torch.Tensor of shape {tuple(q.shape[:3])}")
+    if tuple(gate.shape) != tuple(q.shape[:3]):
+        raise invalid(f"{name}.shape", tuple(gate.shape), f"[B, T, H] = {tuple(q.shape[:3])}")
+    check_same_kind(q, {name: gate})
+    values = gate.detach()
+    if not torch.isfinite(values).all():
+        raise invalid(name, "non-finite values", "finite values")
+    lo = values.min().item()
+    hi = values.max().item()
+    if (low is not None and lo < low) or (high is not None and hi > high):
+        bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+        raise invalid(name, f"values in [{lo:.4g}, {hi:.4g}]", f"values in {bounds}")
+
+
+def check_state(name: str, state: torch.Tensor, shape: Sequence[int], q: torch.Tensor) -> None:
+    """A state tensor has exactly ``shape`` and q's dtype and device."""
+    if not isinstance(state, torch.Tensor):
+        raise invalid(name, type(state).__name__, f"a torch.Tensor of shape {tuple(shape)}")
+    if tuple(state.shape) != tuple(shape):
+        raise invalid(f"{name}.shape", tuple(state.shape), f"{tuple(shape)}")
+    check_same_kind(q, {name: state})

@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/nestlearn bench ops
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check .
 	$(BIN)/pytest -q -n 2
 
 test-slow: $(STAMP)

@@ -72,3 +72,17 @@ def check_state(name: str, state: torch.Tensor, shape: Sequence[int], q: torch.T
     if tuple(state.shape) != tuple(shape):
         raise invalid(f"{name}.shape", tuple(state.shape), f"{tuple(shape)}")
     check_same_kind(q, {name: state})
+
+
+def check_rule_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      gates: dict[str, tuple[torch.Tensor, float | None, float | None]],
+                      chunk_size: int) -> tuple[int, int, int, int, int]:
+    """Check q, k, v, each gate ``name -> (tensor, low, high)`` and the chunk size.
+
+    Returns ``(B, T, H, Dk, Dv)`` as :func:`check_qkv` does.
+    """
+    sizes = check_qkv(q, k, v)
+    for name, (gate, low, high) in gates.items():
+        check_gate(name, gate, q, low, high)
+    check_chunk_size(chunk_size)
+    return sizes

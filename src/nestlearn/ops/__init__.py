@@ -1,0 +1,21 @@
+"""Associative-memory update rules as pure functions (no parameters, no nn.Module).
+
+Every rule has one contract, ``rule(q, k, v, *gates, initial_state=None,
+output_final_state=False, chunk_size=64) -> (o, final_state or None)`` with tensors
+``[B, T, H, D]`` and gates ``[B, T, H]``, a fast chunkwise form and a token-by-token ``_naive``
+reference with the same signature. Derivations: ``ops/README.md``.
+"""
+
+from nestlearn.ops.delta_rule import gated_delta_rule, gated_delta_rule_naive
+from nestlearn.ops.linear_attention import gated_linear_attention, gated_linear_attention_naive
+from nestlearn.ops.titans_linear import TitansLinearState, titans_linear, titans_linear_naive
+
+__all__ = [
+    "TitansLinearState",
+    "gated_delta_rule",
+    "gated_delta_rule_naive",
+    "gated_linear_attention",
+    "gated_linear_attention_naive",
+    "titans_linear",
+    "titans_linear_naive",
+]

@@ -1,0 +1,63 @@
+"""Splitting sequences into chunks and the per-chunk decay products the chunkwise forms share.
+
+Layout inside the chunkwise forms: token tensors ``[B, T, H, D]`` become ``[B, H, N, C, D]``
+and gates ``[B, T, H]`` become ``[B, H, N, C]`` (N chunks of C tokens). The last chunk is
+padded at its end; padded tokens come after every real token, so causality keeps them from
+touching any real output, and each rule reads its final state at the last real token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def num_chunks(length: int, chunk_size: int) -> int:
+    return -(-length // chunk_size)
+
+
+def split_tokens(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """``[B, T, H, D]`` -> ``[B, H, N, C, D]``, zero-padding the time axis to N * C."""
+    batch, length, heads, dim = x.shape
+    padded = num_chunks(length, chunk_size) * chunk_size
+    if padded != length:
+        x = torch.cat([x, x.new_zeros(batch, padded - length, heads, dim)], dim=1)
+    return x.reshape(batch, padded // chunk_size, chunk_size, heads, dim).permute(0, 3, 1, 2, 4)
+
+
+def split_gate(gate: torch.Tensor, chunk_size: int, pad_value: float) -> torch.Tensor:
+    """``[B, T, H]`` -> ``[B, H, N, C]``, padding the time axis with ``pad_value``."""
+    batch, length, heads = gate.shape
+    padded = num_chunks(length, chunk_size) * chunk_size
+    if padded != length:
+        pad = gate.new_full((batch, padded - length, heads), pad_value)
+        gate = torch.cat([gate, pad], dim=1)
+    return gate.reshape(batch, padded // chunk_size, chunk_size, heads).permute(0, 3, 1, 2)
+
+
+def merge_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
+    """``[B, H, N, C, D]`` -> ``[B, T, H, D]``, dropping the padding."""
+    batch, heads, chunks, chunk_size, dim = x.shape
+    x = x.permute(0, 2, 3, 1, 4).reshape(batch, chunks * chunk_size, heads, dim)
+    return x[:, :length]
+
+
+def segment_products(gate: torch.Tensor) -> torch.Tensor:
+    """Products of a gate over every segment of a chunk, as a lower-triangular matrix.
+
+    ``gate`` is ``[..., C]`` with values in ``[0, 1]``. Returns ``P`` of shape
+    ``[..., C + 1, C + 1]`` indexed by *positions*: position 0 is the chunk start and position
+    ``p >= 1`` is "just after token p - 1". ``P[p, s] = prod_{s <= j < p} gate[j]`` for
+    ``s <= p`` (1 on the diagonal, the empty product) and 0 above the diagonal.
+
+    Built as a cumulative product of factors in [0, 1] down each column, never as a ratio of
+    prefix products: it cannot overflow, underflows only towards its true value 0, and a gate
+    of exactly 0 keeps finite gradients (no log(0) as a log-space segment sum would take).
+    """
+    size = gate.shape[-1] + 1
+    padded = torch.cat([gate.new_ones(*gate.shape[:-1], 1), gate], dim=-1)
+    rows = torch.arange(size, device=gate.device)
+    strictly_lower = rows[:, None] > rows[None, :]
+    factors = torch.where(strictly_lower, padded[..., :, None], padded.new_ones(()))
+    products = torch.cumprod(factors, dim=-2)
+    lower = rows[:, None] >= rows[None, :]
+    return torch.where(lower, products, products.new_zeros(()))

@@ -1,0 +1,112 @@
+"""Gated delta rule: delta gradient descent (DGD) with weight decay on a linear memory.
+
+M_t = M_{t-1} (alpha_t I - eta_t k_t k_t^T) + eta_t v_t k_t^T
+    = alpha_t M_{t-1} + eta_t (v_t - M_{t-1} k_t) k_t^T,   o_t = M_t q_t.
+With alpha_t = 1 this is one gradient step with rate eta_t on 1/2 ||M k_t - v_t||^2 (PAPER.md
+sections 2 and 5, DGD). The chunkwise form is exact: inside a chunk the memory's writes solve a
+unit lower-triangular system (the WY / UT transform of DeltaNet, Yang et al. 2024); see
+``ops/README.md``. State M is ``[B, H, Dv, Dk]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nestlearn.ops._chunking import merge_tokens, segment_products, split_gate, split_tokens
+from nestlearn.ops._validate import check_rule_inputs, check_state
+
+
+def _check(q, k, v, alpha, eta, initial_state, chunk_size):
+    batch, length, heads, dk, dv = check_rule_inputs(
+        q, k, v, {"alpha": (alpha, 0.0, 1.0), "eta": (eta, 0.0, None)}, chunk_size
+    )
+    shape = (batch, heads, dv, dk)
+    if initial_state is None:
+        return length, q.new_zeros(shape)
+    check_state("initial_state", initial_state, shape, q)
+    return length, initial_state
+
+
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    alpha: torch.Tensor,
+    eta: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Exact chunkwise gated delta rule.
+
+    Args:
+        q, k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``.
+        alpha: retention gate ``[B, T, H]`` in [0, 1]. eta: step size ``[B, T, H]``, >= 0.
+        initial_state: memory ``[B, H, Dv, Dk]`` before the first token (zeros if None).
+        output_final_state: also return the memory after the last token.
+        chunk_size: tokens per chunk; any value gives the same result up to rounding.
+
+    Returns:
+        ``(o [B, T, H, Dv], final memory or None)``.
+    """
+    length, memory = _check(q, k, v, alpha, eta, initial_state, chunk_size)
+    size = min(chunk_size, length)
+    qc, kc, vc = (split_tokens(x, size) for x in (q, k, v))
+    # Padded tokens (k = 0, alpha = 1, eta = 0) write nothing and leave the memory unchanged.
+    ac = split_gate(alpha, size, 1.0)
+    ec = split_gate(eta, size, 0.0)
+
+    products = segment_products(ac)
+    decay = products[..., 1:, 1:]  # decay[t, i] = alpha_{i+1} ... alpha_t (i <= t)
+    from_start = products[..., 1:, 0]  # alpha_0 ... alpha_t
+    # Same products one position earlier: what M_{t-1} carries of each write and of M_0.
+    decay_before = products[..., :-1, 1:]  # alpha_{i+1} ... alpha_{t-1}, zero unless i < t
+    start_before = products[..., :-1, 0]  # alpha_0 ... alpha_{t-1}
+    to_end = products[..., -1, :]
+
+    # M_t = from_start_t M_0 + sum_{i<=t} decay[t, i] u_i k_i^T with writes
+    # u_t = eta_t (v_t - M_{t-1} k_t), i.e. (I + A) U = eta V - (eta start_before K) M_0^T.
+    system = ec[..., :, None] * decay_before * (kc @ kc.transpose(-1, -2))
+    system = system + torch.eye(size, dtype=q.dtype, device=q.device)
+    value_writes = torch.linalg.solve_triangular(
+        system, ec[..., None] * vc, upper=False, unitriangular=True
+    )
+    key_writes = torch.linalg.solve_triangular(
+        system, (ec * start_before)[..., None] * kc, upper=False, unitriangular=True
+    )
+    keys_to_end = to_end[..., 1:, None] * kc
+
+    starts, writes = [], []
+    for n in range(qc.shape[2]):
+        starts.append(memory)
+        chunk_writes = value_writes[:, :, n] - key_writes[:, :, n] @ memory.transpose(-1, -2)
+        writes.append(chunk_writes)
+        memory = (to_end[:, :, n, 0, None, None] * memory
+                  + chunk_writes.transpose(-1, -2) @ keys_to_end[:, :, n])
+    start_states = torch.stack(starts, dim=2)
+    all_writes = torch.stack(writes, dim=2)
+
+    scores = (qc @ kc.transpose(-1, -2)) * decay
+    out = scores @ all_writes + from_start[..., None] * (qc @ start_states.transpose(-1, -2))
+    return merge_tokens(out, length), (memory if output_final_state else None)
+
+
+def gated_delta_rule_naive(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    alpha: torch.Tensor,
+    eta: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token-by-token reference of :func:`gated_delta_rule` (``chunk_size`` is unused)."""
+    length, memory = _check(q, k, v, alpha, eta, initial_state, chunk_size)
+    outputs = []
+    for t in range(length):
+        key = k[:, t, :, None, :]
+        error = v[:, t, :, :, None] - memory @ k[:, t, :, :, None]
+        memory = alpha[:, t, :, None, None] * memory + eta[:, t, :, None, None] * (error * key)
+        outputs.append((memory @ q[:, t, :, :, None]).squeeze(-1))
+    return torch.stack(outputs, dim=1), (memory if output_final_state else None)

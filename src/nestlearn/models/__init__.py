@@ -1,0 +1,26 @@
+"""Models: configs, causal LMs and classifiers over Transformer++, Titans and HOPE blocks."""
+
+from nestlearn.models.build import build_classifier, build_model
+from nestlearn.models.classifier import SequenceClassifier
+from nestlearn.models.config import ARCHS, ClassifierConfig, ModelConfig
+from nestlearn.models.generation import generate, sample_next
+from nestlearn.models.io import from_pretrained, save_pretrained
+from nestlearn.models.lm import Backbone, CausalLM, check_ids
+from nestlearn.models.state import LMState
+
+__all__ = [
+    "ARCHS",
+    "Backbone",
+    "CausalLM",
+    "ClassifierConfig",
+    "LMState",
+    "ModelConfig",
+    "SequenceClassifier",
+    "build_classifier",
+    "build_model",
+    "check_ids",
+    "from_pretrained",
+    "generate",
+    "sample_next",
+    "save_pretrained",
+]

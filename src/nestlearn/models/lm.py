@@ -1,0 +1,103 @@
+"""Causal language models: embedding, a stack of blocks, final norm and an LM head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nestlearn.errors import invalid
+from nestlearn.models.blocks import make_block
+from nestlearn.models.config import ModelConfig
+from nestlearn.models.state import LMState, check_state
+from nestlearn.nn.transformer import RMSNorm
+
+
+def check_ids(ids: object, vocab_size: int) -> torch.Tensor:
+    """Token ids must be a LongTensor ``[B, T]`` with T >= 1 and values in ``[0, vocab)``."""
+    if not isinstance(ids, torch.Tensor):
+        raise invalid("ids", type(ids).__name__, "a torch.LongTensor of shape [B, T]")
+    if ids.dtype != torch.long:
+        raise invalid("ids.dtype", ids.dtype, "torch.int64 (a LongTensor)")
+    if ids.dim() != 2:
+        raise invalid("ids.shape", tuple(ids.shape), "2 dims [B, T]")
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise invalid("ids.shape", tuple(ids.shape), "B >= 1 and T >= 1 (no empty sequences)")
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        raise invalid("ids", f"values in [{low}, {high}]", f"values in [0, {vocab_size - 1}]")
+    return ids
+
+
+class Backbone(nn.Module):
+    """Embedding, ``config.layers`` blocks and the final RMSNorm: ids -> hidden states."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise invalid("config", type(config).__name__, "a ModelConfig")
+        self.config = config
+        self.fingerprint = config.fingerprint()
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        nn.init.normal_(self.embed.weight, std=config.init_std)
+        self.blocks = nn.ModuleList(make_block(config, i) for i in range(config.layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+
+    def init_state(self, batch: int) -> LMState:
+        """The state before the first token: every block at its (meta-learned) initial state."""
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise invalid("batch", repr(batch), "an int >= 1")
+        return LMState(blocks=(None,) * len(self.blocks), position=0, batch_size=batch,
+                       fingerprint=self.fingerprint)
+
+    def forward(self, ids: torch.Tensor,
+                state: LMState | None = None) -> tuple[torch.Tensor, LMState]:
+        check_ids(ids, self.config.vocab_size)
+        batch, length = ids.shape
+        if state is None:
+            state = self.init_state(batch)
+        check_state(state, self.fingerprint, batch, len(self.blocks))
+        hidden = self.embed(ids)
+        block_states = []
+        for block, block_state in zip(self.blocks, state.blocks, strict=True):
+            hidden, block_state = block(hidden, block_state)
+            block_states.append(block_state)
+        new_state = LMState(blocks=tuple(block_states), position=state.position + length,
+                            batch_size=batch, fingerprint=self.fingerprint)
+        return self.norm(hidden), new_state
+
+
+class CausalLM(nn.Module):
+    """A causal LM: ``forward(ids [B, T], state=None) -> (logits [B, T, V], state)``.
+
+    Passing the returned state with the next segment gives exactly the logits of one pass over
+    the concatenation (KV cache for attention, memory states for recurrent blocks). With
+    ``config.tie_embeddings`` the head reuses the embedding matrix.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = Backbone(config)
+        if config.tie_embeddings:
+            self.head = None
+        else:
+            self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+            nn.init.normal_(self.head.weight, std=config.init_std)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.backbone.fingerprint
+
+    def init_state(self, batch: int) -> LMState:
+        return self.backbone.init_state(batch)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            return F.linear(hidden, self.backbone.embed.weight)
+        return self.head(hidden)
+
+    def forward(self, ids: torch.Tensor,
+                state: LMState | None = None) -> tuple[torch.Tensor, LMState]:
+        hidden, state = self.backbone(ids, state)
+        return self.logits(hidden), state

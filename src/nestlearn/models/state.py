@@ -1,0 +1,68 @@
+"""The recurrent state of a model: each block's state plus the position offset.
+
+A state belongs to one configuration and one batch size; ``check_state`` refuses any other,
+so a cache of one model cannot silently corrupt another's outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from nestlearn.errors import invalid
+
+
+def map_tensors(tree: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Apply ``fn`` to every tensor inside nested dataclasses, tuples, lists and dicts."""
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        changes = {field.name: map_tensors(getattr(tree, field.name), fn)
+                   for field in dataclasses.fields(tree) if field.init}
+        return dataclasses.replace(tree, **changes)
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(map_tensors(item, fn) for item in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(map_tensors(item, fn) for item in tree)
+    if isinstance(tree, dict):
+        return {key: map_tensors(value, fn) for key, value in tree.items()}
+    return tree
+
+
+@dataclass
+class LMState:
+    """State of a ``CausalLM`` or classifier backbone between segments.
+
+    ``blocks``: one state per block (None = that block's fresh initial state, e.g. before the
+    first token); ``position``: tokens seen so far (the next token's absolute position);
+    ``batch_size`` and ``fingerprint`` (the config's hash) identify whom the state belongs to.
+    """
+
+    blocks: tuple[Any, ...]
+    position: int
+    batch_size: int
+    fingerprint: str
+
+    def detach(self) -> LMState:
+        """The same state cut from the autograd graph (truncated backprop through time)."""
+        return map_tensors(self, torch.Tensor.detach)
+
+
+def check_state(state: object, fingerprint: str, batch_size: int, num_blocks: int) -> LMState:
+    """Refuse a state of another configuration, batch size or depth with a clear message."""
+    if not isinstance(state, LMState):
+        raise invalid("state", type(state).__name__, "an LMState (from this model) or None")
+    if state.fingerprint != fingerprint:
+        raise invalid("state", f"a state of another model config (fingerprint {state.fingerprint})",
+                      f"a state of this model's config (fingerprint {fingerprint})")
+    if state.batch_size != batch_size:
+        raise invalid("state", f"a state for batch size {state.batch_size}",
+                      f"a state for the batch size of ids ({batch_size})")
+    if len(state.blocks) != num_blocks:
+        raise invalid("state.blocks", f"{len(state.blocks)} block states",
+                      f"{num_blocks} (one per block)")
+    return state

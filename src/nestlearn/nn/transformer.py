@@ -1,0 +1,237 @@
+"""Transformer++ parts: RMSNorm, rotary embeddings, SwiGLU, causal attention with a KV cache.
+
+The baseline the paper compares against (Llama-style "Transformer++"). Attention keeps its
+keys and values in an explicit state, so a sequence can be processed in segments (and decoded
+token by token) with exactly the outputs of one pass; an optional sliding window bounds that
+state, which the Titans MAG hybrid uses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nestlearn.errors import invalid
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise invalid(name, repr(value), "an int >= 1")
+    return value
+
+
+def _check_input(x: object, dim: int) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise invalid("x", type(x).__name__, f"a torch.Tensor of shape [B, T, {dim}]")
+    if x.dim() != 3 or x.shape[-1] != dim:
+        raise invalid("x.shape", tuple(x.shape), f"[B, T, {dim}]")
+    if x.shape[1] == 0:
+        raise invalid("x.shape", tuple(x.shape), "a sequence length T >= 1")
+    if not x.is_floating_point():
+        raise invalid("x.dtype", x.dtype, "a floating dtype")
+    return x
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalization with a learned gain (no mean subtraction, no bias)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.dim = _check_positive_int("dim", dim)
+        if not eps > 0:
+            raise invalid("eps", eps, "a float > 0")
+        self.eps = float(eps)
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return x * scale * self.weight
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE, "rotate half" layout) with a position offset.
+
+    ``forward(x [B, T, H, D], offset)`` rotates the pair (x_i, x_{i + D/2}) of the token at
+    absolute position ``offset + t`` by the angle ``(offset + t) * base^(-2i / D)``. Angles are
+    computed in float64 so a long offset loses no precision before the cast to ``x``'s dtype.
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        _check_positive_int("head_dim", head_dim)
+        if head_dim % 2:
+            raise invalid("head_dim", head_dim, "an even int (RoPE rotates pairs)")
+        if not base > 1:
+            raise invalid("base", base, "a float > 1")
+        self.head_dim = head_dim
+        self.base = float(base)
+
+    def cos_sin(self, length: int, offset: int, device: torch.device,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        half = self.head_dim // 2
+        inv_freq = self.base ** (-torch.arange(half, dtype=torch.float64, device=device) / half)
+        positions = torch.arange(offset, offset + length, dtype=torch.float64, device=device)
+        angles = torch.outer(positions, inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)[None, :, None, :]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[-1] != self.head_dim:
+            raise invalid("x.shape", tuple(x.shape), f"[B, T, H, {self.head_dim}]")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise invalid("offset", repr(offset), "an int >= 0")
+        cos, sin = self.cos_sin(x.shape[1], offset, x.device, x.dtype)
+        first, second = x.chunk(2, dim=-1)
+        rotated = torch.cat([-second, first], dim=-1)
+        return x * cos + rotated * sin
+
+
+class SwiGLU(nn.Module):
+    """The gated MLP of Transformer++: ``down(silu(gate(x)) * up(x))``, no biases.
+
+    Stateless (its weights change only by the outer optimizer), so ``forward(x) -> y``.
+    """
+
+    def __init__(self, dim: int, hidden: int, init_std: float = 0.02,
+                 out_init_std: float | None = None) -> None:
+        super().__init__()
+        self.dim = _check_positive_int("dim", dim)
+        self.hidden = _check_positive_int("hidden", hidden)
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+        nn.init.normal_(self.gate.weight, std=init_std)
+        nn.init.normal_(self.up.weight, std=init_std)
+        nn.init.normal_(self.down.weight, std=init_std if out_init_std is None else out_init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+@dataclass
+class AttentionState:
+    """KV cache of one attention layer.
+
+    ``key`` and ``value`` are ``[B, H, S, Dh]`` (keys already rotated); ``position`` is the
+    absolute position of the next token. With a sliding window only the last ``window - 1``
+    positions are kept, so the state stops growing.
+    """
+
+    key: torch.Tensor
+    value: torch.Tensor
+    position: int
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal softmax attention with RoPE and a KV cache (``forward(x, state)``).
+
+    ``window`` (optional) limits each token to itself and the ``window - 1`` tokens before it.
+    """
+
+    def __init__(self, dim: int, heads: int, window: int | None = None,
+                 rope_base: float = 10000.0, init_std: float = 0.02,
+                 out_init_std: float | None = None) -> None:
+        super().__init__()
+        self.dim = _check_positive_int("dim", dim)
+        self.heads = _check_positive_int("heads", heads)
+        if dim % heads:
+            raise invalid("heads", heads, f"a divisor of dim={dim}")
+        if window is not None:
+            _check_positive_int("window", window)
+        self.window = window
+        self.head_dim = dim // heads
+        self.rotary = RotaryEmbedding(self.head_dim, rope_base)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+        nn.init.normal_(self.qkv.weight, std=init_std)
+        nn.init.normal_(self.out.weight, std=init_std if out_init_std is None else out_init_std)
+
+    def init_state(self, batch: int, device: torch.device | None = None,
+                   dtype: torch.dtype | None = None) -> AttentionState:
+        """An empty cache at position 0."""
+        weight = self.qkv.weight
+        empty = torch.zeros(batch, self.heads, 0, self.head_dim,
+                            device=device or weight.device, dtype=dtype or weight.dtype)
+        return AttentionState(key=empty, value=empty.clone(), position=0)
+
+    def _check_state(self, state: object, x: torch.Tensor) -> AttentionState:
+        if not isinstance(state, AttentionState):
+            raise invalid("state", type(state).__name__, "an AttentionState or None")
+        expected = (x.shape[0], self.heads, self.head_dim)
+        got = (state.key.shape[0], state.key.shape[1], state.key.shape[3])
+        if state.key.dim() != 4 or got != expected or state.value.shape != state.key.shape:
+            raise invalid("state.key.shape", tuple(state.key.shape),
+                          f"[B, H, S, Dh] with B, H, Dh = {expected}")
+        if state.key.dtype != x.dtype or state.key.device != x.device:
+            raise invalid("state.key", f"{state.key.dtype} on {state.key.device}",
+                          f"the dtype and device of x ({x.dtype} on {x.device})")
+        return state
+
+    def _mask(self, length: int, cached: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean [T, S + T] mask (True = attend) or None when plain causal suffices."""
+        if cached == 0 and self.window is None:
+            return None
+        query_pos = torch.arange(length, device=device)[:, None] + cached
+        key_pos = torch.arange(cached + length, device=device)[None, :]
+        allowed = key_pos <= query_pos
+        if self.window is not None:
+            allowed = allowed & (query_pos - key_pos < self.window)
+        return allowed
+
+    def forward(self, x: torch.Tensor,
+                state: AttentionState | None = None) -> tuple[torch.Tensor, AttentionState]:
+        _check_input(x, self.dim)
+        batch, length, _ = x.shape
+        state = self.init_state(batch, x.device, x.dtype) if state is None else state
+        state = self._check_state(state, x)
+        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, self.head_dim).unbind(dim=2)
+        q = self.rotary(q, state.position).transpose(1, 2)
+        k = self.rotary(k, state.position).transpose(1, 2)
+        v = v.transpose(1, 2)
+        cached = state.key.shape[2]
+        keys = torch.cat([state.key, k], dim=2) if cached else k
+        values = torch.cat([state.value, v], dim=2) if cached else v
+        mask = self._mask(length, cached, x.device)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = self.out(out.transpose(1, 2).reshape(batch, length, self.dim))
+        if self.window is not None:
+            keep = self.window - 1
+            keys = keys[:, :, keys.shape[2] - min(keep, keys.shape[2]):]
+            values = values[:, :, values.shape[2] - min(keep, values.shape[2]):]
+        return out, AttentionState(key=keys, value=values, position=state.position + length)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm Transformer++ block: ``x + attn(norm(x))`` then ``x + swiglu(norm(x))``.
+
+    Output projections start with std ``init_std / sqrt(2 * num_layers)`` (GPT-2 style) so the
+    residual stream's variance does not grow with depth.
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_hidden: int, window: int | None = None,
+                 rope_base: float = 10000.0, norm_eps: float = 1e-6, init_std: float = 0.02,
+                 num_layers: int = 1) -> None:
+        super().__init__()
+        _check_positive_int("num_layers", num_layers)
+        out_std = init_std / math.sqrt(2 * num_layers)
+        self.attn_norm = RMSNorm(dim, norm_eps)
+        self.attn = CausalSelfAttention(dim, heads, window, rope_base, init_std, out_std)
+        self.mlp_norm = RMSNorm(dim, norm_eps)
+        self.mlp = SwiGLU(dim, mlp_hidden, init_std, out_std)
+
+    def init_state(self, batch: int, device: torch.device | None = None,
+                   dtype: torch.dtype | None = None) -> AttentionState:
+        return self.attn.init_state(batch, device, dtype)
+
+    def forward(self, x: torch.Tensor,
+                state: AttentionState | None = None) -> tuple[torch.Tensor, AttentionState]:
+        mixed, state = self.attn(self.attn_norm(x), state)
+        x = x + mixed
+        return x + self.mlp(self.mlp_norm(x)), state

@@ -1,0 +1,146 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model_cases import ARCHS_WIRED, VOCAB, random_ids, tiny_config, tiny_model
+from nestlearn.errors import NestlearnError
+from nestlearn.models import LMState, build_model, generate
+
+
+@pytest.mark.parametrize("arch", ARCHS_WIRED)
+def test_changing_a_future_token_never_changes_earlier_logits(arch):
+    model = tiny_model(arch)
+    ids = random_ids(2, 12)
+    logits, _ = model(ids)
+    for t in (0, 5, 11):
+        changed = ids.clone()
+        changed[:, t:] = (changed[:, t:] + 1 + torch.arange(12 - t)) % VOCAB
+        other, _ = model(changed)
+        torch.testing.assert_close(other[:, :t], logits[:, :t], rtol=0, atol=1e-12)
+        assert not torch.allclose(other[:, t], logits[:, t])
+
+
+@pytest.mark.parametrize("arch", ARCHS_WIRED)
+def test_one_pass_equals_chained_segments(arch):
+    model = tiny_model(arch)
+    ids = random_ids(2, 23)
+    full, full_state = model(ids)
+    pieces, state = [], None
+    for start, stop in [(0, 5), (5, 6), (6, 17), (17, 23)]:
+        logits, state = model(ids[:, start:stop], state)
+        pieces.append(logits)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-10)
+    assert state.position == full_state.position == 23
+    # The final states agree as well: the next segment's logits are the same after both.
+    more = random_ids(2, 4, seed=1)
+    torch.testing.assert_close(model(more, state)[0], model(more, full_state)[0],
+                               rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("arch", ARCHS_WIRED)
+def test_chained_segments_give_the_same_gradients(arch):
+    model = tiny_model(arch)
+    ids = random_ids(2, 13)
+    params = [p for p in model.parameters() if p.requires_grad]
+    full, _ = model(ids)
+    grads_full = torch.autograd.grad(full.square().mean(), params, allow_unused=True)
+    first, state = model(ids[:, :6])
+    second, _ = model(ids[:, 6:], state)
+    chained = torch.cat([first, second], dim=1)
+    grads_chained = torch.autograd.grad(chained.square().mean(), params, allow_unused=True)
+    for a, b in zip(grads_chained, grads_full, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("arch", ARCHS_WIRED)
+def test_greedy_generate_with_state_equals_full_forward(arch):
+    model = tiny_model(arch)
+    prompt = random_ids(2, 5)
+    out, step_logits = generate(model, prompt, 7, temperature=0, return_logits=True)
+    assert out.shape == (2, 12)
+    torch.testing.assert_close(out[:, :5], prompt)
+    full, _ = model(out[:, :-1])
+    torch.testing.assert_close(step_logits, full[:, 4:], rtol=0, atol=1e-10)
+    torch.testing.assert_close(out[:, 5:], full[:, 4:].argmax(-1))
+
+
+@pytest.mark.parametrize("arch", ARCHS_WIRED)
+def test_overfits_one_small_batch(arch):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(arch, dim=32, heads=2))
+    ids = random_ids(2, 24, seed=3)
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def loss_now() -> torch.Tensor:
+        logits, _ = model(inputs)
+        return F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
+
+    initial = loss_now().item()
+    for _ in range(150):
+        optimizer.zero_grad()
+        loss = loss_now()
+        loss.backward()
+        optimizer.step()
+    final = loss_now().item()
+    assert initial > 2.5
+    assert final < 0.1, (initial, final)
+
+
+@pytest.mark.parametrize("arch", ARCHS_WIRED)
+def test_state_from_another_config_or_batch_is_refused(arch):
+    model = tiny_model(arch)
+    ids = random_ids(2, 4)
+    _, state = model(ids)
+    with pytest.raises(NestlearnError, match="batch size"):
+        model(random_ids(3, 4), state)
+    other = tiny_model(arch, dim=32)
+    with pytest.raises(NestlearnError, match="another model config"):
+        other(ids, state)
+    with pytest.raises(NestlearnError, match="state"):
+        model(ids, state.blocks)
+    with pytest.raises(NestlearnError, match=r"state\.blocks"):
+        model(ids, LMState(state.blocks[:1], state.position, 2, state.fingerprint))
+
+
+def test_bad_ids_are_refused_with_the_argument_named():
+    model = tiny_model("transformer")
+    with pytest.raises(NestlearnError, match=r"ids\.dtype"):
+        model(torch.zeros(2, 3))
+    with pytest.raises(NestlearnError, match=r"ids\.dtype"):
+        model(torch.zeros(2, 3, dtype=torch.int32))
+    with pytest.raises(NestlearnError, match=r"ids\.shape"):
+        model(torch.zeros(3, dtype=torch.long))
+    with pytest.raises(NestlearnError, match="T >= 1"):
+        model(torch.zeros(2, 0, dtype=torch.long))
+    with pytest.raises(NestlearnError, match=r"values in \[0, 16\]"):
+        model(torch.tensor([[1, VOCAB]]))
+    with pytest.raises(NestlearnError, match="ids"):
+        model(torch.tensor([[-1, 2]]))
+    with pytest.raises(NestlearnError, match="ids"):
+        model([[1, 2]])
+
+
+def test_state_detach_cuts_the_graph():
+    model = tiny_model("transformer")
+    _, state = model(random_ids(1, 4))
+    assert state.blocks[0].key.requires_grad
+    detached = state.detach()
+    assert not detached.blocks[0].key.requires_grad
+    assert detached.position == 4 and detached.fingerprint == state.fingerprint
+    torch.testing.assert_close(detached.blocks[1].value, state.blocks[1].value)
+
+
+def test_untied_head_and_sliding_window_transformer():
+    model = tiny_model("transformer", tie_embeddings=False, window=3)
+    assert model.head is not None
+    ids = random_ids(1, 9)
+    full, _ = model(ids)
+    pieces, state = [], None
+    for t in range(9):
+        logits, state = model(ids[:, t:t + 1], state)
+        pieces.append(logits)
+        assert state.blocks[0].key.shape[2] <= 2
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-10)

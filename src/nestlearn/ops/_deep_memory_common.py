@@ -1,0 +1,187 @@
+"""What the deep-memory forms share: the state, the memory MLP, activations, argument checks.
+
+The memory of one head is a residual MLP (PAPER.md section 4, "Memory M is an MLP ...
+(residual)"):  M(x) = x + W_L s(W_{L-1} ... s(W_1 x)),  weights[0] = W_1 ([hidden, D]) and
+weights[-1] = W_L ([D, hidden]). Both the naive and the chunkwise form import from here, so a
+check or an activation is written once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from nestlearn.errors import invalid
+from nestlearn.ops._validate import check_chunk_size, check_gate, check_qkv, check_same_kind
+
+OBJECTIVES = ("l2", "dot")
+
+
+@dataclass
+class DeepMemoryState:
+    """Weights (and momentum) of the memory MLP per batch element and head.
+
+    ``weights[l]`` is ``[B, H, out, in]`` (or ``[H, out, in]``, shared by the batch: how a layer
+    passes meta-learned initial weights so that gradients reach them). ``momentum`` has the
+    same shapes, or is ``None`` when the rule runs without momentum.
+    """
+
+    weights: tuple[torch.Tensor, ...]
+    momentum: tuple[torch.Tensor, ...] | None = None
+
+
+def _gelu_derivative(z: torch.Tensor) -> torch.Tensor:
+    # d/dz [z Phi(z)] = Phi(z) + z phi(z), the exact (erf) GELU that F.gelu computes by default
+    cdf = 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
+    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    return cdf + z * pdf
+
+
+def _silu_derivative(z: torch.Tensor) -> torch.Tensor:
+    sig = torch.sigmoid(z)
+    return sig * (1.0 + z * (1.0 - sig))
+
+
+def _relu_derivative(z: torch.Tensor) -> torch.Tensor:
+    return (z > 0).to(z.dtype)
+
+
+def _tanh_derivative(z: torch.Tensor) -> torch.Tensor:
+    return 1.0 - torch.tanh(z) ** 2
+
+
+# name -> (activation, its derivative); the derivative is written out (not taken by autograd)
+# so the chunkwise form's hand-written backward stays differentiable for the outer loss.
+ACTIVATIONS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor],
+                             Callable[[torch.Tensor], torch.Tensor]]] = {
+    "gelu": (F.gelu, _gelu_derivative),
+    "silu": (F.silu, _silu_derivative),
+    "relu": (F.relu, _relu_derivative),
+    "tanh": (torch.tanh, _tanh_derivative),
+}
+
+
+def check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise invalid("activation", repr(activation), f"one of {sorted(ACTIVATIONS)}")
+
+
+def check_objective(objective: str) -> None:
+    if objective not in OBJECTIVES:
+        raise invalid("objective", repr(objective), f"one of {list(OBJECTIVES)}")
+
+
+def mlp_forward(weights: tuple[torch.Tensor, ...], x: torch.Tensor,
+                activation: str) -> torch.Tensor:
+    """M(x) for ``x`` ``[..., N, D]`` and weights ``[..., out, in]`` (leading dims broadcast)."""
+    act = ACTIVATIONS[activation][0]
+    hidden = x
+    for index, weight in enumerate(weights):
+        pre = hidden @ weight.transpose(-1, -2)
+        hidden = act(pre) if index < len(weights) - 1 else pre
+    return x + hidden
+
+
+def check_weights(name: str, tensors: object, heads: int, dim: int, batch: int,
+                  reference: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A chain of >= 2 matrices ``[B?, H, out, in]``: D -> hidden ... -> D, q's dtype and device."""
+    if not isinstance(tensors, (tuple, list)) or len(tensors) < 2:
+        got = type(tensors).__name__ if not isinstance(tensors, (tuple, list)) else len(tensors)
+        raise invalid(name, got, "a tuple of >= 2 weight tensors (W_1 ... W_L)")
+    expected_in = dim
+    for index, tensor in enumerate(tensors):
+        item = f"{name}[{index}]"
+        if not isinstance(tensor, torch.Tensor):
+            raise invalid(item, type(tensor).__name__, "a torch.Tensor [B, H, out, in]")
+        shape = tuple(tensor.shape)
+        last = index == len(tensors) - 1
+        out_dim = dim if last or tensor.dim() < 2 else shape[-2]
+        out_text = str(out_dim) if last else "hidden"
+        allowed = f"[{batch}, {heads}, {out_text}, {expected_in}] or [{heads}, {out_text}, " \
+                  f"{expected_in}]"
+        if tensor.dim() not in (3, 4) or shape[-3:] != (heads, out_dim, expected_in) \
+                or (tensor.dim() == 4 and shape[0] != batch):
+            raise invalid(f"{item}.shape", shape, allowed)
+        check_same_kind(reference, {item: tensor})
+        expected_in = out_dim
+    return tuple(tensors)
+
+
+def check_deep_memory_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           alpha: torch.Tensor, eta: torch.Tensor, theta: torch.Tensor | None,
+                           initial_state: DeepMemoryState | None, objective: str,
+                           activation: str, chunk_size: int | None) -> None:
+    """Every check of the deep-memory contract; raises NestlearnError naming the argument."""
+    batch, _, heads, dk, dv = check_qkv(q, k, v)
+    if dk != dv:
+        raise invalid("v.shape", tuple(v.shape), f"the last dim of k ({dk}): the memory is "
+                      "residual, M(x) = x + MLP(x), so keys and values share one dim")
+    check_gate("alpha", alpha, q, 0.0, 1.0)
+    check_gate("eta", eta, q, 0.0, None)
+    if theta is not None:
+        check_gate("theta", theta, q, 0.0, 1.0)
+    check_objective(objective)
+    check_activation(activation)
+    if chunk_size is not None:
+        check_chunk_size(chunk_size)
+    if not isinstance(initial_state, DeepMemoryState):
+        raise invalid("initial_state", type(initial_state).__name__,
+                      "a DeepMemoryState (the memory weights define depth and hidden width)")
+    weights = check_weights("initial_state.weights", initial_state.weights, heads, dk, batch, q)
+    momentum = initial_state.momentum
+    if momentum is None:
+        return
+    if theta is None:
+        raise invalid("initial_state.momentum", "tensors while theta is None",
+                      "None when theta is None (no momentum)")
+    check_weights("initial_state.momentum", momentum, heads, dk, batch, q)
+    if len(momentum) != len(weights):
+        raise invalid("initial_state.momentum", f"{len(momentum)} tensors",
+                      f"one per weight ({len(weights)})")
+    for index, (m, w) in enumerate(zip(momentum, weights, strict=True)):
+        if m.shape[-2:] != w.shape[-2:]:
+            raise invalid(f"initial_state.momentum[{index}].shape", tuple(m.shape),
+                          f"the shape of initial_state.weights[{index}] {tuple(w.shape)}")
+
+
+def batched_state(state: DeepMemoryState, batch: int,
+                  with_momentum: bool) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Weights and momentum as ``[B, H, out, in]`` (broadcast if given without the batch dim);
+    zero momentum when the rule has momentum and the state has none."""
+    weights = [w if w.dim() == 4 else w.expand(batch, *w.shape) for w in state.weights]
+    if not with_momentum:
+        return weights, None
+    if state.momentum is None:
+        return weights, [torch.zeros_like(w) for w in weights]
+    momentum = [m if m.dim() == 4 else m.expand(batch, *m.shape) for m in state.momentum]
+    return weights, momentum
+
+
+def init_deep_memory_weights(heads: int, dim: int, hidden: int, depth: int = 2,
+                             generator: torch.Generator | None = None,
+                             dtype: torch.dtype = torch.float32,
+                             device: torch.device | str | None = None,
+                             ) -> tuple[torch.Tensor, ...]:
+    """Initial weights ``[H, out, in]`` for a memory of ``depth`` matrices (>= 2).
+
+    Hidden layers get N(0, 1/fan_in) (unit-scale pre-activations for unit-scale inputs); the
+    output matrix W_L gets a 10x smaller scale, so the residual memory starts close to the
+    identity while gradients still reach every layer (a zero W_L would block them).
+    """
+    for name, value, low in (("heads", heads, 1), ("dim", dim, 1), ("hidden", hidden, 1),
+                             ("depth", depth, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise invalid(name, repr(value), f"an int >= {low}")
+    sizes = [dim] + [hidden] * (depth - 1) + [dim]
+    weights = []
+    for index in range(depth):
+        fan_in, fan_out = sizes[index], sizes[index + 1]
+        scale = 1.0 / math.sqrt(fan_in) * (0.1 if index == depth - 1 else 1.0)
+        weight = torch.randn(heads, fan_out, fan_in, generator=generator, dtype=dtype,
+                             device=generator.device if generator is not None else device)
+        weights.append((weight * scale).to(device=device))
+    return tuple(weights)

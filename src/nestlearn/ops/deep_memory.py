@@ -1,0 +1,278 @@
+"""Deep (MLP) memory, chunkwise "dual form": exact, and no per-token weights.
+
+Semantics (the naive reference ``deep_memory_naive.py`` spells them out token by token): per
+head a residual MLP memory M(x) = x + W_L s(... s(W_1 x)) is trained in context on
+l(M; k, v) = 1/2 ||M(k) - v||^2 (or -<M(k), v>) with momentum, weight decay and, optionally,
+delta gradient descent on W_1; gradients of a chunk's tokens are all taken at the chunk's
+starting weights W_{t'} (PAPER.md section 4, "chunkwise-parallel training").
+
+Why no weight is materialized (derivation in ``ops/README.md``, "Deep MLP memory"): at W_{t'}
+the gradient of token i for layer W is a rank-1 outer product e_i a_i^T (the error at the
+layer's output times its input), so inside a chunk
+    W_t = A_t W_{t'} + s_t S_{t'} - sum_{i<=t} c_{t,i} e_i a_i^T
+with scalar coefficients from the gates, and a layer's pre-activation at token t is
+    W_t x = A_t W_{t'} x + s_t S_{t'} x - sum_{i<=t} c_{t,i} (a_i . x) e_i,
+a causal C x C masked matmul, as in attention. With dgd=True the decay of W_1 becomes the
+matrix (alpha_t I - eta_t k_t k_t^T): a gated delta rule whose pseudo-values come from one
+unit-lower-triangular solve per chunk (the WY / UT transform of DeltaNet).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nestlearn.errors import invalid
+from nestlearn.ops._deep_memory_common import (
+    ACTIVATIONS,
+    DeepMemoryState,
+    batched_state,
+    check_activation,
+    check_deep_memory_args,
+    check_weights,
+    init_deep_memory_weights,
+    mlp_forward,
+)
+from nestlearn.ops.deep_memory_naive import deep_memory_naive
+
+__all__ = [
+    "DeepMemoryState",
+    "deep_memory",
+    "deep_memory_apply",
+    "deep_memory_naive",
+    "deep_memory_update",
+    "init_deep_memory_weights",
+]
+
+
+def _log_gate(gate: torch.Tensor) -> torch.Tensor:
+    # clamp so a gate of exactly 0 gives a very negative, finite log (its products stay ~0)
+    return gate.clamp_min(torch.finfo(gate.dtype).tiny).log()
+
+
+def _segment_decay(rows: torch.Tensor, cols: torch.Tensor, diagonal: int) -> torch.Tensor:
+    """``exp(rows[t] - cols[j])`` for ``j <= t + diagonal``, 0 elsewhere; ``[..., C, C]``.
+
+    ``rows`` and ``cols`` are cumulative log-gates, so each entry is a product of gates over a
+    segment (<= 1): built from differences it never overflows, and the masked entries go
+    through exp(-inf) = 0 so no inf * 0 reaches a gradient.
+    """
+    size = rows.shape[-1]
+    keep = torch.ones(size, size, dtype=torch.bool, device=rows.device).tril(diagonal)
+    diff = rows[..., :, None] - cols[..., None, :]
+    return torch.where(keep, diff, torch.full_like(diff, float("-inf"))).exp()
+
+
+class _ChunkCoefficients:
+    """The gate coefficients of one chunk (local tokens 1..C; A_t, Theta_t cumulative products).
+
+    ``decay[t, i] = A_t / A_i``; ``coef[t, i] = c_{t,i}``, the weight of token i's gradient in
+    W_t: with momentum sum_{j=i..t} (A_t/A_j)(Theta_j/Theta_i) eta_i (a product of two
+    segment-decay matrices), without it (A_t/A_i) eta_i; ``scale[t] = A_t``;
+    ``carry[t] = s_t = sum_{j<=t} (A_t/A_j) Theta_j``, the weight of the incoming momentum.
+    ``momentum_decay[t, i] = Theta_t / Theta_i`` and ``theta_scale[t] = Theta_t`` give S_t.
+    """
+
+    def __init__(self, alpha: torch.Tensor, eta: torch.Tensor, theta: torch.Tensor | None,
+                 shift: bool = False) -> None:
+        log_alpha = _log_gate(alpha)
+        cum_alpha = log_alpha.cumsum(-1)
+        eta_cols = eta[..., None, :]
+        # shift=True gives the same quantities one token earlier (row t holds t - 1), which
+        # the delta rule needs: token t's correction uses W_{t-1} k_t.
+        rows = cum_alpha - log_alpha if shift else cum_alpha
+        self.decay = _segment_decay(rows, cum_alpha, -1 if shift else 0)
+        self.scale = rows.exp()
+        self.eta_decay = self.decay * eta_cols
+        if theta is None:
+            self.coef = self.eta_decay
+            self.carry = None
+            return
+        cum_theta = _log_gate(theta).cumsum(-1)
+        self.momentum_decay = _segment_decay(cum_theta, cum_theta, 0)
+        self.theta_scale = cum_theta.exp()
+        self.coef = (self.decay @ self.momentum_decay) * eta_cols
+        self.carry = (self.decay @ self.theta_scale[..., None])[..., 0]
+
+
+def _key_pass(weights: list[torch.Tensor], keys: torch.Tensor, values: torch.Tensor,
+              objective: str, activation: str,
+              ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Forward and hand-written backward of the chunk's keys through the chunk-start weights.
+
+    Returns per layer the inputs a_i and output errors e_i (grad of token i = e_i a_i^T), and
+    the first layer's pre-activations W_1 k_i. Written with plain differentiable ops, so the
+    outer loss can backpropagate through the inner gradients.
+    """
+    act, act_grad = ACTIVATIONS[activation]
+    inputs, pres = [], []
+    hidden = keys
+    for index, weight in enumerate(weights):
+        pre = hidden @ weight.transpose(-1, -2)
+        inputs.append(hidden)
+        pres.append(pre)
+        hidden = act(pre) if index < len(weights) - 1 else pre
+    # dl/dM(k): M(k) - v for the L2 objective, -v for the dot objective
+    error = keys + hidden - values if objective == "l2" else -values
+    errors = [error]
+    for index in range(len(weights) - 1, 0, -1):
+        error = (error @ weights[index]) * act_grad(pres[index - 1])
+        errors.append(error)
+    errors.reverse()
+    return inputs, errors, pres[0]
+
+
+def _delta_pseudo_values(weights: list[torch.Tensor], momentum: list[torch.Tensor] | None,
+                         keys: torch.Tensor, first_pre: torch.Tensor, first_error: torch.Tensor,
+                         alpha: torch.Tensor, eta: torch.Tensor,
+                         theta: torch.Tensor | None) -> torch.Tensor:
+    """w_i = W_{1,i-1} k_i for every token of the chunk, by one triangular solve (UT transform).
+
+    With dgd,
+      W_{1,t} = A_t W_{t'} + s_t S_{t'} - sum_{i<=t} [c_{t,i} e_i + (A_t/A_i) eta_i w_i] k_i^T,
+    so w_i = W_{1,i-1} k_i satisfies the unit-lower-triangular system
+      w_i + sum_{m<i} (A_{i-1}/A_m) eta_m (k_m . k_i) w_m
+          = A_{i-1} W_{t'} k_i + s_{i-1} S_{t'} k_i - sum_{m<i} c_{i-1,m} (k_m . k_i) e_m.
+    """
+    prev = _ChunkCoefficients(alpha, eta, theta, shift=True)
+    gram = keys @ keys.transpose(-1, -2)
+    rhs = prev.scale[..., None] * first_pre - (prev.coef * gram) @ first_error
+    if momentum is not None:
+        rhs = rhs + prev.carry[..., None] * (keys @ momentum[0].transpose(-1, -2))
+    system = prev.eta_decay * gram
+    return torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+
+
+def _chunk(weights: list[torch.Tensor], momentum: list[torch.Tensor] | None,
+           queries: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,
+           alpha: torch.Tensor, eta: torch.Tensor, theta: torch.Tensor | None, objective: str,
+           activation: str, dgd: bool, need_state: bool,
+           ) -> tuple[torch.Tensor | None, list[torch.Tensor] | None, list[torch.Tensor] | None]:
+    """One chunk: outputs M_t(q_t) for its tokens and (if asked) the chunk-end state.
+
+    Token tensors ``[B, H, C, D]``, gates ``[B, H, C]``, weights ``[B, H, out, in]``.
+    """
+    inputs, errors, first_pre = _key_pass(weights, keys, values, objective, activation)
+    coeffs = _ChunkCoefficients(alpha, eta, theta)
+    pseudo = None
+    if dgd:
+        pseudo = _delta_pseudo_values(weights, momentum, keys, first_pre, errors[0], alpha, eta,
+                                      theta)
+    out = None
+    if queries is not None:
+        act = ACTIVATIONS[activation][0]
+        hidden = queries
+        for index, weight in enumerate(weights):
+            scores = hidden @ inputs[index].transpose(-1, -2)  # (a_i . x_t), [B, H, C, C]
+            pre = coeffs.scale[..., None] * (hidden @ weight.transpose(-1, -2))
+            pre = pre - (coeffs.coef * scores) @ errors[index]
+            if momentum is not None:
+                pre = pre + coeffs.carry[..., None] * (hidden @ momentum[index].transpose(-1, -2))
+            if pseudo is not None and index == 0:
+                pre = pre - (coeffs.eta_decay * scores) @ pseudo
+            hidden = act(pre) if index < len(weights) - 1 else pre
+        out = queries + hidden
+    if not need_state:
+        return out, None, None
+    # the chunk-end state: the same sums at t = C (the last row of every coefficient matrix)
+    last_coef = coeffs.coef[..., -1, :, None]
+    last_scale = coeffs.scale[..., -1, None, None]
+    new_weights = []
+    for index, weight in enumerate(weights):
+        update = (errors[index] * last_coef).transpose(-1, -2) @ inputs[index]
+        new_weight = last_scale * weight - update
+        if momentum is not None:
+            new_weight = new_weight + coeffs.carry[..., -1, None, None] * momentum[index]
+        if pseudo is not None and index == 0:
+            weighted = pseudo * coeffs.eta_decay[..., -1, :, None]
+            new_weight = new_weight - weighted.transpose(-1, -2) @ keys
+        new_weights.append(new_weight)
+    new_momentum = None
+    if momentum is not None:
+        last_mom = (coeffs.momentum_decay[..., -1, :] * eta)[..., None]
+        theta_end = coeffs.theta_scale[..., -1, None, None]
+        new_momentum = [theta_end * m - (e * last_mom).transpose(-1, -2) @ a
+                        for m, e, a in zip(momentum, errors, inputs, strict=True)]
+    return out, new_weights, new_momentum
+
+
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """``[B, T, H, ...]`` -> ``[B, H, T, ...]``."""
+    return x.transpose(1, 2)
+
+
+def deep_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
+                eta: torch.Tensor, theta: torch.Tensor | None = None, *,
+                initial_state: DeepMemoryState | None = None, objective: str = "l2",
+                activation: str = "gelu", dgd: bool = False, output_final_state: bool = False,
+                chunk_size: int = 64) -> tuple[torch.Tensor, DeepMemoryState | None]:
+    """Deep MLP memory trained in context, chunkwise; exact against :func:`deep_memory_naive`.
+
+    Args:
+        q, k, v: ``[B, T, H, D]`` queries, keys, values (one D: the memory is residual).
+        alpha: ``[B, T, H]`` weight decay (retention) in [0, 1].
+        eta: ``[B, T, H]`` inner learning rate >= 0.
+        theta: ``[B, T, H]`` momentum in [0, 1], or ``None`` for no momentum.
+        initial_state: the memory's weights (``[B, H, out, in]`` or ``[H, out, in]``) and
+            momentum (``None``: zeros when theta is given).
+        objective: ``"l2"`` (1/2 ||M(k) - v||^2) or ``"dot"`` (-<M(k), v>).
+        activation: the MLP's nonlinearity (``"gelu"``, ``"silu"``, ``"relu"``, ``"tanh"``).
+        dgd: precondition W_1 with (alpha_t I - eta_t k_t k_t^T) (delta gradient descent).
+        output_final_state: also return the state after the last token.
+        chunk_size: tokens whose gradients are taken at the same (chunk-start) weights.
+
+    Returns:
+        ``(o, state)``: ``o`` ``[B, T, H, D]`` with o_t = M_t(q_t), read after token t's update,
+        and the final :class:`DeepMemoryState` (weights ``[B, H, out, in]``) or ``None``.
+    """
+    check_deep_memory_args(q, k, v, alpha, eta, theta, initial_state, objective, activation,
+                           chunk_size)
+    batch, length = q.shape[:2]
+    weights, momentum = batched_state(initial_state, batch, theta is not None)
+    queries, keys, values = _heads_first(q), _heads_first(k), _heads_first(v)
+    alpha_h, eta_h = _heads_first(alpha), _heads_first(eta)
+    theta_h = _heads_first(theta) if theta is not None else None
+    outputs = []
+    for start in range(0, length, chunk_size):
+        part = slice(start, start + chunk_size)
+        need_state = output_final_state or start + chunk_size < length
+        out, new_weights, new_momentum = _chunk(
+            weights, momentum, queries[:, :, part], keys[:, :, part], values[:, :, part],
+            alpha_h[:, :, part], eta_h[:, :, part],
+            theta_h[:, :, part] if theta_h is not None else None,
+            objective, activation, dgd, need_state)
+        outputs.append(out)
+        if need_state:
+            weights, momentum = new_weights, new_momentum
+    o = torch.cat(outputs, dim=2).transpose(1, 2)
+    if not output_final_state:
+        return o, None
+    return o, DeepMemoryState(tuple(weights), tuple(momentum) if momentum is not None else None)
+
+
+def deep_memory_update(state: DeepMemoryState, k: torch.Tensor, v: torch.Tensor,
+                       alpha: torch.Tensor, eta: torch.Tensor, theta: torch.Tensor | None = None,
+                       *, objective: str = "l2", activation: str = "gelu",
+                       dgd: bool = False) -> DeepMemoryState:
+    """The state after one chunk of tokens ``k, v`` (``[B, T, H, D]``) whose gradients are all
+    taken at ``state``: what :func:`deep_memory` carries from one chunk to the next. Layers
+    whose outputs for a chunk come from the previous chunk's state call this once per chunk."""
+    check_deep_memory_args(k, k, v, alpha, eta, theta, state, objective, activation, None)
+    weights, momentum = batched_state(state, k.shape[0], theta is not None)
+    _, new_weights, new_momentum = _chunk(
+        weights, momentum, None, _heads_first(k), _heads_first(v), _heads_first(alpha),
+        _heads_first(eta), _heads_first(theta) if theta is not None else None, objective,
+        activation, dgd, True)
+    return DeepMemoryState(tuple(new_weights),
+                           tuple(new_momentum) if new_momentum is not None else None)
+
+
+def deep_memory_apply(weights: tuple[torch.Tensor, ...], x: torch.Tensor,
+                      activation: str = "gelu") -> torch.Tensor:
+    """M(x) with fixed weights (``[B, H, out, in]`` or ``[H, out, in]``); x ``[B, T, H, D]``."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise invalid("x", got, "a torch.Tensor [B, T, H, D]")
+    check_activation(activation)
+    batch, _, heads, dim = x.shape
+    checked = check_weights("weights", weights, heads, dim, batch, x)
+    return mlp_forward(checked, _heads_first(x), activation).transpose(1, 2)

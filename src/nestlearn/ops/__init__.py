@@ -6,16 +6,30 @@ output_final_state=False, chunk_size=64) -> (o, final_state or None)`` with tens
 reference with the same signature. Derivations: ``ops/README.md``.
 """
 
+from nestlearn.ops.deep_memory import (
+    DeepMemoryState,
+    deep_memory,
+    deep_memory_apply,
+    deep_memory_naive,
+    deep_memory_update,
+    init_deep_memory_weights,
+)
 from nestlearn.ops.delta_rule import gated_delta_rule, gated_delta_rule_naive
 from nestlearn.ops.linear_attention import gated_linear_attention, gated_linear_attention_naive
 from nestlearn.ops.titans_linear import TitansLinearState, titans_linear, titans_linear_naive
 
 __all__ = [
+    "DeepMemoryState",
     "TitansLinearState",
+    "deep_memory",
+    "deep_memory_apply",
+    "deep_memory_naive",
+    "deep_memory_update",
     "gated_delta_rule",
     "gated_delta_rule_naive",
     "gated_linear_attention",
     "gated_linear_attention_naive",
+    "init_deep_memory_weights",
     "titans_linear",
     "titans_linear_naive",
 ]

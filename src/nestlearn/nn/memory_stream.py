@@ -1,0 +1,117 @@
+"""Run a chunkwise deep memory over a stream cut at arbitrary points, exactly.
+
+The memories of this project take all gradients of a chunk at the chunk's starting state
+(PAPER.md section 4, chunkwise training). A segment that ends inside a chunk therefore cannot
+just hand over the memory after its last token: the next tokens of that chunk still need the
+chunk-start weights. So a stream state keeps the memory at the start of the current (partial)
+chunk plus the keys, values and gates of the tokens seen since then (fewer than ``chunk_size``).
+The next segment replays those pending tokens from the chunk start (their outputs are dropped),
+which makes any chain of segments equal one pass over the concatenation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from nestlearn.errors import invalid
+from nestlearn.ops.deep_memory import DeepMemoryState
+
+
+@dataclass
+class ChunkedMemoryState:
+    """A deep memory at the start of the current chunk and the tokens seen since.
+
+    ``memory`` weights are ``[B, H, out, in]`` (or ``[H, out, in]`` meta-learned initial weights,
+    shared by the batch). ``keys``, ``values`` are ``[B, r, H, D]`` and ``alpha``, ``eta``,
+    ``theta`` are ``[B, r, H]`` (``theta`` is None without momentum), with ``r < chunk_size``.
+    """
+
+    memory: DeepMemoryState
+    keys: torch.Tensor
+    values: torch.Tensor
+    alpha: torch.Tensor
+    eta: torch.Tensor
+    theta: torch.Tensor | None
+
+    @property
+    def pending(self) -> int:
+        """Number of tokens of the current chunk already seen."""
+        return self.keys.shape[1]
+
+    def check(self, name: str, batch: int, heads: int, dim: int, dtype: torch.dtype,
+              chunk_size: int, momentum: bool) -> None:
+        """Raise if this state does not fit the calling layer and its input."""
+        if not isinstance(self.memory, DeepMemoryState):
+            raise invalid(f"{name}.memory", type(self.memory).__name__, "a DeepMemoryState")
+        if tuple(self.keys.shape[:1] + self.keys.shape[2:]) != (batch, heads, dim):
+            raise invalid(f"{name}.keys.shape", tuple(self.keys.shape),
+                          f"[{batch}, r, {heads}, {dim}] (batch, heads, head_dim of this layer)")
+        if self.pending >= chunk_size:
+            raise invalid(f"{name}.keys.shape[1]", self.pending, f"fewer than {chunk_size} tokens")
+        if (self.theta is None) == momentum:
+            raise invalid(f"{name}.theta", "None" if self.theta is None else "a tensor",
+                          "a tensor with momentum, None without (a state from another config)")
+        for index, weight in enumerate(self.memory.weights):
+            if weight.dim() == 4 and weight.shape[0] != batch:
+                raise invalid(f"{name}.memory.weights[{index}].shape", tuple(weight.shape),
+                              f"batch {batch}")
+            if weight.dtype != dtype:
+                raise invalid(f"{name}.memory.weights[{index}].dtype", weight.dtype, f"{dtype}")
+
+
+def empty_chunked_state(memory: DeepMemoryState, batch: int, heads: int, dim: int,
+                        momentum: bool, like: torch.Tensor) -> ChunkedMemoryState:
+    """A stream that has seen no token of its current chunk."""
+    def empty(*shape: int) -> torch.Tensor:
+        return like.new_zeros(batch, 0, *shape)
+
+    return ChunkedMemoryState(memory, empty(heads, dim), empty(heads, dim), empty(heads),
+                              empty(heads), empty(heads) if momentum else None)
+
+
+MemoryOp = Callable[..., tuple[torch.Tensor, DeepMemoryState | None]]
+
+
+def run_chunked_memory(op: MemoryOp, state: ChunkedMemoryState, q: torch.Tensor, k: torch.Tensor,
+                       v: torch.Tensor, alpha: torch.Tensor, eta: torch.Tensor,
+                       theta: torch.Tensor | None, *, chunk_size: int, **op_kwargs: object
+                       ) -> tuple[torch.Tensor, ChunkedMemoryState]:
+    """Outputs ``o [B, T, H, D]`` of ``op`` for the new tokens and the state after them.
+
+    ``op`` is ``deep_memory`` or ``deep_memory_naive``; chunk boundaries are counted from the
+    start of the stream, whatever the segment boundaries.
+    """
+    replayed = state.pending
+    keys = torch.cat([state.keys, k], 1)
+    values = torch.cat([state.values, v], 1)
+    alphas = torch.cat([state.alpha, alpha], 1)
+    etas = torch.cat([state.eta, eta], 1)
+    thetas = None if theta is None else torch.cat([state.theta, theta], 1)
+    # The replayed tokens' outputs were emitted by the previous segment: any query will do.
+    queries = torch.cat([state.keys, q], 1)
+    total = keys.shape[1]
+    complete = (total // chunk_size) * chunk_size
+
+    def run(lo: int, hi: int, initial: DeepMemoryState, keep_state: bool
+            ) -> tuple[torch.Tensor, DeepMemoryState | None]:
+        return op(queries[:, lo:hi], keys[:, lo:hi], values[:, lo:hi], alphas[:, lo:hi],
+                  etas[:, lo:hi], None if thetas is None else thetas[:, lo:hi],
+                  initial_state=initial, output_final_state=keep_state, chunk_size=chunk_size,
+                  **op_kwargs)
+
+    outputs = []
+    memory = state.memory
+    if complete > 0:
+        out, memory = run(0, complete, memory, True)
+        outputs.append(out)
+    if total > complete:
+        out, _ = run(complete, total, memory, False)
+        outputs.append(out)
+    o = torch.cat(outputs, 1)[:, replayed:]
+    new_state = ChunkedMemoryState(
+        memory, keys[:, complete:], values[:, complete:], alphas[:, complete:],
+        etas[:, complete:], None if thetas is None else thetas[:, complete:])
+    return o, new_state

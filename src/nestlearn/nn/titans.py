@@ -1,0 +1,251 @@
+"""Titans long-term neural memory as a layer (PAPER.md section 4; Titans, arXiv 2501.00663).
+
+x -> q, k, v projections -> depthwise causal conv (width 4) -> SiLU -> L2-normalized q, k ->
+deep residual MLP memory per head, learned in context by gradient steps with data-dependent
+learning rate eta_t, momentum theta_t and retention alpha_t (``nestlearn.ops.deep_memory``)
+-> read-out o_t = M_t(q_t) -> per-head RMSNorm -> output gate SiLU(x W_g) -> output projection.
+The memory's initial weights are ordinary parameters (meta-learned by the outer optimizer).
+See MEMORY_LAYERS.md for the choices where the paper leaves room.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nestlearn.errors import invalid
+from nestlearn.nn.conv import CausalDepthwiseConv
+from nestlearn.nn.memory_stream import ChunkedMemoryState, empty_chunked_state, run_chunked_memory
+from nestlearn.ops.deep_memory import (
+    DeepMemoryState,
+    deep_memory,
+    deep_memory_naive,
+    init_deep_memory_weights,
+)
+
+OBJECTIVES = ("l2", "dot")
+ACTIVATIONS = ("gelu", "silu", "relu", "tanh")
+
+
+def check_int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise invalid(name, repr(value), f"an int >= {low}")
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise invalid(name, repr(value), " or ".join(repr(c) for c in choices))
+
+
+def check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise invalid(name, repr(value), "a number > 0")
+
+
+@dataclass
+class NeuralMemoryConfig:
+    """Configuration of :class:`NeuralMemory`.
+
+    Attributes:
+        dim: model width D of the input and output.
+        heads: number of independent memories H.
+        head_dim: width of each memory (default ``dim // heads``).
+        depth: matrices in each memory MLP, >= 2 (M(x) = x + W_L s(... s(W_1 x)))).
+        expansion: hidden width of the memory MLP as a multiple of ``head_dim``.
+        chunk_size: tokens whose gradients are taken at the same (chunk-start) memory state.
+        momentum: use the surprise momentum S_t (theta_t gate); off = plain gradient steps.
+        weight_decay: use the forgetting gate (retention alpha_t = 1 - forget_t); off = alpha 1.
+        objective: inner loss, ``"l2"`` 1/2 ||M(k) - v||^2 or ``"dot"`` -<M(k), v>.
+        activation: the memory MLP's non-linearity.
+        conv: depthwise causal convolution after the q/k/v projections.
+        conv_width: its width (4 in the paper).
+        persistent_tokens: learnable tokens fed to the memory once, at the start of a stream.
+        eta_max: the learning-rate gate is eta_t = eta_max * sigmoid(x W_eta).
+        dgd: delta gradient descent (the (alpha I - eta k k^T) factor of HOPE) in the update.
+        use_naive: run the per-token reference op instead of the chunkwise one (for tests).
+    """
+
+    dim: int
+    heads: int = 1
+    head_dim: int | None = None
+    depth: int = 2
+    expansion: int = 4
+    chunk_size: int = 64
+    momentum: bool = True
+    weight_decay: bool = True
+    objective: str = "l2"
+    activation: str = "gelu"
+    conv: bool = True
+    conv_width: int = 4
+    persistent_tokens: int = 0
+    eta_max: float = 0.1
+    dgd: bool = False
+    use_naive: bool = False
+
+    def __post_init__(self) -> None:
+        check_int("dim", self.dim, 1)
+        check_int("heads", self.heads, 1)
+        if self.head_dim is None:
+            if self.dim % self.heads:
+                raise invalid("heads", self.heads, f"a divisor of dim={self.dim}, or set head_dim")
+            self.head_dim = self.dim // self.heads
+        check_int("head_dim", self.head_dim, 1)
+        check_int("depth", self.depth, 2)
+        check_int("expansion", self.expansion, 1)
+        check_int("chunk_size", self.chunk_size, 1)
+        check_int("conv_width", self.conv_width, 1)
+        check_int("persistent_tokens", self.persistent_tokens, 0)
+        check_choice("objective", self.objective, OBJECTIVES)
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_positive("eta_max", self.eta_max)
+        for name in ("momentum", "weight_decay", "conv", "dgd", "use_naive"):
+            if not isinstance(getattr(self, name), bool):
+                raise invalid(name, repr(getattr(self, name)), "True or False")
+
+    @property
+    def hidden(self) -> int:
+        return self.expansion * self.head_dim
+
+
+@dataclass
+class NeuralMemoryState:
+    """Stream state of :class:`NeuralMemory`.
+
+    ``memory`` is the memory at the start of the current chunk with the pending tokens of that
+    chunk (see ``nestlearn.nn.memory_stream``); ``conv_tail`` the last ``conv_width - 1``
+    projections (None without conv); ``position`` the number of input tokens seen.
+    """
+
+    memory: ChunkedMemoryState
+    conv_tail: torch.Tensor | None
+    position: int
+
+
+class HeadRMSNorm(nn.Module):
+    """RMSNorm over the last dim of ``[..., H, D]`` with a learned gain per head and channel."""
+
+    def __init__(self, heads: int, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(heads, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def check_input(x: object, dim: int) -> torch.Tensor:
+    """``x`` is a floating ``[B, T, dim]`` tensor with T >= 1."""
+    if not isinstance(x, torch.Tensor):
+        raise invalid("x", type(x).__name__, f"a torch.Tensor of shape [B, T, {dim}]")
+    if x.dim() != 3 or x.shape[-1] != dim:
+        raise invalid("x.shape", tuple(x.shape), f"[B, T, {dim}]")
+    if x.shape[1] == 0:
+        raise invalid("x.shape", tuple(x.shape), "a sequence length T >= 1")
+    if not x.is_floating_point():
+        raise invalid("x.dtype", x.dtype, "a floating dtype")
+    return x
+
+
+def check_tail(tail: torch.Tensor | None, conv: CausalDepthwiseConv | None, batch: int) -> None:
+    """A state's conv tail fits the layer's convolution (None when it has none)."""
+    if conv is None:
+        if tail is not None:
+            raise invalid("state.conv_tail", "a tensor", "None (this layer has no conv)")
+        return
+    shape = (batch, conv.width - 1, conv.channels)
+    if not isinstance(tail, torch.Tensor) or tuple(tail.shape) != shape:
+        got = tuple(tail.shape) if isinstance(tail, torch.Tensor) else type(tail).__name__
+        raise invalid("state.conv_tail.shape", got, f"{shape}")
+
+
+class NeuralMemory(nn.Module):
+    """Titans long-term memory layer: ``forward(x [B, T, D], state) -> (y [B, T, D], state)``."""
+
+    def __init__(self, config: NeuralMemoryConfig) -> None:
+        super().__init__()
+        if not isinstance(config, NeuralMemoryConfig):
+            raise invalid("config", type(config).__name__, "a NeuralMemoryConfig")
+        self.config = config
+        c = config
+        inner = c.heads * c.head_dim
+        self.qkv = nn.Linear(c.dim, 3 * inner, bias=False)
+        self.conv = CausalDepthwiseConv(3 * inner, c.conv_width) if c.conv else None
+        # One projection gives the three gate logits per head: eta, theta, forget.
+        self.gates = nn.Linear(c.dim, 3 * c.heads)
+        self.out_gate = nn.Linear(c.dim, inner, bias=False)
+        self.norm = HeadRMSNorm(c.heads, c.head_dim)
+        self.out = nn.Linear(inner, c.dim, bias=False)
+        initial = init_deep_memory_weights(c.heads, c.head_dim, c.hidden, c.depth)
+        self.memory_weights = nn.ParameterList([nn.Parameter(w.clone()) for w in initial])
+        self.persistent = (nn.Parameter(torch.randn(c.persistent_tokens, c.dim) * 0.02)
+                           if c.persistent_tokens else None)
+        with torch.no_grad():
+            # theta ~ 0.9 (momentum) and forget ~ 0.01 (alpha ~ 0.99) at the start: sigmoid^-1.
+            bias = self.gates.bias.view(3, c.heads)
+            bias[0].zero_()
+            bias[1].fill_(2.2)
+            bias[2].fill_(-4.6)
+
+    def init_state(self, batch: int, *, device: torch.device | None = None,
+                   dtype: torch.dtype | None = None) -> NeuralMemoryState:
+        """The state of an empty stream (the meta-learned initial memory, no pending tokens)."""
+        check_int("batch", batch, 1)
+        c = self.config
+        like = self.memory_weights[0]
+        like = like.new_zeros(()).to(device=device or like.device, dtype=dtype or like.dtype)
+        memory = DeepMemoryState(tuple(self.memory_weights), None)
+        chunked = empty_chunked_state(memory, batch, c.heads, c.head_dim, c.momentum, like)
+        tail = (self.conv.init_tail(batch, device=like.device, dtype=like.dtype)
+                if self.conv is not None else None)
+        return NeuralMemoryState(chunked, tail, 0)
+
+    def gate_values(self, x: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(alpha, eta, theta)`` per token and head, each ``[B, T, H]``, in their ranges.
+
+        eta in (0, eta_max), theta in (0, 1) (None without momentum), alpha = 1 - forget in
+        (0, 1) (exactly 1 without weight decay).
+        """
+        c = self.config
+        logits = self.gates(x).unflatten(-1, (3, c.heads))
+        eta = c.eta_max * torch.sigmoid(logits[..., 0, :])
+        theta = torch.sigmoid(logits[..., 1, :]) if c.momentum else None
+        # alpha = 1 - sigmoid(forget logit), written as sigmoid(-logit) to avoid cancellation
+        alpha = torch.sigmoid(-logits[..., 2, :]) if c.weight_decay else torch.ones_like(eta)
+        return alpha, eta, theta
+
+    def forward(self, x: torch.Tensor, state: NeuralMemoryState | None = None
+                ) -> tuple[torch.Tensor, NeuralMemoryState]:
+        c = self.config
+        x = check_input(x, c.dim)
+        batch, length, _ = x.shape
+        if state is None:
+            state = self.init_state(batch, device=x.device, dtype=x.dtype)
+        elif not isinstance(state, NeuralMemoryState):
+            raise invalid("state", type(state).__name__, "a NeuralMemoryState or None")
+        state.memory.check("state.memory", batch, c.heads, c.head_dim, x.dtype, c.chunk_size,
+                           c.momentum)
+        check_tail(state.conv_tail, self.conv, batch)
+        stream = x
+        if self.persistent is not None and state.position == 0:
+            # Persistent memory: learnable tokens the memory reads once, before the stream.
+            prefix = self.persistent.to(x.dtype).unsqueeze(0).expand(batch, -1, -1)
+            stream = torch.cat([prefix, x], 1)
+        projected = self.qkv(stream)
+        tail = state.conv_tail
+        if self.conv is not None:
+            projected, tail = self.conv(projected, tail)
+        q, k, v = F.silu(projected).unflatten(-1, (3, c.heads, c.head_dim)).unbind(2)
+        q = F.normalize(q, dim=-1)
+        k = F.normalize(k, dim=-1)
+        alpha, eta, theta = self.gate_values(stream)
+        op = deep_memory_naive if c.use_naive else deep_memory
+        o, memory = run_chunked_memory(op, state.memory, q, k, v, alpha, eta, theta,
+                                       chunk_size=c.chunk_size, objective=c.objective,
+                                       activation=c.activation, dgd=c.dgd)
+        o = self.norm(o[:, o.shape[1] - length:]).flatten(2)
+        y = self.out(o * F.silu(self.out_gate(x)))
+        return y, NeuralMemoryState(memory, tail, state.position + length)

@@ -1,0 +1,230 @@
+"""NeuralMemory (Titans) and the causal depthwise conv: exact against the naive path, causal,
+streamable in segments cut anywhere, and trainable down to the meta-learned initial memory."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from nestlearn.errors import NestlearnError
+from nestlearn.nn.conv import CausalDepthwiseConv
+from nestlearn.nn.titans import NeuralMemory, NeuralMemoryConfig
+
+DIM = 8
+
+
+def make(seed=0, **overrides):
+    options = dict(dim=DIM, heads=2, depth=2, expansion=2, chunk_size=4)
+    options.update(overrides)
+    torch.manual_seed(seed)
+    return NeuralMemory(NeuralMemoryConfig(**options)).double()
+
+
+def naive_twin(layer):
+    twin = NeuralMemory(dataclasses.replace(layer.config, use_naive=True)).double()
+    twin.load_state_dict(layer.state_dict())
+    return twin
+
+
+def inputs(batch=2, length=11, seed=1):
+    return torch.randn(batch, length, DIM, generator=torch.Generator().manual_seed(seed),
+                       dtype=torch.float64)
+
+
+def state_tensors(state):
+    chunked = state.memory
+    tensors = [*chunked.memory.weights, chunked.keys, chunked.values, chunked.alpha, chunked.eta]
+    if chunked.memory.momentum is not None:
+        tensors += list(chunked.memory.momentum)
+    if chunked.theta is not None:
+        tensors.append(chunked.theta)
+    if state.conv_tail is not None:
+        tensors.append(state.conv_tail)
+    return tensors
+
+
+def assert_states_close(a, b):
+    assert a.position == b.position
+    ta, tb = state_tensors(a), state_tensors(b)
+    assert len(ta) == len(tb)
+    for x, y in zip(ta, tb, strict=True):
+        assert x.shape == y.shape or x.dim() == 3 or y.dim() == 3
+        torch.testing.assert_close(x.expand_as(y) if x.dim() < y.dim() else x,
+                                   y.expand_as(x) if y.dim() < x.dim() else y,
+                                   rtol=1e-10, atol=1e-12)
+
+
+def loss_of(y, state):
+    weights = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+    # The final memory enters the loss so that gradients through the state are compared too.
+    return (y * weights).sum() + sum(w.pow(2).sum() for w in state.memory.memory.weights)
+
+
+# --- conv ---------------------------------------------------------------------------------------
+
+def test_conv_matches_naive_and_streams():
+    torch.manual_seed(0)
+    conv = CausalDepthwiseConv(5, 4).double()
+    with torch.no_grad():
+        conv.weight.normal_()
+    x = torch.randn(2, 9, 5, dtype=torch.float64)
+    y, tail = conv(x)
+    y_ref, tail_ref = conv.forward_naive(x)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(tail, tail_ref)
+    pieces, state = [], None
+    for lo, hi in ((0, 2), (2, 3), (3, 9)):
+        out, state = conv(x[:, lo:hi], state)
+        pieces.append(out)
+    torch.testing.assert_close(torch.cat(pieces, 1), y)
+    torch.testing.assert_close(state, tail)
+    changed = x.clone()
+    changed[:, 6] += 1.0
+    y_changed, _ = conv(changed)
+    torch.testing.assert_close(y_changed[:, :6], y[:, :6])
+    assert not torch.allclose(y_changed[:, 6:], y[:, 6:])
+
+
+def test_conv_rejects_bad_input():
+    conv = CausalDepthwiseConv(5, 4)
+    with pytest.raises(NestlearnError, match=r"x\.shape"):
+        conv(torch.randn(2, 3, 4))
+    with pytest.raises(NestlearnError, match=r"tail\.shape"):
+        conv(torch.randn(2, 3, 5), torch.zeros(2, 2, 5))
+    with pytest.raises(NestlearnError, match="width"):
+        CausalDepthwiseConv(5, 0)
+
+
+# --- NeuralMemory -------------------------------------------------------------------------------
+
+CONFIGS = [
+    dict(),
+    dict(momentum=False, weight_decay=False, conv=False),
+    dict(objective="dot", activation="silu", persistent_tokens=3),
+    dict(chunk_size=1, heads=1, activation="tanh"),
+    dict(chunk_size=16),  # T < chunk
+    dict(dgd=True, depth=3, persistent_tokens=2),
+]
+
+
+@pytest.mark.parametrize("overrides", CONFIGS)
+def test_fast_equals_naive_outputs_state_and_gradients(overrides):
+    fast = make(**overrides)
+    naive = naive_twin(fast)
+    x = inputs()
+    y_fast, s_fast = fast(x)
+    y_naive, s_naive = naive(x)
+    torch.testing.assert_close(y_fast, y_naive, rtol=1e-10, atol=1e-12)
+    assert_states_close(s_fast, s_naive)
+    loss_of(y_fast, s_fast).backward()
+    loss_of(y_naive, s_naive).backward()
+    for (name, p_fast), p_naive in zip(fast.named_parameters(), naive.parameters(),
+                                       strict=True):
+        assert p_fast.grad is not None, name
+        torch.testing.assert_close(p_fast.grad, p_naive.grad, rtol=1e-9, atol=1e-11, msg=name)
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(persistent_tokens=2, chunk_size=3)])
+def test_causal(overrides):
+    layer = make(**overrides)
+    x = inputs(length=10)
+    y, _ = layer(x)
+    changed = x.clone()
+    changed[:, 6] += torch.randn(DIM, dtype=torch.float64)
+    y_changed, _ = layer(changed)
+    torch.testing.assert_close(y_changed[:, :6], y[:, :6], rtol=0, atol=1e-13)
+    assert not torch.allclose(y_changed[:, 6:], y[:, 6:])
+
+
+@pytest.mark.parametrize("overrides", CONFIGS[:3] + CONFIGS[5:])
+@pytest.mark.parametrize("cuts", [(3, 4, 5), (1, 2, 3, 5, 9, 10), (7,)])
+def test_segments_cut_anywhere_equal_one_pass(overrides, cuts):
+    layer = make(**overrides)
+    x = inputs(length=11)
+    y, final = layer(x)
+    pieces, state = [], None
+    for lo, hi in zip((0, *cuts), (*cuts, 11), strict=True):
+        out, state = layer(x[:, lo:hi], state)
+        pieces.append(out)
+    torch.testing.assert_close(torch.cat(pieces, 1), y, rtol=1e-10, atol=1e-12)
+    assert_states_close(state, final)
+
+
+def test_init_state_equals_no_state():
+    layer = make(persistent_tokens=2)
+    x = inputs()
+    y, _ = layer(x)
+    y_init, _ = layer(x, layer.init_state(2, dtype=torch.float64))
+    torch.testing.assert_close(y_init, y, rtol=0, atol=0)
+
+
+def test_memory_learns_in_context_and_grads_reach_initial_memory():
+    layer = make(persistent_tokens=2)
+    x = inputs(length=12)
+    y, state = layer(x)
+    # 2 persistent + 12 tokens = 3 full chunks of 4 then 2 pending: the memory has moved.
+    assert state.memory.pending == 2
+    for initial, learned in zip(layer.memory_weights, state.memory.memory.weights,
+                                strict=True):
+        assert learned.shape == (2, *initial.shape)
+        assert (learned - initial).abs().max() > 1e-6
+    y.pow(2).sum().backward()
+    for weight in layer.memory_weights:
+        assert weight.grad is not None and weight.grad.abs().max() > 0
+    assert layer.persistent.grad.abs().max() > 0
+    assert layer.gates.weight.grad.abs().max() > 0
+
+
+def test_memory_changes_the_output():
+    # A layer whose memory never learns (eta ~ 0) reads out differently: the memory matters.
+    layer = make()
+    x = inputs(length=12)
+    y, _ = layer(x)
+    frozen = make()
+    with torch.no_grad():
+        frozen.gates.bias.view(3, -1)[0].fill_(-60.0)
+    y_frozen, _ = frozen(x)
+    torch.testing.assert_close(y[:, :4], y_frozen[:, :4], rtol=0.2, atol=0.2)
+    assert (y[:, 4:] - y_frozen[:, 4:]).abs().max() > 1e-4
+
+
+def test_gates_in_range():
+    layer = make()
+    alpha, eta, theta = layer.gate_values(inputs() * 50)
+    assert ((alpha >= 0) & (alpha <= 1)).all()
+    assert ((eta >= 0) & (eta <= layer.config.eta_max)).all()
+    assert ((theta >= 0) & (theta <= 1)).all()
+    alpha, _, theta = make(momentum=False, weight_decay=False).gate_values(inputs())
+    assert theta is None and bool((alpha == 1).all())
+
+
+@pytest.mark.parametrize("field, value", [
+    ("dim", 0), ("heads", 3), ("head_dim", 0), ("depth", 1), ("expansion", 1.5),
+    ("chunk_size", 0), ("objective", "l1"), ("activation", "elu"), ("eta_max", -1.0),
+    ("persistent_tokens", -1), ("momentum", "yes"), ("conv_width", 0),
+])
+def test_bad_config_names_field(field, value):
+    options = dict(dim=DIM, heads=2)
+    options[field] = value
+    with pytest.raises(NestlearnError, match=field):
+        NeuralMemoryConfig(**options)
+
+
+def test_bad_input_and_state():
+    layer = make()
+    with pytest.raises(NestlearnError, match=r"x\.shape"):
+        layer(torch.randn(2, 5, DIM + 1, dtype=torch.float64))
+    with pytest.raises(NestlearnError, match=r"x\.shape"):
+        layer(torch.randn(2, 0, DIM, dtype=torch.float64))
+    with pytest.raises(NestlearnError, match=r"x\.dtype"):
+        layer(torch.ones(2, 5, DIM, dtype=torch.long))
+    with pytest.raises(NestlearnError, match="state"):
+        layer(inputs(), state=(1, 2))
+    _, state = layer(inputs(batch=2))
+    with pytest.raises(NestlearnError, match=r"state\.memory"):
+        layer(inputs(batch=3), state)
+    _, other = make(momentum=False)(inputs())
+    with pytest.raises(NestlearnError, match="theta"):
+        layer(inputs(), other)
+    with pytest.raises(NestlearnError, match="config"):
+        NeuralMemory(dict(dim=DIM))

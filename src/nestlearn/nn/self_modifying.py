@@ -1,0 +1,291 @@
+"""Self-modifying Titans, the sequence mixer of HOPE (PAPER.md section 5; arXiv 2512.24695 sec. 8).
+
+Every projection but q is itself a memory learned in context. Per chunk of ``inner_chunk_size``
+tokens, the memories {k, v, eta, alpha} at the end of the previous chunk produce
+
+    k_t = normalize(M_k(x_t^k)),  v_t = M_v(x_t^v),
+    eta_t = eta_max * sigmoid(<w_eta, M_eta(x_t^eta)> + b_eta),
+    alpha_t = sigmoid(<w_alpha, M_alpha(x_t^alpha)> + b_alpha),
+
+and their self-generated targets v_hat_{*,t} = M_*(v_t). At the chunk's end each of them takes
+the chunk's DGD steps with weight decay (and optional momentum) on
+L(M_*; k_t, v_hat_{*,t}) = 1/2 ||M_*(k_t) - v_hat_{*,t}||^2, all gradients at the chunk-start
+state (the dual form). The main memory runs over the sequence with its own ``chunk_size`` on
+(q_t, k_t, v_t, alpha_t, eta_t): o_t = M_memory,t(q_t), q_t = normalize(x_t W_q) the only
+non-adaptive projection. Each memory is a residual MLP whose initial state is a parameter
+(meta-learned). The four inner memories run as one stacked memory of 4H heads. See
+MEMORY_LAYERS.md for the choices where the paper leaves room.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nestlearn.errors import invalid
+from nestlearn.nn.conv import CausalDepthwiseConv
+from nestlearn.nn.memory_stream import ChunkedMemoryState, empty_chunked_state, run_chunked_memory
+from nestlearn.nn.titans import (
+    ACTIVATIONS,
+    HeadRMSNorm,
+    check_choice,
+    check_input,
+    check_int,
+    check_positive,
+    check_tail,
+)
+from nestlearn.ops.deep_memory import (
+    DeepMemoryState,
+    deep_memory,
+    deep_memory_apply,
+    deep_memory_naive,
+    deep_memory_update,
+    init_deep_memory_weights,
+)
+
+# Order of the inner memories along the stacked head axis.
+INNER_MEMORIES = ("k", "v", "eta", "alpha")
+
+
+@dataclass
+class SelfModifyingTitansConfig:
+    """Configuration of :class:`SelfModifyingTitans`.
+
+    Attributes:
+        dim: model width D.
+        heads: number of heads H (each memory is per head).
+        head_dim: width of each head (default ``dim // heads``).
+        depth, expansion: layers and hidden multiple of the main memory MLP.
+        inner_depth, inner_expansion: the same for the k, v, eta, alpha memories (paper: 2 layers).
+        chunk_size: chunk of the main memory.
+        inner_chunk_size: chunk shared by the k, v, eta, alpha memories.
+        momentum: momentum in every memory's update (theta_t = sigmoid(x W_theta), a plain
+            projection); off = plain DGD steps.
+        weight_decay: the retention gate alpha_t (off = alpha 1).
+        dgd: delta gradient descent (the (alpha I - eta k k^T) factor); off = gradient descent.
+        activation: the memories' non-linearity.
+        input_projection: each inner memory reads its own linear projection of x (``x W_*``);
+            off = they all read x split into heads (needs ``dim == heads * head_dim``).
+        conv, conv_width: depthwise causal conv on the memories' inputs and on q.
+        eta_max: upper end of the learning rate eta_t.
+        output_gate: multiply the read-out by SiLU(x W_g) before the output projection.
+        use_naive: per-token reference ops instead of the chunkwise ones (for tests).
+    """
+
+    dim: int
+    heads: int = 1
+    head_dim: int | None = None
+    depth: int = 2
+    expansion: int = 4
+    inner_depth: int = 2
+    inner_expansion: int = 4
+    chunk_size: int = 64
+    inner_chunk_size: int = 64
+    momentum: bool = True
+    weight_decay: bool = True
+    dgd: bool = True
+    activation: str = "gelu"
+    input_projection: bool = True
+    conv: bool = True
+    conv_width: int = 4
+    eta_max: float = 0.1
+    output_gate: bool = True
+    use_naive: bool = False
+
+    def __post_init__(self) -> None:
+        check_int("dim", self.dim, 1)
+        check_int("heads", self.heads, 1)
+        if self.head_dim is None:
+            if self.dim % self.heads:
+                raise invalid("heads", self.heads, f"a divisor of dim={self.dim}, or set head_dim")
+            self.head_dim = self.dim // self.heads
+        check_int("head_dim", self.head_dim, 1)
+        for name in ("depth", "inner_depth"):
+            check_int(name, getattr(self, name), 2)
+        for name in ("expansion", "inner_expansion", "chunk_size", "inner_chunk_size",
+                     "conv_width"):
+            check_int(name, getattr(self, name), 1)
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_positive("eta_max", self.eta_max)
+        for name in ("momentum", "weight_decay", "dgd", "input_projection", "conv",
+                     "output_gate", "use_naive"):
+            if not isinstance(getattr(self, name), bool):
+                raise invalid(name, repr(getattr(self, name)), "True or False")
+        if not self.input_projection and self.dim != self.heads * self.head_dim:
+            raise invalid("input_projection", False,
+                          f"True unless dim ({self.dim}) == heads * head_dim "
+                          f"({self.heads * self.head_dim})")
+
+
+@dataclass
+class SelfModifyingTitansState:
+    """Stream state of :class:`SelfModifyingTitans`.
+
+    ``inner``: the stacked k, v, eta, alpha memories (4H heads, in ``INNER_MEMORIES`` order) at
+    the start of the current inner chunk, with that chunk's keys, targets and gates so far;
+    ``memory``: the main memory at the start of its current chunk, with its pending tokens;
+    ``conv_tail``: the convolution's last inputs (None without conv); ``position``: tokens seen.
+    """
+
+    inner: ChunkedMemoryState
+    memory: ChunkedMemoryState
+    conv_tail: torch.Tensor | None
+    position: int
+
+
+class SelfModifyingTitans(nn.Module):
+    """``forward(x [B, T, D], state) -> (y [B, T, D], state)``; chained segments = one pass."""
+
+    def __init__(self, config: SelfModifyingTitansConfig) -> None:
+        super().__init__()
+        if not isinstance(config, SelfModifyingTitansConfig):
+            raise invalid("config", type(config).__name__, "a SelfModifyingTitansConfig")
+        self.config = config
+        c = config
+        inner = c.heads * c.head_dim
+        self.q = nn.Linear(c.dim, inner, bias=False)
+        self.inputs = nn.Linear(c.dim, 4 * inner, bias=False) if c.input_projection else None
+        conv_channels = 2 * inner if self.inputs is None else 5 * inner
+        self.conv = CausalDepthwiseConv(conv_channels, c.conv_width) if c.conv else None
+        self.theta = nn.Linear(c.dim, c.heads) if c.momentum else None
+        # Read-outs of the eta and alpha memories: a per-head projection to a scalar logit.
+        self.eta_readout = nn.Parameter(torch.randn(c.heads, c.head_dim) * c.head_dim ** -0.5)
+        self.eta_bias = nn.Parameter(torch.zeros(c.heads))
+        if c.weight_decay:
+            self.alpha_readout = nn.Parameter(
+                torch.randn(c.heads, c.head_dim) * c.head_dim ** -0.5)
+            self.alpha_bias = nn.Parameter(torch.full((c.heads,), 4.6))  # alpha ~ 0.99 at first
+        else:
+            # alpha is 1: the alpha memory still learns in the stack but nothing reads it.
+            self.alpha_readout = self.alpha_bias = None
+        self.norm = HeadRMSNorm(c.heads, c.head_dim)
+        self.out_gate = nn.Linear(c.dim, inner, bias=False) if c.output_gate else None
+        self.out = nn.Linear(inner, c.dim, bias=False)
+        main = init_deep_memory_weights(c.heads, c.head_dim, c.expansion * c.head_dim, c.depth)
+        self.memory_weights = nn.ParameterList([nn.Parameter(w.clone()) for w in main])
+        stacked = [init_deep_memory_weights(c.heads, c.head_dim, c.inner_expansion * c.head_dim,
+                                            c.inner_depth) for _ in INNER_MEMORIES]
+        self.inner_weights = nn.ParameterList(
+            [nn.Parameter(torch.cat(layer, 0).clone()) for layer in zip(*stacked, strict=True)])
+        if self.theta is not None:
+            with torch.no_grad():
+                self.theta.bias.fill_(2.2)  # theta ~ 0.9 at the start
+
+    def init_state(self, batch: int, *, device: torch.device | None = None,
+                   dtype: torch.dtype | None = None) -> SelfModifyingTitansState:
+        """The state of an empty stream: meta-learned initial memories, nothing pending."""
+        check_int("batch", batch, 1)
+        c = self.config
+        like = self.memory_weights[0]
+        like = like.new_zeros(()).to(device=device or like.device, dtype=dtype or like.dtype)
+        inner = empty_chunked_state(DeepMemoryState(tuple(self.inner_weights), None), batch,
+                                    4 * c.heads, c.head_dim, c.momentum, like)
+        memory = empty_chunked_state(DeepMemoryState(tuple(self.memory_weights), None), batch,
+                                     c.heads, c.head_dim, c.momentum, like)
+        tail = (self.conv.init_tail(batch, device=like.device, dtype=like.dtype)
+                if self.conv is not None else None)
+        return SelfModifyingTitansState(inner, memory, tail, 0)
+
+    def _features(self, x: torch.Tensor, tail: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """q ``[B, T, H, Dh]``, the inner memories' inputs ``[B, T, 4H, Dh]``, the conv tail."""
+        c = self.config
+        if self.inputs is None:
+            features = torch.cat([self.q(x), x], -1)
+        else:
+            features = torch.cat([self.q(x), self.inputs(x)], -1)
+        if self.conv is not None:
+            features, tail = self.conv(features, tail)
+        inner = c.heads * c.head_dim
+        q = F.normalize(features[..., :inner].unflatten(-1, (c.heads, c.head_dim)), dim=-1)
+        reads = features[..., inner:].unflatten(-1, (-1, c.head_dim))
+        if self.inputs is None:
+            reads = reads.repeat(1, 1, 4, 1)  # every inner memory reads the same x
+        return q, reads, tail
+
+    def _inner_update(self, state: ChunkedMemoryState) -> DeepMemoryState:
+        """The inner memories after the DGD steps of their completed chunk (PAPER.md 5)."""
+        c = self.config
+        memory = state.memory
+        if c.use_naive:
+            # The per-token reference over one chunk ends in the same state as the closed form.
+            _, final = deep_memory_naive(
+                state.keys, state.keys, state.values, state.alpha, state.eta, state.theta,
+                initial_state=memory, objective="l2", activation=c.activation, dgd=c.dgd,
+                output_final_state=True, chunk_size=c.inner_chunk_size)
+            return final
+        return deep_memory_update(memory, state.keys, state.values, state.alpha, state.eta,
+                                  state.theta, objective="l2", activation=c.activation,
+                                  dgd=c.dgd)
+
+    def _run_inner(self, reads: torch.Tensor, theta: torch.Tensor | None,
+                   state: ChunkedMemoryState
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                              ChunkedMemoryState]:
+        """k, v ``[B, T, H, Dh]``, alpha, eta ``[B, T, H]`` from the inner memories, and their
+        state after the segment. Each inner chunk reads the memories as they were at its start.
+        """
+        c = self.config
+        batch, length = reads.shape[:2]
+        pieces: list[tuple[torch.Tensor, ...]] = []
+        start = 0
+        while start < length:
+            stop = min(length, start + c.inner_chunk_size - state.pending)
+            weights = state.memory.weights
+            out = deep_memory_apply(weights, reads[:, start:stop], activation=c.activation)
+            k_raw, v, eta_features, alpha_features = out.chunk(4, dim=2)
+            k = F.normalize(k_raw, dim=-1)
+            eta = c.eta_max * torch.sigmoid(
+                (eta_features * self.eta_readout).sum(-1) + self.eta_bias)
+            if c.weight_decay:
+                alpha = torch.sigmoid((alpha_features * self.alpha_readout).sum(-1)
+                                      + self.alpha_bias)
+            else:
+                alpha = torch.ones_like(eta)
+            # Self-generated targets v_hat_* = M_*(v_t), one per inner memory.
+            targets = deep_memory_apply(weights, v.repeat(1, 1, 4, 1), activation=c.activation)
+            piece_theta = None if theta is None else theta[:, start:stop]
+            state = ChunkedMemoryState(
+                state.memory,
+                torch.cat([state.keys, k.repeat(1, 1, 4, 1)], 1),
+                torch.cat([state.values, targets], 1),
+                torch.cat([state.alpha, alpha.repeat(1, 1, 4)], 1),
+                torch.cat([state.eta, eta.repeat(1, 1, 4)], 1),
+                None if theta is None else torch.cat([state.theta, piece_theta.repeat(1, 1, 4)],
+                                                     1))
+            if state.pending == c.inner_chunk_size:
+                state = empty_chunked_state(self._inner_update(state), batch, 4 * c.heads,
+                                            c.head_dim, c.momentum, reads)
+            pieces.append((k, v, alpha, eta))
+            start = stop
+        k, v, alpha, eta = (torch.cat(parts, 1) for parts in zip(*pieces, strict=True))
+        return k, v, alpha, eta, state
+
+    def forward(self, x: torch.Tensor, state: SelfModifyingTitansState | None = None
+                ) -> tuple[torch.Tensor, SelfModifyingTitansState]:
+        c = self.config
+        x = check_input(x, c.dim)
+        batch, length, _ = x.shape
+        if state is None:
+            state = self.init_state(batch, device=x.device, dtype=x.dtype)
+        elif not isinstance(state, SelfModifyingTitansState):
+            raise invalid("state", type(state).__name__, "a SelfModifyingTitansState or None")
+        state.inner.check("state.inner", batch, 4 * c.heads, c.head_dim, x.dtype,
+                          c.inner_chunk_size, c.momentum)
+        state.memory.check("state.memory", batch, c.heads, c.head_dim, x.dtype, c.chunk_size,
+                           c.momentum)
+        check_tail(state.conv_tail, self.conv, batch)
+        q, reads, tail = self._features(x, state.conv_tail)
+        theta = torch.sigmoid(self.theta(x)) if self.theta is not None else None
+        k, v, alpha, eta, inner = self._run_inner(reads, theta, state.inner)
+        op = deep_memory_naive if c.use_naive else deep_memory
+        o, memory = run_chunked_memory(op, state.memory, q, k, v, alpha, eta, theta,
+                                       chunk_size=c.chunk_size, objective="l2",
+                                       activation=c.activation, dgd=c.dgd)
+        o = self.norm(o).flatten(2)
+        if self.out_gate is not None:
+            o = o * F.silu(self.out_gate(x))
+        return self.out(o), SelfModifyingTitansState(inner, memory, tail, state.position + length)

@@ -1,0 +1,209 @@
+"""SelfModifyingTitans: exact against the naive path, causal, streamable in segments cut at any
+token (not only at chunk boundaries), inner memories that move only at their chunk ends, and
+gradients that reach every meta-learned initial memory."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from nestlearn.errors import NestlearnError
+from nestlearn.nn.self_modifying import (
+    INNER_MEMORIES,
+    SelfModifyingTitans,
+    SelfModifyingTitansConfig,
+)
+
+DIM = 8
+HEADS = 2
+
+
+def make(seed=0, **overrides):
+    options = dict(dim=DIM, heads=HEADS, expansion=2, inner_expansion=2, chunk_size=4,
+                   inner_chunk_size=3)
+    options.update(overrides)
+    torch.manual_seed(seed)
+    return SelfModifyingTitans(SelfModifyingTitansConfig(**options)).double()
+
+
+def naive_twin(layer):
+    twin = SelfModifyingTitans(dataclasses.replace(layer.config, use_naive=True)).double()
+    twin.load_state_dict(layer.state_dict())
+    return twin
+
+
+def inputs(batch=2, length=11, seed=1):
+    return torch.randn(batch, length, DIM, generator=torch.Generator().manual_seed(seed),
+                       dtype=torch.float64)
+
+
+def chunked_tensors(chunked):
+    tensors = [*chunked.memory.weights, chunked.keys, chunked.values, chunked.alpha, chunked.eta]
+    if chunked.memory.momentum is not None:
+        tensors += list(chunked.memory.momentum)
+    if chunked.theta is not None:
+        tensors.append(chunked.theta)
+    return tensors
+
+
+def assert_states_close(a, b):
+    assert a.position == b.position
+    ta = chunked_tensors(a.inner) + chunked_tensors(a.memory)
+    tb = chunked_tensors(b.inner) + chunked_tensors(b.memory)
+    if a.conv_tail is not None:
+        ta.append(a.conv_tail)
+        tb.append(b.conv_tail)
+    assert len(ta) == len(tb)
+    for x, y in zip(ta, tb, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+
+
+def loss_of(y, state):
+    weights = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+    memories = (*state.inner.memory.weights, *state.memory.memory.weights)
+    return (y * weights).sum() + sum(w.pow(2).sum() for w in memories)
+
+
+CONFIGS = [
+    dict(),
+    dict(momentum=False, weight_decay=False, dgd=False, conv=False),
+    dict(input_projection=False, output_gate=False, activation="silu", inner_depth=3),
+    dict(chunk_size=1, inner_chunk_size=1, heads=1),
+    dict(chunk_size=16, inner_chunk_size=16),  # T < both chunks: nothing updates
+    dict(chunk_size=3, inner_chunk_size=5, depth=3),
+]
+
+
+@pytest.mark.parametrize("overrides", CONFIGS)
+def test_fast_equals_naive_outputs_state_and_gradients(overrides):
+    fast = make(**overrides)
+    naive = naive_twin(fast)
+    x = inputs()
+    y_fast, s_fast = fast(x)
+    y_naive, s_naive = naive(x)
+    torch.testing.assert_close(y_fast, y_naive, rtol=1e-10, atol=1e-12)
+    assert_states_close(s_fast, s_naive)
+    loss_of(y_fast, s_fast).backward()
+    loss_of(y_naive, s_naive).backward()
+    for (name, p_fast), p_naive in zip(fast.named_parameters(), naive.parameters(),
+                                       strict=True):
+        assert p_fast.grad is not None, name
+        torch.testing.assert_close(p_fast.grad, p_naive.grad, rtol=1e-9, atol=1e-11, msg=name)
+
+
+@pytest.mark.parametrize("position", [0, 4, 8])
+def test_causal(position):
+    layer = make()
+    x = inputs(length=11)
+    y, _ = layer(x)
+    changed = x.clone()
+    changed[:, position] += torch.randn(DIM, dtype=torch.float64)
+    y_changed, _ = layer(changed)
+    torch.testing.assert_close(y_changed[:, :position], y[:, :position], rtol=0, atol=1e-13)
+    assert not torch.allclose(y_changed[:, position:], y[:, position:])
+
+
+@pytest.mark.parametrize("overrides", [CONFIGS[0], CONFIGS[1], CONFIGS[2], CONFIGS[5]])
+@pytest.mark.parametrize("cuts", [(1, 2, 5, 7, 10), (4,), (5, 6)])
+def test_segments_cut_anywhere_equal_one_pass(overrides, cuts):
+    # Cuts fall inside both the main chunks (4) and the inner chunks (3): the state carries
+    # each memory at its chunk start plus the chunk's pending tokens, so any cut is exact.
+    layer = make(**overrides)
+    x = inputs(length=11)
+    y, final = layer(x)
+    pieces, state = [], None
+    for lo, hi in zip((0, *cuts), (*cuts, 11), strict=True):
+        out, state = layer(x[:, lo:hi], state)
+        pieces.append(out)
+    torch.testing.assert_close(torch.cat(pieces, 1), y, rtol=1e-10, atol=1e-12)
+    assert_states_close(state, final)
+
+
+def test_inner_memories_move_only_at_their_chunk_ends():
+    layer = make()
+    x = inputs(length=5)
+    _, state = layer(x[:, :2])  # inside the first inner chunk (3): still the initial memories
+    assert state.inner.pending == 2
+    for initial, current in zip(layer.inner_weights, state.inner.memory.weights, strict=True):
+        assert current is initial
+    _, state = layer(x[:, 2:5], state)  # crosses the boundary at token 3
+    assert state.inner.pending == 2
+    for index, (initial, current) in enumerate(
+            zip(layer.inner_weights, state.inner.memory.weights, strict=True)):
+        moved = (current - initial).abs().amax(dim=(0, 2, 3))  # per stacked head
+        assert bool((moved > 1e-8).all()), f"inner layer {index}: {moved}"
+
+
+def test_inner_memories_shape_later_chunks():
+    # Tokens of the second inner chunk are produced by the updated memories: with every
+    # inner learning rate ~ 0 they would differ.
+    layer = make()
+    frozen = make()
+    with torch.no_grad():
+        frozen.eta_bias.fill_(-60.0)
+    x = inputs(length=9)
+    y, _ = layer(x)
+    y_frozen, _ = frozen(x)
+    assert (y[:, 3:] - y_frozen[:, 3:]).abs().max() > 1e-5
+
+
+def test_gradients_reach_every_meta_learned_initial_memory():
+    layer = make()
+    y, _ = layer(inputs(length=10))
+    y.pow(2).sum().backward()
+    heads = HEADS
+    for weight in layer.inner_weights:
+        for index, name in enumerate(INNER_MEMORIES):
+            grad = weight.grad[index * heads:(index + 1) * heads]
+            assert grad.abs().max() > 0, name
+    for weight in layer.memory_weights:
+        assert weight.grad.abs().max() > 0
+    for name in ("eta_readout", "alpha_readout", "eta_bias", "alpha_bias"):
+        assert getattr(layer, name).grad.abs().max() > 0, name
+
+
+def test_init_state_equals_no_state():
+    layer = make()
+    x = inputs()
+    y, _ = layer(x)
+    y_init, _ = layer(x, layer.init_state(2, dtype=torch.float64))
+    torch.testing.assert_close(y_init, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("dim", 0), ("heads", 3), ("depth", 1), ("inner_depth", 1), ("chunk_size", 0),
+    ("inner_chunk_size", 0), ("activation", "elu"), ("eta_max", 0.0), ("dgd", 1),
+    ("input_projection", "no"),
+])
+def test_bad_config_names_field(field, value):
+    options = dict(dim=DIM, heads=HEADS)
+    options[field] = value
+    with pytest.raises(NestlearnError, match=field):
+        SelfModifyingTitansConfig(**options)
+
+
+def test_input_projection_off_needs_matching_width():
+    with pytest.raises(NestlearnError, match="input_projection"):
+        SelfModifyingTitansConfig(dim=DIM, heads=HEADS, head_dim=3, input_projection=False)
+
+
+def test_bad_input_and_state():
+    layer = make()
+    with pytest.raises(NestlearnError, match=r"x\.shape"):
+        layer(torch.randn(2, 5, DIM + 1, dtype=torch.float64))
+    with pytest.raises(NestlearnError, match=r"x\.shape"):
+        layer(torch.randn(2, 0, DIM, dtype=torch.float64))
+    with pytest.raises(NestlearnError, match="state"):
+        layer(inputs(), state={"memory": None})
+    _, state = layer(inputs(batch=2))
+    with pytest.raises(NestlearnError, match=r"state\.inner"):
+        layer(inputs(batch=3), state)
+    _, other = make(momentum=False)(inputs())
+    with pytest.raises(NestlearnError, match="theta"):
+        layer(inputs(), other)
+    _, other = make(inner_chunk_size=8)(inputs(length=7))
+    with pytest.raises(NestlearnError, match=r"state\.inner"):
+        layer(inputs(), other)
+    _, other = make(conv=False)(inputs())
+    with pytest.raises(NestlearnError, match=r"state\.conv_tail"):
+        layer(inputs(), other)

@@ -7,11 +7,18 @@ import torch
 from nestlearn.models import ModelConfig, build_model
 
 VOCAB = 17
-ARCHS_WIRED = ["transformer"]
+ARCHS_WIRED = ["transformer", "titans", "titans-mag"]
+
+
+# Names of the parameters that are meta-learned initial states of in-context memories.
+INITIAL_STATE_MARKERS = ("memory_weights", "inner_weights", "initial.")
 
 
 def tiny_config(arch: str, **overrides) -> ModelConfig:
-    fields = {"arch": arch, "vocab_size": VOCAB, "dim": 16, "layers": 2, "heads": 2}
+    """Small chunks, so the short test sequences cross many chunk boundaries."""
+    fields = {"arch": arch, "vocab_size": VOCAB, "dim": 16, "layers": 2, "heads": 2,
+              "chunk_size": 4, "inner_chunk_size": 3, "cms_chunk_sizes": (2, 6),
+              "cms_inner_lr": 0.05}
     if arch == "titans-mag":
         fields["window"] = 4
     fields.update(overrides)

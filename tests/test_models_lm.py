@@ -2,7 +2,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_cases import ARCHS_WIRED, VOCAB, random_ids, tiny_config, tiny_model
+from model_cases import (
+    ARCHS_WIRED,
+    INITIAL_STATE_MARKERS,
+    VOCAB,
+    random_ids,
+    tiny_config,
+    tiny_model,
+)
 from nestlearn.errors import NestlearnError
 from nestlearn.models import LMState, build_model, generate
 
@@ -52,6 +59,19 @@ def test_chained_segments_give_the_same_gradients(arch):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("arch", ARCHS_WIRED)
+def test_every_parameter_gets_a_gradient_including_initial_states(arch):
+    model = tiny_model(arch)
+    logits, _ = model(random_ids(2, 14))
+    F.cross_entropy(logits.reshape(-1, VOCAB), random_ids(2, 14, seed=2).reshape(-1)).backward()
+    names = [name for name, _ in model.named_parameters()]
+    no_grad = [name for name, p in model.named_parameters()
+               if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_grad == []
+    initial = [name for name in names if any(m in name for m in INITIAL_STATE_MARKERS)]
+    assert bool(initial) == (arch != "transformer"), initial
 
 
 @pytest.mark.parametrize("arch", ARCHS_WIRED)

@@ -2,15 +2,109 @@
 
 Every block maps ``(x [B, T, D], state) -> (y [B, T, D], state)`` with its residual
 connections inside, so the LM is only embedding, blocks, final norm and head.
+- ``transformer``: ``TransformerBlock`` (attention + SwiGLU).
+- ``titans`` (Titans LMM, memory as a layer): ``x + memory(norm(x))`` then
+  ``x + swiglu(norm(x))``.
+- ``titans-mag`` (Titans MAG, memory as a gate): a sliding-window attention branch and a
+  neural-memory branch read the same normalized input and are combined by a gate (below).
+- ``hope``: ``HOPEBlock`` (self-modifying Titans + CMS); ``hope-attention``:
+  ``HOPEAttentionBlock`` (softmax attention + CMS).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
+import torch
 from torch import nn
 
 from nestlearn.errors import invalid
 from nestlearn.models.config import ModelConfig
-from nestlearn.nn.transformer import TransformerBlock
+from nestlearn.nn.titans import NeuralMemory, NeuralMemoryConfig, NeuralMemoryState
+from nestlearn.nn.transformer import (
+    AttentionState,
+    CausalSelfAttention,
+    RMSNorm,
+    SwiGLU,
+    TransformerBlock,
+)
+
+
+def _out_std(config: ModelConfig) -> float:
+    return config.init_std / math.sqrt(2 * config.layers)
+
+
+def neural_memory_config(config: ModelConfig) -> NeuralMemoryConfig:
+    """The Titans memory of one block, from the model's memory fields."""
+    return NeuralMemoryConfig(
+        dim=config.dim, heads=config.heads, depth=config.memory_depth,
+        expansion=config.memory_expansion, chunk_size=config.chunk_size,
+        momentum=config.memory_momentum, weight_decay=config.memory_weight_decay,
+        dgd=config.uses_memory_dgd, persistent_tokens=config.persistent_tokens)
+
+
+class MemoryBlock(nn.Module):
+    """Titans LMM block: ``x + memory(norm(x))`` then ``x + swiglu(norm(x))``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.memory_norm = RMSNorm(config.dim, config.norm_eps)
+        self.memory = NeuralMemory(neural_memory_config(config))
+        self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = SwiGLU(config.dim, config.mlp_hidden, config.init_std, _out_std(config))
+
+    def forward(self, x: torch.Tensor, state: NeuralMemoryState | None = None
+                ) -> tuple[torch.Tensor, NeuralMemoryState]:
+        mixed, state = self.memory(self.memory_norm(x), state)
+        x = x + mixed
+        return x + self.mlp(self.mlp_norm(x)), state
+
+
+@dataclass
+class GatedMemoryState:
+    """State of a ``GatedMemoryBlock``: the attention window's KV cache and the memory."""
+
+    attention: AttentionState | None
+    memory: NeuralMemoryState | None
+
+
+class GatedMemoryBlock(nn.Module):
+    """Titans MAG block: sliding-window attention and neural memory combined by a gate.
+
+    With ``n = norm(x)``, ``a = SWA(n)``, ``m = memory(n)``:
+    ``x + W_o (norm_a(a) * sigmoid(norm_m(m)))`` then ``x + swiglu(norm(x))``.
+    Titans (section 4.2) normalizes both branches with learnable vector weights and combines
+    them by a non-linear gate; here the memory branch, squashed, gates the attention branch
+    channel by channel, the choice of the common open implementations.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        dim = config.dim
+        self.norm = RMSNorm(dim, config.norm_eps)
+        self.attn = CausalSelfAttention(dim, config.heads, config.window, config.rope_base,
+                                        config.init_std)
+        self.memory = NeuralMemory(neural_memory_config(config))
+        self.attn_out_norm = RMSNorm(dim, config.norm_eps)
+        self.memory_out_norm = RMSNorm(dim, config.norm_eps)
+        self.out = nn.Linear(dim, dim, bias=False)
+        nn.init.normal_(self.out.weight, std=_out_std(config))
+        self.mlp_norm = RMSNorm(dim, config.norm_eps)
+        self.mlp = SwiGLU(dim, config.mlp_hidden, config.init_std, _out_std(config))
+
+    def forward(self, x: torch.Tensor, state: GatedMemoryState | None = None
+                ) -> tuple[torch.Tensor, GatedMemoryState]:
+        if state is None:
+            state = GatedMemoryState(None, None)
+        elif not isinstance(state, GatedMemoryState):
+            raise invalid("state", type(state).__name__, "a GatedMemoryState or None")
+        n = self.norm(x)
+        attended, attention = self.attn(n, state.attention)
+        remembered, memory = self.memory(n, state.memory)
+        gate = torch.sigmoid(self.memory_out_norm(remembered))
+        x = x + self.out(self.attn_out_norm(attended) * gate)
+        return x + self.mlp(self.mlp_norm(x)), GatedMemoryState(attention, memory)
 
 
 def make_transformer_block(config: ModelConfig) -> TransformerBlock:
@@ -23,5 +117,9 @@ def make_block(config: ModelConfig, index: int) -> nn.Module:
     """The ``index``-th block of ``config.arch``."""
     if config.arch == "transformer":
         return make_transformer_block(config)
+    if config.arch == "titans":
+        return MemoryBlock(config)
+    if config.arch == "titans-mag":
+        return GatedMemoryBlock(config)
     raise invalid("arch", repr(config.arch), "an architecture whose layers are available: "
-                  "'transformer'")
+                  "'transformer', 'titans', 'titans-mag'")

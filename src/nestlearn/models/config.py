@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +18,11 @@ from nestlearn.errors import NestlearnError, invalid
 
 ARCHS: tuple[str, ...] = ("transformer", "hope", "hope-attention", "titans", "titans-mag")
 POOLINGS: tuple[str, ...] = ("mean", "last")
+CMS_MLPS: tuple[str, ...] = ("swiglu", "gelu")
+CMS_VARIANTS: tuple[str, ...] = ("sequential", "nested", "independent")
+CMS_TEACH_SIGNALS: tuple[str, ...] = ("local", "lm")
+MEMORY_ARCHS: tuple[str, ...] = ("hope", "titans", "titans-mag")
+CMS_ARCHS: tuple[str, ...] = ("hope", "hope-attention")
 
 
 def _positive_int(name: str, value: object) -> None:
@@ -36,6 +43,38 @@ def _positive_float(name: str, value: object) -> None:
 def _bool(name: str, value: object) -> None:
     if not isinstance(value, bool):
         raise invalid(name, repr(value), "true or false")
+
+
+def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise invalid(name, repr(value), f"one of {list(choices)}")
+
+
+def _int_tuple(name: str, value: object) -> tuple[int, ...]:
+    """A non-empty, strictly increasing sequence of ints >= 1 (JSON lists become tuples)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
+    if not isinstance(value, (list, tuple)) or not value:
+        raise invalid(name, repr(value), "a non-empty list of ints >= 1")
+    for item in value:
+        _positive_int(name, item)
+    if any(a >= b for a, b in itertools.pairwise(value)):
+        raise invalid(name, repr(value), "strictly increasing ints (fastest level first)")
+    return tuple(value)
+
+
+def _rates(name: str, value: object, levels: int) -> float | tuple[float, ...]:
+    """One rate >= 0 for every level, or one per level."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (int, float)) \
+                or not math.isfinite(item) or item < 0:
+            raise invalid(name, repr(value), "finite numbers >= 0 (one, or one per level)")
+    if isinstance(value, (list, tuple)):
+        if len(items) != levels:
+            raise invalid(name, repr(value), f"one number or {levels} (one per CMS level)")
+        return tuple(float(item) for item in items)
+    return float(value)
 
 
 def _from_dict(cls: type, data: object, where: str) -> dict[str, Any]:
@@ -59,6 +98,20 @@ class ModelConfig:
     matrix), ``norm_eps``, ``rope_base``, ``init_std``.
     ``window``: sliding-window length of softmax attention (``transformer``, ``hope-attention``;
     required by ``titans-mag``, whose attention branch is local by design), or None for global.
+
+    Memory fields (``titans``, ``titans-mag``: ``NeuralMemory``; ``hope``: self-modifying
+    Titans): ``memory_depth`` and ``memory_expansion`` (layers and hidden multiple of each
+    memory MLP), ``chunk_size`` (tokens whose inner gradients share the chunk-start state),
+    ``memory_momentum``, ``memory_weight_decay``, ``memory_dgd`` (delta gradient descent; None =
+    on for ``hope``, as in the paper, off for Titans), ``persistent_tokens`` (Titans: learnable
+    tokens the memory reads once at the start of a stream), ``inner_chunk_size`` (``hope``: the
+    chunk of the k, v, eta, alpha memories).
+
+    CMS fields (``hope``, ``hope-attention``): ``cms_chunk_sizes`` (C^(1) < ... < C^(k)),
+    ``cms_hidden`` (hidden width of each level; default ``mlp_hidden``), ``cms_mlp`` ("swiglu",
+    the Transformer++ MLP, so a trained Transformer can be stacked in; or "gelu"),
+    ``cms_variant``, ``cms_teach_signal``, ``cms_inner_lr`` (one rate or one per level),
+    ``cms_frozen`` (a plain MLP chain).
     """
 
     arch: str = "transformer"
@@ -72,6 +125,21 @@ class ModelConfig:
     rope_base: float = 10000.0
     init_std: float = 0.02
     window: int | None = None
+    memory_depth: int = 2
+    memory_expansion: int = 4
+    chunk_size: int = 64
+    memory_momentum: bool = True
+    memory_weight_decay: bool = True
+    memory_dgd: bool | None = None
+    persistent_tokens: int = 0
+    inner_chunk_size: int = 16
+    cms_chunk_sizes: tuple[int, ...] = (16, 64)
+    cms_hidden: int | None = None
+    cms_mlp: str = "swiglu"
+    cms_variant: str = "sequential"
+    cms_teach_signal: str = "local"
+    cms_inner_lr: float | tuple[float, ...] = 1e-3
+    cms_frozen: bool = False
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -96,13 +164,44 @@ class ModelConfig:
             raise invalid("window", None, "an int >= 1 for arch 'titans-mag' (sliding window)")
         if self.arch in ("hope", "titans") and self.window is not None:
             raise invalid("window", self.window, f"None for arch {self.arch!r} (no attention)")
+        for name in ("memory_depth", "memory_expansion", "chunk_size", "inner_chunk_size"):
+            _positive_int(name, getattr(self, name))
+        for name in ("memory_momentum", "memory_weight_decay", "cms_frozen"):
+            _bool(name, getattr(self, name))
+        if self.memory_dgd is not None:
+            _bool("memory_dgd", self.memory_dgd)
+        if isinstance(self.persistent_tokens, bool) or not isinstance(self.persistent_tokens, int) \
+                or self.persistent_tokens < 0:
+            raise invalid("persistent_tokens", repr(self.persistent_tokens), "an int >= 0")
+        if self.persistent_tokens and self.arch not in ("titans", "titans-mag"):
+            raise invalid("persistent_tokens", self.persistent_tokens,
+                          f"0 for arch {self.arch!r} (persistent tokens are a Titans option)")
+        object.__setattr__(self, "cms_chunk_sizes",
+                           _int_tuple("cms_chunk_sizes", self.cms_chunk_sizes))
+        _optional_positive_int("cms_hidden", self.cms_hidden)
+        if self.cms_hidden is None:
+            object.__setattr__(self, "cms_hidden", self.mlp_hidden)
+        _choice("cms_mlp", self.cms_mlp, CMS_MLPS)
+        _choice("cms_variant", self.cms_variant, CMS_VARIANTS)
+        _choice("cms_teach_signal", self.cms_teach_signal, CMS_TEACH_SIGNALS)
+        object.__setattr__(self, "cms_inner_lr",
+                           _rates("cms_inner_lr", self.cms_inner_lr, len(self.cms_chunk_sizes)))
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.heads
 
+    @property
+    def uses_memory_dgd(self) -> bool:
+        """``memory_dgd`` resolved: the paper's DGD for HOPE, plain gradient steps for Titans."""
+        return self.arch == "hope" if self.memory_dgd is None else self.memory_dgd
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        for key, value in data.items():
+            if isinstance(value, tuple):
+                data[key] = list(value)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:

@@ -1,0 +1,476 @@
+"""Continuum Memory System (CMS, PAPER.md section 3): MLP levels that learn in context.
+
+Level l (l = 1..k, chunk sizes C^(1) < ... < C^(k)) is a pre-norm residual MLP,
+``h -> h + mlp_l(norm_l(h))``, whose MLP weights are fast weights kept in the layer state, one
+copy per batch element. They start from meta-learned parameters and change only when the
+absolute token position reaches a multiple of C^(l), by the error accumulated over the chunk:
+
+    theta^(l) <- theta^(l) - eta^(l) * sum_{t in chunk} f(theta^(l); x_t)
+
+(all gradients of a chunk taken at the chunk's starting weights, so the chunk is processed in
+parallel). Variants (see CMS.md for the exact reading):
+- ``sequential``: ``y = level_k(... level_1(x))``; every level's initial weights meta-learned;
+- ``nested``: the same chain, but only the slowest level has meta-learned weights: level l
+  starts each of its contexts (one chunk of level l + 1) from level l + 1's current weights;
+- ``independent``: ``y = x + sum_l a_l mlp_l(norm_l(x))`` with learned mixing weights a_l.
+
+Teach signals f: ``"local"`` (default) regresses each level's MLP output onto a learned linear
+target of its own normalized input, computed inside ``forward`` (exact, differentiable, works at
+inference); ``"lm"`` leaves ``forward`` frozen and takes the gradient of the stream's next-token
+loss from ``nestlearn.nn.teach_signal.stream_with_teach_signal``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from nestlearn.errors import invalid
+from nestlearn.nn.cms_levels import (
+    MLP_KINDS,
+    init_level_weights,
+    level_forward,
+    level_grad,
+    weight_names,
+    weight_shapes,
+)
+from nestlearn.nn.transformer import RMSNorm
+
+VARIANTS = ("sequential", "nested", "independent")
+TEACH_SIGNALS = ("local", "lm")
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise invalid(name, repr(value), "an int >= 1")
+    return value
+
+
+def _per_level(name: str, value: object, levels: int) -> tuple:
+    """A scalar broadcast to every level, or a sequence with one entry per level."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != levels:
+            raise invalid(name, repr(value), f"one value or {levels} values (one per level)")
+        return tuple(value)
+    return (value,) * levels
+
+
+@dataclass(frozen=True)
+class CMSConfig:
+    """Configuration of a ``ContinuumMemory`` layer (validated at construction).
+
+    ``chunk_sizes``: strictly increasing C^(1) < ... < C^(k), one per level.
+    ``hidden``: MLP hidden width, one int for all levels or one per level (default 4 * dim).
+    ``mlp``: ``"swiglu"`` or ``"gelu"``. ``variant``: ``"sequential"``, ``"nested"`` or
+    ``"independent"``. ``teach_signal``: ``"local"`` or ``"lm"``.
+    ``inner_lr``: eta^(l) >= 0, one float for all levels or one per level; it multiplies a
+    *sum* of per-token gradients over the chunk, so scale it down with the chunk size.
+    ``frozen``: no in-context change at all (a plain MLP chain), whatever ``inner_lr`` says.
+    ``norm_eps``: epsilon of each level's RMSNorm. ``init_std`` / ``out_init_std``: std of the
+    initial input-side / output-side weights (``out_init_std`` defaults to ``init_std``).
+    """
+
+    dim: int
+    chunk_sizes: tuple[int, ...] = (16, 64)
+    hidden: int | tuple[int, ...] | None = None
+    mlp: str = "swiglu"
+    variant: str = "sequential"
+    teach_signal: str = "local"
+    inner_lr: float | tuple[float, ...] = 1e-3
+    frozen: bool = False
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    out_init_std: float | None = None
+
+    def __post_init__(self) -> None:
+        _positive_int("dim", self.dim)
+        sizes = self.chunk_sizes
+        if isinstance(sizes, int) and not isinstance(sizes, bool):
+            sizes = (sizes,)
+        if not isinstance(sizes, (list, tuple)) or not sizes:
+            raise invalid("chunk_sizes", repr(self.chunk_sizes), "a non-empty sequence of ints")
+        for size in sizes:
+            _positive_int("chunk_sizes", size)
+        if any(a >= b for a, b in itertools.pairwise(sizes)):
+            raise invalid("chunk_sizes", repr(self.chunk_sizes),
+                          "strictly increasing chunk sizes C^(1) < ... < C^(k)")
+        object.__setattr__(self, "chunk_sizes", tuple(sizes))
+        levels = len(sizes)
+        hidden = _per_level("hidden", 4 * self.dim if self.hidden is None else self.hidden,
+                            levels)
+        for width in hidden:
+            _positive_int("hidden", width)
+        object.__setattr__(self, "hidden", hidden)
+        if self.mlp not in MLP_KINDS:
+            raise invalid("mlp", repr(self.mlp), f"one of {MLP_KINDS}")
+        if self.variant not in VARIANTS:
+            raise invalid("variant", repr(self.variant), f"one of {VARIANTS}")
+        if self.variant == "nested" and len(set(hidden)) != 1:
+            raise invalid("hidden", repr(hidden),
+                          "one width for all levels with variant='nested' (levels share weights)")
+        if self.teach_signal not in TEACH_SIGNALS:
+            raise invalid("teach_signal", repr(self.teach_signal), f"one of {TEACH_SIGNALS}")
+        rates = _per_level("inner_lr", self.inner_lr, levels)
+        for rate in rates:
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) \
+                    or not math.isfinite(rate) or rate < 0:
+                raise invalid("inner_lr", repr(self.inner_lr), "finite floats >= 0")
+        object.__setattr__(self, "inner_lr", tuple(float(rate) for rate in rates))
+        if not isinstance(self.frozen, bool):
+            raise invalid("frozen", repr(self.frozen), "True or False")
+        for name in ("norm_eps", "init_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise invalid(name, repr(value), "a float > 0")
+        if self.out_init_std is not None and (
+                isinstance(self.out_init_std, bool)
+                or not isinstance(self.out_init_std, (int, float)) or self.out_init_std < 0):
+            raise invalid("out_init_std", repr(self.out_init_std), "None or a float >= 0")
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.chunk_sizes)
+
+    @property
+    def learns_in_context(self) -> bool:
+        """True when some level's weights can change inside a sequence."""
+        return not self.frozen and any(rate > 0 for rate in self.inner_lr)
+
+    def level_learns(self, level: int) -> bool:
+        return not self.frozen and self.inner_lr[level] > 0
+
+
+@dataclass(frozen=True, eq=False)
+class CMSLevelState:
+    """Fast weights of one level and the gradient sum of its current (unfinished) chunk.
+
+    ``weights``: ``[out, in]`` (still the shared meta-learned parameters) or ``[B, out, in]``.
+    ``accumulator``: ``[B, out, in]`` per weight, or None when nothing is accumulated.
+    """
+
+    weights: tuple[torch.Tensor, ...]
+    accumulator: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class ContinuumMemoryState:
+    """State of a ``ContinuumMemory`` layer: its config, the absolute position of the next
+    token, the batch size and one ``CMSLevelState`` per level (fastest first)."""
+
+    config: CMSConfig
+    position: int
+    batch_size: int
+    levels: tuple[CMSLevelState, ...] = field(default_factory=tuple)
+
+
+def _accumulate(level: CMSLevelState, grads: tuple[torch.Tensor, ...]) -> CMSLevelState:
+    total = grads if level.accumulator is None else tuple(
+        acc + grad for acc, grad in zip(level.accumulator, grads, strict=True))
+    return CMSLevelState(level.weights, total)
+
+
+def apply_boundaries(config: CMSConfig, levels: tuple[CMSLevelState, ...],
+                     position: int) -> tuple[CMSLevelState, ...]:
+    """Apply the updates due once ``position`` tokens have been seen (PAPER.md section 3).
+
+    A level whose chunk size divides ``position`` takes its step
+    ``theta <- theta - eta * accumulator`` and clears the accumulator. With the nested variant,
+    a level then restarts from the (new) weights of the next slower level whenever that
+    level's chunk ends, i.e. when its own context ends.
+    """
+    if config.frozen:
+        return levels
+    result = list(levels)
+    for index, level in enumerate(result):
+        size = config.chunk_sizes[index]
+        if position % size or not config.level_learns(index) or level.accumulator is None:
+            continue
+        rate = config.inner_lr[index]
+        weights = tuple(w - rate * acc for w, acc in zip(level.weights, level.accumulator,
+                                                          strict=True))
+        result[index] = CMSLevelState(weights, None)
+    if config.variant == "nested":
+        for index in range(config.num_levels - 2, -1, -1):
+            if position % config.chunk_sizes[index + 1] == 0:
+                result[index] = CMSLevelState(result[index + 1].weights, None)
+    return tuple(result)
+
+
+def commit_teach_signal(state: ContinuumMemoryState,
+                        grads: tuple[tuple[torch.Tensor, ...] | None, ...]
+                        ) -> ContinuumMemoryState:
+    """Add externally computed per-batch gradients (the LM teach signal) to each level's
+    accumulator, then apply the updates due at ``state.position``. ``grads[l]`` is None for a
+    level that does not learn."""
+    levels = tuple(level if grad is None else _accumulate(level, grad)
+                   for level, grad in zip(state.levels, grads, strict=True))
+    levels = apply_boundaries(state.config, levels, state.position)
+    return ContinuumMemoryState(state.config, state.position, state.batch_size, levels)
+
+
+def boundary_pieces(position: int, length: int,
+                    chunk_sizes: tuple[int, ...]) -> Iterator[tuple[int, int]]:
+    """Split absolute positions ``[position, position + length)`` at every multiple of any
+    chunk size: inside a piece no level's weights change."""
+    start, end = position, position + length
+    while start < end:
+        stop = min(min((start // size + 1) * size for size in chunk_sizes), end)
+        yield start, stop
+        start = stop
+
+
+class LevelParameters(nn.Module):
+    """Meta-learned initial weights of one level, named as in ``cms_levels.weight_names``."""
+
+    def __init__(self, kind: str, dim: int, hidden: int, init_std: float,
+                 out_init_std: float) -> None:
+        super().__init__()
+        self.kind = kind
+        self.names = weight_names(kind)
+        initial = init_level_weights(kind, dim, hidden, init_std, out_init_std)
+        for name, tensor in zip(self.names, initial, strict=True):
+            self.register_parameter(name, nn.Parameter(tensor))
+
+    def weights(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, name) for name in self.names)
+
+
+class ContinuumMemory(nn.Module):
+    """The CMS layer: ``forward(x [B, T, D], state=None) -> (y [B, T, D], state)``.
+
+    One pass over a sequence equals the same sequence fed in segments with the returned state,
+    whatever the split points. ``forward_naive`` is the token-by-token reference.
+    """
+
+    def __init__(self, config: CMSConfig) -> None:
+        super().__init__()
+        if not isinstance(config, CMSConfig):
+            raise invalid("config", type(config).__name__, "a CMSConfig")
+        self.config = config
+        dim = config.dim
+        out_std = config.init_std if config.out_init_std is None else config.out_init_std
+        owners = 1 if config.variant == "nested" else config.num_levels
+        # Nested: only the slowest level's initial weights are meta-learned by backprop; the
+        # faster levels start from it (index 0 here serves every level).
+        self.initial = nn.ModuleList(
+            LevelParameters(config.mlp, dim, config.hidden[-1 if owners == 1 else i],
+                            config.init_std, out_std) for i in range(owners))
+        self.norms = nn.ModuleList(RMSNorm(dim, config.norm_eps)
+                                   for _ in range(config.num_levels))
+        # Local teach signal: level l regresses mlp_l(n) onto target_l n (learned, starts at 0).
+        self.local_targets = nn.ParameterDict()
+        if config.teach_signal == "local":
+            for index in range(config.num_levels):
+                if config.level_learns(index):
+                    self.local_targets[str(index)] = nn.Parameter(torch.zeros(dim, dim))
+        if config.variant == "independent":
+            self.mix = nn.Parameter(torch.full((config.num_levels,), 1.0 / config.num_levels))
+
+    def initial_weights(self, level: int) -> tuple[torch.Tensor, ...]:
+        """The meta-learned initial weights of ``level`` (0-based, fastest first)."""
+        owner = 0 if self.config.variant == "nested" else level
+        return self.initial[owner].weights()
+
+    def load_level_from_swiglu(self, level: int, w_gate: torch.Tensor, w_up: torch.Tensor,
+                               w_down: torch.Tensor,
+                               norm_weight: torch.Tensor | None = None) -> None:
+        """Copy a trained SwiGLU MLP (and its pre-norm gain) into a level's initial weights.
+
+        Ad-hoc level stacking (PAPER.md section 3): with ``frozen=True`` or zero inner
+        learning rates the level then computes exactly ``h + swiglu(norm(h))``.
+        """
+        if self.config.mlp != "swiglu":
+            raise invalid("config.mlp", repr(self.config.mlp), "'swiglu' to load a SwiGLU MLP")
+        if not 0 <= level < len(self.initial):
+            raise invalid("level", level, f"an int in [0, {len(self.initial) - 1}]")
+        target = self.initial[level]
+        with torch.no_grad():
+            for name, source in zip(target.names, (w_gate, w_up, w_down), strict=True):
+                param = getattr(target, name)
+                if tuple(source.shape) != tuple(param.shape):
+                    raise invalid(name + ".shape", tuple(source.shape), str(tuple(param.shape)))
+                param.copy_(source)
+            if norm_weight is not None:
+                norm = self.norms[level].weight
+                if tuple(norm_weight.shape) != tuple(norm.shape):
+                    raise invalid("norm_weight.shape", tuple(norm_weight.shape),
+                                  str(tuple(norm.shape)))
+                norm.copy_(norm_weight)
+
+    def init_state(self, batch: int, device: torch.device | None = None,
+                   dtype: torch.dtype | None = None) -> ContinuumMemoryState:
+        """Position 0, every level at its meta-learned weights (gradients reach them)."""
+        _positive_int("batch", batch)
+        levels = []
+        for index in range(self.config.num_levels):
+            weights = tuple(w.to(device=device or w.device, dtype=dtype or w.dtype)
+                            for w in self.initial_weights(index))
+            levels.append(CMSLevelState(weights, None))
+        return ContinuumMemoryState(self.config, 0, batch, tuple(levels))
+
+    def _check_input(self, x: object) -> torch.Tensor:
+        dim = self.config.dim
+        if not isinstance(x, torch.Tensor):
+            raise invalid("x", type(x).__name__, f"a torch.Tensor of shape [B, T, {dim}]")
+        if x.dim() != 3 or x.shape[-1] != dim or x.shape[0] == 0:
+            raise invalid("x.shape", tuple(x.shape), f"[B, T, {dim}] with B >= 1")
+        if x.shape[1] == 0:
+            raise invalid("x.shape", tuple(x.shape), "a sequence length T >= 1")
+        param = self.initial[0].weights()[0]
+        if x.dtype != param.dtype:
+            raise invalid("x.dtype", x.dtype, f"the layer's dtype ({param.dtype})")
+        return x
+
+    def _check_state(self, state: object, x: torch.Tensor) -> ContinuumMemoryState:
+        if not isinstance(state, ContinuumMemoryState):
+            raise invalid("state", type(state).__name__, "a ContinuumMemoryState or None")
+        if state.config != self.config:
+            raise invalid("state.config", state.config,
+                          f"a state made by a ContinuumMemory with this config ({self.config})")
+        if state.batch_size != x.shape[0]:
+            raise invalid("state.batch_size", state.batch_size, f"the batch of x ({x.shape[0]})")
+        shapes = [weight_shapes(self.config.mlp, self.config.dim, h) for h in self.config.hidden]
+        if len(state.levels) != self.config.num_levels:
+            raise invalid("state.levels", len(state.levels), f"{self.config.num_levels} levels")
+        for index, level in enumerate(state.levels):
+            for weight, shape in zip(level.weights, shapes[index], strict=True):
+                if tuple(weight.shape[-2:]) != shape or weight.dim() not in (2, 3) or (
+                        weight.dim() == 3 and weight.shape[0] != x.shape[0]):
+                    raise invalid(f"state.levels[{index}].weights", tuple(weight.shape),
+                                  f"{shape} or [B, *{shape}]")
+                if weight.dtype != x.dtype or weight.device != x.device:
+                    raise invalid(f"state.levels[{index}].weights",
+                                  f"{weight.dtype} on {weight.device}",
+                                  f"the dtype and device of x ({x.dtype} on {x.device})")
+        return state
+
+    def _level_error(self, index: int, n: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Local objective's error ``mlp(n) - target n`` (target: a learned linear map of n)."""
+        return out - n @ self.local_targets[str(index)].transpose(0, 1)
+
+    def _run_piece(self, x: torch.Tensor, levels: tuple[CMSLevelState, ...], local: bool
+                   ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...] | None]]:
+        """Output of a piece (no boundary inside) and, with the local signal, each learning
+        level's gradient sum over the piece (taken at the piece's weights)."""
+        config = self.config
+        grads: list[tuple[torch.Tensor, ...] | None] = [None] * config.num_levels
+        h = x
+        mixed = None
+        for index, level in enumerate(levels):
+            n = self.norms[index](x if config.variant == "independent" else h)
+            out, activations = level_forward(config.mlp, level.weights, n)
+            if local and config.level_learns(index):
+                error = self._level_error(index, n, out)
+                grads[index] = level_grad(config.mlp, level.weights, n, activations, error)
+            if config.variant == "independent":
+                term = self.mix[index] * out
+                mixed = term if mixed is None else mixed + term
+            else:
+                h = h + out
+        y = x + mixed if config.variant == "independent" else h
+        return y, grads
+
+    def forward(self, x: torch.Tensor, state: ContinuumMemoryState | None = None
+                ) -> tuple[torch.Tensor, ContinuumMemoryState]:
+        x = self._check_input(x)
+        state = self.init_state(x.shape[0]) if state is None else self._check_state(state, x)
+        config = self.config
+        local = config.teach_signal == "local" and config.learns_in_context
+        levels = state.levels
+        if not local:
+            # Frozen, or the LM signal: weights are constant inside forward (the driver in
+            # nestlearn.nn.teach_signal commits the LM gradients at the boundaries).
+            y, _ = self._run_piece(x, levels, local=False)
+            return y, ContinuumMemoryState(config, state.position + x.shape[1],
+                                           state.batch_size, levels)
+        outputs = []
+        for start, stop in boundary_pieces(state.position, x.shape[1], config.chunk_sizes):
+            piece = x[:, start - state.position:stop - state.position]
+            y, grads = self._run_piece(piece, levels, local=True)
+            outputs.append(y)
+            levels = tuple(level if grad is None else _accumulate(level, grad)
+                           for level, grad in zip(levels, grads, strict=True))
+            levels = apply_boundaries(config, levels, stop)
+        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        return y, ContinuumMemoryState(config, state.position + x.shape[1], state.batch_size,
+                                       levels)
+
+    def forward_naive(self, x: torch.Tensor, state: ContinuumMemoryState | None = None
+                      ) -> tuple[torch.Tensor, ContinuumMemoryState]:
+        """Token-by-token reference of ``forward`` (local signal; slow, for tests).
+
+        Writes the MLP out directly and takes each token's gradient with autograd
+        (``create_graph=True``, so outer gradients flow as in the fast path); updates a level
+        when the position reaches a multiple of its chunk size.
+        """
+        x = self._check_input(x)
+        state = self.init_state(x.shape[0]) if state is None else self._check_state(state, x)
+        config = self.config
+        batch = x.shape[0]
+        local = config.teach_signal == "local" and config.learns_in_context
+        weights = [list(level.weights) for level in state.levels]
+        accs = [None if level.accumulator is None else list(level.accumulator)
+                for level in state.levels]
+        position = state.position
+        outputs = []
+        with torch.enable_grad():
+            for t in range(x.shape[1]):
+                xt = x[:, t]
+                h = xt
+                total = torch.zeros_like(xt)
+                for index in range(config.num_levels):
+                    learn = local and config.level_learns(index)
+                    zeros = [torch.zeros(batch, *w.shape[-2:], dtype=w.dtype, device=w.device,
+                                         requires_grad=True) for w in weights[index]] \
+                        if learn else []
+                    used = [w + z for w, z in zip(weights[index], zeros, strict=True)] \
+                        if learn else weights[index]
+                    n = self.norms[index](xt if config.variant == "independent" else h)
+                    out = _naive_mlp(config.mlp, used, n)
+                    if learn:
+                        target = n @ self.local_targets[str(index)].transpose(0, 1)
+                        loss = 0.5 * (out - target).pow(2).sum()
+                        grads = torch.autograd.grad(loss, zeros, create_graph=True)
+                        accs[index] = list(grads) if accs[index] is None else [
+                            a + g for a, g in zip(accs[index], grads, strict=True)]
+                    if config.variant == "independent":
+                        total = total + self.mix[index] * out
+                    else:
+                        h = h + out
+                outputs.append(xt + total if config.variant == "independent" else h)
+                position += 1
+                if not local:
+                    continue
+                for index in range(config.num_levels):
+                    if position % config.chunk_sizes[index] == 0 and accs[index] is not None:
+                        rate = config.inner_lr[index]
+                        weights[index] = [w - rate * a
+                                          for w, a in zip(weights[index], accs[index],
+                                                          strict=True)]
+                        accs[index] = None
+                if config.variant == "nested":
+                    for index in range(config.num_levels - 2, -1, -1):
+                        if position % config.chunk_sizes[index + 1] == 0:
+                            weights[index] = list(weights[index + 1])
+                            accs[index] = None
+        levels = tuple(CMSLevelState(tuple(w), None if a is None else tuple(a))
+                       for w, a in zip(weights, accs, strict=True))
+        return torch.stack(outputs, dim=1), ContinuumMemoryState(config, position, batch, levels)
+
+
+def _naive_mlp(kind: str, weights: list[torch.Tensor], n: torch.Tensor) -> torch.Tensor:
+    """One token's MLP, ``n [B, D]``, weights shared ``[out, in]`` or per batch ``[B, out, in]``."""
+
+    def apply(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("oi,bi->bo" if w.dim() == 2 else "boi,bi->bo", w, v)
+
+    if kind == "swiglu":
+        w_gate, w_up, w_down = weights
+        return apply(w_down, torch.nn.functional.silu(apply(w_gate, n)) * apply(w_up, n))
+    w_in, w_out = weights
+    return apply(w_out, torch.nn.functional.gelu(apply(w_in, n)))

@@ -175,14 +175,23 @@ def test_no_momentum_equals_zero_momentum_gate():
     assert_close_all([out, *state.weights], [out0, *state0.weights], "theta=None vs theta=0")
 
 
-def test_zero_gates_stay_finite_and_exact():
+def zero_gate_case():
     case = make_case(momentum=True)
-    case["alpha"][:, 3] = 0.0
-    case["theta"][:, 5] = 0.0
-    fast = flat_result(*run(deep_memory, case, dgd=True, chunk_size=4))
-    slow = flat_result(*run(deep_memory_naive, case, dgd=True, chunk_size=4))
-    assert all(torch.isfinite(t).all() for t in fast)
+    case["alpha"][:, 3] = 0.0  # forget everything at token 3 ...
+    case["theta"][:, 5] = 0.0  # ... and drop the momentum at token 5
+    return case
+
+
+def test_zero_gates_stay_finite_and_exact_with_gradients():
+    fast, fast_grads = outputs_and_grads(deep_memory, zero_gate_case(), dgd=True, chunk_size=4)
+    slow, slow_grads = outputs_and_grads(deep_memory_naive, zero_gate_case(), dgd=True,
+                                         chunk_size=4)
+    assert all(torch.isfinite(t).all() for t in [*fast, *fast_grads.values()])
     assert_close_all(fast, slow, "zero gates")
+    assert fast_grads["alpha"][:, 3].abs().max() > 1e-3  # a zero gate still gets its gradient
+    for name in slow_grads:
+        err = rel_error(fast_grads[name], slow_grads[name])
+        assert err < TOLERANCE, f"grad {name}: relative error {err:.3e}"
 
 
 def test_apply_is_the_memory_forward_and_the_read_out_with_frozen_weights():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from nestlearn.errors import invalid
+from nestlearn.ops._chunking import segment_products
 from nestlearn.ops._deep_memory_common import (
     ACTIVATIONS,
     DeepMemoryState,
@@ -44,24 +45,6 @@ __all__ = [
 ]
 
 
-def _log_gate(gate: torch.Tensor) -> torch.Tensor:
-    # clamp so a gate of exactly 0 gives a very negative, finite log (its products stay ~0)
-    return gate.clamp_min(torch.finfo(gate.dtype).tiny).log()
-
-
-def _segment_decay(rows: torch.Tensor, cols: torch.Tensor, diagonal: int) -> torch.Tensor:
-    """``exp(rows[t] - cols[j])`` for ``j <= t + diagonal``, 0 elsewhere; ``[..., C, C]``.
-
-    ``rows`` and ``cols`` are cumulative log-gates, so each entry is a product of gates over a
-    segment (<= 1): built from differences it never overflows, and the masked entries go
-    through exp(-inf) = 0 so no inf * 0 reaches a gradient.
-    """
-    size = rows.shape[-1]
-    keep = torch.ones(size, size, dtype=torch.bool, device=rows.device).tril(diagonal)
-    diff = rows[..., :, None] - cols[..., None, :]
-    return torch.where(keep, diff, torch.full_like(diff, float("-inf"))).exp()
-
-
 class _ChunkCoefficients:
     """The gate coefficients of one chunk (local tokens 1..C; A_t, Theta_t cumulative products).
 
@@ -70,28 +53,38 @@ class _ChunkCoefficients:
     segment-decay matrices), without it (A_t/A_i) eta_i; ``scale[t] = A_t``;
     ``carry[t] = s_t = sum_{j<=t} (A_t/A_j) Theta_j``, the weight of the incoming momentum.
     ``momentum_decay[t, i] = Theta_t / Theta_i`` and ``theta_scale[t] = Theta_t`` give S_t.
+    With ``previous=True`` the ``prev_*`` twins hold the same quantities one token earlier (row
+    t holds t - 1), which the delta rule needs: token t's correction uses W_{t-1} k_t.
+
+    Every segment product comes from ``segment_products`` (a cumulative product of gates in
+    [0, 1], never a ratio of prefix products): nothing over- or underflows, and a gate of
+    exactly 0 keeps exact gradients, where log-space segment sums would need log(0).
     """
 
     def __init__(self, alpha: torch.Tensor, eta: torch.Tensor, theta: torch.Tensor | None,
-                 shift: bool = False) -> None:
-        log_alpha = _log_gate(alpha)
-        cum_alpha = log_alpha.cumsum(-1)
+                 previous: bool) -> None:
+        products = segment_products(alpha)  # [..., C + 1, C + 1], indexed by positions
         eta_cols = eta[..., None, :]
-        # shift=True gives the same quantities one token earlier (row t holds t - 1), which
-        # the delta rule needs: token t's correction uses W_{t-1} k_t.
-        rows = cum_alpha - log_alpha if shift else cum_alpha
-        self.decay = _segment_decay(rows, cum_alpha, -1 if shift else 0)
-        self.scale = rows.exp()
+        self.decay = products[..., 1:, 1:]
+        self.scale = products[..., 1:, 0]
         self.eta_decay = self.decay * eta_cols
+        if previous:
+            self.prev_decay = products[..., :-1, 1:]  # A_{t-1} / A_i for i < t, else 0
+            self.prev_scale = products[..., :-1, 0]
+            self.prev_eta_decay = self.prev_decay * eta_cols
         if theta is None:
-            self.coef = self.eta_decay
-            self.carry = None
+            self.coef, self.carry = self.eta_decay, None
+            if previous:
+                self.prev_coef, self.prev_carry = self.prev_eta_decay, None
             return
-        cum_theta = _log_gate(theta).cumsum(-1)
-        self.momentum_decay = _segment_decay(cum_theta, cum_theta, 0)
-        self.theta_scale = cum_theta.exp()
+        momentum_products = segment_products(theta)
+        self.momentum_decay = momentum_products[..., 1:, 1:]
+        self.theta_scale = momentum_products[..., 1:, 0]
         self.coef = (self.decay @ self.momentum_decay) * eta_cols
         self.carry = (self.decay @ self.theta_scale[..., None])[..., 0]
+        if previous:
+            self.prev_coef = (self.prev_decay @ self.momentum_decay) * eta_cols
+            self.prev_carry = (self.prev_decay @ self.theta_scale[..., None])[..., 0]
 
 
 def _key_pass(weights: list[torch.Tensor], keys: torch.Tensor, values: torch.Tensor,
@@ -121,10 +114,9 @@ def _key_pass(weights: list[torch.Tensor], keys: torch.Tensor, values: torch.Ten
     return inputs, errors, pres[0]
 
 
-def _delta_pseudo_values(weights: list[torch.Tensor], momentum: list[torch.Tensor] | None,
-                         keys: torch.Tensor, first_pre: torch.Tensor, first_error: torch.Tensor,
-                         alpha: torch.Tensor, eta: torch.Tensor,
-                         theta: torch.Tensor | None) -> torch.Tensor:
+def _delta_pseudo_values(momentum: list[torch.Tensor] | None, keys: torch.Tensor,
+                         first_pre: torch.Tensor, first_error: torch.Tensor,
+                         coeffs: _ChunkCoefficients) -> torch.Tensor:
     """w_i = W_{1,i-1} k_i for every token of the chunk, by one triangular solve (UT transform).
 
     With dgd,
@@ -133,12 +125,11 @@ def _delta_pseudo_values(weights: list[torch.Tensor], momentum: list[torch.Tenso
       w_i + sum_{m<i} (A_{i-1}/A_m) eta_m (k_m . k_i) w_m
           = A_{i-1} W_{t'} k_i + s_{i-1} S_{t'} k_i - sum_{m<i} c_{i-1,m} (k_m . k_i) e_m.
     """
-    prev = _ChunkCoefficients(alpha, eta, theta, shift=True)
     gram = keys @ keys.transpose(-1, -2)
-    rhs = prev.scale[..., None] * first_pre - (prev.coef * gram) @ first_error
+    rhs = coeffs.prev_scale[..., None] * first_pre - (coeffs.prev_coef * gram) @ first_error
     if momentum is not None:
-        rhs = rhs + prev.carry[..., None] * (keys @ momentum[0].transpose(-1, -2))
-    system = prev.eta_decay * gram
+        rhs = rhs + coeffs.prev_carry[..., None] * (keys @ momentum[0].transpose(-1, -2))
+    system = coeffs.prev_eta_decay * gram
     return torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
 
 
@@ -152,11 +143,10 @@ def _chunk(weights: list[torch.Tensor], momentum: list[torch.Tensor] | None,
     Token tensors ``[B, H, C, D]``, gates ``[B, H, C]``, weights ``[B, H, out, in]``.
     """
     inputs, errors, first_pre = _key_pass(weights, keys, values, objective, activation)
-    coeffs = _ChunkCoefficients(alpha, eta, theta)
+    coeffs = _ChunkCoefficients(alpha, eta, theta, previous=dgd)
     pseudo = None
     if dgd:
-        pseudo = _delta_pseudo_values(weights, momentum, keys, first_pre, errors[0], alpha, eta,
-                                      theta)
+        pseudo = _delta_pseudo_values(momentum, keys, first_pre, errors[0], coeffs)
     out = None
     if queries is not None:
         act = ACTIVATIONS[activation][0]

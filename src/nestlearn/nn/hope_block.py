@@ -1,0 +1,71 @@
+"""The HOPE block (PAPER.md section 5): self-modifying Titans, then a Continuum Memory System.
+
+    h = x + SelfModifyingTitans(norm(x))
+    y = CMS(h)
+
+The CMS levels carry their own pre-norm and residual (``nestlearn.nn.cms``), as in
+``HOPEAttentionBlock``, whose attention this block replaces by the self-modifying Titans mixer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from nestlearn.errors import invalid
+from nestlearn.nn.cms import CMSConfig, ContinuumMemory, ContinuumMemoryState
+from nestlearn.nn.self_modifying import (
+    SelfModifyingTitans,
+    SelfModifyingTitansConfig,
+    SelfModifyingTitansState,
+)
+from nestlearn.nn.titans import check_input
+from nestlearn.nn.transformer import RMSNorm
+
+
+@dataclass(frozen=True, eq=False)
+class HOPEBlockState:
+    """State of a ``HOPEBlock``: the self-modifying Titans state and the CMS state."""
+
+    titans: SelfModifyingTitansState
+    cms: ContinuumMemoryState
+
+
+class HOPEBlock(nn.Module):
+    """Self-modifying Titans + CMS: ``forward(x [B, T, D], state=None) -> (y, state)``.
+
+    ``titans.dim`` and ``cms.dim`` must agree. With ``titans.use_naive`` both parts run their
+    token-by-token references (the CMS through ``ContinuumMemory.forward_naive``), for tests.
+    """
+
+    def __init__(self, titans: SelfModifyingTitansConfig, cms: CMSConfig,
+                 norm_eps: float = 1e-6) -> None:
+        super().__init__()
+        if not isinstance(titans, SelfModifyingTitansConfig):
+            raise invalid("titans", type(titans).__name__, "a SelfModifyingTitansConfig")
+        if not isinstance(cms, CMSConfig):
+            raise invalid("cms", type(cms).__name__, "a CMSConfig")
+        if cms.dim != titans.dim:
+            raise invalid("cms.dim", cms.dim, f"the block's dim (titans.dim = {titans.dim})")
+        self.dim = titans.dim
+        self.norm = RMSNorm(titans.dim, norm_eps)
+        self.titans = SelfModifyingTitans(titans)
+        self.cms = ContinuumMemory(cms)
+
+    def init_state(self, batch: int, device: torch.device | None = None,
+                   dtype: torch.dtype | None = None) -> HOPEBlockState:
+        """Every memory at its meta-learned initial state, position 0."""
+        return HOPEBlockState(self.titans.init_state(batch, device=device, dtype=dtype),
+                              self.cms.init_state(batch, device, dtype))
+
+    def forward(self, x: torch.Tensor, state: HOPEBlockState | None = None
+                ) -> tuple[torch.Tensor, HOPEBlockState]:
+        if state is not None and not isinstance(state, HOPEBlockState):
+            raise invalid("state", type(state).__name__, "a HOPEBlockState or None")
+        x = check_input(x, self.dim)
+        mixed, titans = self.titans(self.norm(x), None if state is None else state.titans)
+        cms = self.cms.forward_naive if self.titans.config.use_naive else self.cms
+        y, cms_state = cms(x + mixed, None if state is None else state.cms)
+        return y, HOPEBlockState(titans, cms_state)

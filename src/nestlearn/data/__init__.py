@@ -11,6 +11,7 @@ from nestlearn.data.corpora import (
     load_records,
     prepare,
 )
+from nestlearn.data.dataset import TokenizedDataset, open_dataset, tokenize_corpus
 from nestlearn.data.documents import Document
 from nestlearn.data.splits import SPLITS, split_of
 from nestlearn.data.tokenizers import (
@@ -37,6 +38,7 @@ __all__ = [
     "Document",
     "EvalWindows",
     "TokenFile",
+    "TokenizedDataset",
     "Tokenizer",
     "WindowSampler",
     "available_corpora",
@@ -47,7 +49,9 @@ __all__ = [
     "load_labelled",
     "load_records",
     "load_tokenizer",
+    "open_dataset",
     "prepare",
     "split_of",
+    "tokenize_corpus",
     "write_token_file",
 ]

@@ -1,0 +1,266 @@
+"""Training checkpoints: safetensors for tensors, JSON for everything else, never pickle.
+
+A checkpoint is a folder ``RUN/checkpoints/step_00000050/`` holding
+
+- ``model.safetensors``: the model's state dict;
+- ``state.safetensors``: every tensor of the optimizer state, the RNG states and the data
+  sampler (flattened by :mod:`nestlearn.treeio`);
+- ``checkpoint.json``: step, run config, the JSON skeletons of those states, the scheduler,
+  counters, the SHA-256 of both tensor files and of the JSON payload itself.
+
+It is written into a temporary folder beside its final place, flushed to disk and renamed into
+place, so a crash leaves either the old checkpoint or the new one, never half of one. Loading
+verifies the format, every checksum and the tensor files before returning anything, and
+``check_model_tensors`` compares names, shapes and dtypes with the live model before a single
+value is copied: a corrupt or mismatched checkpoint is refused whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from nestlearn.errors import NestlearnError
+from nestlearn.treeio import flatten, unflatten
+
+FORMAT = "nestlearn.checkpoint"
+VERSION = 1
+MANIFEST = "checkpoint.json"
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.safetensors"
+PREFIX = "step_"
+
+
+@dataclass
+class Checkpoint:
+    """A verified checkpoint read from disk (nothing applied to any object yet)."""
+
+    path: Path
+    step: int
+    config: dict[str, Any]
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    sampler: Any
+    rng: dict[str, Any]
+    extra: dict[str, Any]
+
+
+def capture_rng() -> dict[str, Any]:
+    """The states of Python's, NumPy's and torch's (CPU and CUDA) generators."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _payload_digest(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"{PREFIX}{step:08d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary folders are ignored)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir()
+             if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(run_dir: str | Path, *, step: int, config: dict[str, Any],
+                    model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
+                    scheduler_state: dict[str, Any], sampler_state: Any,
+                    rng_state: dict[str, Any], extra: dict[str, Any] | None = None,
+                    keep: int | None = None) -> Path:
+    """Write a checkpoint atomically and return its folder; keep only the newest ``keep``."""
+    final = checkpoint_dir(run_dir, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    model_tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in model_state.items()}
+    opt_skeleton, opt_tensors = flatten(optimizer_state, "optimizer/")
+    sampler_skeleton, sampler_tensors = flatten(sampler_state, "sampler/")
+    rng_skeleton, rng_tensors = flatten(rng_state, "rng/")
+    save_file(model_tensors, str(tmp / MODEL_FILE))
+    save_file({**opt_tensors, **sampler_tensors, **rng_tensors}, str(tmp / STATE_FILE))
+    payload = {
+        "step": step,
+        "config": config,
+        "optimizer": opt_skeleton,
+        "scheduler": scheduler_state,
+        "sampler": sampler_skeleton,
+        "rng": rng_skeleton,
+        "extra": extra or {},
+    }
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "files": {name: sha256_file(tmp / name) for name in (MODEL_FILE, STATE_FILE)},
+        "payload": payload,
+        "payload_sha256": _payload_digest(payload),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    for name in (MODEL_FILE, STATE_FILE, MANIFEST):
+        _fsync(tmp / name)
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    _fsync(final.parent)
+    if keep is not None:
+        for stale in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(stale)
+    return final
+
+
+def _corrupt(path: Path, why: str) -> NestlearnError:
+    return NestlearnError(f"checkpoint {path}: refused, {why}")
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read and verify a checkpoint folder (or a run folder: its latest checkpoint)."""
+    path = Path(path)
+    if not (path / MANIFEST).exists() and (path / "checkpoints").is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise NestlearnError(f"run {path}: has no checkpoint yet")
+        path = latest
+    if not path.is_dir():
+        raise NestlearnError(f"checkpoint {path}: not found")
+    manifest_path = path / MANIFEST
+    if not manifest_path.exists():
+        raise _corrupt(path, f"{MANIFEST} is missing (not a complete checkpoint)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise _corrupt(path, f"{MANIFEST} is not valid JSON ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise _corrupt(path, f"{MANIFEST} is not a nestlearn checkpoint manifest")
+    if manifest.get("version") != VERSION:
+        raise _corrupt(path, f"format version {manifest.get('version')!r}; allowed: {VERSION}")
+    payload = manifest.get("payload")
+    if not isinstance(payload, dict) or _payload_digest(payload) != manifest.get("payload_sha256"):
+        raise _corrupt(path, f"checksum mismatch in {MANIFEST} (edited or damaged)")
+    files = manifest.get("files", {})
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    for name in (MODEL_FILE, STATE_FILE):
+        file = path / name
+        if not file.exists():
+            raise _corrupt(path, f"{name} is missing")
+        if sha256_file(file) != files.get(name):
+            raise _corrupt(path, f"checksum mismatch in {name} (truncated or damaged)")
+        try:
+            tensors[name] = load_file(str(file))
+        except (SafetensorError, OSError) as err:
+            raise _corrupt(path, f"{name} cannot be read ({err})") from None
+    state = tensors[STATE_FILE]
+    missing = {"step", "config", "optimizer", "scheduler", "sampler", "rng"} - set(payload)
+    if missing:
+        raise _corrupt(path, f"{MANIFEST} lacks {sorted(missing)}")
+    return Checkpoint(
+        path=path,
+        step=int(payload["step"]),
+        config=payload["config"],
+        model=tensors[MODEL_FILE],
+        optimizer=unflatten(payload["optimizer"], state),
+        scheduler=payload["scheduler"],
+        sampler=unflatten(payload["sampler"], state),
+        rng=unflatten(payload["rng"], state),
+        extra=payload.get("extra", {}),
+    )
+
+
+def check_model_tensors(checkpoint: Checkpoint, model: torch.nn.Module) -> None:
+    """Refuse (before loading anything) tensors that do not match ``model`` exactly."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(checkpoint.model))
+    unexpected = sorted(set(checkpoint.model) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {missing[:3]}")
+        if unexpected:
+            parts.append(f"unexpected tensors {unexpected[:3]}")
+        raise _corrupt(checkpoint.path, "model does not match: " + "; ".join(parts))
+    for name, tensor in expected.items():
+        got = checkpoint.model[name]
+        if got.shape != tensor.shape or got.dtype != tensor.dtype:
+            raise _corrupt(
+                checkpoint.path,
+                f"model tensor {name}: got {tuple(got.shape)} {got.dtype}; "
+                f"allowed: {tuple(tensor.shape)} {tensor.dtype}",
+            )
+
+
+def check_optimizer_state(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse an optimizer state whose groups or parameters do not match ``optimizer``."""
+    saved = checkpoint.optimizer
+    if not isinstance(saved, dict) or "param_groups" not in saved or "state" not in saved:
+        raise _corrupt(checkpoint.path, "optimizer state is malformed")
+    groups = optimizer.state_dict()["param_groups"]
+    saved_groups = saved["param_groups"]
+    if len(groups) != len(saved_groups) or any(
+        len(a["params"]) != len(b["params"]) for a, b in zip(groups, saved_groups, strict=True)
+    ):
+        raise _corrupt(
+            checkpoint.path,
+            f"optimizer has {[len(g['params']) for g in saved_groups]} parameters per group; "
+            f"allowed: {[len(g['params']) for g in groups]} (a different optimizer or model)",
+        )

@@ -1,0 +1,119 @@
+"""Multi-process training with ``torchrun``: process group, DDP wrapping, collectives.
+
+``torchrun --nproc_per_node N -m nestlearn train ...`` sets ``RANK``, ``WORLD_SIZE`` and
+``LOCAL_RANK``; :func:`init_distributed` then joins the process group (gloo on CPU, nccl on
+CUDA, one GPU per local rank). Every rank builds the same sampler and takes its rows of the
+same global batch, so N processes compute exactly the update of one process on the whole
+batch (up to float summation order). Only rank 0 writes logs and checkpoints. Without
+``WORLD_SIZE`` > 1 everything here is a no-op and the run is a plain single process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from nestlearn.errors import NestlearnError
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits: ``rank`` of ``world_size``, its device and backend."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> cuda (this rank's GPU) when available, else cpu."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise NestlearnError(
+                f"train.device: got {name!r}; allowed: cpu (CUDA is not available)"
+            )
+        if name == "cuda":
+            return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise NestlearnError(f"environment {name}: got {value!r}; allowed: an integer") from None
+
+
+def init_distributed(device: str = "auto") -> DistContext:
+    """Join the process group described by torchrun's environment (if any)."""
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    resolved = resolve_device(device, local_rank)
+    if world_size <= 1:
+        return DistContext(device=resolved)
+    backend = "nccl" if resolved.type == "cuda" else "gloo"
+    if resolved.type == "cuda":
+        torch.cuda.set_device(resolved)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank,
+                       device=resolved, backend=backend)
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, ctx: DistContext, find_unused_parameters: bool = False
+               ) -> nn.Module:
+    """DDP around ``model`` when distributed, else ``model`` itself."""
+    if not ctx.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids,
+                                   find_unused_parameters=find_unused_parameters)
+
+
+def all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Sum of ``values`` over ranks (a copy; the input is not changed)."""
+    out = values.detach().clone()
+    if ctx.enabled:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def any_rank(flag: bool, ctx: DistContext) -> bool:
+    """True when ``flag`` is true on at least one rank (all ranks get the same answer)."""
+    if not ctx.enabled:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.enabled:
+        dist.barrier()

@@ -1,0 +1,95 @@
+"""Language-model loss, perplexity and bits per byte over batches of a token split.
+
+Loss is the mean next-token cross-entropy in nats over scored targets (padding targets,
+``-100``, are skipped). Bits per byte rescales it by the split's tokens per UTF-8 byte, so
+models with different tokenizers compare: ``bpb = loss / ln 2 * targets / bytes``; over a
+whole split (``EvalWindows``) it is exactly total bits / total bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Mean loss (nats/token), perplexity, bits per byte, targets scored, batches read."""
+
+    loss: float
+    ppl: float
+    bpb: float
+    tokens: int
+    batches: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def token_loss_sum(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """``(sum of target losses, number of scored targets, state)`` of one batch."""
+    logits, state = model(inputs)
+    loss_sum = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="sum",
+    )
+    count = (targets != IGNORE_INDEX).sum()
+    return loss_sum, count, state
+
+
+def bits_per_byte(loss: float, tokens_per_byte: float) -> float:
+    return loss / math.log(2) * tokens_per_byte
+
+
+@torch.no_grad()
+def evaluate_batches(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                     tokens_per_byte: float, device: torch.device | str = "cpu",
+                     max_batches: int | None = None,
+                     autocast: contextlib.AbstractContextManager | None = None) -> EvalResult:
+    """Evaluate ``model`` on ``(inputs, targets)`` batches (at most ``max_batches``)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64)
+    count = 0
+    seen = 0
+    try:
+        for inputs, targets in batches:
+            if max_batches is not None and seen >= max_batches:
+                break
+            with autocast or contextlib.nullcontext():
+                loss_sum, n, _ = token_loss_sum(model, inputs.to(device), targets.to(device))
+            total += loss_sum.double().cpu()
+            count += int(n)
+            seen += 1
+    finally:
+        model.train(was_training)
+    loss = float(total) / max(count, 1)
+    ppl = math.exp(loss) if loss < 700 else math.inf
+    return EvalResult(loss=loss, ppl=ppl, bpb=bits_per_byte(loss, tokens_per_byte),
+                      tokens=count, batches=seen)
+
+
+def tokens_per_byte(token_file: object) -> float:
+    """Scored targets per UTF-8 byte of a token file (every token after the first EOD)."""
+    num_bytes = max(int(token_file.num_bytes), 1)
+    return max(int(token_file.num_tokens) - 1, 0) / num_bytes
+
+
+def evaluate_split(model: nn.Module, token_file: object, seq_len: int, batch_size: int,
+                   device: torch.device | str = "cpu", max_batches: int | None = None
+                   ) -> EvalResult:
+    """Evaluate over consecutive windows of a whole split (``EvalWindows``), each target
+    scored once; ``max_batches`` stops early (then bpb uses the split's average ratio)."""
+    from nestlearn.data.tokens import EvalWindows
+
+    windows = EvalWindows(token_file, seq_len, batch_size)
+    return evaluate_batches(model, windows, tokens_per_byte(token_file), device, max_batches)

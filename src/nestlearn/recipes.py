@@ -1,0 +1,106 @@
+"""Recipes: plain functions returning a validated ``RunConfig``.
+
+``tiny-*`` recipes train in minutes on a laptop CPU (byte tokenizer, Shakespeare);
+``small-*`` and ``base-*`` are sized for one or several GPUs (BPE, bf16 autocast, longer
+context). Any field can be changed afterwards with ``--set section.field=value``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from nestlearn.errors import invalid
+from nestlearn.runconfig import DataConfig, OptimConfig, RunConfig, ScheduleConfig, TrainConfig
+
+# Architecture name in recipe names -> ModelConfig.arch.
+ARCH_OF_FAMILY: dict[str, str] = {
+    "transformer": "transformer",
+    "hope": "hope",
+    "hope-attention": "hope-attention",
+    "titans": "titans",
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    build: Callable[[], RunConfig]
+
+
+def _model(arch: str, **fields: object) -> object:
+    from nestlearn.models import ModelConfig
+
+    return ModelConfig(arch=arch, **fields)
+
+
+def tiny(family: str) -> RunConfig:
+    """CPU scale: about 0.8M parameters, byte tokens, context 128, 600 steps."""
+    return RunConfig(
+        name=f"tiny-{family}",
+        model=_model(ARCH_OF_FAMILY[family], dim=128, layers=4, heads=4),
+        data=DataConfig(corpus="shakespeare", tokenizer="byte", seq_len=128, batch_size=16),
+        optim=OptimConfig(name="adamw", lr=3e-3, weight_decay=0.1),
+        schedule=ScheduleConfig(warmup_steps=50, min_lr_ratio=0.1),
+        train=TrainConfig(steps=600, eval_every=100, eval_iters=10, checkpoint_every=100,
+                          log_every=10, out_dir=f"runs/tiny-{family}"),
+    )
+
+
+def small(family: str) -> RunConfig:
+    """One GPU: about 40M parameters, BPE 8k, context 1024, 20k steps, bf16 autocast."""
+    return RunConfig(
+        name=f"small-{family}",
+        model=_model(ARCH_OF_FAMILY[family], dim=512, layers=8, heads=8, tie_embeddings=True),
+        data=DataConfig(corpus="wiki", tokenizer="bpe", vocab_size=8192, seq_len=1024,
+                        batch_size=32),
+        optim=OptimConfig(name="adamw", lr=1e-3, weight_decay=0.1),
+        schedule=ScheduleConfig(warmup_steps=1000, min_lr_ratio=0.1),
+        train=TrainConfig(steps=20_000, eval_every=1000, eval_iters=50, checkpoint_every=1000,
+                          log_every=50, out_dir=f"runs/small-{family}"),
+    )
+
+
+def base(family: str) -> RunConfig:
+    """Several GPUs (torchrun): about 125M parameters, BPE 32k, context 2048, 100k steps."""
+    return RunConfig(
+        name=f"base-{family}",
+        model=_model(ARCH_OF_FAMILY[family], dim=768, layers=12, heads=12),
+        data=DataConfig(corpus="wiki", tokenizer="bpe", vocab_size=32_000, seq_len=2048,
+                        batch_size=64),
+        optim=OptimConfig(name="adamw", lr=6e-4, weight_decay=0.1),
+        schedule=ScheduleConfig(warmup_steps=2000, min_lr_ratio=0.1),
+        train=TrainConfig(steps=100_000, eval_every=2000, eval_iters=100,
+                          checkpoint_every=2000, log_every=100,
+                          out_dir=f"runs/base-{family}"),
+    )
+
+
+def _registry() -> dict[str, Recipe]:
+    recipes: dict[str, Recipe] = {}
+    for scale, build, where in ((tiny, tiny, "CPU, minutes"), (small, small, "1 GPU"),
+                                (base, base, "GPUs, torchrun")):
+        for family in ARCH_OF_FAMILY:
+            name = f"{scale.__name__}-{family}"
+            recipes[name] = Recipe(
+                name=name,
+                description=f"{family} LM, {where}: {build.__doc__.split(':', 1)[1].strip()}",
+                build=lambda build=build, family=family: build(family),
+            )
+    return recipes
+
+
+RECIPES: dict[str, Recipe] = _registry()
+
+
+def list_recipes() -> list[Recipe]:
+    """All recipes, in registry order."""
+    return list(RECIPES.values())
+
+
+def get_recipe(name: str) -> RunConfig:
+    """The run config of recipe ``name``; an unknown name lists the known ones."""
+    if name not in RECIPES:
+        raise invalid("--recipe", repr(name), ", ".join(RECIPES))
+    return RECIPES[name].build()

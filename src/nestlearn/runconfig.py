@@ -1,0 +1,439 @@
+"""Run configuration: one validated dataclass tree for a training run.
+
+``RunConfig`` holds ``model`` (``nestlearn.models.ModelConfig``), ``data``, ``optim``,
+``schedule`` and ``train`` sections. Each section validates itself in ``__post_init__``, so a
+wrong value fails at once with a message naming the field, the value and what is allowed.
+
+Any field can be overridden by a dotted path with a string value, as the CLI's
+``--set model.d_model=256`` does: the string is parsed to the field's declared type (int, float,
+bool, str, ``X | None``, ``Literal``, tuples), and an unknown field or a value of the wrong type is
+one clear ``NestlearnError``. ``to_dict`` / ``from_dict`` give a lossless JSON form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+from nestlearn.errors import NestlearnError, invalid
+
+OPTIMIZERS: tuple[str, ...] = (
+    "adamw",
+    "sgd",
+    "muon",
+    "m3",
+    "delta-momentum",
+    "preconditioned-momentum",
+    "deep-momentum",
+)
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+TOKENIZERS: tuple[str, ...] = ("byte", "bpe")
+SCHEDULES: tuple[str, ...] = ("cosine", "constant")
+DTYPES: tuple[str, ...] = ("float32", "float64")
+AUTOCAST: tuple[str, ...] = ("auto", "bf16", "off")
+
+
+def _positive_int(name: str, value: int, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise invalid(name, repr(value), f"an integer >= {minimum}")
+
+
+def _finite_float(name: str, value: float, low: float, high: float, allowed: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise invalid(name, repr(value), allowed)
+    if not (math.isfinite(value) and low <= value <= high):
+        raise invalid(name, repr(value), allowed)
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise invalid(name, repr(value), ", ".join(choices))
+
+
+@dataclass
+class DataConfig:
+    """What text the run reads and how it is cut into batches."""
+
+    corpus: str = "shakespeare"  # a name from nestlearn.data.corpora, or a text file / folder
+    tokenizer: str = "byte"  # "byte" (no files) or "bpe" (trained on the train split)
+    vocab_size: int = 512  # BPE vocabulary size; the byte tokenizer's is fixed
+    seq_len: int = 128  # tokens per training window
+    batch_size: int = 16  # global batch: split across ranks under torchrun
+    train_split: str = "train"
+    eval_split: str = "validation"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.corpus, str) or not self.corpus.strip():
+            raise invalid("data.corpus", repr(self.corpus), "a corpus name or a path")
+        _choice("data.tokenizer", self.tokenizer, TOKENIZERS)
+        _positive_int("data.vocab_size", self.vocab_size, 258)
+        _positive_int("data.seq_len", self.seq_len)
+        _positive_int("data.batch_size", self.batch_size)
+        _choice("data.train_split", self.train_split, SPLITS)
+        _choice("data.eval_split", self.eval_split, SPLITS)
+
+
+@dataclass
+class OptimConfig:
+    """The outer optimizer (``nestlearn.optim`` for all but adamw and sgd)."""
+
+    name: str = "adamw"
+    lr: float = 3e-3  # peak learning rate, reached at the end of warmup
+    weight_decay: float = 0.1  # decoupled; not applied to biases, norms and embeddings
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW moments (and fallbacks inside others)
+    momentum: float = 0.9  # momentum of sgd, muon, m3 and the deep-momentum family
+    eps: float = 1e-8
+    # nestlearn optimizers give non-matrix parameters (norms, biases; see optim/README.md)
+    # an AdamW step with this learning rate; it follows the same schedule as lr
+    fallback_lr: float = 3e-3
+
+    def __post_init__(self) -> None:
+        _choice("optim.name", self.name, OPTIMIZERS)
+        _finite_float("optim.lr", self.lr, 0.0, math.inf, "a finite number >= 0")
+        _finite_float("optim.weight_decay", self.weight_decay, 0.0, math.inf,
+                      "a finite number >= 0")
+        if not (isinstance(self.betas, tuple) and len(self.betas) == 2):
+            raise invalid("optim.betas", repr(self.betas), "two numbers in [0, 1)")
+        for i, beta in enumerate(self.betas):
+            _finite_float(f"optim.betas[{i}]", beta, 0.0, 1.0 - 1e-12, "a number in [0, 1)")
+        _finite_float("optim.momentum", self.momentum, 0.0, 1.0 - 1e-12, "a number in [0, 1)")
+        _finite_float("optim.eps", self.eps, 1e-30, 1.0, "a number in (0, 1]")
+        _finite_float("optim.fallback_lr", self.fallback_lr, 0.0, math.inf,
+                      "a finite number >= 0")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule: linear warmup, then cosine decay to ``min_lr_ratio * lr``."""
+
+    kind: str = "cosine"  # "cosine" or "constant" (after warmup)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        _choice("schedule.kind", self.kind, SCHEDULES)
+        _positive_int("schedule.warmup_steps", self.warmup_steps, 0)
+        _finite_float("schedule.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0, "a number in [0, 1]")
+
+
+@dataclass
+class TrainConfig:
+    """Loop length, evaluation, checkpoints, seed and device."""
+
+    steps: int = 1000
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    eval_every: int = 200  # evaluate every N steps (and at the end); 0: only at the end
+    eval_iters: int = 20  # batches per evaluation
+    checkpoint_every: int = 200  # 0: only at the end (and on SIGINT/SIGTERM)
+    keep_checkpoints: int = 2  # older step checkpoints are removed
+    log_every: int = 10  # train metrics rows every N steps
+    seed: int = 0
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:N"
+    dtype: str = "float32"  # parameter dtype
+    autocast: str = "auto"  # "auto": bf16 autocast on CUDA only; "bf16"; "off"
+    out_dir: str = "runs/default"
+    find_unused_parameters: bool = False  # DDP: set when some parameters get no gradient
+
+    def __post_init__(self) -> None:
+        _positive_int("train.steps", self.steps)
+        _finite_float("train.grad_clip", self.grad_clip, 0.0, math.inf, "a finite number >= 0")
+        _positive_int("train.eval_every", self.eval_every, 0)
+        _positive_int("train.eval_iters", self.eval_iters)
+        _positive_int("train.checkpoint_every", self.checkpoint_every, 0)
+        _positive_int("train.keep_checkpoints", self.keep_checkpoints)
+        _positive_int("train.log_every", self.log_every)
+        _positive_int("train.seed", self.seed, 0)
+        if not (self.device in ("auto", "cpu", "cuda")
+                or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
+            raise invalid("train.device", repr(self.device), "auto, cpu, cuda, cuda:N")
+        _choice("train.dtype", self.dtype, DTYPES)
+        _choice("train.autocast", self.autocast, AUTOCAST)
+        if not isinstance(self.out_dir, str) or not self.out_dir.strip():
+            raise invalid("train.out_dir", repr(self.out_dir), "a directory path")
+
+
+def _default_model() -> Any:
+    from nestlearn.models import ModelConfig
+
+    return ModelConfig()
+
+
+@dataclass
+class RunConfig:
+    """A whole training run. ``model`` is a ``nestlearn.models.ModelConfig``."""
+
+    name: str = "custom"
+    model: Any = field(default_factory=_default_model)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        for section, cls in (("data", DataConfig), ("optim", OptimConfig),
+                             ("schedule", ScheduleConfig), ("train", TrainConfig)):
+            if not isinstance(getattr(self, section), cls):
+                raise invalid(section, type(getattr(self, section)).__name__, cls.__name__)
+        if not dataclasses.is_dataclass(self.model):
+            raise invalid("model", type(self.model).__name__, "a ModelConfig")
+        max_len = getattr(self.model, "max_seq_len", None)
+        if isinstance(max_len, int) and max_len < self.data.seq_len:
+            raise NestlearnError(
+                f"data.seq_len: got {self.data.seq_len}; allowed: at most model.max_seq_len "
+                f"({max_len})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        from nestlearn.models import ModelConfig
+
+        return from_dict(cls, data, overrides={"model": ModelConfig})
+
+
+# ---- generic dataclass helpers ------------------------------------------------------------
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a (nested) config dataclass; tuples become lists."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = to_dict(value)
+        elif isinstance(value, tuple):
+            out[f.name] = list(value)
+        else:
+            out[f.name] = value
+    return out
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def from_dict(cls: type, data: dict[str, Any], overrides: dict[str, type] | None = None,
+              path: str = "") -> Any:
+    """Build ``cls`` from :func:`to_dict` output, converting each value to its field's type.
+    ``overrides`` gives the class of fields annotated loosely (``model: Any``)."""
+    if not isinstance(data, dict):
+        raise invalid(path or "config", type(data).__name__, "a JSON object")
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"{path}." if path else ""
+        raise NestlearnError(
+            f"{where}{unknown[0]}: unknown field; allowed: {', '.join(names)}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name in names:
+        if name not in data:
+            continue
+        tp = (overrides or {}).get(name, hints[name])
+        dotted = f"{path}.{name}" if path else name
+        value = data[name]
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value, path=dotted)
+        else:
+            kwargs[name] = coerce(value, tp, dotted)
+    return cls(**kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any, name: str) -> Any:
+    """Convert a JSON value (or a parsed string) to type ``tp``, or raise naming ``name``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, name)
+            except NestlearnError as err:
+                errors.append(err)
+        raise invalid(name, repr(value), _type_name(tp))
+    if origin is Literal:
+        if value in args:
+            return value
+        raise invalid(name, repr(value), ", ".join(repr(a) for a in args))
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise invalid(name, repr(value), _type_name(tp))
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            items = [coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value)]
+        elif origin is tuple and args:
+            if len(value) != len(args):
+                raise invalid(name, repr(value), f"{len(args)} values ({_type_name(tp)})")
+            pairs = enumerate(zip(value, args, strict=True))
+            items = [coerce(v, a, f"{name}[{i}]") for i, (v, a) in pairs]
+        else:
+            inner = args[0] if args else Any
+            items = [coerce(v, inner, f"{name}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise invalid(name, repr(value), "true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise invalid(name, repr(value), "an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise invalid(name, repr(value), "a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise invalid(name, repr(value), "a string")
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path=name)
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise invalid(name, repr(value), _type_name(tp))
+
+
+def parse_text(text: str, tp: Any, name: str) -> Any:
+    """Parse a command-line string to type ``tp`` (``--set`` values)."""
+    raw = text.strip()
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if raw.lower() in ("none", "null") and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return parse_text(raw, arg, name)
+            except NestlearnError:
+                continue
+        raise invalid(name, repr(text), _type_name(tp))
+    if origin is Literal:
+        for arg in args:
+            if str(arg) == raw:
+                return arg
+        raise invalid(name, repr(text), ", ".join(str(a) for a in args))
+    if origin in (tuple, list):
+        body = raw[1:-1] if raw[:1] in "([" and raw[-1:] in ")]" else raw
+        parts = [p for p in (s.strip() for s in body.split(",")) if p] if body.strip() else []
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            inner = [args[0]] * len(parts)
+        elif origin is tuple and args:
+            if len(parts) != len(args):
+                raise invalid(name, repr(text), f"{len(args)} comma-separated values")
+            inner = list(args)
+        else:
+            inner = [args[0] if args else str] * len(parts)
+        pairs = enumerate(zip(parts, inner, strict=True))
+        items = [parse_text(p, a, f"{name}[{i}]") for i, (p, a) in pairs]
+        return tuple(items) if origin is tuple else items
+    if tp is bool:
+        lowered = raw.lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise invalid(name, repr(text), "true or false")
+    if tp is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise invalid(name, repr(text), "an integer") from None
+    if tp is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise invalid(name, repr(text), "a number") from None
+    if tp is str or tp is Any:
+        return raw
+    raise invalid(name, repr(text), f"a value of type {_type_name(tp)} (not settable from text)")
+
+
+def field_names(config: Any, prefix: str = "") -> list[str]:
+    """All dotted leaf field paths of a config tree (for help and error messages)."""
+    names: list[str] = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        dotted = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            names.extend(field_names(value, dotted + "."))
+        else:
+            names.append(dotted)
+    return names
+
+
+def set_field(config: Any, dotted: str, text: str, _prefix: str = "") -> Any:
+    """Return a copy of ``config`` with the field at ``dotted`` set from ``text``; every
+    section on the path is rebuilt so its validation runs again."""
+    head, _, rest = dotted.partition(".")
+    here = f"{_prefix}{head}"
+    names = [f.name for f in dataclasses.fields(config)]
+    if head not in names:
+        where = f"fields of {_prefix[:-1]}" if _prefix else "sections"
+        raise NestlearnError(f"unknown field {here!r}; allowed {where}: {', '.join(names)}")
+    current = getattr(config, head)
+    if rest:
+        if not dataclasses.is_dataclass(current):
+            raise NestlearnError(f"{here!r} is a value, not a section")
+        return dataclasses.replace(
+            config, **{head: set_field(current, rest, text, f"{here}.")}
+        )
+    if dataclasses.is_dataclass(current):
+        raise NestlearnError(
+            f"{here!r} is a section; allowed: "
+            + ", ".join(f"{here}.{n}" for n in field_names(current))
+        )
+    tp = _hints(type(config))[head]
+    return dataclasses.replace(config, **{head: parse_text(text, tp, here)})
+
+
+def apply_overrides(config: RunConfig, assignments: list[str]) -> RunConfig:
+    """Apply ``a.b=value`` strings in order; errors name the assignment and the field."""
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        if not sep or not key.strip():
+            raise invalid("--set", repr(assignment), "FIELD=VALUE, e.g. model.dim=256")
+        try:
+            config = set_field(config, key.strip(), value)
+        except (NestlearnError, TypeError) as err:
+            raise NestlearnError(f"--set {assignment}: {err}") from None
+    return config
+
+
+def diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted paths whose values differ between two configs of the same shape."""
+    da = to_dict(a) if dataclasses.is_dataclass(a) else a
+    db = to_dict(b) if dataclasses.is_dataclass(b) else b
+    out: list[str] = []
+    for key in sorted(set(da) | set(db)):
+        va, vb = da.get(key), db.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out.extend(diff(va, vb, f"{prefix}{key}."))
+        elif va != vb:
+            out.append(f"{prefix}{key}")
+    return out

@@ -191,8 +191,8 @@ def apply_boundaries(config: CMSConfig, levels: tuple[CMSLevelState, ...],
         if position % size or not config.level_learns(index) or level.accumulator is None:
             continue
         rate = config.inner_lr[index]
-        weights = tuple(w - rate * acc for w, acc in zip(level.weights, level.accumulator,
-                                                          strict=True))
+        weights = tuple(torch.add(w, acc, alpha=-rate)
+                        for w, acc in zip(level.weights, level.accumulator, strict=True))
         result[index] = CMSLevelState(weights, None)
     if config.variant == "nested":
         for index in range(config.num_levels - 2, -1, -1):

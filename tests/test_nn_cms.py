@@ -84,6 +84,16 @@ def test_fast_path_matches_token_by_token_reference(variant, mlp):
         torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize(("chunk_sizes", "length"), [((1, 5), 3), ((1, 2), 7), ((4, 16), 3)])
+def test_chunk_one_and_sequences_shorter_than_a_chunk(chunk_sizes, length):
+    layer = make_layer("nested", "swiglu", chunk_sizes, (0.05, 0.02))
+    x = random_input(length)
+    y, state = layer(x)
+    y_ref, state_ref = layer.forward_naive(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    assert_states_close(state, state_ref)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("splits", [(1, 4, 5, 11), (7,), (2, 3, 9, 10, 12)])
 def test_chained_segments_equal_one_pass(variant, splits):
@@ -453,6 +463,24 @@ def test_lm_teach_signal_chained_calls_equal_one_call():
     for level, level_chain in zip(state["cms"].levels, chained["cms"].levels, strict=True):
         for w, w_chain in zip(level.weights, level_chain.weights, strict=True):
             torch.testing.assert_close(w_chain, w, rtol=1e-10, atol=1e-12)
+
+
+def test_lm_teach_signal_nested_variant_restarts_fast_level():
+    model = TinyLM(lm_config(variant="nested")).double()
+    ids, targets = lm_stream(8)
+    with torch.no_grad():
+        logits, state = stream_with_teach_signal(model, ids, targets)
+        parts, chained = [], None
+        for start, stop in ((0, 1), (1, 6), (6, 8)):
+            out, chained = stream_with_teach_signal(model, ids[:, start:stop],
+                                                    targets[:, start:stop], chained)
+            parts.append(out)
+    torch.testing.assert_close(torch.cat(parts, dim=1), logits, rtol=1e-10, atol=1e-12)
+    fast, slow = state["cms"].levels
+    for w_fast, w_slow in zip(fast.weights, slow.weights, strict=True):
+        assert torch.equal(w_fast, w_slow)
+    assert not torch.equal(slow.weights[0].expand_as(fast.weights[0]),
+                           model.cms.initial_weights(1)[0].expand_as(fast.weights[0]))
 
 
 def test_lm_mode_forward_alone_keeps_weights():

@@ -226,3 +226,20 @@ def test_bad_sampler_arguments(token_file, tmp_path):
     with pytest.raises(NestlearnError, match="has no documents"):
         WindowSampler(empty, 8, 4)
     assert list(EvalWindows(empty, 8, 4)) == []
+
+
+def test_window_numbering_matches_a_naive_enumeration(token_file):
+    """The vectorised slot -> window mapping against a loop over documents and offsets."""
+    seq_len = 16
+    naive = []
+    for index in range(token_file.num_documents):
+        first, last = token_file.boundaries[index], token_file.boundaries[index + 1]
+        length = last - first + 1
+        if length <= seq_len + 1:
+            naive.append((first, last + 1))
+        else:
+            naive.extend((first + o, first + o + seq_len + 1) for o in range(length - seq_len))
+    sampler = WindowSampler(token_file, seq_len=seq_len, batch_size=1)
+    assert sampler.num_windows == len(naive)
+    starts, ends = sampler.window_positions(np.arange(len(naive)))
+    assert list(zip(starts.tolist(), ends.tolist(), strict=True)) == naive

@@ -21,8 +21,8 @@ from typing import Any
 
 from nestlearn.data.atomic import atomic_write_json
 from nestlearn.data.cache import ensure_writable_dir
-from nestlearn.data.corpora import load_split_records
-from nestlearn.data.splits import SPLITS
+from nestlearn.data.corpora import load_records
+from nestlearn.data.splits import SPLITS, split_of
 from nestlearn.data.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
 from nestlearn.data.tokens import TokenFile, write_token_file
 from nestlearn.errors import NestlearnError, invalid
@@ -55,8 +55,11 @@ def tokenize_corpus(
     if tokenizer == "byte" and vocab_size is not None:
         raise invalid("vocab_size", vocab_size, "no value for the byte tokenizer (vocabulary 258)")
     directory = ensure_writable_dir(out, "out")
-    documents = {split: load_split_records(corpus, split, cache_dir) for split in SPLITS}
-    texts = {split: [record.text for record in records] for split, records in documents.items()}
+    texts: dict[str, list[str]] = {split: [] for split in SPLITS}
+    for record in load_records(corpus, cache_dir):
+        texts[split_of(record.key)].append(record.text)
+    # The folder is incomplete until dataset.json is written again at the end.
+    (directory / DATASET_FILE).unlink(missing_ok=True)
     if not texts["train"]:
         raise NestlearnError(f"corpus {corpus!r}: its train split has no documents")
     if tokenizer == "bpe" and vocab_size is None:

@@ -325,10 +325,19 @@ class WindowSampler:
         self._slot_ends = np.cumsum(self._slots)
         self._total_slots = int(self._slot_ends[-1])
 
+    @property
+    def num_windows(self) -> int:
+        """How many distinct windows the sampler draws from."""
+        return self._total_slots
+
     def global_positions(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """``(start, end)`` token positions of the global batch ``step``."""
         rng = np.random.default_rng([self.seed, step])
-        slots = rng.integers(0, self._total_slots, size=self.batch_size)
+        return self.window_positions(rng.integers(0, self._total_slots, size=self.batch_size))
+
+    def window_positions(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(start, end)`` of windows numbered ``slots`` (0 to num_windows - 1): document by
+        document, the windows starting at each possible offset in order."""
         documents = np.searchsorted(self._slot_ends, slots, side="right")
         offsets = slots - (self._slot_ends[documents] - self._slots[documents])
         b = self.token_file.boundaries

@@ -152,12 +152,15 @@ def batched_state(state: DeepMemoryState, batch: int,
                   with_momentum: bool) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Weights and momentum as ``[B, H, out, in]`` (broadcast if given without the batch dim);
     zero momentum when the rule has momentum and the state has none."""
-    weights = [w if w.dim() == 4 else w.expand(batch, *w.shape) for w in state.weights]
+    # contiguous copies: a stride-0 batch dim would be copied by every matmul that reads it
+    weights = [w if w.dim() == 4 else w.expand(batch, *w.shape).contiguous()
+               for w in state.weights]
     if not with_momentum:
         return weights, None
     if state.momentum is None:
         return weights, [torch.zeros_like(w) for w in weights]
-    momentum = [m if m.dim() == 4 else m.expand(batch, *m.shape) for m in state.momentum]
+    momentum = [m if m.dim() == 4 else m.expand(batch, *m.shape).contiguous()
+                for m in state.momentum]
     return weights, momentum
 
 

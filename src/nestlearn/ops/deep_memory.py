@@ -186,8 +186,9 @@ def _chunk(weights: list[torch.Tensor], momentum: list[torch.Tensor] | None,
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
-    """``[B, T, H, ...]`` -> ``[B, H, T, ...]``."""
-    return x.transpose(1, 2)
+    """``[B, T, H, ...]`` -> ``[B, H, T, ...]``, contiguous so each chunk's matmuls run on it
+    without copying (copies would also be kept for the backward pass)."""
+    return x.transpose(1, 2).contiguous()
 
 
 def deep_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,

@@ -498,8 +498,13 @@ def test_teach_signal_driver_refuses_bad_states():
     with pytest.raises(NestlearnError, match="teach_signal"):
         stream_with_teach_signal(local_model, ids, targets)
     model = TinyLM(lm_config()).double()
-    with pytest.raises(NestlearnError, match="state"):
-        stream_with_teach_signal(model, ids, targets, state={"other": torch.zeros(1)})
+    _, moved = model(ids[:, :1], model.init_state(2))
+    with pytest.raises(NestlearnError, match="positions"):
+        stream_with_teach_signal(model, ids, targets,
+                                 state={"cms": moved["cms"], "other": model.init_state(2)})
+    with pytest.raises(NestlearnError, match="did not advance"):
+        stream_with_teach_signal(lambda i, s: (model(i, s)[0], {"cms": s["cms"]}), ids,
+                                 targets, model.init_state(2))
     with pytest.raises(NestlearnError, match="targets"):
         stream_with_teach_signal(model, ids, targets[:, :2])
     with pytest.raises(NestlearnError, match="segment_len"):

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +45,30 @@ from nestlearn.nn.transformer import RMSNorm
 
 VARIANTS = ("sequential", "nested", "independent")
 TEACH_SIGNALS = ("local", "lm")
+
+# Set by the LM teach-signal driver while it runs a segment: every CMS layer with
+# teach_signal="lm" passes its incoming state through it (to use its weights as w + leaf).
+_LM_HOOK: ContextVar[Callable[[ContinuumMemoryState], ContinuumMemoryState] | None] = \
+    ContextVar("nestlearn_cms_lm_hook", default=None)
+
+
+@contextmanager
+def lm_teach_hook(hook: Callable[[ContinuumMemoryState], ContinuumMemoryState]
+                  ) -> Iterator[None]:
+    """While active, CMS layers with ``teach_signal="lm"`` replace their incoming state by
+    ``hook(state)`` (used by ``nestlearn.nn.teach_signal``)."""
+    token = _LM_HOOK.set(hook)
+    try:
+        yield
+    finally:
+        _LM_HOOK.reset(token)
+
+
+def _through_lm_hook(state: ContinuumMemoryState) -> ContinuumMemoryState:
+    hook = _LM_HOOK.get()
+    if hook is None or state.config.teach_signal != "lm":
+        return state
+    return hook(state)
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -379,6 +405,7 @@ class ContinuumMemory(nn.Module):
                 ) -> tuple[torch.Tensor, ContinuumMemoryState]:
         x = self._check_input(x)
         state = self.init_state(x.shape[0]) if state is None else self._check_state(state, x)
+        state = _through_lm_hook(state)
         config = self.config
         local = config.teach_signal == "local" and config.learns_in_context
         levels = state.levels
@@ -410,6 +437,7 @@ class ContinuumMemory(nn.Module):
         """
         x = self._check_input(x)
         state = self.init_state(x.shape[0]) if state is None else self._check_state(state, x)
+        state = _through_lm_hook(state)
         config = self.config
         batch = x.shape[0]
         local = config.teach_signal == "local" and config.learns_in_context
@@ -458,8 +486,10 @@ class ContinuumMemory(nn.Module):
                         if position % config.chunk_sizes[index + 1] == 0:
                             weights[index] = list(weights[index + 1])
                             accs[index] = None
+        # Without in-context learning the state's levels are handed back as they came (the
+        # LM teach-signal driver recognizes them by identity).
         levels = tuple(CMSLevelState(tuple(w), None if a is None else tuple(a))
-                       for w, a in zip(weights, accs, strict=True))
+                       for w, a in zip(weights, accs, strict=True)) if local else state.levels
         return torch.stack(outputs, dim=1), ContinuumMemoryState(config, position, batch, levels)
 
 

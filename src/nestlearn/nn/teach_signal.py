@@ -7,9 +7,11 @@ driver runs any ``model(ids, state) -> (logits, state)`` over a stream whose sta
 
 1. the stream is cut into segments of at most ``segment_len`` tokens (default: the smallest
    chunk size), also cut at every level boundary, so no level changes inside a segment;
-2. before a segment, each learning level's fast weights ``w`` are used as ``w + z`` with ``z``
-   a zero leaf of shape ``[B, out, in]``; after the segment, ``torch.autograd.grad`` of the
-   segment's loss w.r.t. ``z`` is the per-batch-element gradient at the level;
+2. while a segment runs, each LM-driven CMS layer uses its learning levels' fast weights
+   ``w`` as ``w + z`` with ``z`` a zero leaf of shape ``[B, out, in]`` (through the hook
+   ``cms.lm_teach_hook``, so CMS states the model creates itself, e.g. from a state of None,
+   are covered too); after the segment, ``torch.autograd.grad`` of the segment's loss w.r.t.
+   ``z`` is the per-batch-element gradient at the level;
 3. that gradient is added to the level's accumulator, and a level whose boundary is reached
    takes its step ``w <- w - eta * accumulator`` (``cms.commit_teach_signal``).
 
@@ -33,8 +35,10 @@ from nestlearn.errors import invalid
 from nestlearn.nn.cms import (
     CMSConfig,
     CMSLevelState,
+    ContinuumMemory,
     ContinuumMemoryState,
     commit_teach_signal,
+    lm_teach_hook,
 )
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -103,24 +107,30 @@ def _check_stream(ids: object, targets: object) -> tuple[torch.Tensor, torch.Ten
     return ids, targets
 
 
-def _check_cms_states(states: list[ContinuumMemoryState]) -> int:
-    if not states:
-        raise invalid("state", "no ContinuumMemoryState inside",
-                      "a model state holding at least one CMS state")
-    for index, cms in enumerate(states):
-        if cms.config.teach_signal != "lm":
-            raise invalid(f"CMS state {index} teach_signal", repr(cms.config.teach_signal),
-                          "'lm' (layers built with CMSConfig(teach_signal='lm'))")
-    positions = {cms.position for cms in states}
-    if len(positions) != 1:
+def _lm_configs(model: object, states: list[ContinuumMemoryState]) -> list[CMSConfig]:
+    """Configs of the CMS layers driven by the LM signal (from the state, else the model)."""
+    configs = [cms.config for cms in states if cms.config.teach_signal == "lm"]
+    if not configs and isinstance(model, torch.nn.Module):
+        configs = [module.config for module in model.modules()
+                   if isinstance(module, ContinuumMemory) and module.config.teach_signal == "lm"]
+    if not configs:
+        raise invalid("model", "no CMS layer with teach_signal='lm'",
+                      "a model holding ContinuumMemory layers built with teach_signal='lm'")
+    return configs
+
+
+def _stream_position(states: list[ContinuumMemoryState]) -> int:
+    """The common position of the LM-driven CMS states (0 for a fresh state without any)."""
+    positions = {cms.position for cms in states if cms.config.teach_signal == "lm"}
+    if len(positions) > 1:
         raise invalid("CMS state positions", sorted(positions), "one common stream position")
-    return positions.pop()
+    return positions.pop() if positions else 0
 
 
-def _next_cut(position: int, states: list[ContinuumMemoryState]) -> int:
+def _next_cut(position: int, configs: list[CMSConfig]) -> int:
     """The next absolute position where some level of some CMS layer reaches a boundary."""
-    return min((position // size + 1) * size
-               for cms in states for size in cms.config.chunk_sizes)
+    return min((position // size + 1) * size for config in configs
+               for size in config.chunk_sizes)
 
 
 def stream_with_teach_signal(model: Callable[..., tuple[torch.Tensor, Any]], ids: torch.Tensor,
@@ -131,47 +141,48 @@ def stream_with_teach_signal(model: Callable[..., tuple[torch.Tensor, Any]], ids
 
     ``targets`` are the next tokens (``[B, T]``) and ``loss_fn(logits, targets) -> scalar``
     the segment's loss (default: cross entropy summed over tokens and batch, so a level
-    accumulates the sum of per-token gradients of its chunk). ``state=None`` starts from
-    ``model.init_state(B)``. Returns ``(logits [B, T, V], state)``; chaining calls with the
-    returned state continues the stream. With gradients enabled the returned logits keep the
-    outer graph (for training through the stream); under ``torch.no_grad`` (in-context
-    learning at inference) only the inner gradients are computed and everything returned is
-    detached.
+    accumulates the sum of per-token gradients of its chunk). ``state`` is passed to the model
+    as is (None: the model's fresh state); CMS layers with ``teach_signal="lm"`` are found as
+    they run. Returns ``(logits [B, T, V], state)``; chaining calls with the returned state
+    continues the stream. With gradients enabled the returned logits keep the outer graph (for
+    training through the stream); under ``torch.no_grad`` (in-context learning at inference)
+    only the inner gradients are computed and everything returned is detached. CMS layers with
+    the local signal in the same model keep updating themselves inside ``forward``.
     """
     ids, targets = _check_stream(ids, targets)
     if torch.is_inference_mode_enabled():
         raise invalid("torch.inference_mode", "enabled",
                       "torch.no_grad() (the teach signal needs autograd)")
-    if state is None:
-        if not hasattr(model, "init_state"):
-            raise invalid("state", None, "a model state (the model has no init_state)")
-        state = model.init_state(ids.shape[0])
     if segment_len is not None and (isinstance(segment_len, bool)
                                     or not isinstance(segment_len, int) or segment_len < 1):
         raise invalid("segment_len", repr(segment_len), "None or an int >= 1")
     loss_fn = sum_cross_entropy if loss_fn is None else loss_fn
-    position = _check_cms_states(find_cms_states(state))
+    found = find_cms_states(state)
+    configs = _lm_configs(model, found)
+    position = _stream_position(found)
     if segment_len is None:
-        segment_len = min(cms.config.chunk_sizes[0] for cms in find_cms_states(state))
+        segment_len = min(config.chunk_sizes[0] for config in configs)
     outer = torch.is_grad_enabled()
     length = ids.shape[1]
     logits_parts = []
     offset = 0
     while offset < length:
-        before = find_cms_states(state)
-        stop = min(_next_cut(position, before), position + segment_len,
+        stop = min(_next_cut(position, configs), position + segment_len,
                    position + length - offset)
         size = stop - position
-        with torch.enable_grad():
-            leafy_state, leaves = _attach_leaves(state, ids.shape[0])
-            logits, new_state = model(ids[:, offset:offset + size], leafy_state)
+        attached = _Attachments(ids.shape[0])
+        with torch.enable_grad(), lm_teach_hook(attached.attach):
+            logits, new_state = model(ids[:, offset:offset + size], state)
             loss = loss_fn(logits, targets[:, offset:offset + size])
-            flat = [z for per_cms in leaves for zs in per_cms if zs is not None for z in zs]
+            flat = attached.leaves()
+            if not flat and not attached.entries:
+                raise invalid("model", "no CMS layer with teach_signal='lm' ran",
+                              "a model whose forward runs its LM-driven CMS layers")
             grads = torch.autograd.grad(loss, flat, retain_graph=outer,
                                         allow_unused=True) if flat else ()
         grads = [torch.zeros_like(z) if g is None else g for g, z in zip(grads, flat,
                                                                         strict=True)]
-        state = _commit_segment(new_state, before, leaves, grads, stop)
+        state = attached.commit(new_state, grads, stop)
         if not outer:
             state = detach_state(state)
             logits = logits.detach()
@@ -181,49 +192,81 @@ def stream_with_teach_signal(model: Callable[..., tuple[torch.Tensor, Any]], ids
     return torch.cat(logits_parts, dim=1), state
 
 
-def _attach_leaves(state: Any, batch: int
-                   ) -> tuple[Any, list[list[list[torch.Tensor] | None]]]:
-    """Use each learning level's weights as ``w + z`` with ``z`` a zero leaf ``[B, out, in]``:
-    the gradient w.r.t. ``z`` is the per-batch-element gradient at the level."""
-    leaves: list[list[list[torch.Tensor] | None]] = []
+class _Attachments:
+    """The CMS states that ran in one segment, with the zero leaves their weights were given.
 
-    def attach(index: int, cms: ContinuumMemoryState) -> ContinuumMemoryState:
+    ``attach`` (the CMS layers' LM hook) uses each learning level's weights as ``w + z``,
+    ``z`` a zero leaf ``[B, out, in]``: the gradient w.r.t. ``z`` is the per-batch-element
+    gradient at the level. The layer hands the same ``levels`` object back in its returned
+    state, which is how ``commit`` finds each CMS state again, wherever the model keeps it.
+    """
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+        # id(levels used) -> (levels used, original levels, per-level leaves or None)
+        self.entries: dict[int, tuple[tuple[CMSLevelState, ...], tuple[CMSLevelState, ...],
+                                      list[list[torch.Tensor] | None]]] = {}
+
+    def attach(self, cms: ContinuumMemoryState) -> ContinuumMemoryState:
+        if id(cms.levels) in self.entries:
+            raise invalid("model", "a CMS state run twice in one segment",
+                          "each CMS layer run once per segment on its own state")
+        if cms.batch_size != self.batch:
+            raise invalid("CMS state batch_size", cms.batch_size, f"the batch of ids "
+                          f"({self.batch})")
         per_level: list[list[torch.Tensor] | None] = []
         levels = []
-        for level_index, level in enumerate(cms.levels):
-            if not cms.config.level_learns(level_index):
+        for index, level in enumerate(cms.levels):
+            if not cms.config.level_learns(index):
                 per_level.append(None)
                 levels.append(level)
                 continue
-            zeros = [torch.zeros(batch, *w.shape[-2:], dtype=w.dtype, device=w.device,
+            zeros = [torch.zeros(self.batch, *w.shape[-2:], dtype=w.dtype, device=w.device,
                                  requires_grad=True) for w in level.weights]
             per_level.append(zeros)
             levels.append(CMSLevelState(
                 tuple(w + z for w, z in zip(level.weights, zeros, strict=True)),
                 level.accumulator))
-        leaves.append(per_level)
-        return dataclasses.replace(cms, levels=tuple(levels))
+        used = tuple(levels)
+        self.entries[id(used)] = (used, cms.levels, per_level)
+        return dataclasses.replace(cms, levels=used)
 
-    return map_cms_states(state, attach), leaves
+    def leaves(self) -> list[torch.Tensor]:
+        return [z for _, _, per_level in self.entries.values()
+                for zs in per_level if zs is not None for z in zs]
 
+    def commit(self, new_state: Any, grads: list[torch.Tensor], stop: int) -> Any:
+        """Put each CMS state back on its own weights, add the segment's gradients to the
+        accumulators and apply the updates due at ``stop``."""
+        offsets, start = {}, 0
+        for key, (_, _, per_level) in self.entries.items():
+            offsets[key] = start
+            start += sum(len(zs) for zs in per_level if zs is not None)
+        seen: set[int] = set()
 
-def _commit_segment(new_state: Any, before: list[ContinuumMemoryState],
-                    leaves: list[list[list[torch.Tensor] | None]], grads: list[torch.Tensor],
-                    stop: int) -> Any:
-    """Put each CMS state back on its own weights, add the segment's gradients to the
-    accumulators and apply the updates due at ``stop``."""
-    after = find_cms_states(new_state)
-    if len(after) != len(before) or any(cms.position != stop for cms in after):
-        raise invalid("model state", "CMS states that did not advance with the segment",
-                      "a model that passes each CMS state through its layer")
-    grad_iter = iter(grads)
+        def commit_one(_: int, cms: ContinuumMemoryState) -> ContinuumMemoryState:
+            if cms.config.teach_signal != "lm":
+                return cms
+            entry = self.entries.get(id(cms.levels))
+            if entry is None or cms.position != stop:
+                raise invalid("model state", "a CMS state that did not advance with the segment",
+                              "a model that passes each CMS state through its layer")
+            seen.add(id(cms.levels))
+            _, original, per_level = entry
+            cursor = offsets[id(cms.levels)]
+            level_grads = []
+            for zs in per_level:
+                if zs is None:
+                    level_grads.append(None)
+                    continue
+                level_grads.append(tuple(grads[cursor:cursor + len(zs)]))
+                cursor += len(zs)
+            # The level ran on w + 0: continue from w itself (the leaves are not kept).
+            return commit_teach_signal(dataclasses.replace(cms, levels=original),
+                                       tuple(level_grads))
 
-    def commit(index: int, cms: ContinuumMemoryState) -> ContinuumMemoryState:
-        per_level = tuple(None if zs is None else tuple(next(grad_iter) for _ in zs)
-                          for zs in leaves[index])
-        # The level ran on w + 0: continue from w itself (the leaves are not kept).
-        restored = dataclasses.replace(cms, levels=tuple(
-            CMSLevelState(old.weights, old.accumulator) for old in before[index].levels))
-        return commit_teach_signal(restored, per_level)
-
-    return map_cms_states(new_state, commit)
+        committed = map_cms_states(new_state, commit_one)
+        if len(seen) != len(self.entries):
+            raise invalid("model state", f"{len(seen)} of the {len(self.entries)} CMS states "
+                          "that ran", "a returned state holding every CMS state that ran")
+        return committed

@@ -148,6 +148,7 @@ def test_wiki_needs_prepare_then_loads_labels(tmp_path, monkeypatch):
     cache, source = _wiki_cache(tmp_path, monkeypatch)
     status = {s.name: s for s in corpora.corpus_status(cache)}
     assert not status["wiki"].ready
+    assert status["wiki"].source.endswith(f"nestlearn data prepare wiki --cache-dir {cache}")
     expected = f"run: nestlearn data prepare wiki --cache-dir {cache}"
     with pytest.raises(NestlearnError, match=re.escape(expected)):
         corpora.load_documents("wiki", cache_dir=cache)

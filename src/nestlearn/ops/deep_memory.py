@@ -168,13 +168,13 @@ def _chunk(weights: list[torch.Tensor], momentum: list[torch.Tensor] | None,
     last_scale = coeffs.scale[..., -1, None, None]
     new_weights = []
     for index, weight in enumerate(weights):
-        update = (errors[index] * last_coef).transpose(-1, -2) @ inputs[index]
-        new_weight = last_scale * weight - update
+        weighted = errors[index] * last_coef
+        if pseudo is not None and index == 0:
+            # the delta-rule terms share the input k_i: one matmul for both
+            weighted = weighted + pseudo * coeffs.eta_decay[..., -1, :, None]
+        new_weight = last_scale * weight - weighted.transpose(-1, -2) @ inputs[index]
         if momentum is not None:
             new_weight = new_weight + coeffs.carry[..., -1, None, None] * momentum[index]
-        if pseudo is not None and index == 0:
-            weighted = pseudo * coeffs.eta_decay[..., -1, :, None]
-            new_weight = new_weight - weighted.transpose(-1, -2) @ keys
         new_weights.append(new_weight)
     new_momentum = None
     if momentum is not None:

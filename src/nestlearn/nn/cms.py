@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -37,7 +37,8 @@ from nestlearn.nn.cms_levels import (
     MLP_KINDS,
     init_level_weights,
     level_forward,
-    level_grad,
+    level_grad_factors,
+    outer_sum,
     weight_names,
     weight_shapes,
 )
@@ -192,6 +193,34 @@ class ContinuumMemoryState:
     position: int
     batch_size: int
     levels: tuple[CMSLevelState, ...] = field(default_factory=tuple)
+
+
+Factors = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+
+def _changes_at(config: CMSConfig, index: int, position: int) -> bool:
+    """Whether ``apply_boundaries`` at ``position`` updates or restarts level ``index``."""
+    if position % config.chunk_sizes[index] == 0:
+        return True
+    nested = config.variant == "nested" and index + 1 < config.num_levels
+    return nested and position % config.chunk_sizes[index + 1] == 0
+
+
+def _flush(levels: tuple[CMSLevelState, ...], pending: list[list[Factors]],
+           indices: Iterable[int]) -> tuple[CMSLevelState, ...]:
+    """Add the pending gradient factors of the given levels to their accumulators."""
+    result = list(levels)
+    for index in indices:
+        if not pending[index]:
+            continue
+        pieces = pending[index]
+        grads = tuple(
+            outer_sum(*(torch.cat([p[w][side] for p in pieces], dim=1) if len(pieces) > 1
+                        else pieces[0][w][side] for side in (0, 1)))
+            for w in range(len(pieces[0])))
+        result[index] = _accumulate(result[index], grads)
+        pending[index] = []
+    return tuple(result)
 
 
 def _accumulate(level: CMSLevelState, grads: tuple[torch.Tensor, ...]) -> CMSLevelState:
@@ -380,11 +409,11 @@ class ContinuumMemory(nn.Module):
         return out - n @ self.local_targets[str(index)].transpose(0, 1)
 
     def _run_piece(self, x: torch.Tensor, levels: tuple[CMSLevelState, ...], local: bool
-                   ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...] | None]]:
-        """Output of a piece (no boundary inside) and, with the local signal, each learning
-        level's gradient sum over the piece (taken at the piece's weights)."""
+                   ) -> tuple[torch.Tensor, list[Factors | None]]:
+        """Output of a piece (no boundary inside) and, with the local signal, the gradient
+        factors of each learning level over the piece (taken at the piece's weights)."""
         config = self.config
-        grads: list[tuple[torch.Tensor, ...] | None] = [None] * config.num_levels
+        factors: list[Factors | None] = [None] * config.num_levels
         h = x
         mixed = None
         for index, level in enumerate(levels):
@@ -392,14 +421,15 @@ class ContinuumMemory(nn.Module):
             out, activations = level_forward(config.mlp, level.weights, n)
             if local and config.level_learns(index):
                 error = self._level_error(index, n, out)
-                grads[index] = level_grad(config.mlp, level.weights, n, activations, error)
+                factors[index] = level_grad_factors(config.mlp, level.weights, n, activations,
+                                                    error)
             if config.variant == "independent":
                 term = self.mix[index] * out
                 mixed = term if mixed is None else mixed + term
             else:
                 h = h + out
         y = x + mixed if config.variant == "independent" else h
-        return y, grads
+        return y, factors
 
     def forward(self, x: torch.Tensor, state: ContinuumMemoryState | None = None
                 ) -> tuple[torch.Tensor, ContinuumMemoryState]:
@@ -416,13 +446,21 @@ class ContinuumMemory(nn.Module):
             return y, ContinuumMemoryState(config, state.position + x.shape[1],
                                            state.batch_size, levels)
         outputs = []
+        # Gradient factors of the pieces since each level's last boundary: summed in one
+        # matmul per weight when the level changes (or at the end of the segment).
+        pending: list[list[Factors]] = [[] for _ in levels]
         for start, stop in boundary_pieces(state.position, x.shape[1], config.chunk_sizes):
             piece = x[:, start - state.position:stop - state.position]
-            y, grads = self._run_piece(piece, levels, local=True)
+            y, factors = self._run_piece(piece, levels, local=True)
             outputs.append(y)
-            levels = tuple(level if grad is None else _accumulate(level, grad)
-                           for level, grad in zip(levels, grads, strict=True))
+            for index, piece_factors in enumerate(factors):
+                if piece_factors is not None:
+                    pending[index].append(piece_factors)
+            changing = [index for index in range(config.num_levels)
+                        if _changes_at(config, index, stop)]
+            levels = _flush(levels, pending, changing)
             levels = apply_boundaries(config, levels, stop)
+        levels = _flush(levels, pending, range(config.num_levels))
         y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
         return y, ContinuumMemoryState(config, state.position + x.shape[1], state.batch_size,
                                        levels)

@@ -77,18 +77,20 @@ def _gelu_derivative(x: torch.Tensor) -> torch.Tensor:
     return cdf + x * pdf
 
 
-def _outer_sum(error: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+def outer_sum(error: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     """``sum_t error_t inputs_t^T`` per batch element: ``[B, P, out], [B, P, in]`` to
     ``[B, out, in]``."""
     return torch.matmul(error.transpose(1, 2), inputs)
 
 
-def level_grad(kind: str, weights: tuple[torch.Tensor, ...], n: torch.Tensor,
-               activations: tuple[torch.Tensor, ...],
-               error: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Per-batch-element gradient of ``sum_t 1/2 ||mlp(n_t) - v_t||^2`` w.r.t. the weights.
+def level_grad_factors(kind: str, weights: tuple[torch.Tensor, ...], n: torch.Tensor,
+                       activations: tuple[torch.Tensor, ...], error: torch.Tensor
+                       ) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """Rank-1 factors of the per-token gradients of ``1/2 ||mlp(n_t) - v_t||^2``.
 
-    ``error`` is ``mlp(n) - v`` ``[B, P, D]``; the result matches ``weights`` with a batch dim.
+    ``error`` is ``mlp(n) - v`` ``[B, P, D]``. For each weight, ``(left [B, P, out],
+    right [B, P, in])`` with gradient ``sum_t left_t right_t^T`` (see ``outer_sum``); factors of
+    several pieces of one chunk can be concatenated along P and summed in one matmul.
     Differentiable (plain tensor ops), so outer gradients flow through the in-context update.
     """
     if kind == "swiglu":
@@ -97,11 +99,20 @@ def level_grad(kind: str, weights: tuple[torch.Tensor, ...], n: torch.Tensor,
         d_hidden = linear_transpose(error, w_down)
         d_up = d_hidden * F.silu(gate)
         d_gate = d_hidden * up * _silu_derivative(gate)
-        return _outer_sum(d_gate, n), _outer_sum(d_up, n), _outer_sum(error, hidden)
+        return (d_gate, n), (d_up, n), (error, hidden)
     _, w_out = weights
     pre, hidden = activations
     d_pre = linear_transpose(error, w_out) * _gelu_derivative(pre)
-    return _outer_sum(d_pre, n), _outer_sum(error, hidden)
+    return (d_pre, n), (error, hidden)
+
+
+def level_grad(kind: str, weights: tuple[torch.Tensor, ...], n: torch.Tensor,
+               activations: tuple[torch.Tensor, ...],
+               error: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-batch-element gradient of ``sum_t 1/2 ||mlp(n_t) - v_t||^2`` w.r.t. the weights
+    (``[B, out, in]`` each)."""
+    return tuple(outer_sum(left, right)
+                 for left, right in level_grad_factors(kind, weights, n, activations, error))
 
 
 def linear_transpose(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -67,7 +67,8 @@ def loss_of(y, state):
 CONFIGS = [
     dict(),
     dict(momentum=False, weight_decay=False, dgd=False, conv=False),
-    dict(input_projection=False, output_gate=False, activation="silu", inner_depth=3),
+    dict(input_projection=False, normalize_inputs=False, output_gate=False, activation="silu",
+         inner_depth=3),
     dict(chunk_size=1, inner_chunk_size=1, heads=1),
     dict(chunk_size=16, inner_chunk_size=16),  # T < both chunks: nothing updates
     dict(chunk_size=3, inner_chunk_size=5, depth=3),
@@ -207,3 +208,18 @@ def test_bad_input_and_state():
     _, other = make(conv=False)(inputs())
     with pytest.raises(NestlearnError, match=r"state\.conv_tail"):
         layer(inputs(), other)
+
+
+def test_default_memories_stay_bounded_on_a_long_stream():
+    # Self-generated targets M(v) feed the memories' own scale back to them; with unit-norm
+    # inputs the default gates reach a steady size (unnormalized inputs blow up to inf here).
+    torch.manual_seed(0)
+    layer = SelfModifyingTitans(SelfModifyingTitansConfig(dim=32, chunk_size=16,
+                                                          inner_chunk_size=16))
+    x = torch.randn(1, 1024, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        y_half, half = layer(x[:, :512])
+        y_end, end = layer(x[:, 512:], half)
+    assert torch.isfinite(y_half).all() and torch.isfinite(y_end).all()
+    for middle, last in zip(half.inner.memory.weights, end.inner.memory.weights, strict=True):
+        assert last.norm() < 1.5 * middle.norm()

@@ -69,6 +69,7 @@ class SelfModifyingTitansConfig:
         activation: the memories' non-linearity.
         input_projection: each inner memory reads its own linear projection of x (``x W_*``);
             off = they all read x split into heads (needs ``dim == heads * head_dim``).
+        normalize_inputs: L2-normalize each head of the memories' inputs (after the conv).
         conv, conv_width: depthwise causal conv on the memories' inputs and on q.
         eta_max: upper end of the learning rate eta_t.
         output_gate: multiply the read-out by SiLU(x W_g) before the output projection.
@@ -89,6 +90,7 @@ class SelfModifyingTitansConfig:
     dgd: bool = True
     activation: str = "gelu"
     input_projection: bool = True
+    normalize_inputs: bool = True
     conv: bool = True
     conv_width: int = 4
     eta_max: float = 0.1
@@ -110,8 +112,8 @@ class SelfModifyingTitansConfig:
             check_int(name, getattr(self, name), 1)
         check_choice("activation", self.activation, ACTIVATIONS)
         check_positive("eta_max", self.eta_max)
-        for name in ("momentum", "weight_decay", "dgd", "input_projection", "conv",
-                     "output_gate", "use_naive"):
+        for name in ("momentum", "weight_decay", "dgd", "input_projection", "normalize_inputs",
+                     "conv", "output_gate", "use_naive"):
             if not isinstance(getattr(self, name), bool):
                 raise invalid(name, repr(getattr(self, name)), "True or False")
         if not self.input_projection and self.dim != self.heads * self.head_dim:
@@ -204,6 +206,11 @@ class SelfModifyingTitans(nn.Module):
         reads = features[..., inner:].unflatten(-1, (-1, c.head_dim))
         if self.inputs is None:
             reads = reads.repeat(1, 1, 4, 1)  # every inner memory reads the same x
+        if c.normalize_inputs:
+            # Unit-norm inputs, like the unit-norm keys the memories are trained on: otherwise
+            # the self-generated targets M(v) carry the input's scale and the memories' gain
+            # grows chunk after chunk (see MEMORY_LAYERS.md).
+            reads = F.normalize(reads, dim=-1)
         return q, reads, tail
 
     def _inner_update(self, state: ChunkedMemoryState) -> DeepMemoryState:

@@ -13,6 +13,7 @@ from nestlearn.nn.self_modifying import (
     SelfModifyingTitans,
     SelfModifyingTitansConfig,
 )
+from nestlearn.ops.deep_memory import DeepMemoryState, deep_memory_apply, deep_memory_naive
 
 DIM = 8
 HEADS = 2
@@ -223,3 +224,32 @@ def test_default_memories_stay_bounded_on_a_long_stream():
     assert torch.isfinite(y_half).all() and torch.isfinite(y_end).all()
     for middle, last in zip(half.inner.memory.weights, end.inner.memory.weights, strict=True):
         assert last.norm() < 1.5 * middle.norm()
+
+
+def test_inner_update_regresses_each_memory_on_its_own_targets():
+    # Rebuild the first inner chunk's update by hand, one memory at a time, with the
+    # token-by-token op: keys k = normalize(M_k(x^k)), targets v_hat_* = M_*(v), v = M_v(x^v).
+    layer = make()
+    size = layer.config.inner_chunk_size
+    x = inputs(length=size)
+    _, state = layer(x)
+    assert state.inner.pending == 0
+    _, reads, _ = layer._features(x, None)
+    per_memory = [tuple(w[i * HEADS:(i + 1) * HEADS] for w in layer.inner_weights)
+                  for i in range(len(INNER_MEMORIES))]
+    outputs = [deep_memory_apply(weights, reads[:, :, i * HEADS:(i + 1) * HEADS])
+               for i, weights in enumerate(per_memory)]
+    k = torch.nn.functional.normalize(outputs[0], dim=-1)
+    v = outputs[1]
+    eta = layer.config.eta_max * torch.sigmoid(
+        (outputs[2] * layer.eta_readout).sum(-1) + layer.eta_bias)
+    alpha = torch.sigmoid((outputs[3] * layer.alpha_readout).sum(-1) + layer.alpha_bias)
+    theta = torch.sigmoid(layer.theta(x))
+    for i, weights in enumerate(per_memory):
+        targets = deep_memory_apply(weights, v)
+        _, expected = deep_memory_naive(k, k, targets, alpha, eta, theta,
+                                        initial_state=DeepMemoryState(weights), dgd=True,
+                                        output_final_state=True, chunk_size=size)
+        for got, want in zip(state.inner.memory.weights, expected.weights, strict=True):
+            torch.testing.assert_close(got[:, i * HEADS:(i + 1) * HEADS], want,
+                                       rtol=1e-10, atol=1e-12, msg=INNER_MEMORIES[i])

@@ -17,6 +17,7 @@ from torch import nn
 
 from nestlearn.errors import invalid
 from nestlearn.nn.cms import CMSConfig, ContinuumMemory, ContinuumMemoryState
+from nestlearn.nn.hope_block import HOPEBlock as HOPEBlock  # re-export: both HOPE blocks
 from nestlearn.nn.transformer import AttentionState, CausalSelfAttention, RMSNorm
 
 

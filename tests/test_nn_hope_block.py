@@ -92,7 +92,7 @@ def test_causal():
     assert not torch.allclose(y_changed[:, 6:], y[:, 6:])
 
 
-@pytest.mark.parametrize("cuts", [(1, 2, 6, 7, 9), (4,), (5,)])
+@pytest.mark.parametrize("cuts", [(1, 2, 6, 7, 9), (4,), (5,), tuple(range(1, 11))])
 def test_segments_cut_anywhere_equal_one_pass(cuts):
     block = make()
     x = inputs()
@@ -124,6 +124,12 @@ def test_gradients_reach_meta_learned_initial_states():
         for weight in block.cms.initial_weights(level):
             assert weight.grad is not None and weight.grad.abs().max() > 0
     assert block.norm.weight.grad.abs().max() > 0
+
+
+def test_reexported_from_nn_hope():
+    from nestlearn.nn import hope
+
+    assert hope.HOPEBlock is HOPEBlock
 
 
 def test_bad_config_and_input():

@@ -106,7 +106,7 @@ def test_causal(position):
 
 
 @pytest.mark.parametrize("overrides", [CONFIGS[0], CONFIGS[1], CONFIGS[2], CONFIGS[5]])
-@pytest.mark.parametrize("cuts", [(1, 2, 5, 7, 10), (4,), (5, 6)])
+@pytest.mark.parametrize("cuts", [(1, 2, 5, 7, 10), (4,), (5, 6), tuple(range(1, 11))])
 def test_segments_cut_anywhere_equal_one_pass(overrides, cuts):
     # Cuts fall inside both the main chunks (4) and the inner chunks (3): the state carries
     # each memory at its chunk start plus the chunk's pending tokens, so any cut is exact.

@@ -137,7 +137,7 @@ def test_causal(overrides):
 
 
 @pytest.mark.parametrize("overrides", CONFIGS[:3] + CONFIGS[5:])
-@pytest.mark.parametrize("cuts", [(3, 4, 5), (1, 2, 3, 5, 9, 10), (7,)])
+@pytest.mark.parametrize("cuts", [(3, 4, 5), (1, 2, 3, 5, 9, 10), (7,), tuple(range(1, 11))])
 def test_segments_cut_anywhere_equal_one_pass(overrides, cuts):
     layer = make(**overrides)
     x = inputs(length=11)

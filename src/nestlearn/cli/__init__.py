@@ -15,7 +15,7 @@ from nestlearn import __version__
 from nestlearn.errors import NestlearnError
 
 # Sub-command modules, in the order `nestlearn --help` lists them.
-COMMANDS: tuple[str, ...] = ("info", "bench", "data")
+COMMANDS: tuple[str, ...] = ("info", "bench", "data", "train", "eval", "generate", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

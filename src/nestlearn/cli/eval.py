@@ -1,0 +1,60 @@
+"""``nestlearn eval RUN_DIR``: loss, perplexity and bits per byte of a trained run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from nestlearn.errors import invalid
+
+
+def run(args: argparse.Namespace) -> int:
+    from nestlearn.data.tokens import TokenFile, write_token_file
+    from nestlearn.evaluate.perplexity import evaluate_split
+    from nestlearn.train import load_trained
+
+    model, config, tokenizer, step = load_trained(args.run_dir)
+    if args.max_batches is not None and args.max_batches < 1:
+        raise invalid("--max-batches", args.max_batches, "an integer >= 1")
+    split = args.split or config.data.eval_split
+    seq_len = args.seq_len or config.data.seq_len
+    if seq_len < 1:
+        raise invalid("--seq-len", seq_len, "an integer >= 1")
+    path = args.run_dir / "data" / split
+    if not path.with_suffix(".json").exists():
+        from nestlearn.data.corpora import load_documents
+
+        write_token_file(path, load_documents(config.data.corpus, split), tokenizer)
+    token_file = TokenFile(path)
+    token_file.check_tokenizer(tokenizer)
+    result = evaluate_split(model, token_file, seq_len, config.data.batch_size,
+                            max_batches=args.max_batches)
+    report = {"run": str(args.run_dir), "step": step, "split": split, "seq_len": seq_len,
+              **result.to_dict()}
+    (args.run_dir / f"eval_{split}.json").write_text(json.dumps(report, indent=2))
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"{args.run_dir} step {step} | {split}: loss {result.loss:.4f} nats/token, "
+              f"ppl {result.ppl:.2f}, bpb {result.bpb:.4f} ({result.tokens} tokens)")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from pathlib import Path
+
+    parser = subparsers.add_parser(
+        "eval", help="evaluate a trained run: loss, perplexity, bits per byte",
+        description="Score every token of a split with the run's latest checkpoint "
+                    "(consecutive windows, each target once). Writes RUN_DIR/eval_SPLIT.json.",
+    )
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR",
+                        help="folder written by `nestlearn train`")
+    parser.add_argument("--split", choices=("train", "validation", "test"),
+                        help="split to score (default: the run's data.eval_split)")
+    parser.add_argument("--seq-len", type=int, metavar="T",
+                        help="window length (default: the run's data.seq_len)")
+    parser.add_argument("--max-batches", type=int, metavar="N",
+                        help="stop after N batches (default: the whole split)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.set_defaults(func=run)

@@ -1,0 +1,72 @@
+"""``nestlearn generate RUN_DIR --prompt TEXT``: sample a continuation from a trained run."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from nestlearn.errors import NestlearnError, invalid
+
+GLOBAL_ATTENTION_ARCHS = ("transformer", "hope-attention")
+
+
+def default_context(config) -> int | None:
+    """The training context for models whose attention sees the whole prompt (positions past
+    it were never trained); recurrent and sliding-window models have no such limit."""
+    if config.model.arch in GLOBAL_ATTENTION_ARCHS and getattr(config.model, "window", 0) is None:
+        return config.data.seq_len
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from nestlearn.models import generate
+    from nestlearn.train import load_trained
+
+    if args.max_new_tokens < 0:
+        raise invalid("--max-new-tokens", args.max_new_tokens, "an integer >= 0")
+    if args.temperature < 0:
+        raise invalid("--temperature", args.temperature, "a number >= 0 (0 = greedy)")
+    if args.top_k is not None and args.top_k < 1:
+        raise invalid("--top-k", args.top_k, "an integer >= 1")
+    model, config, tokenizer, _ = load_trained(args.run_dir)
+    # A document starts after an end-of-document token: this is how the model saw text.
+    ids = [tokenizer.eod_id, *tokenizer.encode(args.prompt)]
+    limit = args.max_context or default_context(config)
+    if limit is not None and len(ids) - 1 > limit:
+        raise NestlearnError(
+            f"--prompt: {len(ids) - 1} tokens; allowed: at most {limit} (the context the "
+            "model was trained on; --max-context raises it)"
+        )
+    generator = torch.Generator().manual_seed(args.seed)
+    out = generate(model, torch.tensor([ids]), args.max_new_tokens,
+                   temperature=args.temperature, top_k=args.top_k, generator=generator)
+    text = tokenizer.decode(out[0, len(ids):].tolist())
+    print(args.prompt + text)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from pathlib import Path
+
+    parser = subparsers.add_parser(
+        "generate", help="sample text from a trained run",
+        description="Continue --prompt with the run's latest checkpoint. Recurrent models "
+                    "(HOPE, Titans) carry their memory state token by token; the Transformer "
+                    "uses a KV cache.",
+    )
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR",
+                        help="folder written by `nestlearn train`")
+    parser.add_argument("--prompt", default="", help="text to continue (default: empty)")
+    parser.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
+                        help="tokens to sample (default 200)")
+    parser.add_argument("--temperature", type=float, default=0.8,
+                        help="sampling temperature; 0 decodes greedily (default 0.8)")
+    parser.add_argument("--top-k", type=int, default=None, metavar="K",
+                        help="sample among the K most likely tokens (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--max-context", type=int, default=None, metavar="T",
+                        help="refuse prompts longer than T tokens (default: the training "
+                             "context for global-attention models, no limit for recurrent "
+                             "and sliding-window ones)")
+    parser.set_defaults(func=run)

@@ -219,18 +219,21 @@ def deep_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.
                            chunk_size)
     batch, length = q.shape[:2]
     weights, momentum = batched_state(initial_state, batch, theta is not None)
-    queries, keys, values = _heads_first(q), _heads_first(k), _heads_first(v)
-    alpha_h, eta_h = _heads_first(alpha), _heads_first(eta)
-    theta_h = _heads_first(theta) if theta is not None else None
+    # torch.split, not slicing: its backward writes every chunk's gradient into one tensor,
+    # where per-chunk slices would each allocate and add a full-length zero gradient (O(T^2)).
+    def chunks(x: torch.Tensor | None) -> list[torch.Tensor | None]:
+        if x is None:
+            return [None] * num_chunks
+        return list(torch.split(_heads_first(x), chunk_size, dim=2))
+
+    num_chunks = -(-length // chunk_size)
+    parts = zip(*(chunks(x) for x in (q, k, v, alpha, eta, theta)), strict=True)
     outputs = []
-    for start in range(0, length, chunk_size):
-        part = slice(start, start + chunk_size)
-        need_state = output_final_state or start + chunk_size < length
+    for index, (q_c, k_c, v_c, alpha_c, eta_c, theta_c) in enumerate(parts):
+        need_state = output_final_state or index < num_chunks - 1
         out, new_weights, new_momentum = _chunk(
-            weights, momentum, queries[:, :, part], keys[:, :, part], values[:, :, part],
-            alpha_h[:, :, part], eta_h[:, :, part],
-            theta_h[:, :, part] if theta_h is not None else None,
-            objective, activation, dgd, need_state)
+            weights, momentum, q_c, k_c, v_c, alpha_c, eta_c, theta_c, objective, activation,
+            dgd, need_state)
         outputs.append(out)
         if need_state:
             weights, momentum = new_weights, new_momentum

@@ -8,6 +8,7 @@ def test_info_prints_versions(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "nestlearn" in out and "torch" in out and "threads" in out
+    assert "shakespeare:" in out
 
 
 def test_python_dash_m_runs():

@@ -8,6 +8,7 @@ import platform
 import torch
 
 from nestlearn import __version__
+from nestlearn.data import corpus_status
 
 
 def info_lines() -> list[str]:
@@ -18,7 +19,11 @@ def info_lines() -> list[str]:
         f"torch {torch.__version__}",
         f"device: {device}",
         f"threads: {torch.get_num_threads()}",
+        "corpora:",
     ]
+    for status in corpus_status():
+        readiness = "ready" if status.ready else "not prepared"
+        lines.append(f"  {status.name}: {readiness} ({status.source})")
     return lines
 
 

@@ -73,6 +73,7 @@ CONFIGS = [
     dict(chunk_size=1, inner_chunk_size=1, heads=1),
     dict(chunk_size=16, inner_chunk_size=16),  # T < both chunks: nothing updates
     dict(chunk_size=3, inner_chunk_size=5, depth=3),
+    dict(memory_target="self", chunk_size=3),
 ]
 
 
@@ -105,7 +106,7 @@ def test_causal(position):
     assert not torch.allclose(y_changed[:, position:], y[:, position:])
 
 
-@pytest.mark.parametrize("overrides", [CONFIGS[0], CONFIGS[1], CONFIGS[2], CONFIGS[5]])
+@pytest.mark.parametrize("overrides", [CONFIGS[0], CONFIGS[1], CONFIGS[2], CONFIGS[5], CONFIGS[6]])
 @pytest.mark.parametrize("cuts", [(1, 2, 5, 7, 10), (4,), (5, 6), tuple(range(1, 11))])
 def test_segments_cut_anywhere_equal_one_pass(overrides, cuts):
     # Cuts fall inside both the main chunks (4) and the inner chunks (3): the state carries
@@ -175,7 +176,7 @@ def test_init_state_equals_no_state():
 @pytest.mark.parametrize("field, value", [
     ("dim", 0), ("heads", 3), ("depth", 1), ("inner_depth", 1), ("chunk_size", 0),
     ("inner_chunk_size", 0), ("activation", "elu"), ("eta_max", 0.0), ("dgd", 1),
-    ("input_projection", "no"),
+    ("input_projection", "no"), ("memory_target", "v_hat"), ("normalize_inputs", None),
 ])
 def test_bad_config_names_field(field, value):
     options = dict(dim=DIM, heads=HEADS)
@@ -253,3 +254,19 @@ def test_inner_update_regresses_each_memory_on_its_own_targets():
         for got, want in zip(state.inner.memory.weights, expected.weights, strict=True):
             torch.testing.assert_close(got[:, i * HEADS:(i + 1) * HEADS], want,
                                        rtol=1e-10, atol=1e-12, msg=INNER_MEMORIES[i])
+
+
+def test_self_target_main_memory_learns_its_own_output_of_v():
+    # memory_target="self": the pending values of the main memory's current chunk are
+    # M_memory(v_t) with the memory at the chunk's start, not v_t itself.
+    layer = make(memory_target="self")
+    plain = make(memory_target="v")
+    x = inputs(length=6)  # one main chunk of 4, then 2 pending tokens
+    _, state = layer(x)
+    _, plain_state = plain(x)
+    assert state.memory.pending == 2
+    chunk_start = state.memory.memory
+    v = plain_state.memory.values  # same parameters, so the same generated v_t
+    expected = deep_memory_apply(chunk_start.weights, v)
+    torch.testing.assert_close(state.memory.values, expected, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(state.memory.values, v)

@@ -73,17 +73,35 @@ def empty_chunked_state(memory: DeepMemoryState, batch: int, heads: int, dim: in
 
 
 MemoryOp = Callable[..., tuple[torch.Tensor, DeepMemoryState | None]]
+ValueMap = Callable[[DeepMemoryState, torch.Tensor], torch.Tensor]
 
 
 def run_chunked_memory(op: MemoryOp, state: ChunkedMemoryState, q: torch.Tensor, k: torch.Tensor,
                        v: torch.Tensor, alpha: torch.Tensor, eta: torch.Tensor,
-                       theta: torch.Tensor | None, *, chunk_size: int, **op_kwargs: object
+                       theta: torch.Tensor | None, *, chunk_size: int,
+                       value_map: ValueMap | None = None, **op_kwargs: object
                        ) -> tuple[torch.Tensor, ChunkedMemoryState]:
     """Outputs ``o [B, T, H, D]`` of ``op`` for the new tokens and the state after them.
 
     ``op`` is ``deep_memory`` or ``deep_memory_naive``; chunk boundaries are counted from the
-    start of the stream, whatever the segment boundaries.
+    start of the stream, whatever the segment boundaries. ``value_map(memory, v)``, if given,
+    turns each chunk's values into the values the memory learns, from the memory at the
+    chunk's start (self-generated targets v_hat = M(v), PAPER.md section 5).
     """
+    if value_map is not None:
+        outputs = []
+        start = 0
+        while start < k.shape[1]:
+            # Each piece ends at or before the next chunk boundary: one chunk-start memory.
+            stop = min(k.shape[1], start + chunk_size - state.pending)
+            piece = slice(start, stop)
+            out, state = run_chunked_memory(
+                op, state, q[:, piece], k[:, piece], value_map(state.memory, v[:, piece]),
+                alpha[:, piece], eta[:, piece], None if theta is None else theta[:, piece],
+                chunk_size=chunk_size, **op_kwargs)
+            outputs.append(out)
+            start = stop
+        return torch.cat(outputs, 1), state
     replayed = state.pending
     keys = torch.cat([state.keys, k], 1)
     values = torch.cat([state.values, v], 1)

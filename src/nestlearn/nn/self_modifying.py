@@ -48,6 +48,8 @@ from nestlearn.ops.deep_memory import (
 
 # Order of the inner memories along the stacked head axis.
 INNER_MEMORIES = ("k", "v", "eta", "alpha")
+# What the main memory learns to output for k_t: v_t, or its own v_hat = M_memory(v_t).
+MEMORY_TARGETS = ("v", "self")
 
 
 @dataclass
@@ -73,6 +75,8 @@ class SelfModifyingTitansConfig:
         conv, conv_width: depthwise causal conv on the memories' inputs and on q.
         eta_max: upper end of the learning rate eta_t.
         output_gate: multiply the read-out by SiLU(x W_g) before the output projection.
+        memory_target: the main memory's values: ``"v"`` the generated v_t (as in Titans) or
+            ``"self"`` its own v_hat_t = M_memory(v_t) from its state at the start of its chunk.
         use_naive: per-token reference ops instead of the chunkwise ones (for tests).
     """
 
@@ -95,6 +99,7 @@ class SelfModifyingTitansConfig:
     conv_width: int = 4
     eta_max: float = 0.1
     output_gate: bool = True
+    memory_target: str = "v"
     use_naive: bool = False
 
     def __post_init__(self) -> None:
@@ -111,6 +116,7 @@ class SelfModifyingTitansConfig:
                      "conv_width"):
             check_int(name, getattr(self, name), 1)
         check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("memory_target", self.memory_target, MEMORY_TARGETS)
         check_positive("eta_max", self.eta_max)
         for name in ("momentum", "weight_decay", "dgd", "input_projection", "normalize_inputs",
                      "conv", "output_gate", "use_naive"):
@@ -271,6 +277,10 @@ class SelfModifyingTitans(nn.Module):
         k, v, alpha, eta = (torch.cat(parts, 1) for parts in zip(*pieces, strict=True))
         return k, v, alpha, eta, state
 
+    def _self_targets(self, memory: DeepMemoryState, values: torch.Tensor) -> torch.Tensor:
+        """The main memory's own targets v_hat = M_memory(v) (``memory_target="self"``)."""
+        return deep_memory_apply(memory.weights, values, activation=self.config.activation)
+
     def forward(self, x: torch.Tensor, state: SelfModifyingTitansState | None = None
                 ) -> tuple[torch.Tensor, SelfModifyingTitansState]:
         c = self.config
@@ -289,9 +299,10 @@ class SelfModifyingTitans(nn.Module):
         theta = torch.sigmoid(self.theta(x)) if self.theta is not None else None
         k, v, alpha, eta, inner = self._run_inner(reads, theta, state.inner)
         op = deep_memory_naive if c.use_naive else deep_memory
+        value_map = self._self_targets if c.memory_target == "self" else None
         o, memory = run_chunked_memory(op, state.memory, q, k, v, alpha, eta, theta,
-                                       chunk_size=c.chunk_size, objective="l2",
-                                       activation=c.activation, dgd=c.dgd)
+                                       chunk_size=c.chunk_size, value_map=value_map,
+                                       objective="l2", activation=c.activation, dgd=c.dgd)
         o = self.norm(o).flatten(2)
         if self.out_gate is not None:
             o = o * F.silu(self.out_gate(x))

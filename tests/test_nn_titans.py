@@ -104,6 +104,7 @@ CONFIGS = [
     dict(chunk_size=1, heads=1, activation="tanh"),
     dict(chunk_size=16),  # T < chunk
     dict(dgd=True, depth=3, persistent_tokens=2),
+    dict(head_dim=3, expansion=1),  # heads * head_dim != dim
 ]
 
 

@@ -77,6 +77,7 @@ class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)  # step -> train loss, this call
     evals: dict[int, dict[str, float]] = field(default_factory=dict)
     checkpoint: Path | None = None
+    rank: int = 0  # under torchrun, only rank 0 reports
 
 
 @dataclass
@@ -451,7 +452,8 @@ class Trainer:
     def run(self, stop_at: int | None = None) -> TrainResult:
         """Train until ``train.steps`` (or ``stop_at``, as if interrupted there)."""
         cfg = self.config.train
-        result = TrainResult(run_dir=self.run_dir, step=self.step, status="completed")
+        result = TrainResult(run_dir=self.run_dir, step=self.step, status="completed",
+                             rank=self.ctx.rank)
         bar = None
         if self.progress and self.ctx.is_main and self.step < cfg.steps:
             from tqdm import tqdm

@@ -175,6 +175,20 @@ def test_no_momentum_equals_zero_momentum_gate():
     assert_close_all([out, *state.weights], [out0, *state0.weights], "theta=None vs theta=0")
 
 
+def test_missing_momentum_starts_at_zero_and_final_state_is_optional():
+    case = make_case(momentum=True)
+    zeros = {**case, "momentum": tuple(torch.zeros_like(m) for m in case["momentum"])}
+    out, state = run(deep_memory, {**case, "momentum": None}, dgd=True, chunk_size=4)
+    want_out, want_state = run(deep_memory_naive, zeros, dgd=True, chunk_size=4)
+    assert_close_all(flat_result(out, state), flat_result(want_out, want_state), "zero momentum")
+    state_obj = DeepMemoryState(case["weights"], case["momentum"])
+    plain, none = deep_memory(case["q"], case["k"], case["v"], case["alpha"], case["eta"],
+                              case["theta"], initial_state=state_obj, dgd=True, chunk_size=4)
+    full, _ = run(deep_memory, case, dgd=True, chunk_size=4)
+    assert none is None
+    assert rel_error(plain, full) < 1e-14
+
+
 def zero_gate_case():
     case = make_case(momentum=True)
     case["alpha"][:, 3] = 0.0  # forget everything at token 3 ...

@@ -146,3 +146,15 @@ def test_bad_period_in_groups_and_wrapped_twice_are_rejected():
         MultiFrequency(wrapped)
     with pytest.raises(NestlearnError, match="optimizer"):
         MultiFrequency(model)
+
+
+def test_gathered_gradient_is_applied_even_without_a_gradient_at_the_boundary():
+    weight = torch.nn.Parameter(torch.zeros(2, 2, dtype=torch.float64))
+    opt = MultiFrequency(torch.optim.SGD([weight], lr=1.0), [2])
+    weight.grad = torch.ones(2, 2, dtype=torch.float64)
+    opt.step()
+    assert torch.equal(weight, torch.zeros(2, 2, dtype=torch.float64))
+    weight.grad = None
+    opt.step()
+    assert torch.equal(weight, -torch.ones(2, 2, dtype=torch.float64))
+    assert weight.grad is None

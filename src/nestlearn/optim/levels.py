@@ -106,27 +106,27 @@ class MultiFrequency(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.steps += 1
-        hidden: list[tuple[torch.Tensor, torch.Tensor]] = []
+        replaced: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         for group in self.param_groups:
             if group["period"] == 1:
                 continue
             boundary = self._gather(group)
             for param in group["params"]:
-                if param.grad is None:
-                    continue
-                hidden.append((param, param.grad))
                 state = self.state[param]
-                if boundary:
+                if boundary and "gradient_sum" in state:
+                    # Applied even if this last step gave the parameter no gradient.
+                    replaced.append((param, param.grad))
                     gathered = state.pop("gradient_sum")
                     if self.reduction == "mean":
                         gathered.div_(group["period"])
                     param.grad = gathered
-                else:
+                elif param.grad is not None:
+                    replaced.append((param, param.grad))
                     param.grad = None
         try:
             self.optimizer.step()
         finally:
-            for param, grad in hidden:
+            for param, grad in replaced:
                 param.grad = grad
         return loss
 

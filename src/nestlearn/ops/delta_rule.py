@@ -68,21 +68,25 @@ def gated_delta_rule(
     # u_t = eta_t (v_t - M_{t-1} k_t), i.e. (I + A) U = eta V - (eta start_before K) M_0^T.
     system = ec[..., :, None] * decay_before * (kc @ kc.transpose(-1, -2))
     system = system + torch.eye(size, dtype=q.dtype, device=q.device)
-    value_writes = torch.linalg.solve_triangular(
-        system, ec[..., None] * vc, upper=False, unitriangular=True
+    # One solve for both right-hand sides: the writes are value_writes - key_writes M_0^T.
+    solved = torch.linalg.solve_triangular(
+        system, torch.cat([ec[..., None] * vc, (ec * start_before)[..., None] * kc], dim=-1),
+        upper=False, unitriangular=True,
     )
-    key_writes = torch.linalg.solve_triangular(
-        system, (ec * start_before)[..., None] * kc, upper=False, unitriangular=True
-    )
+    value_writes, key_writes = solved.split([vc.shape[-1], kc.shape[-1]], dim=-1)
     keys_to_end = to_end[..., 1:, None] * kc
 
+    # Per-chunk pieces come from unbind (not indexing): its backward is one stack, where
+    # indexing chunk n would scatter into a full-size zero gradient for every chunk.
     starts, writes = [], []
-    for n in range(qc.shape[2]):
+    for chunk_values, chunk_keys, total, chunk_keys_to_end in zip(
+        value_writes.unbind(2), key_writes.unbind(2), to_end[..., 0, None, None].unbind(2),
+        keys_to_end.unbind(2), strict=True,
+    ):
         starts.append(memory)
-        chunk_writes = value_writes[:, :, n] - key_writes[:, :, n] @ memory.transpose(-1, -2)
+        chunk_writes = chunk_values - chunk_keys @ memory.transpose(-1, -2)
         writes.append(chunk_writes)
-        memory = (to_end[:, :, n, 0, None, None] * memory
-                  + chunk_writes.transpose(-1, -2) @ keys_to_end[:, :, n])
+        memory = total * memory + chunk_writes.transpose(-1, -2) @ chunk_keys_to_end
     start_states = torch.stack(starts, dim=2)
     all_writes = torch.stack(writes, dim=2)
 

@@ -63,10 +63,12 @@ def gated_linear_attention(
     intra = scores @ vc
     increments = (vc * (ec * to_end[..., 1:])[..., None]).transpose(-1, -2) @ kc
 
+    # unbind, not indexing: its backward is one stack instead of a full-size scatter per chunk.
     starts = []
-    for n in range(qc.shape[2]):
+    for total, increment in zip(to_end[..., 0, None, None].unbind(2), increments.unbind(2),
+                                strict=True):
         starts.append(memory)
-        memory = to_end[:, :, n, 0, None, None] * memory + increments[:, :, n]
+        memory = total * memory + increment
     start_states = torch.stack(starts, dim=2)
     inter = from_start[..., None] * (qc @ start_states.transpose(-1, -2))
     out = merge_tokens(intra + inter, length)

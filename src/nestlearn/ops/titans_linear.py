@@ -94,20 +94,23 @@ def titans_linear(
     scaled_values = ec[..., None] * vc
     scaled_keys = ec[..., None] * kc
 
+    # unbind, not indexing: its backward is one stack instead of a full-size scatter per chunk.
     memory_starts, momentum_starts, all_writes = [], [], []
-    for n in range(chunks):
+    for values_n, keys_n, to_memory_n, to_momentum_n, memory_total, momentum_total, mixed_n in zip(
+        scaled_values.unbind(2), scaled_keys.unbind(2), keys_to_memory.unbind(2),
+        keys_to_momentum.unbind(2), memory_end[..., 0, None, None].unbind(2),
+        momentum_end[..., 0, None, None].unbind(2), mixed_end[..., 0, None, None].unbind(2),
+        strict=True,
+    ):
         memory_starts.append(memory)
         momentum_starts.append(momentum)
         # writes e_i = -eta_i (M_0 k_i - v_i): negative gradients at the chunk start.
-        writes = scaled_values[:, :, n] - scaled_keys[:, :, n] @ memory.transpose(-1, -2)
+        writes = values_n - keys_n @ memory.transpose(-1, -2)
         all_writes.append(writes)
         writes_t = writes.transpose(-1, -2)
         memory, momentum = (
-            memory_end[:, :, n, 0, None, None] * memory
-            + mixed_end[:, :, n, 0, None, None] * momentum
-            + writes_t @ keys_to_memory[:, :, n],
-            momentum_end[:, :, n, 0, None, None] * momentum
-            + writes_t @ keys_to_momentum[:, :, n],
+            memory_total * memory + mixed_n * momentum + writes_t @ to_memory_n,
+            momentum_total * momentum + writes_t @ to_momentum_n,
         )
     memory_starts_t = torch.stack(memory_starts, dim=2).transpose(-1, -2)
     momentum_starts_t = torch.stack(momentum_starts, dim=2).transpose(-1, -2)

@@ -32,7 +32,7 @@ DEEP_MEMORY_EXPANSION = 4
 
 COLUMNS = [
     "rule", "T", "chunkwise tok/s", "naive tok/s", "speedup", "chunkwise MB", "naive MB",
-    "chunkwise KB/token",
+    "chunkwise KB/token", "note",
 ]
 
 
@@ -114,6 +114,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, default=4, help="heads H (default: 4)")
     parser.add_argument("--dim", type=int, default=64, help="head dim D (default: 64)")
     parser.add_argument("--chunk-size", type=int, default=64, help="chunk size (default: 64)")
+    parser.add_argument("--max-gb", type=float, default=8.0,
+                        help="skip a cell whose peak memory, extrapolated linearly in T from "
+                             "the same rule's previous length, exceeds this (default: 8)")
     parser.add_argument("--out", default="results/bench",
                         help="folder for ops.json (default: results/bench)")
 
@@ -127,6 +130,8 @@ def _check_args(args: argparse.Namespace) -> None:
         for item in value if isinstance(value, list) else [value]:
             if item is not None and item < 1:
                 raise invalid(f"--{name.replace('_', '-')}", item, "integers >= 1")
+    if not args.max_gb > 0:
+        raise invalid("--max-gb", args.max_gb, "a number > 0")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -134,32 +139,52 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    cells = [(rule, length, variant) for rule in args.rules for length in args.lengths
-             for variant in VARIANTS]
+    lengths = sorted(set(args.lengths))
 
     def config(rule: str, length: int, variant: str) -> dict[str, Any]:
         return {"rule": rule, "variant": variant, "length": length, "batch": args.batch,
                 "heads": args.heads, "dim": args.dim, "chunk_size": args.chunk_size}
 
     # Memory first: a spawned child's peak RSS counts the parent's RSS at spawn time, so the
-    # probes run while this process holds nothing but its imports.
-    memory = {cell: peak_memory_mb(make_workload, threads=threads, **config(*cell))
-              for cell in cells}
+    # probes run while this process holds nothing but its imports. Lengths go up, and a cell
+    # whose memory, extrapolated linearly from the previous length, would pass --max-gb is
+    # skipped (the per-token references keep every token's state for the backward pass).
+    memory: dict[tuple[str, int, str], float] = {}
+    skipped: dict[tuple[str, int, str], float] = {}
+    for rule in args.rules:
+        for variant in VARIANTS:
+            previous: tuple[int, float] | None = None
+            for length in lengths:
+                cell = (rule, length, variant)
+                if previous is not None:
+                    estimate = previous[1] * length / previous[0]
+                    if estimate > args.max_gb * 1024:
+                        skipped[cell] = estimate
+                        continue
+                memory[cell] = peak_memory_mb(make_workload, threads=threads, **config(*cell))
+                previous = (length, memory[cell])
     speed = {cell: args.batch * cell[1] / time_call(make_workload(**config(*cell)),
                                                     repeats=args.repeats)
-             for cell in cells}
+             for cell in memory}
     rows = []
     for rule in args.rules:
-        for length in args.lengths:
+        for length in lengths:
             row: dict[str, Any] = {
                 "rule": rule, "T": length, "B": args.batch, "H": args.heads, "D": args.dim,
                 "chunk_size": args.chunk_size, "dtype": "float32", "threads": threads,
             }
+            notes = []
             for variant in VARIANTS:
-                row[f"{variant} tok/s"] = speed[rule, length, variant]
-                row[f"{variant} MB"] = memory[rule, length, variant]
-            row["speedup"] = row["chunkwise tok/s"] / row["naive tok/s"]
-            row["chunkwise KB/token"] = row["chunkwise MB"] * 1024 / (args.batch * length)
+                cell = (rule, length, variant)
+                row[f"{variant} tok/s"] = speed.get(cell)
+                row[f"{variant} MB"] = memory.get(cell)
+                if cell in skipped:
+                    notes.append(f"{variant} skipped: ~{skipped[cell] / 1024:.1f} GB estimated")
+            if row["chunkwise tok/s"] and row["naive tok/s"]:
+                row["speedup"] = row["chunkwise tok/s"] / row["naive tok/s"]
+            if row["chunkwise MB"] is not None:
+                row["chunkwise KB/token"] = row["chunkwise MB"] * 1024 / (args.batch * length)
+            row["note"] = "; ".join(notes) or None
             rows.append(row)
     write_report("ops", rows, COLUMNS, args.out)
     return 0

@@ -117,6 +117,22 @@ def test_nan_loss_stops_and_names_the_loss(corpus, tmp_path):
         trainer.run()
 
 
+def test_model_error_during_training_stops_with_the_step(corpus, tmp_path):
+    config = tiny_config(corpus, tmp_path / "run", "train.steps=10")
+    trainer = Trainer(config, progress=False)
+    forward = trainer.model.forward
+
+    def failing(ids, state=None):
+        if trainer.step + 1 == 3:
+            raise NestlearnError("alpha: got non-finite values; allowed: finite values")
+        return forward(ids, state)
+
+    trainer.model.forward = failing
+    with pytest.raises(NonFiniteError, match=r"step 3: NaN/Inf in the forward pass \(alpha: got"):
+        trainer.run()
+    assert (tmp_path / "run" / "checkpoints" / "step_00000002").exists()
+
+
 def test_nan_gradient_names_the_parameter(corpus, tmp_path):
     config = tiny_config(corpus, tmp_path / "run", "train.steps=10")
     trainer = Trainer(config, progress=False)

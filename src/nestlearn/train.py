@@ -413,31 +413,41 @@ class Trainer:
         inputs, targets = self.sampler.next_batch()
         inputs = inputs.to(self.ctx.device)
         targets = targets.to(self.ctx.device)
-        with self.autocast:
-            logits, state = self.ddp_model(inputs)
-        loss_sum = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction="sum",
-        )
+        failure = None
+        try:
+            with self.autocast:
+                logits, state = self.ddp_model(inputs)
+            loss_sum = torch.nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                ignore_index=IGNORE_INDEX, reduction="sum",
+            )
+            failure = find_nonfinite(state, "memory state")
+        except NestlearnError as err:
+            # the inputs are valid token ids: a model error here means its values went bad
+            # (e.g. an op refusing non-finite gates); stop as for a NaN, naming the place
+            failure = f"the forward pass ({err})"
+            loss_sum = torch.zeros((), device=self.ctx.device)
+        # one all-reduce per step: loss sum, scored targets, ranks that failed
         local = torch.stack([loss_sum.detach().double(),
-                             (targets != IGNORE_INDEX).sum().double()])
-        total_sum, total_count = all_reduce_sum(local, self.ctx).tolist()
+                             (targets != IGNORE_INDEX).sum().double(),
+                             torch.tensor(float(failure is not None), dtype=torch.float64,
+                                          device=self.ctx.device)])
+        total_sum, total_count, failed = all_reduce_sum(local, self.ctx).tolist()
         loss_value = total_sum / max(total_count, 1.0)
+        if failure is None and failed == 0 and not math.isfinite(loss_value):
+            failure = "the loss"
+        if failed > 0 or failure is not None:
+            self._stop_nonfinite(failure or "another rank's forward pass or memory state",
+                                 loss_value, sampler_state, rng_state)
         # DDP averages gradients over ranks: scaling by world / global count makes the update
         # that of the mean loss over the whole global batch.
         loss = loss_sum * (self.ctx.world_size / max(total_count, 1.0))
-        where = find_nonfinite(state, "memory state")
-        if where is None and not math.isfinite(loss_value):
-            where = "the loss"
-        if any_rank(where is not None, self.ctx):
-            self._stop_nonfinite(where or "another rank's loss or memory state", loss_value,
-                                 sampler_state, rng_state)
         loss.backward()
+        # after DDP's all-reduce every rank holds the same gradients: a local check agrees
         bad_grad = nonfinite_gradient(self.model)
-        if any_rank(bad_grad is not None, self.ctx):
+        if bad_grad is not None:
             self.optimizer.zero_grad(set_to_none=True)
-            self._stop_nonfinite(bad_grad or "another rank's gradients", loss_value,
-                                 sampler_state, rng_state)
+            self._stop_nonfinite(bad_grad, loss_value, sampler_state, rng_state)
         clip = self.config.train.grad_clip
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)

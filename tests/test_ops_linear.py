@@ -264,3 +264,34 @@ def test_gradcheck(name):
         return (out, *state_tensors(final))
 
     assert torch.autograd.gradcheck(fn, tuple(leaves(inputs).values()))
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_initial_state_shared_by_the_batch(name):
+    """An initial state without the batch dim broadcasts; its gradient sums over the batch."""
+    rule = RULES[name]
+    inputs = make_inputs(rule, 3, 10, 2, 3, 4, seed=17)
+    state = inputs["initial_state"]
+    if isinstance(state, TitansLinearState):
+        inputs["initial_state"] = TitansLinearState(state.memory[0], state.momentum[1])
+    else:
+        inputs["initial_state"] = state[0]
+    out, final, grads = run_with_grads(rule.fast, inputs, 4)
+    ref_out, ref_final, ref_grads = run_with_grads(rule.naive, inputs, 4)
+    assert_close(out, ref_out, "output")
+    for got, want in zip(final, ref_final, strict=True):
+        assert got.shape[0] == 3
+        assert_close(got, want, "final state")
+    for arg in grads:
+        assert_close(grads[arg], ref_grads[arg], f"grad of {arg}")
+    shared = leaves({"initial_state": inputs["initial_state"]})
+    expanded = {
+        "initial_state": (
+            TitansLinearState(*(t.expand(3, *t.shape) for t in inputs["initial_state"]))
+            if isinstance(state, TitansLinearState)
+            else inputs["initial_state"].expand(3, *inputs["initial_state"].shape)
+        )
+    }
+    batched_out, _ = rule.fast(**{**inputs, **expanded}, chunk_size=4)
+    assert_close(out, batched_out, "output with the state expanded by hand")
+    assert all(grads[arg].dim() == 3 for arg in shared)

@@ -86,3 +86,19 @@ def check_rule_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         check_gate(name, gate, q, low, high)
     check_chunk_size(chunk_size)
     return sizes
+
+
+def check_matrix_state(name: str, state: torch.Tensor, batch: int, heads: int, rows: int,
+                       cols: int, q: torch.Tensor) -> torch.Tensor:
+    """A linear memory ``[B, H, rows, cols]``, or ``[H, rows, cols]`` shared by the batch.
+
+    Returns it as ``[B, H, rows, cols]`` (a broadcast view: gradients of a shared state sum
+    over the batch, which is how a layer's meta-learned initial memory is trained).
+    """
+    full = (batch, heads, rows, cols)
+    if not isinstance(state, torch.Tensor):
+        raise invalid(name, type(state).__name__, f"a torch.Tensor of shape {full}")
+    if tuple(state.shape) not in (full, full[1:]):
+        raise invalid(f"{name}.shape", tuple(state.shape), f"{full} or {full[1:]}")
+    check_same_kind(q, {name: state})
+    return state if state.dim() == 4 else state.expand(full)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from nestlearn.ops._chunking import merge_tokens, segment_products, split_gate, split_tokens
-from nestlearn.ops._validate import check_rule_inputs, check_state
+from nestlearn.ops._validate import check_matrix_state, check_rule_inputs
 
 
 def _check(q, k, v, alpha, eta, initial_state, chunk_size):
@@ -21,8 +21,7 @@ def _check(q, k, v, alpha, eta, initial_state, chunk_size):
     shape = (batch, heads, dv, dk)
     if initial_state is None:
         return length, q.new_zeros(shape)
-    check_state("initial_state", initial_state, shape, q)
-    return length, initial_state
+    return length, check_matrix_state("initial_state", initial_state, *shape, q)
 
 
 def gated_linear_attention(
@@ -40,7 +39,8 @@ def gated_linear_attention(
     Args:
         q, k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``.
         alpha: retention gate ``[B, T, H]`` in [0, 1]. eta: write strength ``[B, T, H]``, >= 0.
-        initial_state: memory ``[B, H, Dv, Dk]`` before the first token (zeros if None).
+        initial_state: memory ``[B, H, Dv, Dk]`` (or ``[H, Dv, Dk]``, shared by the batch)
+            before the first token; zeros if None.
         output_final_state: also return the memory after the last token.
         chunk_size: tokens per chunk; any value gives the same result up to rounding.
 

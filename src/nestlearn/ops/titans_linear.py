@@ -16,11 +16,14 @@ import torch
 
 from nestlearn.errors import invalid
 from nestlearn.ops._chunking import merge_tokens, segment_products, split_gate, split_tokens
-from nestlearn.ops._validate import check_rule_inputs, check_state
+from nestlearn.ops._validate import check_matrix_state, check_rule_inputs
 
 
 class TitansLinearState(NamedTuple):
-    """Memory ``M`` and momentum ``S`` of a Titans linear memory, each ``[B, H, Dv, Dk]``."""
+    """Memory ``M`` and momentum ``S`` of a Titans linear memory, each ``[B, H, Dv, Dk]``.
+
+    As an initial state either part may also be ``[H, Dv, Dk]``, shared by the batch.
+    """
 
     memory: torch.Tensor
     momentum: torch.Tensor
@@ -38,9 +41,9 @@ def _check(q, k, v, alpha, eta, theta, initial_state, chunk_size):
     if not isinstance(initial_state, TitansLinearState):
         raise invalid("initial_state", type(initial_state).__name__,
                       "a TitansLinearState(memory, momentum) or None")
-    check_state("initial_state.memory", initial_state.memory, shape, q)
-    check_state("initial_state.momentum", initial_state.momentum, shape, q)
-    return length, initial_state.memory, initial_state.momentum
+    memory = check_matrix_state("initial_state.memory", initial_state.memory, *shape, q)
+    momentum = check_matrix_state("initial_state.momentum", initial_state.momentum, *shape, q)
+    return length, memory, momentum
 
 
 def titans_linear(
@@ -60,7 +63,8 @@ def titans_linear(
         q, k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``.
         alpha: memory retention ``[B, T, H]`` in [0, 1]. eta: step size ``[B, T, H]``, >= 0.
         theta: momentum retention ``[B, T, H]`` in [0, 1].
-        initial_state: ``TitansLinearState`` before the first token (zeros if None).
+        initial_state: ``TitansLinearState`` before the first token (zeros if None); each
+            part ``[B, H, Dv, Dk]`` or ``[H, Dv, Dk]`` (shared by the batch).
         output_final_state: also return the state after the last token.
         chunk_size: tokens sharing one gradient point (the state at their chunk's start).
 

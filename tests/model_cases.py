@@ -7,7 +7,7 @@ import torch
 from nestlearn.models import ModelConfig, build_model
 
 VOCAB = 17
-ARCHS_WIRED = ["transformer", "titans", "titans-mag"]
+ARCHS_WIRED = ["transformer", "titans", "titans-mag", "hope", "hope-attention"]
 
 
 # Names of the parameters that are meta-learned initial states of in-context memories.

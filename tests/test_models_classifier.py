@@ -29,7 +29,8 @@ def test_padding_after_a_row_does_not_change_its_logits(arch, pooling):
 @pytest.mark.parametrize("arch", ARCHS_WIRED)
 def test_classifier_learns_a_small_batch(arch):
     torch.manual_seed(0)
-    model = build_classifier(ClassifierConfig(tiny_config(arch), 3, "mean"))
+    backbone = tiny_config(arch, layers=1, chunk_size=8, inner_chunk_size=8)
+    model = build_classifier(ClassifierConfig(backbone, 3, "mean"))
     ids = random_ids(6, 8, seed=4)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)

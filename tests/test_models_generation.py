@@ -4,6 +4,7 @@ import torch
 from model_cases import random_ids, tiny_model
 from nestlearn.errors import NestlearnError
 from nestlearn.models import generate, sample_next
+from nestlearn.models.state import map_tensors
 
 
 def test_sampling_is_reproducible_and_top_k_one_is_greedy():
@@ -51,3 +52,24 @@ def test_zero_new_tokens_returns_the_prompt():
 def test_bad_options_are_refused(kwargs, message):
     with pytest.raises(NestlearnError, match=message):
         generate(tiny_model("transformer"), random_ids(1, 2), **kwargs)
+
+
+def _state_bytes(state) -> int:
+    sizes = []
+    map_tensors(state, lambda t: sizes.append(t.numel() * t.element_size()) or t)
+    return sum(sizes)
+
+
+@pytest.mark.parametrize(("arch", "grows"), [
+    ("transformer", True), ("hope-attention", True),
+    ("titans", False), ("titans-mag", False), ("hope", False),
+])
+def test_recurrent_state_does_not_grow_with_the_context(arch, grows):
+    model = tiny_model(arch)
+    ids = random_ids(1, 48)
+    # 24 and 48 are multiples of every chunk size of the tiny configs (4, 3, 2, 6).
+    _, short = model(ids[:, :24])
+    _, long = model(ids)
+    assert (_state_bytes(long) > _state_bytes(short)) == grows
+    if not grows:
+        assert _state_bytes(long) == _state_bytes(short)

@@ -21,6 +21,10 @@ from torch import nn
 
 from nestlearn.errors import invalid
 from nestlearn.models.config import ModelConfig
+from nestlearn.nn.cms import CMSConfig
+from nestlearn.nn.hope import HOPEAttentionBlock
+from nestlearn.nn.hope_block import HOPEBlock
+from nestlearn.nn.self_modifying import SelfModifyingTitansConfig
 from nestlearn.nn.titans import NeuralMemory, NeuralMemoryConfig, NeuralMemoryState
 from nestlearn.nn.transformer import (
     AttentionState,
@@ -42,6 +46,24 @@ def neural_memory_config(config: ModelConfig) -> NeuralMemoryConfig:
         expansion=config.memory_expansion, chunk_size=config.chunk_size,
         momentum=config.memory_momentum, weight_decay=config.memory_weight_decay,
         dgd=config.uses_memory_dgd, persistent_tokens=config.persistent_tokens)
+
+
+def self_modifying_config(config: ModelConfig) -> SelfModifyingTitansConfig:
+    """The self-modifying Titans mixer of one HOPE block."""
+    return SelfModifyingTitansConfig(
+        dim=config.dim, heads=config.heads, depth=config.memory_depth,
+        expansion=config.memory_expansion, chunk_size=config.chunk_size,
+        inner_chunk_size=config.inner_chunk_size, momentum=config.memory_momentum,
+        weight_decay=config.memory_weight_decay, dgd=config.uses_memory_dgd)
+
+
+def cms_config(config: ModelConfig) -> CMSConfig:
+    """The Continuum Memory System of one HOPE / HOPE-attention block."""
+    return CMSConfig(
+        dim=config.dim, chunk_sizes=config.cms_chunk_sizes, hidden=config.cms_hidden,
+        mlp=config.cms_mlp, variant=config.cms_variant, teach_signal=config.cms_teach_signal,
+        inner_lr=config.cms_inner_lr, frozen=config.cms_frozen, norm_eps=config.norm_eps,
+        init_std=config.init_std, out_init_std=_out_std(config))
 
 
 class MemoryBlock(nn.Module):
@@ -121,5 +143,11 @@ def make_block(config: ModelConfig, index: int) -> nn.Module:
         return MemoryBlock(config)
     if config.arch == "titans-mag":
         return GatedMemoryBlock(config)
-    raise invalid("arch", repr(config.arch), "an architecture whose layers are available: "
-                  "'transformer', 'titans', 'titans-mag'")
+    if config.arch == "hope":
+        return HOPEBlock(self_modifying_config(config), cms_config(config), config.norm_eps)
+    if config.arch == "hope-attention":
+        return HOPEAttentionBlock(config.dim, config.heads, cms_config(config),
+                                  rope_base=config.rope_base, norm_eps=config.norm_eps,
+                                  init_std=config.init_std, num_layers=config.layers)
+    raise invalid("arch", repr(config.arch), "one of 'transformer', 'titans', 'titans-mag', "
+                  "'hope', 'hope-attention'")

@@ -96,8 +96,9 @@ class ModelConfig:
     memory heads), ``mlp_hidden`` (SwiGLU hidden size; default ``8 * dim / 3`` rounded up to a
     multiple of 8, the Transformer++ choice), ``tie_embeddings`` (head shares the embedding
     matrix), ``norm_eps``, ``rope_base``, ``init_std``.
-    ``window``: sliding-window length of softmax attention (``transformer``, ``hope-attention``;
-    required by ``titans-mag``, whose attention branch is local by design), or None for global.
+    ``window``: sliding-window length of softmax attention (``transformer``; required by
+    ``titans-mag``, whose attention branch is local by design), or None for global attention
+    (the only choice of ``hope-attention``).
 
     Memory fields (``titans``, ``titans-mag``: ``NeuralMemory``; ``hope``: self-modifying
     Titans): ``memory_depth`` and ``memory_expansion`` (layers and hidden multiple of each
@@ -164,6 +165,9 @@ class ModelConfig:
             raise invalid("window", None, "an int >= 1 for arch 'titans-mag' (sliding window)")
         if self.arch in ("hope", "titans") and self.window is not None:
             raise invalid("window", self.window, f"None for arch {self.arch!r} (no attention)")
+        if self.arch == "hope-attention" and self.window is not None:
+            raise invalid("window", self.window,
+                          "None for arch 'hope-attention' (its attention is global)")
         for name in ("memory_depth", "memory_expansion", "chunk_size", "inner_chunk_size"):
             _positive_int(name, getattr(self, name))
         for name in ("memory_momentum", "memory_weight_decay", "cms_frozen"):

@@ -1,0 +1,390 @@
+"""Layers and models: forward+backward tokens/s, peak memory, decode latency per token.
+
+Four sections (``--sections``):
+- ``layers``: each layer alone at width ``--dim`` (attention, Transformer++ block, Titans
+  neural memory, self-modifying Titans, CMS, HOPE block, HOPE-attention block), forward and
+  backward at every length in ``--lengths``;
+- ``models``: each architecture's causal LM at about the parameter count of the Transformer
+  of ``--model-dim`` x ``--model-layers`` (the width of the others is chosen to match it);
+- ``decode``: after reading a context of each length in ``--decode-contexts`` (in segments,
+  with state), the mean latency per generated token and the size of the carried state
+  (recurrent models: flat; attention's KV cache: growing);
+- ``titans-pytorch``: when that package is importable, its ``NeuralMemory(dim, chunk_size)``
+  side by side with ours at the same configuration (one head, 2-layer memory MLP with
+  expansion 4, momentum on), forward and backward, same thread count; our layer's float64
+  error against its per-token reference is reported beside it.
+Peak memory is measured in a fresh process per cell (``--no-memory`` skips it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from nestlearn.benchmarks.common import peak_memory_mb, time_call, write_report
+from nestlearn.errors import invalid
+from nestlearn.models import ARCHS, ModelConfig, build_model
+from nestlearn.models.state import map_tensors
+
+LAYERS: tuple[str, ...] = ("attention", "transformer-block", "neural-memory",
+                           "self-modifying-titans", "cms", "hope-block", "hope-attention-block")
+SECTIONS: tuple[str, ...] = ("layers", "models", "decode", "titans-pytorch")
+
+LAYER_COLUMNS = ["layer", "T", "params", "tok/s", "peak MB"]
+MODEL_COLUMNS = ["arch", "dim", "params", "T", "tok/s", "peak MB"]
+DECODE_COLUMNS = ["arch", "context", "ms/token", "state MB"]
+TITANS_COLUMNS = ["implementation", "params", "tok/s", "peak MB", "max err vs naive (f64)",
+                  "speedup vs titans-pytorch"]
+
+
+def _layer_config(dim: int, heads: int, chunk_size: int, cms_chunk_sizes: list[int]
+                  ) -> ModelConfig:
+    """A one-block config holding the sizes every layer builder reads."""
+    return ModelConfig(arch="transformer", dim=dim, heads=heads, layers=1,
+                       chunk_size=chunk_size, inner_chunk_size=chunk_size,
+                       cms_chunk_sizes=tuple(cms_chunk_sizes))
+
+
+def build_layer(name: str, config: ModelConfig) -> nn.Module:
+    """The layer ``name`` at the sizes of ``config`` (``forward(x, state) -> (y, state)``)."""
+    from nestlearn.models.blocks import (
+        cms_config,
+        make_transformer_block,
+        neural_memory_config,
+        self_modifying_config,
+    )
+    from nestlearn.nn.cms import ContinuumMemory
+    from nestlearn.nn.hope import HOPEAttentionBlock
+    from nestlearn.nn.hope_block import HOPEBlock
+    from nestlearn.nn.self_modifying import SelfModifyingTitans
+    from nestlearn.nn.titans import NeuralMemory
+    from nestlearn.nn.transformer import CausalSelfAttention
+
+    hope = dataclasses.replace(config, arch="hope")
+    builders: dict[str, Callable[[], nn.Module]] = {
+        "attention": lambda: CausalSelfAttention(config.dim, config.heads),
+        "transformer-block": lambda: make_transformer_block(config),
+        "neural-memory": lambda: NeuralMemory(neural_memory_config(config)),
+        "self-modifying-titans": lambda: SelfModifyingTitans(self_modifying_config(hope)),
+        "cms": lambda: ContinuumMemory(cms_config(config)),
+        "hope-block": lambda: HOPEBlock(self_modifying_config(hope), cms_config(config),
+                                        config.norm_eps),
+        "hope-attention-block": lambda: HOPEAttentionBlock(
+            config.dim, config.heads, cms_config(config), num_layers=1),
+    }
+    return builders[name]()
+
+
+def make_layer_workload(layer: str, dim: int, heads: int, chunk_size: int,
+                        cms_chunk_sizes: list[int], length: int, batch: int,
+                        seed: int = 0) -> Callable[[], None]:
+    """One forward+backward pass of a layer (module level: the memory probe imports it)."""
+    torch.manual_seed(seed)
+    module = build_layer(layer, _layer_config(dim, heads, chunk_size, cms_chunk_sizes))
+    x = torch.randn(batch, length, dim, requires_grad=True)
+
+    def workload() -> None:
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        y, _ = module(x)
+        y.square().mean().backward()
+
+    return workload
+
+
+def make_model_workload(config: dict[str, Any], length: int, batch: int,
+                        seed: int = 0) -> Callable[[], None]:
+    """One forward+backward pass (next-token loss) of a causal LM."""
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig.from_dict(config))
+    ids = torch.randint(0, model.config.vocab_size, (batch, length + 1))
+
+    def workload() -> None:
+        model.zero_grad(set_to_none=True)
+        logits, _ = model(ids[:, :-1])
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+
+    return workload
+
+
+def count_parameters(config: ModelConfig) -> int:
+    """Parameters of ``build_model(config)``, counted without allocating them."""
+    with torch.device("meta"):
+        model = build_model(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def matched_config(arch: str, base: ModelConfig, window: int) -> ModelConfig:
+    """``arch`` at the width whose parameter count is closest to ``base``'s."""
+    target = count_parameters(base)
+    step = 2 * base.heads
+    best: tuple[int, ModelConfig] | None = None
+    for dim in range(step, 4 * base.dim + 1, step):
+        config = dataclasses.replace(
+            base, arch=arch, dim=dim, mlp_hidden=None, cms_hidden=None,
+            window=window if arch == "titans-mag" else None)
+        gap = abs(count_parameters(config) - target)
+        if best is None or gap < best[0]:
+            best = (gap, config)
+    assert best is not None
+    return best[1]
+
+
+def _state_mb(state: object) -> float:
+    sizes: list[int] = []
+    map_tensors(state, lambda t: sizes.append(t.numel() * t.element_size()) or t)
+    return sum(sizes) / 2**20
+
+
+@torch.no_grad()
+def decode_latency(config: ModelConfig, context: int, steps: int, segment: int,
+                   repeats: int) -> tuple[float, float]:
+    """(seconds per token, state MB) of greedy decoding after a ``context``-token prompt."""
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    ids = torch.randint(0, config.vocab_size, (1, context))
+    state = None
+    for start in range(0, context, segment):
+        logits, state = model(ids[:, start:start + segment], state)
+    first = logits[:, -1:].argmax(-1)
+
+    def run() -> None:
+        token, carried = first, state
+        for _ in range(steps):
+            out, carried = model(token, carried)
+            token = out[:, -1:].argmax(-1)
+
+    return time_call(run, repeats=repeats, warmup=1) / steps, _state_mb(state)
+
+
+def make_titans_workload(implementation: str, dim: int, chunk_size: int, length: int,
+                         batch: int, seed: int = 0) -> Callable[[], None]:
+    """Forward+backward of ours or titans-pytorch's NeuralMemory at the same configuration."""
+    torch.manual_seed(seed)
+    module = _titans_module(implementation, dim, chunk_size)
+    x = torch.randn(batch, length, dim, requires_grad=True)
+
+    def workload() -> None:
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        y = module(x)[0]
+        y.square().mean().backward()
+
+    return workload
+
+
+def _titans_module(implementation: str, dim: int, chunk_size: int,
+                   use_naive: bool = False) -> nn.Module:
+    if implementation == "titans-pytorch":
+        from titans_pytorch import NeuralMemory as TheirNeuralMemory
+
+        return TheirNeuralMemory(dim=dim, chunk_size=chunk_size)
+    from nestlearn.nn.titans import NeuralMemory, NeuralMemoryConfig
+
+    return NeuralMemory(NeuralMemoryConfig(dim=dim, heads=1, depth=2, expansion=4,
+                                           chunk_size=chunk_size, momentum=True,
+                                           use_naive=use_naive))
+
+
+def titans_exactness(dim: int, chunk_size: int, length: int, batch: int) -> float:
+    """Max |chunkwise - per-token reference| of our NeuralMemory in float64 (outputs)."""
+    torch.manual_seed(0)
+    fast = _titans_module("nestlearn", dim, chunk_size).double()
+    naive = _titans_module("nestlearn", dim, chunk_size, use_naive=True).double()
+    naive.load_state_dict(fast.state_dict())
+    x = torch.randn(batch, length, dim, dtype=torch.float64)
+    with torch.no_grad():
+        return (fast(x)[0] - naive(x)[0]).abs().max().item()
+
+
+def _titans_pytorch_available() -> bool:
+    try:
+        import titans_pytorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS),
+                        help=f"sections to run, from {', '.join(SECTIONS)} (default: all)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192],
+                        help="sequence lengths T for layers and models (default: 512 2048 8192)")
+    parser.add_argument("--batch", type=int, default=1, help="batch size B (default: 1)")
+    parser.add_argument("--layers", nargs="+", default=list(LAYERS),
+                        help=f"layers to run, from {', '.join(LAYERS)} (default: all)")
+    parser.add_argument("--dim", type=int, default=256, help="layer width D (default: 256)")
+    parser.add_argument("--heads", type=int, default=4, help="heads (default: 4)")
+    parser.add_argument("--chunk-size", type=int, default=64,
+                        help="memory chunk size (default: 64)")
+    parser.add_argument("--cms-chunk-sizes", type=int, nargs="+", default=[64, 512],
+                        help="CMS level chunk sizes (default: 64 512)")
+    parser.add_argument("--archs", nargs="+", default=list(ARCHS),
+                        help=f"models to run, from {', '.join(ARCHS)} (default: all)")
+    parser.add_argument("--model-dim", type=int, default=256,
+                        help="width of the reference Transformer (default: 256)")
+    parser.add_argument("--model-layers", type=int, default=4,
+                        help="blocks of every model (default: 4)")
+    parser.add_argument("--vocab-size", type=int, default=256, help="vocabulary (default: 256)")
+    parser.add_argument("--window", type=int, default=512,
+                        help="sliding window of titans-mag's attention (default: 512)")
+    parser.add_argument("--decode-contexts", type=int, nargs="+", default=[512, 2048, 8192],
+                        help="context lengths before decoding (default: 512 2048 8192)")
+    parser.add_argument("--decode-steps", type=int, default=64,
+                        help="tokens decoded per measurement (default: 64, one memory chunk)")
+    parser.add_argument("--titans-dim", type=int, default=256,
+                        help="width of the titans-pytorch comparison (default: 256)")
+    parser.add_argument("--titans-length", type=int, default=1024,
+                        help="T of the titans-pytorch comparison (default: 1024)")
+    parser.add_argument("--titans-batch", type=int, default=2,
+                        help="batch of the titans-pytorch comparison (default: 2)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs per cell, median reported (default: 3)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's current setting)")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="skip the peak-memory probes (each runs in a fresh process)")
+    parser.add_argument("--out", default="results/bench",
+                        help="folder for the JSON reports (default: results/bench)")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for option, names, allowed in (("--sections", args.sections, SECTIONS),
+                                   ("--layers", args.layers, LAYERS),
+                                   ("--archs", args.archs, ARCHS)):
+        for name in names:
+            if name not in allowed:
+                raise invalid(option, repr(name), f"names from {', '.join(allowed)}")
+    for name in ("lengths", "batch", "dim", "heads", "chunk_size", "cms_chunk_sizes",
+                 "model_dim", "model_layers", "vocab_size", "window", "decode_contexts",
+                 "decode_steps", "titans_dim", "titans_length", "titans_batch", "repeats",
+                 "threads"):
+        value = getattr(args, name)
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None and item < 1:
+                raise invalid(f"--{name.replace('_', '-')}", item, "integers >= 1")
+    # Validates dims, heads and CMS chunk sizes once, with the config's own messages.
+    _layer_config(args.dim, args.heads, args.chunk_size, args.cms_chunk_sizes)
+    _base_config(args)
+
+
+def _base_config(args: argparse.Namespace) -> ModelConfig:
+    return ModelConfig(arch="transformer", vocab_size=args.vocab_size, dim=args.model_dim,
+                       layers=args.model_layers, heads=args.heads, chunk_size=args.chunk_size,
+                       inner_chunk_size=args.chunk_size,
+                       cms_chunk_sizes=tuple(args.cms_chunk_sizes))
+
+
+def _memory(args: argparse.Namespace, make: Callable[..., Callable[[], Any]],
+            threads: int, **kwargs: Any) -> float | None:
+    return None if args.no_memory else peak_memory_mb(make, threads=threads, **kwargs)
+
+
+def _layer_rows(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
+    rows = []
+    config = _layer_config(args.dim, args.heads, args.chunk_size, args.cms_chunk_sizes)
+    for layer in args.layers:
+        with torch.device("meta"):
+            params = sum(p.numel() for p in build_layer(layer, config).parameters())
+        for length in args.lengths:
+            kwargs = {"layer": layer, "dim": args.dim, "heads": args.heads,
+                      "chunk_size": args.chunk_size, "cms_chunk_sizes": args.cms_chunk_sizes,
+                      "length": length, "batch": args.batch}
+            seconds = time_call(make_layer_workload(**kwargs), repeats=args.repeats)
+            rows.append({"layer": layer, "T": length, "B": args.batch, "D": args.dim,
+                         "params": params, "tok/s": args.batch * length / seconds,
+                         "peak MB": _memory(args, make_layer_workload, threads, **kwargs),
+                         "threads": threads})
+    return rows
+
+
+def _model_configs(args: argparse.Namespace) -> dict[str, ModelConfig]:
+    base = _base_config(args)
+    return {arch: base if arch == "transformer" else matched_config(arch, base, args.window)
+            for arch in args.archs}
+
+
+def _model_rows(args: argparse.Namespace, configs: dict[str, ModelConfig],
+                threads: int) -> list[dict[str, Any]]:
+    rows = []
+    for arch, config in configs.items():
+        params = count_parameters(config)
+        for length in args.lengths:
+            kwargs = {"config": config.to_dict(), "length": length, "batch": args.batch}
+            seconds = time_call(make_model_workload(**kwargs), repeats=args.repeats)
+            rows.append({"arch": arch, "dim": config.dim, "layers": config.layers,
+                         "params": params, "T": length, "B": args.batch,
+                         "tok/s": args.batch * length / seconds,
+                         "peak MB": _memory(args, make_model_workload, threads, **kwargs),
+                         "threads": threads})
+    return rows
+
+
+def _decode_rows(args: argparse.Namespace, configs: dict[str, ModelConfig],
+                 threads: int) -> list[dict[str, Any]]:
+    rows = []
+    segment = max(args.chunk_size, 512)
+    for arch, config in configs.items():
+        for context in args.decode_contexts:
+            seconds, state_mb = decode_latency(config, context, args.decode_steps, segment,
+                                               args.repeats)
+            rows.append({"arch": arch, "dim": config.dim, "context": context,
+                         "ms/token": 1000 * seconds, "state MB": state_mb,
+                         "steps": args.decode_steps, "threads": threads})
+    return rows
+
+
+def _titans_rows(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
+    rows = []
+    for implementation in ("nestlearn", "titans-pytorch"):
+        kwargs = {"implementation": implementation, "dim": args.titans_dim,
+                  "chunk_size": args.chunk_size, "length": args.titans_length,
+                  "batch": args.titans_batch}
+        module = _titans_module(implementation, args.titans_dim, args.chunk_size)
+        seconds = time_call(make_titans_workload(**kwargs), repeats=args.repeats)
+        error = (titans_exactness(args.titans_dim, args.chunk_size, args.titans_length,
+                                  args.titans_batch) if implementation == "nestlearn" else None)
+        rows.append({"implementation": implementation,
+                     "params": sum(p.numel() for p in module.parameters()),
+                     "D": args.titans_dim, "T": args.titans_length, "B": args.titans_batch,
+                     "chunk_size": args.chunk_size,
+                     "tok/s": args.titans_batch * args.titans_length / seconds,
+                     "peak MB": _memory(args, make_titans_workload, threads, **kwargs),
+                     "max err vs naive (f64)": error, "threads": threads})
+    ours, theirs = rows
+    ours["speedup vs titans-pytorch"] = ours["tok/s"] / theirs["tok/s"]
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_args(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    started = time.perf_counter()
+    if "layers" in args.sections:
+        write_report("layers", _layer_rows(args, threads), LAYER_COLUMNS, args.out)
+    if "models" in args.sections or "decode" in args.sections:
+        configs = _model_configs(args)
+        if "models" in args.sections:
+            write_report("layers-models", _model_rows(args, configs, threads), MODEL_COLUMNS,
+                         args.out)
+        if "decode" in args.sections:
+            write_report("layers-decode", _decode_rows(args, configs, threads),
+                         DECODE_COLUMNS, args.out)
+    if "titans-pytorch" in args.sections:
+        if _titans_pytorch_available():
+            write_report("layers-titans-pytorch", _titans_rows(args, threads),
+                         TITANS_COLUMNS, args.out)
+        else:
+            print("titans-pytorch is not installed: skipped its comparison "
+                  "(pip install titans-pytorch)")
+    print(f"done in {time.perf_counter() - started:.1f} s")
+    return 0

@@ -66,14 +66,13 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_gloo_ranks_agree_with_a_single_process(tmp_path):
     import torch.multiprocessing as mp
 
     from nestlearn.train import train
     from trainkit import tiny_config
 
-    corpus = write_corpus(tmp_path / "verse.txt", paragraphs=120)
+    corpus = write_corpus(tmp_path / "verse.txt", paragraphs=60)
     single = tiny_config(corpus, tmp_path / "single", "train.steps=3", "data.batch_size=4")
     train(single, progress=False)
     ddp = tiny_config(corpus, tmp_path / "ddp", "train.steps=3", "data.batch_size=4")

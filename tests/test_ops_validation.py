@@ -148,3 +148,26 @@ def test_bad_matrix_state(rule, state, argument):
 def test_bad_titans_state(rule, state, argument):
     fn, gates = RULES[rule]
     expect_error(fn, good_inputs(gates), argument, initial_state=state)
+
+
+@pytest.mark.parametrize(("argv", "argument"), [
+    (["--rules", "gla", "bogus"], "--rules"),
+    (["--lengths", "64", "0"], "--lengths"),
+    (["--chunk-size", "0"], "--chunk-size"),
+    (["--max-gb", "-1"], "--max-gb"),
+])
+def test_bench_ops_rejects_bad_arguments(argv, argument, capsys, tmp_path):
+    from nestlearn.cli import main
+
+    assert main(["bench", "ops", *argv, "--out", str(tmp_path)]) == 2
+    assert f"error: {argument}: got " in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("rule", ["gla", "delta", "titans", "deep_memory"])
+@pytest.mark.parametrize("variant", ["chunkwise", "naive"])
+def test_bench_ops_workload_runs(rule, variant):
+    """The benchmark's forward+backward workload runs for every rule (tiny size)."""
+    from nestlearn.benchmarks.ops import make_workload
+
+    make_workload(rule, variant, length=5, batch=1, heads=2, dim=4, chunk_size=2)()

@@ -39,6 +39,18 @@ def test_a_few_steps_lower_the_loss(corpus, tmp_path):
     assert saved["model"]["vocab_size"] == 258  # taken from the byte tokenizer
 
 
+def test_bpe_run_takes_its_vocabulary_from_the_tokenizer(corpus, tmp_path):
+    config = tiny_config(corpus, tmp_path / "run", "data.tokenizer=bpe", "data.vocab_size=300",
+                         "train.steps=3")
+    result = train(config, progress=False)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    tokenizer = json.loads((tmp_path / "run" / "tokenizer" / "tokenizer.json").read_text())
+    assert tokenizer["type"] == "bpe"
+    assert saved["model"]["vocab_size"] == saved["data"]["vocab_size"] == 300
+    # BPE tokens span several bytes: fewer bits per byte than bits per token
+    assert result.evals[3]["bpb"] < result.evals[3]["loss"] / math.log(2)
+
+
 def test_schedule_warmup_then_cosine_to_min():
     factors = [lr_factor(s, 10, 110, "cosine", 0.1) for s in range(110)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)

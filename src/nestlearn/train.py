@@ -470,20 +470,21 @@ class Trainer:
 
             bar = tqdm(total=cfg.steps, initial=self.step, desc=self.config.name,
                        unit="step", dynamic_ncols=True, file=sys.stderr)
-        window_tokens, window_start = 0, time.perf_counter()
+        window_tokens, window_time = 0, 0.0  # training steps only: eval and saving excluded
         try:
             with _StopSignals() as signals:
                 while self.step < cfg.steps:
                     start = time.perf_counter()
                     tokens_before = self.tokens_seen
                     loss, norm, lr = self.train_step()
-                    self.elapsed += time.perf_counter() - start
+                    duration = time.perf_counter() - start
+                    self.elapsed += duration
+                    window_time += duration
                     result.losses[self.step] = loss
                     window_tokens += self.tokens_seen - tokens_before
                     if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                        now = time.perf_counter()
-                        tps = window_tokens / max(now - window_start, 1e-9)
-                        window_tokens, window_start = 0, now
+                        tps = window_tokens / max(window_time, 1e-9)
+                        window_tokens, window_time = 0, 0.0
                         self.metrics.log({
                             "step": self.step, "split": "train", "loss": loss,
                             "ppl": math.exp(min(loss, 700.0)), "lr": lr, "grad_norm": norm,

@@ -51,8 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--recipe", default="tiny-transformer",
                         help="recipe to train (default tiny-transformer; try tiny-hope)")
-    parser.add_argument("--steps", type=int, default=300,
-                        help="training steps (default 300, a few minutes on 2 CPU cores)")
+    parser.add_argument("--steps", type=int, default=600,
+                        help="training steps (default 600: about 3 minutes on 2 CPU cores)")
     parser.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     parser.add_argument("--prompt", default="ROMEO:", help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=300, metavar="N",

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from nestlearn.benchmarks.common import peak_memory_mb, time_call, write_report
-from nestlearn.errors import invalid
+from nestlearn.errors import NestlearnError, invalid
 from nestlearn.models import ARCHS, ModelConfig, build_model
 from nestlearn.models.state import map_tensors
 
@@ -36,11 +36,11 @@ LAYERS: tuple[str, ...] = ("attention", "transformer-block", "neural-memory",
                            "self-modifying-titans", "cms", "hope-block", "hope-attention-block")
 SECTIONS: tuple[str, ...] = ("layers", "models", "decode", "titans-pytorch")
 
-LAYER_COLUMNS = ["layer", "T", "params", "tok/s", "peak MB"]
-MODEL_COLUMNS = ["arch", "dim", "params", "T", "tok/s", "peak MB"]
-DECODE_COLUMNS = ["arch", "context", "ms/token", "state MB"]
+LAYER_COLUMNS = ["layer", "T", "params", "tok/s", "peak MB", "note"]
+MODEL_COLUMNS = ["arch", "dim", "params", "T", "tok/s", "peak MB", "note"]
+DECODE_COLUMNS = ["arch", "context", "ms/token", "state MB", "note"]
 TITANS_COLUMNS = ["implementation", "params", "tok/s", "peak MB", "max err vs naive (f64)",
-                  "speedup vs titans-pytorch"]
+                  "speedup vs titans-pytorch", "note"]
 
 
 def _layer_config(dim: int, heads: int, chunk_size: int, cms_chunk_sizes: list[int]
@@ -83,33 +83,36 @@ def build_layer(name: str, config: ModelConfig) -> nn.Module:
 
 def make_layer_workload(layer: str, dim: int, heads: int, chunk_size: int,
                         cms_chunk_sizes: list[int], length: int, batch: int,
-                        seed: int = 0) -> Callable[[], None]:
+                        seed: int = 0) -> Callable[[], torch.Tensor]:
     """One forward+backward pass of a layer (module level: the memory probe imports it)."""
     torch.manual_seed(seed)
     module = build_layer(layer, _layer_config(dim, heads, chunk_size, cms_chunk_sizes))
     x = torch.randn(batch, length, dim, requires_grad=True)
 
-    def workload() -> None:
+    def workload() -> torch.Tensor:
         module.zero_grad(set_to_none=True)
         x.grad = None
         y, _ = module(x)
-        y.square().mean().backward()
+        loss = y.square().mean()
+        loss.backward()
+        return loss.detach()
 
     return workload
 
 
 def make_model_workload(config: dict[str, Any], length: int, batch: int,
-                        seed: int = 0) -> Callable[[], None]:
+                        seed: int = 0) -> Callable[[], torch.Tensor]:
     """One forward+backward pass (next-token loss) of a causal LM."""
     torch.manual_seed(seed)
     model = build_model(ModelConfig.from_dict(config))
     ids = torch.randint(0, model.config.vocab_size, (batch, length + 1))
 
-    def workload() -> None:
+    def workload() -> torch.Tensor:
         model.zero_grad(set_to_none=True)
         logits, _ = model(ids[:, :-1])
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
+        return loss.detach()
 
     return workload
 
@@ -137,6 +140,21 @@ def matched_config(arch: str, base: ModelConfig, window: int) -> ModelConfig:
     return best[1]
 
 
+def measure(workload: Callable[[], torch.Tensor], repeats: int) -> tuple[float, str]:
+    """(median seconds, note): the note flags a run whose loss is not finite (a diverging
+    layer's timing is reported but marked) or that failed with a NestlearnError."""
+    losses: list[torch.Tensor] = []
+
+    def run() -> None:
+        losses.append(workload())
+
+    try:
+        seconds = time_call(run, repeats=repeats)
+    except NestlearnError as err:
+        return float("nan"), f"failed: {err}"
+    return seconds, "" if torch.isfinite(losses[-1]) else "non-finite outputs"
+
+
 def _state_mb(state: object) -> float:
     sizes: list[int] = []
     map_tensors(state, lambda t: sizes.append(t.numel() * t.element_size()) or t)
@@ -145,8 +163,9 @@ def _state_mb(state: object) -> float:
 
 @torch.no_grad()
 def decode_latency(config: ModelConfig, context: int, steps: int, segment: int,
-                   repeats: int) -> tuple[float, float]:
-    """(seconds per token, state MB) of greedy decoding after a ``context``-token prompt."""
+                   repeats: int) -> tuple[float, float, str]:
+    """(seconds per token, state MB, note) of greedy decoding after a ``context``-token
+    prompt; the note flags non-finite logits."""
     torch.manual_seed(0)
     model = build_model(config).eval()
     ids = torch.randint(0, config.vocab_size, (1, context))
@@ -155,27 +174,33 @@ def decode_latency(config: ModelConfig, context: int, steps: int, segment: int,
         logits, state = model(ids[:, start:start + segment], state)
     first = logits[:, -1:].argmax(-1)
 
+    finite = [bool(torch.isfinite(logits).all())]
+
     def run() -> None:
         token, carried = first, state
         for _ in range(steps):
             out, carried = model(token, carried)
+            finite.append(bool(torch.isfinite(out).all()))
             token = out[:, -1:].argmax(-1)
 
-    return time_call(run, repeats=repeats, warmup=1) / steps, _state_mb(state)
+    seconds = time_call(run, repeats=repeats, warmup=1) / steps
+    return seconds, _state_mb(state), "" if all(finite) else "non-finite outputs"
 
 
 def make_titans_workload(implementation: str, dim: int, chunk_size: int, length: int,
-                         batch: int, seed: int = 0) -> Callable[[], None]:
+                         batch: int, seed: int = 0) -> Callable[[], torch.Tensor]:
     """Forward+backward of ours or titans-pytorch's NeuralMemory at the same configuration."""
     torch.manual_seed(seed)
     module = _titans_module(implementation, dim, chunk_size)
     x = torch.randn(batch, length, dim, requires_grad=True)
 
-    def workload() -> None:
+    def workload() -> torch.Tensor:
         module.zero_grad(set_to_none=True)
         x.grad = None
         y = module(x)[0]
-        y.square().mean().backward()
+        loss = y.square().mean()
+        loss.backward()
+        return loss.detach()
 
     return workload
 
@@ -283,8 +308,10 @@ def _base_config(args: argparse.Namespace) -> ModelConfig:
 
 
 def _memory(args: argparse.Namespace, make: Callable[..., Callable[[], Any]],
-            threads: int, **kwargs: Any) -> float | None:
-    return None if args.no_memory else peak_memory_mb(make, threads=threads, **kwargs)
+            threads: int, note: str, **kwargs: Any) -> float | None:
+    if args.no_memory or note.startswith("failed"):
+        return None
+    return peak_memory_mb(make, threads=threads, **kwargs)
 
 
 def _layer_rows(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
@@ -297,11 +324,12 @@ def _layer_rows(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
             kwargs = {"layer": layer, "dim": args.dim, "heads": args.heads,
                       "chunk_size": args.chunk_size, "cms_chunk_sizes": args.cms_chunk_sizes,
                       "length": length, "batch": args.batch}
-            seconds = time_call(make_layer_workload(**kwargs), repeats=args.repeats)
+            seconds, note = measure(make_layer_workload(**kwargs), args.repeats)
             rows.append({"layer": layer, "T": length, "B": args.batch, "D": args.dim,
                          "params": params, "tok/s": args.batch * length / seconds,
-                         "peak MB": _memory(args, make_layer_workload, threads, **kwargs),
-                         "threads": threads})
+                         "peak MB": _memory(args, make_layer_workload, threads, note,
+                                            **kwargs),
+                         "note": note, "threads": threads})
     return rows
 
 
@@ -318,12 +346,13 @@ def _model_rows(args: argparse.Namespace, configs: dict[str, ModelConfig],
         params = count_parameters(config)
         for length in args.lengths:
             kwargs = {"config": config.to_dict(), "length": length, "batch": args.batch}
-            seconds = time_call(make_model_workload(**kwargs), repeats=args.repeats)
+            seconds, note = measure(make_model_workload(**kwargs), args.repeats)
             rows.append({"arch": arch, "dim": config.dim, "layers": config.layers,
                          "params": params, "T": length, "B": args.batch,
                          "tok/s": args.batch * length / seconds,
-                         "peak MB": _memory(args, make_model_workload, threads, **kwargs),
-                         "threads": threads})
+                         "peak MB": _memory(args, make_model_workload, threads, note,
+                                            **kwargs),
+                         "note": note, "threads": threads})
     return rows
 
 
@@ -333,10 +362,13 @@ def _decode_rows(args: argparse.Namespace, configs: dict[str, ModelConfig],
     segment = max(args.chunk_size, 512)
     for arch, config in configs.items():
         for context in args.decode_contexts:
-            seconds, state_mb = decode_latency(config, context, args.decode_steps, segment,
-                                               args.repeats)
+            try:
+                seconds, state_mb, note = decode_latency(config, context, args.decode_steps,
+                                                         segment, args.repeats)
+            except NestlearnError as err:
+                seconds, state_mb, note = float("nan"), None, f"failed: {err}"
             rows.append({"arch": arch, "dim": config.dim, "context": context,
-                         "ms/token": 1000 * seconds, "state MB": state_mb,
+                         "ms/token": 1000 * seconds, "state MB": state_mb, "note": note,
                          "steps": args.decode_steps, "threads": threads})
     return rows
 
@@ -348,7 +380,7 @@ def _titans_rows(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]
                   "chunk_size": args.chunk_size, "length": args.titans_length,
                   "batch": args.titans_batch}
         module = _titans_module(implementation, args.titans_dim, args.chunk_size)
-        seconds = time_call(make_titans_workload(**kwargs), repeats=args.repeats)
+        seconds, note = measure(make_titans_workload(**kwargs), args.repeats)
         error = (titans_exactness(args.titans_dim, args.chunk_size, args.titans_length,
                                   args.titans_batch) if implementation == "nestlearn" else None)
         rows.append({"implementation": implementation,
@@ -356,8 +388,8 @@ def _titans_rows(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]
                      "D": args.titans_dim, "T": args.titans_length, "B": args.titans_batch,
                      "chunk_size": args.chunk_size,
                      "tok/s": args.titans_batch * args.titans_length / seconds,
-                     "peak MB": _memory(args, make_titans_workload, threads, **kwargs),
-                     "max err vs naive (f64)": error, "threads": threads})
+                     "peak MB": _memory(args, make_titans_workload, threads, note, **kwargs),
+                     "max err vs naive (f64)": error, "note": note, "threads": threads})
     ours, theirs = rows
     ours["speedup vs titans-pytorch"] = ours["tok/s"] / theirs["tok/s"]
     return rows

@@ -6,6 +6,7 @@ from nestlearn.models.config import ARCHS, ClassifierConfig, ModelConfig
 from nestlearn.models.generation import generate, sample_next
 from nestlearn.models.io import from_pretrained, save_pretrained
 from nestlearn.models.lm import Backbone, CausalLM, check_ids
+from nestlearn.models.stacking import hope_from_transformer
 from nestlearn.models.state import LMState
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "check_ids",
     "from_pretrained",
     "generate",
+    "hope_from_transformer",
     "sample_next",
     "save_pretrained",
 ]

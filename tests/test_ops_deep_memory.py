@@ -127,6 +127,22 @@ def test_every_activation_matches_naive(activation):
     assert_close_all(list(fast_grads.values()), list(slow_grads.values()), f"{activation} grads")
 
 
+def test_uneven_hidden_widths_match_naive():
+    case = make_case(momentum=True, depth=3)
+    gen = torch.Generator().manual_seed(3)
+    heads, dim = case["q"].shape[2], case["q"].shape[3]
+    shapes = [(heads, 5, dim), (heads, 7, 5), (heads, dim, 7)]
+    case["weights"] = tuple(torch.randn(s, generator=gen, dtype=DTYPE) / s[-1] ** 0.5
+                            for s in shapes)
+    case["momentum"] = tuple(0.1 * torch.randn(2, *s, generator=gen, dtype=DTYPE)
+                             for s in shapes)
+    fast, fast_grads = outputs_and_grads(deep_memory, case, dgd=True, chunk_size=4)
+    slow, slow_grads = outputs_and_grads(deep_memory_naive, case, dgd=True, chunk_size=4)
+    assert [tuple(w.shape[-2:]) for w in fast[1:4]] == [s[1:] for s in shapes]
+    assert_close_all(fast, slow, "outputs/state")
+    assert_close_all(list(fast_grads.values()), list(slow_grads.values()), "grads")
+
+
 def test_unbatched_initial_weights_broadcast_and_receive_gradients():
     case = make_case(momentum=True, batched_weights=False)
     assert case["weights"][0].dim() == 3

@@ -160,3 +160,16 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(corpus, tmp_path):
     result = nestlearn("train", "--out", str(out), "--resume", "--no-progress",
                        "--set", f"train.steps={stopped + 2}")
     assert f"trained {stopped + 2} steps" in result.stdout
+
+
+def test_demo_trains_evaluates_samples_and_reruns(corpus, tmp_path, capsys):
+    args = ["demo", "--steps", "3", "--out", str(tmp_path / "demo"), "--no-progress",
+            "--max-new-tokens", "10", "--prompt", "The",
+            *tiny_sets(f"data.corpus={corpus}", "train.steps=3")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "[1/3] training tiny-transformer for 3 steps" in out
+    assert "validation: loss" in out and "bpb" in out
+    assert "[3/3] sampling 10 tokens" in out
+    assert main(args) == 0  # a second run reuses the finished run
+    assert "continuing the previous demo run" in capsys.readouterr().out

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
                  f"train.checkpoint_every={max(args.steps // 4, 1)}", *args.overrides]
     config = apply_overrides(get_recipe(args.recipe), overrides)
     resume = latest_checkpoint(args.out) is not None
-    print(f"[1/3] training {args.recipe} for {args.steps} steps on {config.data.corpus} "
+    print(f"[1/3] training {args.recipe} for {config.train.steps} steps on {config.data.corpus} "
           f"-> {args.out}" + (" (continuing the previous demo run)" if resume else ""))
     result = train(config, resume=resume, progress=not args.no_progress)
     if result.status != "completed":

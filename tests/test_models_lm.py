@@ -168,3 +168,16 @@ def test_untied_head_and_sliding_window_transformer():
         pieces.append(logits)
         assert state.blocks[0].key.shape[2] <= 2
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("arch", ["titans", "titans-mag"])
+def test_persistent_tokens_stream_exactly_and_learn(arch):
+    model = tiny_model(arch, persistent_tokens=3)
+    ids = random_ids(2, 11)
+    full, _ = model(ids)
+    first, state = model(ids[:, :4])
+    second, _ = model(ids[:, 4:], state)
+    torch.testing.assert_close(torch.cat([first, second], dim=1), full, rtol=0, atol=1e-10)
+    full.square().mean().backward()
+    persistent = [p for name, p in model.named_parameters() if name.endswith("persistent")]
+    assert len(persistent) == 2 and all(p.grad.abs().sum() > 0 for p in persistent)

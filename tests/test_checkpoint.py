@@ -118,6 +118,10 @@ def test_write_is_atomic_and_old_checkpoints_are_pruned(corpus, tmp_path):
     # a half-written temporary folder is never taken for a checkpoint
     (run / "checkpoints" / ".tmp-step_00000010-1").mkdir()
     assert ckpt.latest_checkpoint(run).name == "step_00000008"
+    # and is cleared by the next save
+    train(tiny_config(corpus, run, "train.steps=9"), resume=True, progress=False)
+    assert not (run / "checkpoints" / ".tmp-step_00000010-1").exists()
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_00000008", "step_00000009"]
 
 
 def test_tree_round_trip_keeps_types_and_bits():

@@ -127,9 +127,12 @@ def save_checkpoint(run_dir: str | Path, *, step: int, config: dict[str, Any],
     """Write a checkpoint atomically and return its folder; keep only the newest ``keep``."""
     final = checkpoint_dir(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
+    # one writer per run (rank 0): leftovers of a writer killed mid-save can go
+    for stale in final.parent.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in final.parent.glob(".old-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
     model_tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in model_state.items()}
     opt_skeleton, opt_tensors = flatten(optimizer_state, "optimizer/")

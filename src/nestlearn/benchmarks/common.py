@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
 import platform
-import resource
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,21 +26,26 @@ def time_call(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float
     return times[len(times) // 2]
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as handle:
-        pages = int(handle.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _status_mb(field: str) -> float:
+    """A ``Vm*`` field of /proc/self/status in MiB (the kernel reports KiB)."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def _peak_child(make_workload: Callable[..., Callable[[], Any]], kwargs: dict, threads: int,
                 queue: mp.Queue) -> None:
     torch.set_num_threads(threads)
     workload = make_workload(**kwargs)
-    baseline = _rss_mb()
+    baseline = _status_mb("VmRSS")
+    # ru_maxrss is inherited across fork/exec, so it can report the parent's size: reset the
+    # kernel's high-water mark (VmHWM) to the current RSS instead and read it afterwards.
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
     workload()
-    # ru_maxrss is in KiB on Linux: the high-water mark of this fresh process.
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    queue.put(max(0.0, peak - baseline))
+    queue.put(max(0.0, _status_mb("VmHWM") - baseline))
 
 
 def peak_memory_mb(make_workload: Callable[..., Callable[[], Any]], threads: int | None = None,

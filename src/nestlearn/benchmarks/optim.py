@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import multiprocessing as mp
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,8 +62,8 @@ COLUMNS = ["task", "optimizer", "lr", "train loss", "test loss", "test acc", "ms
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=300, help="training steps on MNIST")
-    parser.add_argument("--lm-steps", type=int, default=150, help="training steps of the LM")
+    parser.add_argument("--steps", type=int, default=200, help="training steps on MNIST")
+    parser.add_argument("--lm-steps", type=int, default=100, help="training steps of the LM")
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS),
                         help="comma-separated subset of " + ", ".join(OPTIMIZERS))
     parser.add_argument("--noise", default="0.2,0.4",
@@ -268,14 +270,48 @@ def train(task: Task, optimizer_name: str, lr: float, steps: int, seed: int,
     return result
 
 
+def _status_mb(field: str) -> float:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in MiB."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise OSError(f"no {field} in /proc/self/status")
+
+
 def _reset_peak_rss() -> None:
-    """Forget the data loading's transient peak (Linux: VmHWM reset via clear_refs)."""
+    """Forget earlier peaks (Linux: writing 5 to clear_refs resets VmHWM to the current RSS)."""
     gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-    except OSError:
-        pass
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+def _memory_child(kwargs: dict[str, Any], threads: int, queue: Any) -> None:
+    torch.set_num_threads(threads)
+    workload = memory_workload(**kwargs)
+    _reset_peak_rss()
+    baseline = _status_mb("VmRSS")
+    workload()
+    queue.put(max(0.0, _status_mb("VmHWM") - baseline))
+
+
+def measure_peak_mb(threads: int, **kwargs: Any) -> float:
+    """Peak resident memory (MiB) that a few training steps add, in a fresh process.
+
+    On Linux this reads the process's own high-water mark (VmHWM) after resetting it once
+    the data and model exist: ``common.peak_memory_mb`` relies on ``ru_maxrss``, which a
+    spawned child inherits from the parent's size at fork, so a parent holding data would
+    set its floor. Elsewhere (or on CUDA) it falls back to ``common.peak_memory_mb``.
+    """
+    if torch.cuda.is_available() or not os.path.exists("/proc/self/clear_refs"):
+        return peak_memory_mb(memory_workload, threads=threads, **kwargs)
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_memory_child, args=(kwargs, threads, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
 
 
 def memory_workload(task_name: str, noise: float, optimizer_name: str, lr: float, seed: int,
@@ -291,7 +327,6 @@ def memory_workload(task_name: str, noise: float, optimizer_name: str, lr: float
     # optimizer's memory. Optimizer state is created inside the measured steps.
     task.loss(model, *batches[0]).backward()
     model.zero_grad(set_to_none=True)
-    _reset_peak_rss()
 
     def run() -> None:
         for inputs, targets in batches:
@@ -381,7 +416,6 @@ def plot_curves(curves: dict[str, dict[str, list[float]]], path: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     optimizers, tasks, noise_levels = _check_args(args)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     rows: list[dict[str, Any]] = []
     curves: dict[str, dict[str, list[float]]] = {}
     settings = []
@@ -393,7 +427,7 @@ def run(args: argparse.Namespace) -> int:
         task = build_task(task_name, 0.0, args.seed)
         noisy = ([mnist_task(level, args.seed) for level in noise_levels if level > 0]
                  if task_name == "mnist" else [])
-        fallback_lr = args.fallback_lr or DEFAULT_FALLBACK_LR
+        fallback_lr = DEFAULT_FALLBACK_LR if args.fallback_lr is None else args.fallback_lr
         # AdamW first, so that its tuned lr can serve as the fallback lr of the others.
         for optimizer_name in sorted(optimizers, key=lambda name: name != "adamw"):
             lr, result, grid = tuned_run(task, optimizer_name, steps, args.seed, fallback_lr,
@@ -402,10 +436,9 @@ def run(args: argparse.Namespace) -> int:
                 fallback_lr = lr
             peak = None
             if not args.no_memory:
-                peak = peak_memory_mb(memory_workload, threads=torch.get_num_threads(),
-                                      task_name=task_name, noise=0.0,
-                                      optimizer_name=optimizer_name, lr=lr, seed=args.seed,
-                                      fallback_lr=fallback_lr)
+                peak = measure_peak_mb(threads=torch.get_num_threads(), task_name=task_name,
+                                       noise=0.0, optimizer_name=optimizer_name, lr=lr,
+                                       seed=args.seed, fallback_lr=fallback_lr)
             results = [(task, result)] + [
                 (noisy_task, train(noisy_task, optimizer_name, lr, steps, args.seed,
                                    fallback_lr)) for noisy_task in noisy]

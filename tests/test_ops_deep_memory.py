@@ -360,6 +360,12 @@ def test_update_and_apply_reject_bad_input():
     with pytest.raises(NestlearnError, match=r"^alpha"):
         deep_memory_update(DeepMemoryState(case["weights"]), case["k"], case["v"],
                            case["alpha"] * 2, case["eta"])
+    with pytest.raises(NestlearnError, match=r"^k\.shape"):
+        deep_memory_update(DeepMemoryState(case["weights"]), case["k"][0], case["v"],
+                           case["alpha"], case["eta"])
+    with pytest.raises(NestlearnError, match=r"^state\.weights\[1\]\.shape"):
+        deep_memory_update(DeepMemoryState((case["weights"][0], case["weights"][1][:1])),
+                           case["k"], case["v"], case["alpha"], case["eta"])
     with pytest.raises(NestlearnError, match=r"^x"):
         deep_memory_apply(case["weights"], case["q"][0])
     with pytest.raises(NestlearnError, match=r"^weights\[0\]"):

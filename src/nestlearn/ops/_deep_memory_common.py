@@ -114,7 +114,8 @@ def check_weights(name: str, tensors: object, heads: int, dim: int, batch: int,
 def check_deep_memory_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            alpha: torch.Tensor, eta: torch.Tensor, theta: torch.Tensor | None,
                            initial_state: DeepMemoryState | None, objective: str,
-                           activation: str, chunk_size: int | None) -> None:
+                           activation: str, chunk_size: int | None,
+                           state_name: str = "initial_state") -> None:
     """Every check of the deep-memory contract; raises NestlearnError naming the argument."""
     batch, _, heads, dk, dv = check_qkv(q, k, v)
     if dk != dv:
@@ -129,23 +130,23 @@ def check_deep_memory_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if chunk_size is not None:
         check_chunk_size(chunk_size)
     if not isinstance(initial_state, DeepMemoryState):
-        raise invalid("initial_state", type(initial_state).__name__,
+        raise invalid(state_name, type(initial_state).__name__,
                       "a DeepMemoryState (the memory weights define depth and hidden width)")
-    weights = check_weights("initial_state.weights", initial_state.weights, heads, dk, batch, q)
+    weights = check_weights(f"{state_name}.weights", initial_state.weights, heads, dk, batch, q)
     momentum = initial_state.momentum
     if momentum is None:
         return
     if theta is None:
-        raise invalid("initial_state.momentum", "tensors while theta is None",
+        raise invalid(f"{state_name}.momentum", "tensors while theta is None",
                       "None when theta is None (no momentum)")
-    check_weights("initial_state.momentum", momentum, heads, dk, batch, q)
+    check_weights(f"{state_name}.momentum", momentum, heads, dk, batch, q)
     if len(momentum) != len(weights):
-        raise invalid("initial_state.momentum", f"{len(momentum)} tensors",
+        raise invalid(f"{state_name}.momentum", f"{len(momentum)} tensors",
                       f"one per weight ({len(weights)})")
     for index, (m, w) in enumerate(zip(momentum, weights, strict=True)):
         if m.shape[-2:] != w.shape[-2:]:
-            raise invalid(f"initial_state.momentum[{index}].shape", tuple(m.shape),
-                          f"the shape of initial_state.weights[{index}] {tuple(w.shape)}")
+            raise invalid(f"{state_name}.momentum[{index}].shape", tuple(m.shape),
+                          f"the shape of {state_name}.weights[{index}] {tuple(w.shape)}")
 
 
 def batched_state(state: DeepMemoryState, batch: int,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from nestlearn.errors import invalid
-from nestlearn.ops._chunking import segment_products
+from nestlearn.ops._chunking import num_chunks, segment_products
 from nestlearn.ops._deep_memory_common import (
     ACTIVATIONS,
     DeepMemoryState,
@@ -219,18 +219,19 @@ def deep_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.
                            chunk_size)
     batch, length = q.shape[:2]
     weights, momentum = batched_state(initial_state, batch, theta is not None)
+    count = num_chunks(length, chunk_size)
+
     # torch.split, not slicing: its backward writes every chunk's gradient into one tensor,
     # where per-chunk slices would each allocate and add a full-length zero gradient (O(T^2)).
     def chunks(x: torch.Tensor | None) -> list[torch.Tensor | None]:
         if x is None:
-            return [None] * num_chunks
+            return [None] * count
         return list(torch.split(_heads_first(x), chunk_size, dim=2))
 
-    num_chunks = -(-length // chunk_size)
     parts = zip(*(chunks(x) for x in (q, k, v, alpha, eta, theta)), strict=True)
     outputs = []
     for index, (q_c, k_c, v_c, alpha_c, eta_c, theta_c) in enumerate(parts):
-        need_state = output_final_state or index < num_chunks - 1
+        need_state = output_final_state or index < count - 1
         out, new_weights, new_momentum = _chunk(
             weights, momentum, q_c, k_c, v_c, alpha_c, eta_c, theta_c, objective, activation,
             dgd, need_state)
@@ -250,7 +251,12 @@ def deep_memory_update(state: DeepMemoryState, k: torch.Tensor, v: torch.Tensor,
     """The state after one chunk of tokens ``k, v`` (``[B, T, H, D]``) whose gradients are all
     taken at ``state``: what :func:`deep_memory` carries from one chunk to the next. Layers
     whose outputs for a chunk come from the previous chunk's state call this once per chunk."""
-    check_deep_memory_args(k, k, v, alpha, eta, theta, state, objective, activation, None)
+    # k stands in for q in the shared checks, so name k's own shape errors here
+    if not isinstance(k, torch.Tensor) or k.dim() != 4 or k.shape[1] == 0:
+        got = tuple(k.shape) if isinstance(k, torch.Tensor) else type(k).__name__
+        raise invalid("k.shape", got, "a torch.Tensor [B, T, H, D] with T >= 1")
+    check_deep_memory_args(k, k, v, alpha, eta, theta, state, objective, activation, None,
+                           state_name="state")
     weights, momentum = batched_state(state, k.shape[0], theta is not None)
     _, new_weights, new_momentum = _chunk(
         weights, momentum, None, _heads_first(k), _heads_first(v), _heads_first(alpha),

@@ -22,10 +22,7 @@ optimizer as the clean one).
 from __future__ import annotations
 
 import argparse
-import gc
 import math
-import multiprocessing as mp
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -270,50 +267,6 @@ def train(task: Task, optimizer_name: str, lr: float, steps: int, seed: int,
     return result
 
 
-def _status_mb(field: str) -> float:
-    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in MiB."""
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise OSError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak_rss() -> None:
-    """Forget earlier peaks (Linux: writing 5 to clear_refs resets VmHWM to the current RSS)."""
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
-
-
-def _memory_child(kwargs: dict[str, Any], threads: int, queue: Any) -> None:
-    torch.set_num_threads(threads)
-    workload = memory_workload(**kwargs)
-    _reset_peak_rss()
-    baseline = _status_mb("VmRSS")
-    workload()
-    queue.put(max(0.0, _status_mb("VmHWM") - baseline))
-
-
-def measure_peak_mb(threads: int, **kwargs: Any) -> float:
-    """Peak resident memory (MiB) that a few training steps add, in a fresh process.
-
-    On Linux this reads the process's own high-water mark (VmHWM) after resetting it once
-    the data and model exist: ``common.peak_memory_mb`` relies on ``ru_maxrss``, which a
-    spawned child inherits from the parent's size at fork, so a parent holding data would
-    set its floor. Elsewhere (or on CUDA) it falls back to ``common.peak_memory_mb``.
-    """
-    if torch.cuda.is_available() or not os.path.exists("/proc/self/clear_refs"):
-        return peak_memory_mb(memory_workload, threads=threads, **kwargs)
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_memory_child, args=(kwargs, threads, queue))
-    process.start()
-    result = queue.get()
-    process.join()
-    return result
-
-
 def memory_workload(task_name: str, noise: float, optimizer_name: str, lr: float, seed: int,
                     fallback_lr: float) -> Callable[[], None]:
     """A few training steps (built in a fresh process by ``peak_memory_mb``)."""
@@ -436,9 +389,10 @@ def run(args: argparse.Namespace) -> int:
                 fallback_lr = lr
             peak = None
             if not args.no_memory:
-                peak = measure_peak_mb(threads=torch.get_num_threads(), task_name=task_name,
-                                       noise=0.0, optimizer_name=optimizer_name, lr=lr,
-                                       seed=args.seed, fallback_lr=fallback_lr)
+                peak = peak_memory_mb(memory_workload, threads=torch.get_num_threads(),
+                                      task_name=task_name, noise=0.0,
+                                      optimizer_name=optimizer_name, lr=lr, seed=args.seed,
+                                      fallback_lr=fallback_lr)
             results = [(task, result)] + [
                 (noisy_task, train(noisy_task, optimizer_name, lr, steps, args.seed,
                                    fallback_lr)) for noisy_task in noisy]

@@ -71,7 +71,7 @@ class M3(NestedOptimizer):
 
     matrix_rule = True
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, beta1: float = 0.9,
+    def __init__(self, params: Iterable[Any], lr: float = 0.02, beta1: float = 0.9,
                  beta2: float = 0.999, beta3: float = 0.9, alpha: float = 1.0,
                  frequency: int = 10, ns_steps: int = 5, ns_coefficients: str = "quintic",
                  eps: float = 1e-8, normalize: str = "before", weight_decay: float = 0.0,

@@ -396,12 +396,14 @@ class Trainer:
 
     # -- one step --
 
-    def _stop_nonfinite(self, where: str, loss: float, sampler_state: Any, rng: Any) -> None:
+    def _stop_nonfinite(self, where: str, loss: float | None, sampler_state: Any,
+                        rng: Any) -> None:
         """Save the last good state (before this step) and raise naming the place."""
         saved = self.save(sampler_state, rng)
         shown = saved or (self.run_dir / "checkpoints")
+        loss_part = "" if loss is None else f" (loss {loss:.6g})"
         raise NonFiniteError(
-            f"training stopped at step {self.step + 1}: NaN/Inf in {where} (loss {loss:.6g}); "
+            f"training stopped at step {self.step + 1}: NaN/Inf in {where}{loss_part}; "
             f"last good checkpoint (step {self.step}) saved in {shown}"
         )
 
@@ -437,8 +439,11 @@ class Trainer:
         if failure is None and failed == 0 and not math.isfinite(loss_value):
             failure = "the loss"
         if failed > 0 or failure is not None:
+            # a failed forward (here or on another rank) leaves no loss to show
+            failed_forward = failure is None or failure.startswith("the forward")
+            shown_loss = None if failed_forward else loss_value
             self._stop_nonfinite(failure or "another rank's forward pass or memory state",
-                                 loss_value, sampler_state, rng_state)
+                                 shown_loss, sampler_state, rng_state)
         # DDP averages gradients over ranks: scaling by world / global count makes the update
         # that of the mean loss over the whole global batch.
         loss = loss_sum * (self.ctx.world_size / max(total_count, 1.0))

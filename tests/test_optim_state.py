@@ -97,3 +97,23 @@ def test_parameters_without_gradients_are_left_alone():
         opt.step()
         pairs = zip(model.parameters(), before, strict=True)
         assert all(torch.equal(a, b) for a, b in pairs), name
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("fallback", ["auto", "none"])
+def test_every_parameter_shape_is_handled(name, fallback):
+    shapes = [(5,), (3, 4), (4, 3), (2, 3, 3, 3), (1, 1)]
+    params = [torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(i)))
+              for i, shape in enumerate(shapes)]
+    start = [p.detach().clone() for p in params]
+    opt = OPTIMIZERS[name]([{"params": params, "fallback": fallback}])
+    for _ in range(3):
+        opt.zero_grad()
+        sum((p**3).sum() for p in params).backward()
+        opt.step()
+    for param, before in zip(params, start, strict=True):
+        assert param.shape == before.shape
+        assert torch.isfinite(param).all()
+        assert not torch.equal(param, before)
+    if fallback == "none":
+        assert not any(key.startswith("fallback") for key in opt.state[params[0]])

@@ -89,8 +89,7 @@ def test_greedy_generate_with_state_equals_full_forward(arch):
 @pytest.mark.parametrize("arch", ARCHS_WIRED)
 def test_overfits_one_small_batch(arch):
     torch.manual_seed(0)
-    # One block and chunks of 8 keep this fast; HOPE's self-referential inner memories diverge
-    # in float32 after a few Adam steps with inner chunks of 3 tokens (see the report).
+    # One block and chunks of 8 keep this fast.
     config = tiny_config(arch, dim=32, layers=1, chunk_size=8, inner_chunk_size=8,
                          cms_chunk_sizes=(8, 16))
     model = build_model(config)

@@ -45,7 +45,8 @@ def neural_memory_config(config: ModelConfig) -> NeuralMemoryConfig:
         dim=config.dim, heads=config.heads, depth=config.memory_depth,
         expansion=config.memory_expansion, chunk_size=config.chunk_size,
         momentum=config.memory_momentum, weight_decay=config.memory_weight_decay,
-        dgd=config.uses_memory_dgd, persistent_tokens=config.persistent_tokens)
+        dgd=config.uses_memory_dgd, eta_max=config.memory_eta_max,
+        persistent_tokens=config.persistent_tokens)
 
 
 def self_modifying_config(config: ModelConfig) -> SelfModifyingTitansConfig:
@@ -54,7 +55,8 @@ def self_modifying_config(config: ModelConfig) -> SelfModifyingTitansConfig:
         dim=config.dim, heads=config.heads, depth=config.memory_depth,
         expansion=config.memory_expansion, chunk_size=config.chunk_size,
         inner_chunk_size=config.inner_chunk_size, momentum=config.memory_momentum,
-        weight_decay=config.memory_weight_decay, dgd=config.uses_memory_dgd)
+        weight_decay=config.memory_weight_decay, dgd=config.uses_memory_dgd,
+        eta_max=config.memory_eta_max)
 
 
 def cms_config(config: ModelConfig) -> CMSConfig:

@@ -104,7 +104,10 @@ class ModelConfig:
     Titans): ``memory_depth`` and ``memory_expansion`` (layers and hidden multiple of each
     memory MLP), ``chunk_size`` (tokens whose inner gradients share the chunk-start state),
     ``memory_momentum``, ``memory_weight_decay``, ``memory_dgd`` (delta gradient descent; None =
-    on for ``hope``, as in the paper, off for Titans), ``persistent_tokens`` (Titans: learnable
+    on for ``hope``, as in the paper, off for Titans), ``memory_eta_max`` (upper end of the
+    inner learning rate eta_t; 0.03 keeps the memories finite over long streams even at the
+    largest eta and with momentum, where 0.1 diverges within a few hundred tokens),
+    ``persistent_tokens`` (Titans: learnable
     tokens the memory reads once at the start of a stream), ``inner_chunk_size`` (``hope``: the
     chunk of the k, v, eta, alpha memories).
 
@@ -132,6 +135,7 @@ class ModelConfig:
     memory_momentum: bool = True
     memory_weight_decay: bool = True
     memory_dgd: bool | None = None
+    memory_eta_max: float = 0.03
     persistent_tokens: int = 0
     inner_chunk_size: int = 16
     cms_chunk_sizes: tuple[int, ...] = (16, 64)
@@ -156,7 +160,7 @@ class ModelConfig:
         if self.mlp_hidden is None:
             object.__setattr__(self, "mlp_hidden", -(-8 * self.dim // 3 // 8) * 8)
         _bool("tie_embeddings", self.tie_embeddings)
-        for name in ("norm_eps", "rope_base", "init_std"):
+        for name in ("norm_eps", "rope_base", "init_std", "memory_eta_max"):
             _positive_float(name, getattr(self, name))
         if not self.rope_base > 1:
             raise invalid("rope_base", self.rope_base, "a number > 1")

@@ -105,8 +105,8 @@ class ModelConfig:
     memory MLP), ``chunk_size`` (tokens whose inner gradients share the chunk-start state),
     ``memory_momentum``, ``memory_weight_decay``, ``memory_dgd`` (delta gradient descent; None =
     on for ``hope``, as in the paper, off for Titans), ``memory_eta_max`` (upper end of the
-    inner learning rate eta_t; 0.03 keeps the memories finite over long streams even at the
-    largest eta and with momentum, where 0.1 diverges within a few hundred tokens),
+    inner learning rate eta_t; the layers' own default 0.1 makes memories with momentum
+    diverge within a few hundred tokens at initialization, 0.03 much more rarely),
     ``persistent_tokens`` (Titans: learnable
     tokens the memory reads once at the start of a stream), ``inner_chunk_size`` (``hope``: the
     chunk of the k, v, eta, alpha memories).

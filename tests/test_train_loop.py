@@ -51,6 +51,13 @@ def test_bpe_run_takes_its_vocabulary_from_the_tokenizer(corpus, tmp_path):
     assert result.evals[3]["bpb"] < result.evals[3]["loss"] / math.log(2)
 
 
+def test_bf16_autocast_path_trains(corpus, tmp_path):
+    # the CUDA default (autocast "auto" on a GPU); forced here on the CPU
+    config = tiny_config(corpus, tmp_path / "run", "train.autocast=bf16", "train.steps=10")
+    losses = list(train(config, progress=False).losses.values())
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
 def test_schedule_warmup_then_cosine_to_min():
     factors = [lr_factor(s, 10, 110, "cosine", 0.1) for s in range(110)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)

@@ -34,35 +34,75 @@ class DeepMemoryState:
     momentum: tuple[torch.Tensor, ...] | None = None
 
 
-def _gelu_derivative(z: torch.Tensor) -> torch.Tensor:
+def _normal_pdf(z: torch.Tensor) -> torch.Tensor:
+    return torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+
+
+def _gelu_slope(z: torch.Tensor) -> torch.Tensor:
     # d/dz [z Phi(z)] = Phi(z) + z phi(z), the exact (erf) GELU that F.gelu computes by default
-    cdf = 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
-    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
-    return cdf + z * pdf
+    return 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0))) + z * _normal_pdf(z)
 
 
-def _silu_derivative(z: torch.Tensor) -> torch.Tensor:
+def _gelu_curvature(z: torch.Tensor) -> torch.Tensor:
+    return _normal_pdf(z) * (2.0 - z * z)
+
+
+def _silu_slope(z: torch.Tensor) -> torch.Tensor:
     sig = torch.sigmoid(z)
     return sig * (1.0 + z * (1.0 - sig))
 
 
-def _relu_derivative(z: torch.Tensor) -> torch.Tensor:
+def _silu_curvature(z: torch.Tensor) -> torch.Tensor:
+    sig = torch.sigmoid(z)
+    return sig * (1.0 - sig) * (2.0 + z * (1.0 - 2.0 * sig))
+
+
+def _relu_slope(z: torch.Tensor) -> torch.Tensor:
     return (z > 0).to(z.dtype)
 
 
-def _tanh_derivative(z: torch.Tensor) -> torch.Tensor:
+def _relu_curvature(z: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(z)
+
+
+def _tanh_slope(z: torch.Tensor) -> torch.Tensor:
     return 1.0 - torch.tanh(z) ** 2
 
 
-# name -> (activation, its derivative); the derivative is written out (not taken by autograd)
-# so the chunkwise form's hand-written backward stays differentiable for the outer loss.
-ACTIVATIONS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor],
-                             Callable[[torch.Tensor], torch.Tensor]]] = {
-    "gelu": (F.gelu, _gelu_derivative),
-    "silu": (F.silu, _silu_derivative),
-    "relu": (F.relu, _relu_derivative),
-    "tanh": (torch.tanh, _tanh_derivative),
+def _tanh_curvature(z: torch.Tensor) -> torch.Tensor:
+    t = torch.tanh(z)
+    return -2.0 * t * (1.0 - t * t)
+
+
+# name -> (activation s, its slope s', its curvature s''), derivatives written out: the chunkwise
+# form's hand-written backward uses s', and the outer loss differentiates s' through s''.
+ACTIVATIONS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], ...]] = {
+    "gelu": (F.gelu, _gelu_slope, _gelu_curvature),
+    "silu": (F.silu, _silu_slope, _silu_curvature),
+    "relu": (F.relu, _relu_slope, _relu_curvature),
+    "tanh": (torch.tanh, _tanh_slope, _tanh_curvature),
 }
+
+
+class _Slope(torch.autograd.Function):
+    """s'(z) that saves only z for the backward (grad * s''(z)), instead of every intermediate
+    of the closed form: less activation memory in the chunkwise form, same values."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, activation: str) -> torch.Tensor:
+        ctx.save_for_backward(z)
+        ctx.activation = activation
+        return ACTIVATIONS[activation][1](z)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (z,) = ctx.saved_tensors
+        return grad * ACTIVATIONS[ctx.activation][2](z), None
+
+
+def activation_slope(z: torch.Tensor, activation: str) -> torch.Tensor:
+    """s'(z), differentiable (once more through s'')."""
+    return _Slope.apply(z, activation)
 
 
 def check_activation(activation: str) -> None:

@@ -26,6 +26,7 @@ from nestlearn.ops._chunking import num_chunks, segment_products
 from nestlearn.ops._deep_memory_common import (
     ACTIVATIONS,
     DeepMemoryState,
+    activation_slope,
     batched_state,
     check_activation,
     check_deep_memory_args,
@@ -96,7 +97,7 @@ def _key_pass(weights: list[torch.Tensor], keys: torch.Tensor, values: torch.Ten
     the first layer's pre-activations W_1 k_i. Written with plain differentiable ops, so the
     outer loss can backpropagate through the inner gradients.
     """
-    act, act_grad = ACTIVATIONS[activation]
+    act = ACTIVATIONS[activation][0]
     inputs, pres = [], []
     hidden = keys
     for index, weight in enumerate(weights):
@@ -108,7 +109,7 @@ def _key_pass(weights: list[torch.Tensor], keys: torch.Tensor, values: torch.Ten
     error = keys + hidden - values if objective == "l2" else -values
     errors = [error]
     for index in range(len(weights) - 1, 0, -1):
-        error = (error @ weights[index]) * act_grad(pres[index - 1])
+        error = (error @ weights[index]) * activation_slope(pres[index - 1], activation)
         errors.append(error)
     errors.reverse()
     return inputs, errors, pres[0]
@@ -133,6 +134,15 @@ def _delta_pseudo_values(momentum: list[torch.Tensor] | None, keys: torch.Tensor
     return torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
 
 
+def _row_scaled_product(scale: torch.Tensor, x: torch.Tensor,
+                        weight: torch.Tensor) -> torch.Tensor:
+    """Rows ``scale[t] * (W x_t)``, scaling whichever side is narrower: the product is the same,
+    and the backward then keeps the narrow scaled tensor instead of the wide one."""
+    if weight.shape[-1] <= weight.shape[-2]:
+        return (scale[..., None] * x) @ weight.transpose(-1, -2)
+    return scale[..., None] * (x @ weight.transpose(-1, -2))
+
+
 def _chunk(weights: list[torch.Tensor], momentum: list[torch.Tensor] | None,
            queries: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,
            alpha: torch.Tensor, eta: torch.Tensor, theta: torch.Tensor | None, objective: str,
@@ -153,10 +163,10 @@ def _chunk(weights: list[torch.Tensor], momentum: list[torch.Tensor] | None,
         hidden = queries
         for index, weight in enumerate(weights):
             scores = hidden @ inputs[index].transpose(-1, -2)  # (a_i . x_t), [B, H, C, C]
-            pre = coeffs.scale[..., None] * (hidden @ weight.transpose(-1, -2))
+            pre = _row_scaled_product(coeffs.scale, hidden, weight)
             pre = pre - (coeffs.coef * scores) @ errors[index]
             if momentum is not None:
-                pre = pre + coeffs.carry[..., None] * (hidden @ momentum[index].transpose(-1, -2))
+                pre = pre + _row_scaled_product(coeffs.carry, hidden, momentum[index])
             if pseudo is not None and index == 0:
                 pre = pre - (coeffs.eta_decay * scores) @ pseudo
             hidden = act(pre) if index < len(weights) - 1 else pre

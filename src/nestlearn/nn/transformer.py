@@ -172,8 +172,9 @@ class CausalSelfAttention(nn.Module):
         return state
 
     def _mask(self, length: int, cached: int, device: torch.device) -> torch.Tensor | None:
-        """Boolean [T, S + T] mask (True = attend) or None when plain causal suffices."""
-        if cached == 0 and self.window is None:
+        """Boolean [T, S + T] mask (True = attend) or None when no mask or plain causal
+        suffices (no cache, or one new token that sees the whole cache)."""
+        if self.window is None and (cached == 0 or length == 1):
             return None
         query_pos = torch.arange(length, device=device)[:, None] + cached
         key_pos = torch.arange(cached + length, device=device)[None, :]
@@ -197,7 +198,7 @@ class CausalSelfAttention(nn.Module):
         values = torch.cat([state.value, v], dim=2) if cached else v
         mask = self._mask(length, cached, x.device)
         if mask is None:
-            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=cached == 0)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         out = self.out(out.transpose(1, 2).reshape(batch, length, self.dim))

@@ -26,10 +26,11 @@ def _final_weights(run_dir):
     return load_file(str(ckpt.latest_checkpoint(run_dir) / ckpt.MODEL_FILE))
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "m3"])
-def test_resume_equals_an_uninterrupted_run_bitwise(corpus, tmp_path, optimizer):
+@pytest.mark.parametrize(("optimizer", "arch"), [("adamw", "transformer"), ("m3", "transformer"),
+                                                ("deep-momentum", "hope")])
+def test_resume_equals_an_uninterrupted_run_bitwise(corpus, tmp_path, optimizer, arch):
     extra = ("train.steps=14", "train.eval_every=5", f"optim.name={optimizer}",
-             "optim.lr=0.01")
+             "optim.lr=0.01", f"model.arch={arch}")
     straight = tmp_path / "straight"
     train(tiny_config(corpus, straight, *extra), progress=False)
 

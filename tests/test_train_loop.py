@@ -58,6 +58,16 @@ def test_bf16_autocast_path_trains(corpus, tmp_path):
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("arch", ["titans", "titans-mag", "hope", "hope-attention"])
+def test_memory_architectures_train(corpus, tmp_path, arch):
+    window = ["model.window=16"] if arch == "titans-mag" else []
+    config = tiny_config(corpus, tmp_path / "run", *window, f"model.arch={arch}",
+                         "train.steps=20")
+    losses = list(train(config, progress=False).losses.values())
+    assert all(math.isfinite(x) for x in losses)
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.3
+
+
 def test_schedule_warmup_then_cosine_to_min():
     factors = [lr_factor(s, 10, 110, "cosine", 0.1) for s in range(110)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)

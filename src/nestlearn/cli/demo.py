@@ -20,12 +20,14 @@ def run(args: argparse.Namespace) -> int:
     from nestlearn.runconfig import apply_overrides
     from nestlearn.train import train
 
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise invalid("--steps", args.steps, "an integer >= 1")
-    overrides = [f"train.steps={args.steps}", f"train.out_dir={args.out}",
-                 f"train.eval_every={max(args.steps // 4, 1)}",
-                 f"train.checkpoint_every={max(args.steps // 4, 1)}", *args.overrides]
-    config = apply_overrides(get_recipe(args.recipe), overrides)
+    recipe = get_recipe(args.recipe)
+    steps = args.steps or recipe.train.steps
+    overrides = [f"train.steps={steps}", f"train.out_dir={args.out}",
+                 f"train.eval_every={max(steps // 4, 1)}",
+                 f"train.checkpoint_every={max(steps // 4, 1)}", *args.overrides]
+    config = apply_overrides(recipe, overrides)
     resume = latest_checkpoint(args.out) is not None
     print(f"[1/3] training {args.recipe} for {config.train.steps} steps on {config.data.corpus} "
           f"-> {args.out}" + (" (continuing the previous demo run)" if resume else ""))
@@ -51,8 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--recipe", default="tiny-transformer",
                         help="recipe to train (default tiny-transformer; try tiny-hope)")
-    parser.add_argument("--steps", type=int, default=600,
-                        help="training steps (default 600: about 3 minutes on 2 CPU cores)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps (default: the recipe's; tiny-transformer's 600 "
+                             "take about 3 minutes on 2 CPU cores)")
     parser.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     parser.add_argument("--prompt", default="ROMEO:", help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=300, metavar="N",

@@ -238,7 +238,8 @@ def _flatten_dict(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class _StopSignals:
-    """Turns SIGINT/SIGTERM into a flag checked after each step (main thread only)."""
+    """Turns SIGINT/SIGTERM into a flag checked after each step (main thread only); a second
+    signal interrupts at once."""
 
     def __init__(self) -> None:
         self.received: str | None = None
@@ -251,6 +252,8 @@ class _StopSignals:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # a second signal: stop at once, without saving
+            raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
 
     def __exit__(self, *exc: object) -> None:

@@ -66,16 +66,19 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-def test_gloo_ranks_agree_with_a_single_process(tmp_path):
+@pytest.mark.parametrize("arch", ["hope", pytest.param("transformer", marks=pytest.mark.slow)])
+def test_gloo_ranks_agree_with_a_single_process(tmp_path, arch):
+    # HOPE: parameters the LM loss does not reach, and a memory state in the outputs
     import torch.multiprocessing as mp
 
     from nestlearn.train import train
     from trainkit import tiny_config
 
     corpus = write_corpus(tmp_path / "verse.txt", paragraphs=60)
-    single = tiny_config(corpus, tmp_path / "single", "train.steps=3", "data.batch_size=4")
+    sets = ("train.steps=3", "data.batch_size=4", f"model.arch={arch}")
+    single = tiny_config(corpus, tmp_path / "single", *sets)
     train(single, progress=False)
-    ddp = tiny_config(corpus, tmp_path / "ddp", "train.steps=3", "data.batch_size=4")
+    ddp = tiny_config(corpus, tmp_path / "ddp", *sets)
     mp.spawn(_spawned_rank, args=(2, _free_port(), ddp.to_dict()), nprocs=2, join=True)
 
     rows = {run: [r for r in read_records(tmp_path / run) if r["split"] == "train"]

@@ -137,7 +137,8 @@ class TrainConfig:
     dtype: str = "float32"  # parameter dtype
     autocast: str = "auto"  # "auto": bf16 autocast on CUDA only; "bf16"; "off"
     out_dir: str = "runs/default"
-    find_unused_parameters: bool = False  # DDP: set when some parameters get no gradient
+    # DDP: parameters without a gradient must be declared; detected by a probe pass when false
+    find_unused_parameters: bool = False
 
     def __post_init__(self) -> None:
         _positive_int("train.steps", self.steps)

@@ -237,6 +237,31 @@ def _flatten_dict(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+class _LossView(nn.Module):
+    """The model as DDP must see it: the memory state it returns is cut from the graph, so
+    that DDP's search for unused parameters starts from the logits (the loss) only."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        logits, state = self.model(ids)
+        detach = getattr(state, "detach", None)
+        return logits, detach() if callable(detach) else state
+
+
+def unused_parameters(model: nn.Module, seq_len: int, device: torch.device) -> list[str]:
+    """Names of trainable parameters that get no gradient from one probe forward/backward
+    (e.g. parts of a memory unused by the LM loss); DDP must be told about them."""
+    model.zero_grad(set_to_none=True)
+    logits, _ = model(torch.zeros(1, seq_len, dtype=torch.long, device=device))
+    logits.float().sum().backward()
+    names = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    model.zero_grad(set_to_none=True)
+    return names
+
+
 class _StopSignals:
     """Turns SIGINT/SIGTERM into a flag checked after each step (main thread only); a second
     signal interrupts at once."""
@@ -324,8 +349,12 @@ class Trainer:
         self.elapsed = 0.0
         if checkpoint is not None:
             self._restore(checkpoint)
-        self.ddp_model = wrap_model(self.model, self.ctx,
-                                    self.config.train.find_unused_parameters)
+        find_unused = self.config.train.find_unused_parameters
+        if self.ctx.enabled and not find_unused:
+            find_unused = bool(unused_parameters(self.model, self.config.data.seq_len,
+                                                 self.ctx.device))
+        self.ddp_model = wrap_model(_LossView(self.model) if self.ctx.enabled else self.model,
+                                    self.ctx, find_unused)
         self.autocast = autocast_context(self.config, self.ctx.device)
         self.metrics = MetricsLogger(self.run_dir, enabled=self.ctx.is_main)
         if self.ctx.is_main:

@@ -107,6 +107,7 @@ def test_show_config_applies_overrides(capsys):
     (["train", "--set", "train.steps=many"], "train.steps: got 'many'; allowed: an integer"),
     (["train", "--set", "data.corpus=/no/such/corpus.txt"], "/no/such/corpus.txt"),
     (["eval", "/no/such/run"], "run folder '/no/such/run' does not exist"),
+    (["generate", "/no/such/run", "--device", "tpu"], "device: got 'tpu'; allowed: auto, cpu"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, expected, tmp_path, capsys):
     full = [*args, "--out", str(tmp_path / "run")] if args[0] == "train" else args

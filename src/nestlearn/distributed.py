@@ -41,6 +41,8 @@ class DistContext:
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto`` -> cuda (this rank's GPU) when available, else cpu."""
+    if not (name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise NestlearnError(f"device: got {name!r}; allowed: auto, cpu, cuda, cuda:N")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):

@@ -37,11 +37,11 @@ def run(args: argparse.Namespace) -> int:
         return 130
     print("[2/3] evaluating on the whole validation split")
     eval_cli.run(argparse.Namespace(run_dir=Path(args.out), split=None, seq_len=None,
-                                    max_batches=None, json=False))
+                                    max_batches=None, json=False, device="auto"))
     print(f"[3/3] sampling {args.max_new_tokens} tokens after {args.prompt!r}\n")
     generate_cli.run(argparse.Namespace(
         run_dir=Path(args.out), prompt=args.prompt, max_new_tokens=args.max_new_tokens,
-        temperature=0.8, top_k=None, seed=0, max_context=None))
+        temperature=0.8, top_k=None, seed=0, max_context=None, device="auto"))
     print(f"\nmetrics: {args.out}/metrics.csv, loss curve: {args.out}/loss_curve.png")
     return 0
 

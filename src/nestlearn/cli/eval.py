@@ -10,10 +10,12 @@ from nestlearn.errors import invalid
 
 def run(args: argparse.Namespace) -> int:
     from nestlearn.data.tokens import TokenFile, write_token_file
+    from nestlearn.distributed import resolve_device
     from nestlearn.evaluate.perplexity import evaluate_split
     from nestlearn.train import load_trained
 
-    model, config, tokenizer, step = load_trained(args.run_dir)
+    device = resolve_device(args.device)
+    model, config, tokenizer, step = load_trained(args.run_dir, device)
     if args.max_batches is not None and args.max_batches < 1:
         raise invalid("--max-batches", args.max_batches, "an integer >= 1")
     split = args.split or config.data.eval_split
@@ -27,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
         write_token_file(path, load_documents(config.data.corpus, split), tokenizer)
     token_file = TokenFile(path)
     token_file.check_tokenizer(tokenizer)
-    result = evaluate_split(model, token_file, seq_len, config.data.batch_size,
+    result = evaluate_split(model, token_file, seq_len, config.data.batch_size, device=device,
                             max_batches=args.max_batches)
     report = {"run": str(args.run_dir), "step": step, "split": split, "seq_len": seq_len,
               **result.to_dict()}
@@ -56,5 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="window length (default: the run's data.seq_len)")
     parser.add_argument("--max-batches", type=int, metavar="N",
                         help="stop after N batches (default: the whole split)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (cuda when available), cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(func=run)

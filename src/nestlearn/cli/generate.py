@@ -29,7 +29,10 @@ def run(args: argparse.Namespace) -> int:
         raise invalid("--temperature", args.temperature, "a number >= 0 (0 = greedy)")
     if args.top_k is not None and args.top_k < 1:
         raise invalid("--top-k", args.top_k, "an integer >= 1")
-    model, config, tokenizer, _ = load_trained(args.run_dir)
+    from nestlearn.distributed import resolve_device
+
+    device = resolve_device(args.device)
+    model, config, tokenizer, _ = load_trained(args.run_dir, device)
     # A document starts after an end-of-document token: this is how the model saw text.
     ids = [tokenizer.eod_id, *tokenizer.encode(args.prompt)]
     limit = args.max_context or default_context(config)
@@ -38,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
             f"--prompt: {len(ids) - 1} tokens; allowed: at most {limit} (the context the "
             "model was trained on; --max-context raises it)"
         )
-    generator = torch.Generator().manual_seed(args.seed)
-    out = generate(model, torch.tensor([ids]), args.max_new_tokens,
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    out = generate(model, torch.tensor([ids], device=device), args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k, generator=generator)
     text = tokenizer.decode(out[0, len(ids):].tolist())
     print(args.prompt + text)
@@ -65,6 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--top-k", type=int, default=None, metavar="K",
                         help="sample among the K most likely tokens (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (cuda when available), cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--max-context", type=int, default=None, metavar="T",
                         help="refuse prompts longer than T tokens (default: the training "
                              "context for global-attention models, no limit for recurrent "

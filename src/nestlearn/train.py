@@ -503,10 +503,13 @@ class Trainer:
                              rank=self.ctx.rank)
         bar = None
         if self.progress and self.ctx.is_main and self.step < cfg.steps:
-            from tqdm import tqdm
-
-            bar = tqdm(total=cfg.steps, initial=self.step, desc=self.config.name,
-                       unit="step", dynamic_ncols=True, file=sys.stderr)
+            try:
+                from tqdm import tqdm
+            except ImportError:  # optional: metrics files carry the same numbers
+                tqdm = None
+            if tqdm is not None:
+                bar = tqdm(total=cfg.steps, initial=self.step, desc=self.config.name,
+                           unit="step", dynamic_ncols=True, file=sys.stderr)
         window_tokens, window_time = 0, 0.0  # training steps only: eval and saving excluded
         try:
             with _StopSignals() as signals:

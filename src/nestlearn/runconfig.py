@@ -84,7 +84,7 @@ class OptimConfig:
 
     name: str = "adamw"
     lr: float = 3e-3  # peak learning rate, reached at the end of warmup
-    weight_decay: float = 0.1  # decoupled; not applied to biases, norms and embeddings
+    weight_decay: float = 0.1  # decoupled; matrices only (not norms, biases, scalars)
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW moments (and fallbacks inside others)
     momentum: float = 0.9  # momentum of sgd, muon, m3 and the deep-momentum family
     eps: float = 1e-8

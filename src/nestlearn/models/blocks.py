@@ -39,14 +39,21 @@ def _out_std(config: ModelConfig) -> float:
     return config.init_std / math.sqrt(2 * config.layers)
 
 
+def _gate_options(config: ModelConfig) -> dict[str, float | None]:
+    """The memories' gate parameterization (nestlearn/nn/MEMORY_LAYERS.md, "Stability")."""
+    return dict(eta_max=config.memory_eta_max, chunk_step=config.memory_chunk_step,
+                theta_max=config.memory_theta_max, eta_init=config.memory_eta_init,
+                theta_init=config.memory_theta_init, forget_init=config.memory_forget_init)
+
+
 def neural_memory_config(config: ModelConfig) -> NeuralMemoryConfig:
     """The Titans memory of one block, from the model's memory fields."""
     return NeuralMemoryConfig(
         dim=config.dim, heads=config.heads, depth=config.memory_depth,
         expansion=config.memory_expansion, chunk_size=config.chunk_size,
         momentum=config.memory_momentum, weight_decay=config.memory_weight_decay,
-        dgd=config.uses_memory_dgd, eta_max=config.memory_eta_max,
-        persistent_tokens=config.persistent_tokens)
+        dgd=config.uses_memory_dgd, persistent_tokens=config.persistent_tokens,
+        normalize_values=config.memory_normalize_values, **_gate_options(config))
 
 
 def self_modifying_config(config: ModelConfig) -> SelfModifyingTitansConfig:
@@ -56,7 +63,7 @@ def self_modifying_config(config: ModelConfig) -> SelfModifyingTitansConfig:
         expansion=config.memory_expansion, chunk_size=config.chunk_size,
         inner_chunk_size=config.inner_chunk_size, momentum=config.memory_momentum,
         weight_decay=config.memory_weight_decay, dgd=config.uses_memory_dgd,
-        eta_max=config.memory_eta_max)
+        normalize_values=config.memory_normalize_values, **_gate_options(config))
 
 
 def cms_config(config: ModelConfig) -> CMSConfig:

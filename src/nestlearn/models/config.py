@@ -40,6 +40,11 @@ def _positive_float(name: str, value: object) -> None:
         raise invalid(name, repr(value), "a number > 0")
 
 
+def _fraction(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise invalid(name, repr(value), "a number in (0, 1)")
+
+
 def _bool(name: str, value: object) -> None:
     if not isinstance(value, bool):
         raise invalid(name, repr(value), "true or false")
@@ -105,9 +110,12 @@ class ModelConfig:
     memory MLP), ``chunk_size`` (tokens whose inner gradients share the chunk-start state),
     ``memory_momentum``, ``memory_weight_decay``, ``memory_dgd`` (delta gradient descent; None =
     on for ``hope``, as in the paper, off for Titans), ``memory_eta_max`` (upper end of the
-    inner learning rate eta_t; the layers' own default 0.1 makes memories with momentum
-    diverge within a few hundred tokens at initialization, 0.03 much more rarely),
-    ``persistent_tokens`` (Titans: learnable
+    inner learning rate eta_t; None derives it from ``memory_chunk_step``, the chunk sizes, the
+    memory width and ``memory_theta_max`` so that a whole chunk's step stays bounded, see
+    ``nestlearn/nn/MEMORY_LAYERS.md``), ``memory_chunk_step`` (that bound), ``memory_theta_max``
+    (soft cap of the momentum gate), ``memory_normalize_values`` (unit-norm Titans values),
+    ``memory_eta_init``, ``memory_theta_init``, ``memory_forget_init`` (the gates at
+    initialization: eta_t / eta_max, theta_t, 1 - alpha_t), ``persistent_tokens`` (Titans: learnable
     tokens the memory reads once at the start of a stream), ``inner_chunk_size`` (``hope``: the
     chunk of the k, v, eta, alpha memories).
 
@@ -135,7 +143,13 @@ class ModelConfig:
     memory_momentum: bool = True
     memory_weight_decay: bool = True
     memory_dgd: bool | None = None
-    memory_eta_max: float = 0.03
+    memory_eta_max: float | None = None
+    memory_chunk_step: float = 1.0
+    memory_theta_max: float = 0.9
+    memory_normalize_values: bool = True
+    memory_eta_init: float = 0.5
+    memory_theta_init: float = 0.5
+    memory_forget_init: float = 0.001
     persistent_tokens: int = 0
     inner_chunk_size: int = 16
     cms_chunk_sizes: tuple[int, ...] = (16, 64)
@@ -160,8 +174,16 @@ class ModelConfig:
         if self.mlp_hidden is None:
             object.__setattr__(self, "mlp_hidden", -(-8 * self.dim // 3 // 8) * 8)
         _bool("tie_embeddings", self.tie_embeddings)
-        for name in ("norm_eps", "rope_base", "init_std", "memory_eta_max"):
+        for name in ("norm_eps", "rope_base", "init_std", "memory_chunk_step"):
             _positive_float(name, getattr(self, name))
+        if self.memory_eta_max is not None:
+            _positive_float("memory_eta_max", self.memory_eta_max)
+        for name in ("memory_theta_max", "memory_eta_init", "memory_theta_init",
+                     "memory_forget_init"):
+            _fraction(name, getattr(self, name))
+        if not self.memory_theta_init < self.memory_theta_max:
+            raise invalid("memory_theta_init", self.memory_theta_init,
+                          f"a number below memory_theta_max={self.memory_theta_max}")
         if not self.rope_base > 1:
             raise invalid("rope_base", self.rope_base, "a number > 1")
         _optional_positive_int("window", self.window)
@@ -174,7 +196,8 @@ class ModelConfig:
                           "None for arch 'hope-attention' (its attention is global)")
         for name in ("memory_depth", "memory_expansion", "chunk_size", "inner_chunk_size"):
             _positive_int(name, getattr(self, name))
-        for name in ("memory_momentum", "memory_weight_decay", "cms_frozen"):
+        for name in ("memory_momentum", "memory_weight_decay", "memory_normalize_values",
+                     "cms_frozen"):
             _bool(name, getattr(self, name))
         if self.memory_dgd is not None:
             _bool("memory_dgd", self.memory_dgd)

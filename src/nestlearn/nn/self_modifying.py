@@ -30,12 +30,17 @@ from nestlearn.nn.conv import CausalDepthwiseConv
 from nestlearn.nn.memory_stream import ChunkedMemoryState, empty_chunked_state, run_chunked_memory
 from nestlearn.nn.titans import (
     ACTIVATIONS,
+    CappedLinear,
     HeadRMSNorm,
+    capped_logit_inverse,
     check_choice,
+    check_fraction,
     check_input,
     check_int,
     check_positive,
     check_tail,
+    derived_eta_max,
+    logit,
 )
 from nestlearn.ops.deep_memory import (
     DeepMemoryState,
@@ -72,8 +77,21 @@ class SelfModifyingTitansConfig:
         input_projection: each inner memory reads its own linear projection of x (``x W_*``);
             off = they all read x split into heads (needs ``dim == heads * head_dim``).
         normalize_inputs: L2-normalize each head of the memories' inputs (after the conv).
+        normalize_values: L2-normalize each head of v_t = M_v(x^v_t) before it becomes the
+            main memory's value and the source of every self-generated target M_*(v_t). Off
+            (the layer's default, the paper's literal reading) the targets carry the v
+            memory's gain, which the memories then learn, a loop that outer training can
+            drive to overflow; the models turn it on (MEMORY_LAYERS.md, "Stability").
         conv, conv_width: depthwise causal conv on the memories' inputs and on q.
-        eta_max: upper end of the learning rate eta_t.
+        eta_max: upper end of the learning rate eta_t. None (default): derived from
+            ``chunk_step`` with the larger of the two chunk sizes and of the two expansions
+            (``nestlearn.nn.titans.derived_eta_max``; one eta_t drives all five memories). The
+            resolved number is stored here.
+        chunk_step: the largest fraction of the error a chunk of identical unit keys can remove
+            with eta and theta at their maxima (only used to derive ``eta_max``).
+        theta_max: soft cap of the momentum gate (theta_t < theta_max).
+        eta_init, theta_init, forget_init: the gates at initialization (eta_t / eta_max,
+            theta_t, 1 - alpha_t), set through the biases.
         output_gate: multiply the read-out by SiLU(x W_g) before the output projection.
         memory_target: the main memory's values: ``"v"`` the generated v_t (as in Titans) or
             ``"self"`` its own v_hat_t = M_memory(v_t) from its state at the start of its chunk.
@@ -95,9 +113,15 @@ class SelfModifyingTitansConfig:
     activation: str = "gelu"
     input_projection: bool = True
     normalize_inputs: bool = True
+    normalize_values: bool = False
     conv: bool = True
     conv_width: int = 4
-    eta_max: float = 0.1
+    eta_max: float | None = None
+    chunk_step: float = 1.0
+    theta_max: float = 0.9
+    eta_init: float = 0.5
+    theta_init: float = 0.5
+    forget_init: float = 0.001
     output_gate: bool = True
     memory_target: str = "v"
     use_naive: bool = False
@@ -117,9 +141,20 @@ class SelfModifyingTitansConfig:
             check_int(name, getattr(self, name), 1)
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("memory_target", self.memory_target, MEMORY_TARGETS)
+        check_positive("chunk_step", self.chunk_step)
+        for name in ("theta_max", "eta_init", "theta_init", "forget_init"):
+            check_fraction(name, getattr(self, name))
+        if not self.theta_init < self.theta_max:
+            raise invalid("theta_init", self.theta_init, f"a number below theta_max="
+                          f"{self.theta_max}")
+        if self.eta_max is None:
+            self.eta_max = derived_eta_max(
+                self.chunk_step, max(self.chunk_size, self.inner_chunk_size),
+                max(self.expansion, self.inner_expansion),
+                self.theta_max if self.momentum else None)
         check_positive("eta_max", self.eta_max)
         for name in ("momentum", "weight_decay", "dgd", "input_projection", "normalize_inputs",
-                     "conv", "output_gate", "use_naive"):
+                     "normalize_values", "conv", "output_gate", "use_naive"):
             if not isinstance(getattr(self, name), bool):
                 raise invalid(name, repr(getattr(self, name)), "True or False")
         if not self.input_projection and self.dim != self.heads * self.head_dim:
@@ -158,14 +193,15 @@ class SelfModifyingTitans(nn.Module):
         self.inputs = nn.Linear(c.dim, 4 * inner, bias=False) if c.input_projection else None
         conv_channels = 2 * inner if self.inputs is None else 5 * inner
         self.conv = CausalDepthwiseConv(conv_channels, c.conv_width) if c.conv else None
-        self.theta = nn.Linear(c.dim, c.heads) if c.momentum else None
+        # theta_t = sigmoid(self.theta(x)) < theta_max: the logit is soft-capped.
+        self.theta = CappedLinear(c.dim, c.heads, c.theta_max) if c.momentum else None
         # Read-outs of the eta and alpha memories: a per-head projection to a scalar logit.
         self.eta_readout = nn.Parameter(torch.randn(c.heads, c.head_dim) * c.head_dim ** -0.5)
-        self.eta_bias = nn.Parameter(torch.zeros(c.heads))
+        self.eta_bias = nn.Parameter(torch.full((c.heads,), logit(c.eta_init)))
         if c.weight_decay:
             self.alpha_readout = nn.Parameter(
                 torch.randn(c.heads, c.head_dim) * c.head_dim ** -0.5)
-            self.alpha_bias = nn.Parameter(torch.full((c.heads,), 4.6))  # alpha ~ 0.99 at first
+            self.alpha_bias = nn.Parameter(torch.full((c.heads,), -logit(c.forget_init)))
         else:
             # alpha is 1: the alpha memory still learns in the stack but nothing reads it.
             self.alpha_readout = self.alpha_bias = None
@@ -180,7 +216,7 @@ class SelfModifyingTitans(nn.Module):
             [nn.Parameter(torch.cat(layer, 0).clone()) for layer in zip(*stacked, strict=True)])
         if self.theta is not None:
             with torch.no_grad():
-                self.theta.bias.fill_(2.2)  # theta ~ 0.9 at the start
+                self.theta.bias.fill_(capped_logit_inverse(c.theta_init, c.theta_max))
 
     def init_state(self, batch: int, *, device: torch.device | None = None,
                    dtype: torch.dtype | None = None) -> SelfModifyingTitansState:
@@ -251,6 +287,8 @@ class SelfModifyingTitans(nn.Module):
             out = deep_memory_apply(weights, reads[:, start:stop], activation=c.activation)
             k_raw, v, eta_features, alpha_features = out.chunk(4, dim=2)
             k = F.normalize(k_raw, dim=-1)
+            if c.normalize_values:
+                v = F.normalize(v, dim=-1)
             eta = c.eta_max * torch.sigmoid(
                 (eta_features * self.eta_readout).sum(-1) + self.eta_bias)
             if c.weight_decay:

@@ -10,6 +10,7 @@ See MEMORY_LAYERS.md for the choices where the paper leaves room.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,63 @@ def check_positive(name: str, value: object) -> None:
         raise invalid(name, repr(value), "a number > 0")
 
 
+def check_fraction(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise invalid(name, repr(value), "a number in (0, 1)")
+
+
+def derived_eta_max(chunk_step: float, chunk_size: int, expansion: int,
+                    theta_max: float | None) -> float:
+    """The per-token ceiling of eta_t that bounds a whole chunk's step (MEMORY_LAYERS.md).
+
+    All gradients of a chunk are taken at its starting weights, so a chunk applies the sum of
+    its tokens' steps at once; momentum multiplies each step by up to 1 / (1 - theta_max); the
+    output matrix's curvature at unit-norm keys is ||s(W_1 k)||^2 <= ||W_1 k||^2, about
+    ``expansion`` at initialization (|s(z)| <= |z| for every activation offered). Dividing
+    ``chunk_step`` by these three factors makes ``chunk_step`` the largest fraction of the
+    error a chunk of identical keys can remove in that worst case (< 2 is stable, 1 exact).
+    """
+    momentum_gain = 1.0 if theta_max is None else 1.0 / (1.0 - theta_max)
+    return chunk_step / (chunk_size * expansion * momentum_gain)
+
+
+def capped_logit(raw: torch.Tensor, maximum: float) -> torch.Tensor:
+    """A soft cap of a gate logit: sigmoid of the result stays below ``maximum`` < 1.
+
+    c - softplus(c - z) with c = logit(maximum) is <= c for every z and ~z for z << c, so
+    gradients keep flowing near the cap (unlike a hard clamp).
+    """
+    cap = math.log(maximum / (1.0 - maximum))
+    return cap - F.softplus(cap - raw)
+
+
+def logit(p: float) -> float:
+    """sigmoid^-1(p)."""
+    return math.log(p / (1.0 - p))
+
+
+def capped_logit_inverse(value: float, maximum: float) -> float:
+    """The raw logit z with sigmoid(capped_logit(z, maximum)) = value (< maximum)."""
+    cap = logit(maximum)
+    return cap - math.log(math.expm1(cap - logit(value)))
+
+
+class CappedLinear(nn.Linear):
+    """A linear gate-logit projection whose sigmoid never exceeds ``maximum`` (``capped_logit``).
+
+    The momentum gate theta_t = sigmoid(CappedLinear(x)) < theta_max bounds the momentum's
+    amplification 1 / (1 - theta) of the inner steps.
+    """
+
+    def __init__(self, in_features: int, out_features: int, maximum: float) -> None:
+        super().__init__(in_features, out_features)
+        check_fraction("theta_max", maximum)
+        self.maximum = maximum
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return capped_logit(super().forward(x), self.maximum)
+
+
 @dataclass
 class NeuralMemoryConfig:
     """Configuration of :class:`NeuralMemory`.
@@ -63,7 +121,19 @@ class NeuralMemoryConfig:
         conv: depthwise causal convolution after the q/k/v projections.
         conv_width: its width (4 in the paper).
         persistent_tokens: learnable tokens fed to the memory once, at the start of a stream.
-        eta_max: the learning-rate gate is eta_t = eta_max * sigmoid(x W_eta).
+        eta_max: the learning-rate gate is eta_t = eta_max * sigmoid(x W_eta + b). None
+            (default): derived from ``chunk_step`` (``derived_eta_max``), so the bound on a
+            whole chunk's step holds whatever the chunk size, memory width and momentum cap.
+            The resolved number is stored here.
+        chunk_step: the largest fraction of the error a chunk of identical unit keys can remove
+            with eta and theta at their maxima (only used to derive ``eta_max``).
+        theta_max: soft cap of the momentum gate (theta_t < theta_max), bounding the momentum's
+            amplification 1 / (1 - theta_t) of the steps.
+        normalize_values: L2-normalize each head of the values v, like the keys: the memory
+            then maps unit vectors to unit vectors and its weights keep the scale they start
+            with, whatever the input's scale.
+        eta_init, theta_init, forget_init: the gates' values at initialization (as fractions:
+            eta_t / eta_max, theta_t, forget_t = 1 - alpha_t), set through the biases.
         dgd: delta gradient descent (the (alpha I - eta k k^T) factor of HOPE) in the update.
         use_naive: run the per-token reference op instead of the chunkwise one (for tests).
     """
@@ -81,7 +151,13 @@ class NeuralMemoryConfig:
     conv: bool = True
     conv_width: int = 4
     persistent_tokens: int = 0
-    eta_max: float = 0.1
+    eta_max: float | None = None
+    chunk_step: float = 1.0
+    theta_max: float = 0.9
+    normalize_values: bool = True
+    eta_init: float = 0.5
+    theta_init: float = 0.5
+    forget_init: float = 0.001
     dgd: bool = False
     use_naive: bool = False
 
@@ -100,8 +176,18 @@ class NeuralMemoryConfig:
         check_int("persistent_tokens", self.persistent_tokens, 0)
         check_choice("objective", self.objective, OBJECTIVES)
         check_choice("activation", self.activation, ACTIVATIONS)
+        check_positive("chunk_step", self.chunk_step)
+        for name in ("theta_max", "eta_init", "theta_init", "forget_init"):
+            check_fraction(name, getattr(self, name))
+        if not self.theta_init < self.theta_max:
+            raise invalid("theta_init", self.theta_init, f"a number below theta_max="
+                          f"{self.theta_max}")
+        if self.eta_max is None:
+            self.eta_max = derived_eta_max(self.chunk_step, self.chunk_size, self.expansion,
+                                           self.theta_max if self.momentum else None)
         check_positive("eta_max", self.eta_max)
-        for name in ("momentum", "weight_decay", "conv", "dgd", "use_naive"):
+        for name in ("momentum", "weight_decay", "conv", "dgd", "use_naive",
+                     "normalize_values"):
             if not isinstance(getattr(self, name), bool):
                 raise invalid(name, repr(getattr(self, name)), "True or False")
 
@@ -183,11 +269,11 @@ class NeuralMemory(nn.Module):
         self.persistent = (nn.Parameter(torch.randn(c.persistent_tokens, c.dim) * 0.02)
                            if c.persistent_tokens else None)
         with torch.no_grad():
-            # theta ~ 0.9 (momentum) and forget ~ 0.01 (alpha ~ 0.99) at the start: sigmoid^-1.
+            # The gates start at eta_init * eta_max, theta_init and forget_init (sigmoid^-1).
             bias = self.gates.bias.view(3, c.heads)
-            bias[0].zero_()
-            bias[1].fill_(2.2)
-            bias[2].fill_(-4.6)
+            bias[0].fill_(logit(c.eta_init))
+            bias[1].fill_(capped_logit_inverse(c.theta_init, c.theta_max))
+            bias[2].fill_(logit(c.forget_init))
 
     def init_state(self, batch: int, *, device: torch.device | None = None,
                    dtype: torch.dtype | None = None) -> NeuralMemoryState:
@@ -206,13 +292,14 @@ class NeuralMemory(nn.Module):
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(alpha, eta, theta)`` per token and head, each ``[B, T, H]``, in their ranges.
 
-        eta in (0, eta_max), theta in (0, 1) (None without momentum), alpha = 1 - forget in
+        eta in (0, eta_max), theta in (0, theta_max) (None without momentum), alpha = 1 - forget in
         (0, 1) (exactly 1 without weight decay).
         """
         c = self.config
         logits = self.gates(x).unflatten(-1, (3, c.heads))
         eta = c.eta_max * torch.sigmoid(logits[..., 0, :])
-        theta = torch.sigmoid(logits[..., 1, :]) if c.momentum else None
+        theta = (torch.sigmoid(capped_logit(logits[..., 1, :], c.theta_max))
+                 if c.momentum else None)
         # alpha = 1 - sigmoid(forget logit), written as sigmoid(-logit) to avoid cancellation
         alpha = torch.sigmoid(-logits[..., 2, :]) if c.weight_decay else torch.ones_like(eta)
         return alpha, eta, theta
@@ -241,6 +328,8 @@ class NeuralMemory(nn.Module):
         q, k, v = F.silu(projected).unflatten(-1, (3, c.heads, c.head_dim)).unbind(2)
         q = F.normalize(q, dim=-1)
         k = F.normalize(k, dim=-1)
+        if c.normalize_values:
+            v = F.normalize(v, dim=-1)
         alpha, eta, theta = self.gate_values(stream)
         op = deep_memory_naive if c.use_naive else deep_memory
         o, memory = run_chunked_memory(op, state.memory, q, k, v, alpha, eta, theta,

@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml requirements/cpu-constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/nestlearn bench ops
+	$(BIN)/nestlearn demo
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -73,6 +73,64 @@ def force_self_modifying_gates(layer):
         layer.alpha_bias.fill_(FORCED)
 
 
+def test_derived_eta_ceiling_and_initial_gates():
+    config = NeuralMemoryConfig(dim=64, heads=4, chunk_size=64, expansion=4)
+    assert config.eta_max == pytest.approx(1.0 * (1 - 0.9) / (64 * 4))
+    assert NeuralMemoryConfig(dim=64, chunk_size=16, momentum=False, chunk_step=2.0).eta_max \
+        == pytest.approx(2.0 / (16 * 4))
+    assert NeuralMemoryConfig(dim=64, eta_max=0.01).eta_max == 0.01
+    layer = NeuralMemory(NeuralMemoryConfig(dim=16, heads=2, theta_max=0.8, theta_init=0.6,
+                                            eta_init=0.25, forget_init=0.002))
+    with torch.no_grad():
+        alpha, eta, theta = layer.gate_values(torch.zeros(1, 1, 16))
+    torch.testing.assert_close(eta, torch.full_like(eta, 0.25 * layer.config.eta_max))
+    torch.testing.assert_close(theta, torch.full_like(theta, 0.6))
+    torch.testing.assert_close(alpha, torch.full_like(alpha, 0.998))
+    with torch.no_grad():
+        _, _, theta = layer.gate_values(torch.randn(1, 64, 16) * 1e3)
+    assert float(theta.max()) <= 0.8 + 1e-6  # the cap, up to float32 rounding
+    smt = SelfModifyingTitansConfig(dim=16, heads=2, chunk_size=8, inner_chunk_size=32,
+                                    expansion=2, inner_expansion=4)
+    assert smt.eta_max == pytest.approx((1 - 0.9) / (32 * 4))
+    model = ModelConfig(arch="hope", dim=16, heads=2, chunk_size=8, inner_chunk_size=4,
+                        memory_chunk_step=0.5)
+    layer = SelfModifyingTitans(SelfModifyingTitansConfig(dim=16, heads=2, theta_init=0.3))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.sigmoid(layer.theta(torch.zeros(1, 16))),
+                                   torch.full((1, 2), 0.3))
+    block = build_model(model).backbone.blocks[0].titans
+    assert block.config.eta_max == pytest.approx(0.5 * (1 - 0.9) / (8 * 4))
+    assert block.config.normalize_values
+
+
+@pytest.mark.parametrize(("cls", "fields", "name"), [
+    (NeuralMemoryConfig, {"theta_max": 1.0}, "theta_max"),
+    (NeuralMemoryConfig, {"theta_init": 0.95}, "theta_init"),
+    (NeuralMemoryConfig, {"chunk_step": 0.0}, "chunk_step"),
+    (NeuralMemoryConfig, {"forget_init": 0.0}, "forget_init"),
+    (NeuralMemoryConfig, {"normalize_values": 1}, "normalize_values"),
+    (SelfModifyingTitansConfig, {"eta_init": 1.0}, "eta_init"),
+    (SelfModifyingTitansConfig, {"theta_max": 0.4}, "theta_init"),
+    (SelfModifyingTitansConfig, {"normalize_values": "yes"}, "normalize_values"),
+])
+def test_bad_gate_options_name_the_field(cls, fields, name):
+    with pytest.raises(NestlearnError, match=name):
+        cls(dim=16, heads=2, **fields)
+
+
+@pytest.mark.parametrize(("fields", "name"), [
+    ({"memory_theta_max": 0.0}, "memory_theta_max"),
+    ({"memory_theta_init": 0.95}, "memory_theta_init"),
+    ({"memory_chunk_step": -1.0}, "memory_chunk_step"),
+    ({"memory_eta_max": 0.0}, "memory_eta_max"),
+    ({"memory_forget_init": 1.0}, "memory_forget_init"),
+    ({"memory_normalize_values": 0}, "memory_normalize_values"),
+])
+def test_bad_model_gate_fields_name_the_field(fields, name):
+    with pytest.raises(NestlearnError, match=name):
+        ModelConfig(arch="titans", dim=16, heads=2, **fields)
+
+
 NEURAL_MEMORY_CASES = {
     "d64-h4": dict(dim=64, heads=4),
     # The configuration compared with titans-pytorch: one head, 2-layer MLP, expansion 4.

@@ -66,19 +66,19 @@ def derived_eta_max(chunk_step: float, chunk_size: int, expansion: int,
     return chunk_step / (chunk_size * expansion * momentum_gain)
 
 
-def capped_logit(raw: torch.Tensor, maximum: float) -> torch.Tensor:
-    """A soft cap of a gate logit: sigmoid of the result stays below ``maximum`` < 1.
-
-    c - softplus(c - z) with c = logit(maximum) is <= c for every z and ~z for z << c, so
-    gradients keep flowing near the cap (unlike a hard clamp).
-    """
-    cap = math.log(maximum / (1.0 - maximum))
-    return cap - F.softplus(cap - raw)
-
-
 def logit(p: float) -> float:
     """sigmoid^-1(p)."""
     return math.log(p / (1.0 - p))
+
+
+def capped_logit(raw: torch.Tensor, maximum: float) -> torch.Tensor:
+    """A soft cap of a gate logit: sigmoid of the result stays below ``maximum`` < 1.
+
+    c - softplus(c - raw) with c = logit(maximum) is < c for every raw and ~raw for raw << c,
+    so gradients keep flowing near the cap (unlike a hard clamp).
+    """
+    cap = logit(maximum)
+    return cap - F.softplus(cap - raw)
 
 
 def capped_logit_inverse(value: float, maximum: float) -> float:

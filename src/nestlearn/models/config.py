@@ -149,7 +149,7 @@ class ModelConfig:
     memory_normalize_values: bool = True
     memory_eta_init: float = 0.5
     memory_theta_init: float = 0.5
-    memory_forget_init: float = 0.001
+    memory_forget_init: float = 0.0001
     persistent_tokens: int = 0
     inner_chunk_size: int = 16
     cms_chunk_sizes: tuple[int, ...] = (16, 64)

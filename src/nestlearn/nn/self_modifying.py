@@ -121,7 +121,7 @@ class SelfModifyingTitansConfig:
     theta_max: float = 0.9
     eta_init: float = 0.5
     theta_init: float = 0.5
-    forget_init: float = 0.001
+    forget_init: float = 0.0001
     output_gate: bool = True
     memory_target: str = "v"
     use_naive: bool = False

@@ -157,7 +157,7 @@ class NeuralMemoryConfig:
     normalize_values: bool = True
     eta_init: float = 0.5
     theta_init: float = 0.5
-    forget_init: float = 0.001
+    forget_init: float = 0.0001
     dgd: bool = False
     use_naive: bool = False
 

@@ -36,10 +36,9 @@ def _model(arch: str, **fields: object) -> object:
 
 
 # Memory layers cost more per parameter on a CPU than attention, so the memory models are
-# shallower. HOPE at d 64 diverges (NaN in its inner memory within ~10 steps), and at d 128
-# with peak lr 3e-3 near step 60; d 128 with lr 1e-3 trains stably. It is also the slowest
-# per token, hence its smaller batch and fewer steps. Seconds per step measured on 2 shared
-# cores: transformer 0.3, titans 0.3, hope-attention 0.4, hope (batch 8) 1.4.
+# shallower; HOPE is the slowest per token, hence its smaller batch and fewer steps. Seconds
+# per step measured on 2 shared cores: transformer 0.3, titans 0.3, hope-attention 0.4,
+# hope (batch 8) 1.1-1.4.
 TINY_SIZES: dict[str, dict[str, int]] = {
     "transformer": {"dim": 128, "layers": 4, "heads": 4},
     "hope": {"dim": 128, "layers": 2, "heads": 4},
@@ -48,7 +47,6 @@ TINY_SIZES: dict[str, dict[str, int]] = {
 }
 TINY_BATCH: dict[str, int] = {"hope": 8}
 TINY_STEPS: dict[str, int] = {"hope": 300}
-TINY_LR: dict[str, float] = {"hope": 1e-3}
 
 
 def tiny(family: str) -> RunConfig:
@@ -59,7 +57,7 @@ def tiny(family: str) -> RunConfig:
         model=_model(ARCH_OF_FAMILY[family], **TINY_SIZES[family]),
         data=DataConfig(corpus="shakespeare", tokenizer="byte", seq_len=128,
                         batch_size=TINY_BATCH.get(family, 16)),
-        optim=OptimConfig(name="adamw", lr=TINY_LR.get(family, 3e-3), weight_decay=0.1),
+        optim=OptimConfig(name="adamw", lr=3e-3, weight_decay=0.1),
         schedule=ScheduleConfig(warmup_steps=50, min_lr_ratio=0.1),
         train=TrainConfig(steps=steps, eval_every=steps // 6, eval_iters=10,
                           checkpoint_every=steps // 6, log_every=10,

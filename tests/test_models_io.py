@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model_cases import ARCHS_WIRED, random_ids, tiny_config, tiny_model
+from nestlearn.data.atomic import sha256_file
 from nestlearn.errors import NestlearnError
 from nestlearn.models import (
     ClassifierConfig,
@@ -12,7 +13,7 @@ from nestlearn.models import (
     from_pretrained,
     save_pretrained,
 )
-from nestlearn.models.io import CONFIG_FILE, WEIGHTS_FILE, _sha256
+from nestlearn.models.io import CONFIG_FILE, WEIGHTS_FILE
 
 
 @pytest.mark.parametrize("arch", ARCHS_WIRED)
@@ -58,7 +59,7 @@ def _rewrite_weights(path, change):
     change(tensors)
     save_file(tensors, str(path / WEIGHTS_FILE))
     meta = json.loads((path / CONFIG_FILE).read_text())
-    meta["sha256"] = _sha256(path / WEIGHTS_FILE)
+    meta["sha256"] = sha256_file(path / WEIGHTS_FILE)
     (path / CONFIG_FILE).write_text(json.dumps(meta))
 
 

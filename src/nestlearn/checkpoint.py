@@ -31,6 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from nestlearn.data.atomic import fsync_path, sha256_file
 from nestlearn.errors import NestlearnError
 from nestlearn.treeio import flatten, unflatten
 
@@ -80,24 +81,8 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(list(state["cuda"]))
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _payload_digest(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
@@ -158,7 +143,7 @@ def save_checkpoint(run_dir: str | Path, *, step: int, config: dict[str, Any],
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     for name in (MODEL_FILE, STATE_FILE, MANIFEST):
-        _fsync(tmp / name)
+        fsync_path(tmp / name)
     if final.exists():
         old = final.parent / f".old-{final.name}-{os.getpid()}"
         final.rename(old)
@@ -166,7 +151,7 @@ def save_checkpoint(run_dir: str | Path, *, step: int, config: dict[str, Any],
         shutil.rmtree(old)
     else:
         tmp.rename(final)
-    _fsync(final.parent)
+    fsync_path(final.parent)
     if keep is not None:
         for stale in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(stale)

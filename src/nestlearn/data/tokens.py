@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nestlearn.data.atomic import atomic_open, atomic_write_json
+from nestlearn.data.atomic import atomic_open, atomic_write_json, sha256_file
 from nestlearn.data.tokenizers import Tokenizer
 from nestlearn.errors import NestlearnError, invalid
 
@@ -221,11 +221,7 @@ class TokenFile:
             raise self._fail("document boundaries do not hold the end-of-document id")
 
     def verify_checksum(self) -> None:
-        digest = hashlib.sha256()
-        with open(self.bin_path, "rb") as stream:
-            for block in iter(lambda: stream.read(1 << 22), b""):
-                digest.update(block)
-        if digest.hexdigest() != self.sha256:
+        if sha256_file(self.bin_path) != self.sha256:
             raise self._fail("SHA-256 of the .bin file differs from the metadata (corrupt file)")
 
     def document_lengths(self) -> np.ndarray:

@@ -9,7 +9,6 @@ shape. Nothing is unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nestlearn import __version__
+from nestlearn.data.atomic import fsync_path, sha256_file
 from nestlearn.errors import NestlearnError, invalid
 from nestlearn.models.config import ClassifierConfig, ModelConfig, config_from_dict
 
@@ -28,14 +28,6 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT = "nestlearn-model"
 FORMAT_VERSION = 1
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _kind(model: nn.Module) -> str:
@@ -46,14 +38,6 @@ def _kind(model: nn.Module) -> str:
         return "classifier"
     raise invalid("model", type(model).__name__,
                   "a nestlearn model (built by build_model or build_classifier)")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _is_checkpoint(directory: Path) -> bool:
@@ -82,7 +66,7 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
     try:
         weights = staging / WEIGHTS_FILE
         save_file(tensors, str(weights), metadata={"format": FORMAT})
-        _fsync(weights)
+        fsync_path(weights)
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -91,10 +75,10 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
             "config": model.config.to_dict(),
             "tensors": {name: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
                         for name, t in tensors.items()},
-            "sha256": _sha256(weights),
+            "sha256": sha256_file(weights),
         }
         (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        _fsync(staging / CONFIG_FILE)
+        fsync_path(staging / CONFIG_FILE)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.rename(target, old / "previous")
@@ -157,7 +141,7 @@ def from_pretrained(directory: str | Path, device: str | torch.device = "cpu") -
     weights = where / WEIGHTS_FILE
     if not weights.is_file():
         raise NestlearnError(f"checkpoint {where}: missing {WEIGHTS_FILE}")
-    checksum = _sha256(weights)
+    checksum = sha256_file(weights)
     if checksum != meta.get("sha256"):
         raise NestlearnError(f"checkpoint {weights}: SHA-256 {checksum} does not match the "
                              f"recorded {meta.get('sha256')} (file modified or corrupted)")

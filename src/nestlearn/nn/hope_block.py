@@ -21,8 +21,7 @@ from nestlearn.nn.self_modifying import (
     SelfModifyingTitansConfig,
     SelfModifyingTitansState,
 )
-from nestlearn.nn.titans import check_input
-from nestlearn.nn.transformer import RMSNorm
+from nestlearn.nn.transformer import RMSNorm, check_input
 
 
 @dataclass(frozen=True, eq=False)

@@ -35,13 +35,13 @@ from nestlearn.nn.titans import (
     capped_logit_inverse,
     check_choice,
     check_fraction,
-    check_input,
     check_int,
     check_positive,
     check_tail,
     derived_eta_max,
     logit,
 )
+from nestlearn.nn.transformer import check_input
 from nestlearn.ops.deep_memory import (
     DeepMemoryState,
     deep_memory,

@@ -20,6 +20,7 @@ from torch import nn
 from nestlearn.errors import invalid
 from nestlearn.nn.conv import CausalDepthwiseConv
 from nestlearn.nn.memory_stream import ChunkedMemoryState, empty_chunked_state, run_chunked_memory
+from nestlearn.nn.transformer import check_input
 from nestlearn.ops.deep_memory import (
     DeepMemoryState,
     deep_memory,
@@ -220,19 +221,6 @@ class HeadRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
-
-
-def check_input(x: object, dim: int) -> torch.Tensor:
-    """``x`` is a floating ``[B, T, dim]`` tensor with T >= 1."""
-    if not isinstance(x, torch.Tensor):
-        raise invalid("x", type(x).__name__, f"a torch.Tensor of shape [B, T, {dim}]")
-    if x.dim() != 3 or x.shape[-1] != dim:
-        raise invalid("x.shape", tuple(x.shape), f"[B, T, {dim}]")
-    if x.shape[1] == 0:
-        raise invalid("x.shape", tuple(x.shape), "a sequence length T >= 1")
-    if not x.is_floating_point():
-        raise invalid("x.dtype", x.dtype, "a floating dtype")
-    return x
 
 
 def check_tail(tail: torch.Tensor | None, conv: CausalDepthwiseConv | None, batch: int) -> None:

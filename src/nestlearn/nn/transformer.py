@@ -24,7 +24,8 @@ def _check_positive_int(name: str, value: object) -> int:
     return value
 
 
-def _check_input(x: object, dim: int) -> torch.Tensor:
+def check_input(x: object, dim: int) -> torch.Tensor:
+    """``x`` is a floating ``[B, T, dim]`` tensor with T >= 1."""
     if not isinstance(x, torch.Tensor):
         raise invalid("x", type(x).__name__, f"a torch.Tensor of shape [B, T, {dim}]")
     if x.dim() != 3 or x.shape[-1] != dim:
@@ -185,7 +186,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor,
                 state: AttentionState | None = None) -> tuple[torch.Tensor, AttentionState]:
-        _check_input(x, self.dim)
+        check_input(x, self.dim)
         batch, length, _ = x.shape
         state = self.init_state(batch, x.device, x.dtype) if state is None else state
         state = self._check_state(state, x)

@@ -18,7 +18,7 @@ from torch import nn
 from nestlearn.errors import invalid
 from nestlearn.nn.cms import CMSConfig, ContinuumMemory, ContinuumMemoryState
 from nestlearn.nn.hope_block import HOPEBlock as HOPEBlock  # re-export: both HOPE blocks
-from nestlearn.nn.transformer import AttentionState, CausalSelfAttention, RMSNorm
+from nestlearn.nn.transformer import AttentionState, CausalSelfAttention, RMSNorm, check_input
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,6 +74,7 @@ class HOPEAttentionBlock(nn.Module):
                 ) -> tuple[torch.Tensor, HOPEAttentionState]:
         if state is not None and not isinstance(state, HOPEAttentionState):
             raise invalid("state", type(state).__name__, "a HOPEAttentionState or None")
+        check_input(x, self.dim, self.attn_norm.weight.dtype)
         mixed, attention = self.attn(self.attn_norm(x), None if state is None else state.attention)
         y, cms = self.cms(x + mixed, None if state is None else state.cms)
         return y, HOPEAttentionState(attention, cms)

@@ -63,7 +63,7 @@ class HOPEBlock(nn.Module):
                 ) -> tuple[torch.Tensor, HOPEBlockState]:
         if state is not None and not isinstance(state, HOPEBlockState):
             raise invalid("state", type(state).__name__, "a HOPEBlockState or None")
-        x = check_input(x, self.dim)
+        x = check_input(x, self.dim, self.norm.weight.dtype)
         mixed, titans = self.titans(self.norm(x), None if state is None else state.titans)
         cms = self.cms.forward_naive if self.titans.config.use_naive else self.cms
         y, cms_state = cms(x + mixed, None if state is None else state.cms)

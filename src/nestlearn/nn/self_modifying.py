@@ -322,7 +322,7 @@ class SelfModifyingTitans(nn.Module):
     def forward(self, x: torch.Tensor, state: SelfModifyingTitansState | None = None
                 ) -> tuple[torch.Tensor, SelfModifyingTitansState]:
         c = self.config
-        x = check_input(x, c.dim)
+        x = check_input(x, c.dim, self.q.weight.dtype)
         batch, length, _ = x.shape
         if state is None:
             state = self.init_state(batch, device=x.device, dtype=x.dtype)

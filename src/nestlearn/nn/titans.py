@@ -295,7 +295,7 @@ class NeuralMemory(nn.Module):
     def forward(self, x: torch.Tensor, state: NeuralMemoryState | None = None
                 ) -> tuple[torch.Tensor, NeuralMemoryState]:
         c = self.config
-        x = check_input(x, c.dim)
+        x = check_input(x, c.dim, self.qkv.weight.dtype)
         batch, length, _ = x.shape
         if state is None:
             state = self.init_state(batch, device=x.device, dtype=x.dtype)

@@ -24,8 +24,12 @@ def _check_positive_int(name: str, value: object) -> int:
     return value
 
 
-def check_input(x: object, dim: int) -> torch.Tensor:
-    """``x`` is a floating ``[B, T, dim]`` tensor with T >= 1."""
+def check_input(x: object, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x`` is a floating ``[B, T, dim]`` tensor with T >= 1, of ``dtype`` when given.
+
+    ``dtype`` is the layer's parameter dtype; under autocast the layer casts for itself, so
+    any floating dtype passes.
+    """
     if not isinstance(x, torch.Tensor):
         raise invalid("x", type(x).__name__, f"a torch.Tensor of shape [B, T, {dim}]")
     if x.dim() != 3 or x.shape[-1] != dim:
@@ -34,6 +38,8 @@ def check_input(x: object, dim: int) -> torch.Tensor:
         raise invalid("x.shape", tuple(x.shape), "a sequence length T >= 1")
     if not x.is_floating_point():
         raise invalid("x.dtype", x.dtype, "a floating dtype")
+    if dtype is not None and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        raise invalid("x.dtype", x.dtype, f"the layer's dtype ({dtype})")
     return x
 
 
@@ -234,6 +240,7 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor,
                 state: AttentionState | None = None) -> tuple[torch.Tensor, AttentionState]:
+        check_input(x, self.attn.dim, self.attn_norm.weight.dtype)
         mixed, state = self.attn(self.attn_norm(x), state)
         x = x + mixed
         return x + self.mlp(self.mlp_norm(x)), state

@@ -6,7 +6,6 @@ so a cache of one model cannot silently corrupt another's outputs.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -14,23 +13,12 @@ from typing import Any
 import torch
 
 from nestlearn.errors import invalid
+from nestlearn.nn.teach_signal import map_state
 
 
 def map_tensors(tree: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     """Apply ``fn`` to every tensor inside nested dataclasses, tuples, lists and dicts."""
-    if isinstance(tree, torch.Tensor):
-        return fn(tree)
-    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
-        changes = {field.name: map_tensors(getattr(tree, field.name), fn)
-                   for field in dataclasses.fields(tree) if field.init}
-        return dataclasses.replace(tree, **changes)
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        return type(tree)(*(map_tensors(item, fn) for item in tree))
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(map_tensors(item, fn) for item in tree)
-    if isinstance(tree, dict):
-        return {key: map_tensors(value, fn) for key, value in tree.items()}
-    return tree
+    return map_state(tree, None, fn)
 
 
 @dataclass

@@ -44,8 +44,8 @@ from nestlearn.nn.cms import (
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _map_state(obj: Any, on_cms: Callable[[ContinuumMemoryState], Any] | None,
-               on_tensor: Callable[[torch.Tensor], torch.Tensor] | None) -> Any:
+def map_state(obj: Any, on_cms: Callable[[ContinuumMemoryState], Any] | None,
+              on_tensor: Callable[[torch.Tensor], torch.Tensor] | None) -> Any:
     """Rebuild a nested state (dataclasses, tuples, named tuples, lists, dicts), applying
     ``on_cms`` to every CMS state (in a fixed traversal order) and ``on_tensor`` to tensors."""
     if on_cms is not None and isinstance(obj, ContinuumMemoryState):
@@ -55,15 +55,15 @@ def _map_state(obj: Any, on_cms: Callable[[ContinuumMemoryState], Any] | None,
     if isinstance(obj, CMSConfig):
         return obj
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        changes = {f.name: _map_state(getattr(obj, f.name), on_cms, on_tensor)
+        changes = {f.name: map_state(getattr(obj, f.name), on_cms, on_tensor)
                    for f in dataclasses.fields(obj) if f.init}
         return dataclasses.replace(obj, **changes)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(_map_state(item, on_cms, on_tensor) for item in obj))
+        return type(obj)(*(map_state(item, on_cms, on_tensor) for item in obj))
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_map_state(item, on_cms, on_tensor) for item in obj)
+        return type(obj)(map_state(item, on_cms, on_tensor) for item in obj)
     if isinstance(obj, dict):
-        return {key: _map_state(value, on_cms, on_tensor) for key, value in obj.items()}
+        return {key: map_state(value, on_cms, on_tensor) for key, value in obj.items()}
     return obj
 
 
@@ -75,19 +75,19 @@ def find_cms_states(state: Any) -> list[ContinuumMemoryState]:
         found.append(cms)
         return cms
 
-    _map_state(state, collect, None)
+    map_state(state, collect, None)
     return found
 
 
 def map_cms_states(state: Any, fn: Callable[[int, ContinuumMemoryState], Any]) -> Any:
     """``state`` with its i-th CMS state (traversal order) replaced by ``fn(i, cms_state)``."""
     counter = iter(range(1 << 62))
-    return _map_state(state, lambda cms: fn(next(counter), cms), None)
+    return map_state(state, lambda cms: fn(next(counter), cms), None)
 
 
 def detach_state(state: Any) -> Any:
     """``state`` with every tensor detached."""
-    return _map_state(state, None, torch.Tensor.detach)
+    return map_state(state, None, torch.Tensor.detach)
 
 
 def sum_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

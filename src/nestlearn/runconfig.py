@@ -202,7 +202,7 @@ class RunConfig:
         return from_dict(cls, data, overrides={"model": ModelConfig})
 
 
-# ---- generic dataclass helpers ------------------------------------------------------------
+# ---- config dataclasses to and from JSON-ready dicts ---------------------------------------------
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -219,17 +219,13 @@ def to_dict(config: Any) -> dict[str, Any]:
     return out
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def from_dict(cls: type, data: dict[str, Any], overrides: dict[str, type] | None = None,
               path: str = "") -> Any:
     """Build ``cls`` from :func:`to_dict` output, converting each value to its field's type.
     ``overrides`` gives the class of fields annotated loosely (``model: Any``)."""
     if not isinstance(data, dict):
         raise invalid(path or "config", type(data).__name__, "a JSON object")
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
     if unknown:
@@ -409,7 +405,7 @@ def set_field(config: Any, dotted: str, text: str, _prefix: str = "") -> Any:
             f"{here!r} is a section; allowed: "
             + ", ".join(f"{here}.{n}" for n in field_names(current))
         )
-    tp = _hints(type(config))[head]
+    tp = typing.get_type_hints(type(config))[head]
     return dataclasses.replace(config, **{head: parse_text(text, tp, here)})
 
 

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from nestlearn.errors import NestlearnError, invalid
+from nestlearn.errors import NestlearnError, check_fraction, check_int, check_positive, invalid
 
 ARCHS: tuple[str, ...] = ("transformer", "hope", "hope-attention", "titans", "titans-mag")
 POOLINGS: tuple[str, ...] = ("mean", "last")
@@ -25,24 +25,9 @@ MEMORY_ARCHS: tuple[str, ...] = ("hope", "titans", "titans-mag")
 CMS_ARCHS: tuple[str, ...] = ("hope", "hope-attention")
 
 
-def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise invalid(name, repr(value), "an int >= 1")
-
-
 def _optional_positive_int(name: str, value: object) -> None:
     if value is not None:
-        _positive_int(name, value)
-
-
-def _positive_float(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise invalid(name, repr(value), "a number > 0")
-
-
-def _fraction(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise invalid(name, repr(value), "a number in (0, 1)")
+        check_int(name, value)
 
 
 def _bool(name: str, value: object) -> None:
@@ -62,7 +47,7 @@ def _int_tuple(name: str, value: object) -> tuple[int, ...]:
     if not isinstance(value, (list, tuple)) or not value:
         raise invalid(name, repr(value), "a non-empty list of ints >= 1")
     for item in value:
-        _positive_int(name, item)
+        check_int(name, item)
     if any(a >= b for a, b in itertools.pairwise(value)):
         raise invalid(name, repr(value), "strictly increasing ints (fastest level first)")
     return tuple(value)
@@ -164,7 +149,7 @@ class ModelConfig:
         if self.arch not in ARCHS:
             raise invalid("arch", repr(self.arch), f"one of {list(ARCHS)}")
         for name in ("vocab_size", "dim", "layers", "heads"):
-            _positive_int(name, getattr(self, name))
+            check_int(name, getattr(self, name))
         if self.dim % self.heads:
             raise invalid("heads", self.heads, f"a divisor of dim={self.dim}")
         if (self.dim // self.heads) % 2:
@@ -175,12 +160,12 @@ class ModelConfig:
             object.__setattr__(self, "mlp_hidden", -(-8 * self.dim // 3 // 8) * 8)
         _bool("tie_embeddings", self.tie_embeddings)
         for name in ("norm_eps", "rope_base", "init_std", "memory_chunk_step"):
-            _positive_float(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
         if self.memory_eta_max is not None:
-            _positive_float("memory_eta_max", self.memory_eta_max)
+            check_positive("memory_eta_max", self.memory_eta_max)
         for name in ("memory_theta_max", "memory_eta_init", "memory_theta_init",
                      "memory_forget_init"):
-            _fraction(name, getattr(self, name))
+            check_fraction(name, getattr(self, name))
         if not self.memory_theta_init < self.memory_theta_max:
             raise invalid("memory_theta_init", self.memory_theta_init,
                           f"a number below memory_theta_max={self.memory_theta_max}")
@@ -195,7 +180,7 @@ class ModelConfig:
             raise invalid("window", self.window,
                           "None for arch 'hope-attention' (its attention is global)")
         for name in ("memory_depth", "memory_expansion", "chunk_size", "inner_chunk_size"):
-            _positive_int(name, getattr(self, name))
+            check_int(name, getattr(self, name))
         for name in ("memory_momentum", "memory_weight_decay", "memory_normalize_values",
                      "cms_frozen"):
             _bool(name, getattr(self, name))
@@ -262,7 +247,7 @@ class ClassifierConfig:
             object.__setattr__(self, "backbone", ModelConfig.from_dict(self.backbone))
         if not isinstance(self.backbone, ModelConfig):
             raise invalid("backbone", type(self.backbone).__name__, "a ModelConfig")
-        _positive_int("num_classes", self.num_classes)
+        check_int("num_classes", self.num_classes)
         if self.num_classes < 2:
             raise invalid("num_classes", self.num_classes, "an int >= 2")
         if self.pooling not in POOLINGS:

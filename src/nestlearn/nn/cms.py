@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from nestlearn.errors import invalid
+from nestlearn.errors import check_int, invalid
 from nestlearn.nn.cms_levels import (
     MLP_KINDS,
     init_level_weights,
@@ -72,12 +72,6 @@ def _through_lm_hook(state: ContinuumMemoryState) -> ContinuumMemoryState:
     return hook(state)
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise invalid(name, repr(value), "an int >= 1")
-    return value
-
-
 def _per_level(name: str, value: object, levels: int) -> tuple:
     """A scalar broadcast to every level, or a sequence with one entry per level."""
     if isinstance(value, (list, tuple)):
@@ -115,14 +109,14 @@ class CMSConfig:
     out_init_std: float | None = None
 
     def __post_init__(self) -> None:
-        _positive_int("dim", self.dim)
+        check_int("dim", self.dim)
         sizes = self.chunk_sizes
         if isinstance(sizes, int) and not isinstance(sizes, bool):
             sizes = (sizes,)
         if not isinstance(sizes, (list, tuple)) or not sizes:
             raise invalid("chunk_sizes", repr(self.chunk_sizes), "a non-empty sequence of ints")
         for size in sizes:
-            _positive_int("chunk_sizes", size)
+            check_int("chunk_sizes", size)
         if any(a >= b for a, b in itertools.pairwise(sizes)):
             raise invalid("chunk_sizes", repr(self.chunk_sizes),
                           "strictly increasing chunk sizes C^(1) < ... < C^(k)")
@@ -131,7 +125,7 @@ class CMSConfig:
         hidden = _per_level("hidden", 4 * self.dim if self.hidden is None else self.hidden,
                             levels)
         for width in hidden:
-            _positive_int("hidden", width)
+            check_int("hidden", width)
         object.__setattr__(self, "hidden", hidden)
         if self.mlp not in MLP_KINDS:
             raise invalid("mlp", repr(self.mlp), f"one of {MLP_KINDS}")
@@ -360,7 +354,7 @@ class ContinuumMemory(nn.Module):
     def init_state(self, batch: int, device: torch.device | None = None,
                    dtype: torch.dtype | None = None) -> ContinuumMemoryState:
         """Position 0, every level at its meta-learned weights (gradients reach them)."""
-        _positive_int("batch", batch)
+        check_int("batch", batch)
         levels = []
         for index in range(self.config.num_levels):
             weights = tuple(w.to(device=device or w.device, dtype=dtype or w.dtype)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nestlearn.errors import invalid
+from nestlearn.errors import check_int, invalid
 
 
 class CausalDepthwiseConv(nn.Module):
@@ -26,10 +26,8 @@ class CausalDepthwiseConv(nn.Module):
 
     def __init__(self, channels: int, width: int = 4, bias: bool = True) -> None:
         super().__init__()
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-            raise invalid("channels", repr(channels), "an int >= 1")
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise invalid("width", repr(width), "an int >= 1")
+        check_int("channels", channels)
+        check_int("width", width)
         self.channels = channels
         self.width = width
         self.weight = nn.Parameter(torch.empty(channels, width))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nestlearn.errors import invalid
+from nestlearn.errors import check_int, invalid
 from nestlearn.nn.cms import CMSConfig, ContinuumMemory, ContinuumMemoryState
 from nestlearn.nn.hope_block import HOPEBlock as HOPEBlock  # re-export: both HOPE blocks
 from nestlearn.nn.transformer import AttentionState, CausalSelfAttention, RMSNorm, check_input
@@ -46,8 +46,7 @@ class HOPEAttentionBlock(nn.Module):
             raise invalid("cms", type(cms).__name__, "a CMSConfig")
         if cms.dim != dim:
             raise invalid("cms.dim", cms.dim, f"the block's dim ({dim})")
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-            raise invalid("num_layers", repr(num_layers), "an int >= 1")
+        check_int("num_layers", num_layers)
         self.dim = dim
         self.attn_norm = RMSNorm(dim, norm_eps)
         self.attn = CausalSelfAttention(dim, heads, window, rope_base, init_std,

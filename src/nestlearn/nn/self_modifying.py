@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nestlearn.errors import invalid
+from nestlearn.errors import check_fraction, check_int, check_positive, invalid
 from nestlearn.nn.conv import CausalDepthwiseConv
 from nestlearn.nn.memory_stream import ChunkedMemoryState, empty_chunked_state, run_chunked_memory
 from nestlearn.nn.titans import (
@@ -34,9 +34,6 @@ from nestlearn.nn.titans import (
     HeadRMSNorm,
     capped_logit_inverse,
     check_choice,
-    check_fraction,
-    check_int,
-    check_positive,
     check_tail,
     derived_eta_max,
     logit,

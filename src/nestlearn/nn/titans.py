@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nestlearn.errors import invalid
+from nestlearn.errors import check_fraction, check_int, check_positive, invalid
 from nestlearn.nn.conv import CausalDepthwiseConv
 from nestlearn.nn.memory_stream import ChunkedMemoryState, empty_chunked_state, run_chunked_memory
 from nestlearn.nn.transformer import check_input
@@ -32,24 +32,9 @@ OBJECTIVES = ("l2", "dot")
 ACTIVATIONS = ("gelu", "silu", "relu", "tanh")
 
 
-def check_int(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise invalid(name, repr(value), f"an int >= {low}")
-
-
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise invalid(name, repr(value), " or ".join(repr(c) for c in choices))
-
-
-def check_positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise invalid(name, repr(value), "a number > 0")
-
-
-def check_fraction(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise invalid(name, repr(value), "a number in (0, 1)")
 
 
 def derived_eta_max(chunk_step: float, chunk_size: int, expansion: int,

@@ -15,13 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nestlearn.errors import invalid
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise invalid(name, repr(value), "an int >= 1")
-    return value
+from nestlearn.errors import check_int, invalid
 
 
 def check_input(x: object, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -48,7 +42,7 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
-        self.dim = _check_positive_int("dim", dim)
+        self.dim = check_int("dim", dim)
         if not eps > 0:
             raise invalid("eps", eps, "a float > 0")
         self.eps = float(eps)
@@ -69,7 +63,7 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, base: float = 10000.0) -> None:
         super().__init__()
-        _check_positive_int("head_dim", head_dim)
+        check_int("head_dim", head_dim)
         if head_dim % 2:
             raise invalid("head_dim", head_dim, "an even int (RoPE rotates pairs)")
         if not base > 1:
@@ -106,8 +100,8 @@ class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int, init_std: float = 0.02,
                  out_init_std: float | None = None) -> None:
         super().__init__()
-        self.dim = _check_positive_int("dim", dim)
-        self.hidden = _check_positive_int("hidden", hidden)
+        self.dim = check_int("dim", dim)
+        self.hidden = check_int("hidden", hidden)
         self.gate = nn.Linear(dim, hidden, bias=False)
         self.up = nn.Linear(dim, hidden, bias=False)
         self.down = nn.Linear(hidden, dim, bias=False)
@@ -143,12 +137,12 @@ class CausalSelfAttention(nn.Module):
                  rope_base: float = 10000.0, init_std: float = 0.02,
                  out_init_std: float | None = None) -> None:
         super().__init__()
-        self.dim = _check_positive_int("dim", dim)
-        self.heads = _check_positive_int("heads", heads)
+        self.dim = check_int("dim", dim)
+        self.heads = check_int("heads", heads)
         if dim % heads:
             raise invalid("heads", heads, f"a divisor of dim={dim}")
         if window is not None:
-            _check_positive_int("window", window)
+            check_int("window", window)
         self.window = window
         self.head_dim = dim // heads
         self.rotary = RotaryEmbedding(self.head_dim, rope_base)
@@ -227,7 +221,7 @@ class TransformerBlock(nn.Module):
                  rope_base: float = 10000.0, norm_eps: float = 1e-6, init_std: float = 0.02,
                  num_layers: int = 1) -> None:
         super().__init__()
-        _check_positive_int("num_layers", num_layers)
+        check_int("num_layers", num_layers)
         out_std = init_std / math.sqrt(2 * num_layers)
         self.attn_norm = RMSNorm(dim, norm_eps)
         self.attn = CausalSelfAttention(dim, heads, window, rope_base, init_std, out_std)

@@ -61,13 +61,6 @@ def check_unit(name: str, value: object) -> float:
     return float(value)
 
 
-def check_int(name: str, value: object, minimum: int) -> int:
-    """An int >= ``minimum`` (periods, Newton-Schulz steps, hidden sizes)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise invalid(name, repr(value), f"an int >= {minimum}")
-    return value
-
-
 def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
     choices = tuple(choices)
     if value not in choices:

@@ -36,12 +36,12 @@ from typing import Any
 import torch
 from torch.nn import functional
 
+from nestlearn.errors import check_int
 from nestlearn.optim._base import (
     NestedOptimizer,
     as_matrix,
     check_choice,
     check_decay,
-    check_int,
     check_nonnegative,
     decay_weights,
 )

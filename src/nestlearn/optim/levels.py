@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from nestlearn.errors import invalid
-from nestlearn.optim._base import check_choice, check_int
+from nestlearn.errors import check_int, invalid
+from nestlearn.optim._base import check_choice
 
 REDUCTIONS = ("sum", "mean")
 

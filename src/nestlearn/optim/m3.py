@@ -32,12 +32,12 @@ from typing import Any
 
 import torch
 
+from nestlearn.errors import check_int
 from nestlearn.optim._base import (
     NestedOptimizer,
     as_matrix,
     check_choice,
     check_decay,
-    check_int,
     check_nonnegative,
     check_positive,
     decay_weights,

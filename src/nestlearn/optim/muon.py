@@ -12,13 +12,12 @@ from typing import Any
 
 import torch
 
-from nestlearn.errors import invalid
+from nestlearn.errors import check_int, invalid
 from nestlearn.optim._base import (
     NestedOptimizer,
     as_matrix,
     check_choice,
     check_decay,
-    check_int,
     decay_weights,
 )
 

@@ -20,7 +20,7 @@ from torch import nn
 from nestlearn.errors import check_fraction, check_int, check_positive, invalid
 from nestlearn.nn.conv import CausalDepthwiseConv
 from nestlearn.nn.memory_stream import ChunkedMemoryState, empty_chunked_state, run_chunked_memory
-from nestlearn.nn.transformer import check_input
+from nestlearn.nn.transformer import RMSNorm, check_input
 from nestlearn.ops.deep_memory import (
     DeepMemoryState,
     deep_memory,
@@ -196,16 +196,12 @@ class NeuralMemoryState:
     position: int
 
 
-class HeadRMSNorm(nn.Module):
+class HeadRMSNorm(RMSNorm):
     """RMSNorm over the last dim of ``[..., H, D]`` with a learned gain per head and channel."""
 
     def __init__(self, heads: int, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(heads, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        super().__init__(dim, eps)
+        self.weight = nn.Parameter(torch.ones(check_int("heads", heads), dim))
 
 
 def check_tail(tail: torch.Tensor | None, conv: CausalDepthwiseConv | None, batch: int) -> None:

@@ -1,4 +1,4 @@
-"""``nestlearn info``: versions, device, threads."""
+"""``nestlearn info``: versions, device, threads and corpora."""
 
 from __future__ import annotations
 
@@ -33,5 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("info", help="print versions, device, threads and corpora")
+    parser = subparsers.add_parser(
+        "info", help="print versions, device, threads and corpora",
+        description="Print versions, device, threads and the corpora's status.")
     parser.set_defaults(func=run)

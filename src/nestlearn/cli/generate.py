@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 import torch
 
 from nestlearn.errors import NestlearnError, invalid
 
+if TYPE_CHECKING:
+    from nestlearn.runconfig import RunConfig
+
 GLOBAL_ATTENTION_ARCHS = ("transformer", "hope-attention")
 
 
-def default_context(config) -> int | None:
+def default_context(config: RunConfig) -> int | None:
     """The training context for models whose attention sees the whole prompt (positions past
     it were never trained); recurrent and sliding-window models have no such limit."""
-    if config.model.arch in GLOBAL_ATTENTION_ARCHS and getattr(config.model, "window", 0) is None:
+    if config.model.arch in GLOBAL_ATTENTION_ARCHS and config.model.window is None:
         return config.data.seq_len
     return None
 

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from nestlearn.errors import NestlearnError
+
+if TYPE_CHECKING:
+    from nestlearn.runconfig import RunConfig
 
 EPILOG = """\
 Fields (--set SECTION.FIELD=VALUE, see `--show-config` for the values of a recipe):
@@ -47,7 +51,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run folder (same as --set train.out_dir=DIR)")
 
 
-def build_config(args: argparse.Namespace):
+def build_config(args: argparse.Namespace) -> RunConfig:
     """The run config from --recipe / the run's config (--resume), --set and --out."""
     from nestlearn.recipes import get_recipe
     from nestlearn.runconfig import apply_overrides

@@ -21,8 +21,6 @@ POOLINGS: tuple[str, ...] = ("mean", "last")
 CMS_MLPS: tuple[str, ...] = ("swiglu", "gelu")
 CMS_VARIANTS: tuple[str, ...] = ("sequential", "nested", "independent")
 CMS_TEACH_SIGNALS: tuple[str, ...] = ("local", "lm")
-MEMORY_ARCHS: tuple[str, ...] = ("hope", "titans", "titans-mag")
-CMS_ARCHS: tuple[str, ...] = ("hope", "hope-attention")
 
 
 def _optional_positive_int(name: str, value: object) -> None:

@@ -1,4 +1,4 @@
-"""Which block each architecture stacks: ``make_block(config, index)``.
+"""Which block each architecture stacks: ``make_block(config)``.
 
 Every block maps ``(x [B, T, D], state) -> (y [B, T, D], state)`` with its residual
 connections inside, so the LM is only embedding, blocks, final norm and head.
@@ -144,8 +144,8 @@ def make_transformer_block(config: ModelConfig) -> TransformerBlock:
                             init_std=config.init_std, num_layers=config.layers)
 
 
-def make_block(config: ModelConfig, index: int) -> nn.Module:
-    """The ``index``-th block of ``config.arch``."""
+def make_block(config: ModelConfig) -> nn.Module:
+    """One block of ``config.arch`` (every layer's block is built alike)."""
     if config.arch == "transformer":
         return make_transformer_block(config)
     if config.arch == "titans":

@@ -40,7 +40,7 @@ class Backbone(nn.Module):
         self.fingerprint = config.fingerprint()
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         nn.init.normal_(self.embed.weight, std=config.init_std)
-        self.blocks = nn.ModuleList(make_block(config, i) for i in range(config.layers))
+        self.blocks = nn.ModuleList(make_block(config) for _ in range(config.layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
 
     def init_state(self, batch: int) -> LMState:

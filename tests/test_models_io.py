@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model_cases import ARCHS_WIRED, random_ids, tiny_config, tiny_model
-from nestlearn.data.atomic import sha256_file
+from nestlearn.atomic import sha256_file
 from nestlearn.errors import NestlearnError
 from nestlearn.models import (
     ClassifierConfig,

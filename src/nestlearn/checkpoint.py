@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from nestlearn.data.atomic import fsync_path, sha256_file
+from nestlearn.atomic import fsync_path, sha256_file
 from nestlearn.errors import NestlearnError
 from nestlearn.treeio import flatten, unflatten
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nestlearn.data.atomic import atomic_write_json
+from nestlearn.atomic import atomic_write_json
 from nestlearn.data.cache import ensure_writable_dir
 from nestlearn.data.corpora import load_records
 from nestlearn.data.splits import SPLITS, split_of

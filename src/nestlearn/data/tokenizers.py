@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from nestlearn.data.atomic import atomic_write_json
+from nestlearn.atomic import atomic_write_json
 from nestlearn.errors import NestlearnError, invalid
 
 TOKENIZER_FILE = "tokenizer.json"

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nestlearn.data.atomic import atomic_open, atomic_write_json, sha256_file
+from nestlearn.atomic import atomic_open, atomic_write_json, sha256_file
 from nestlearn.data.tokenizers import Tokenizer
 from nestlearn.errors import NestlearnError, invalid
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nestlearn import __version__
-from nestlearn.data.atomic import fsync_path, sha256_file
+from nestlearn.atomic import fsync_path, sha256_file
 from nestlearn.errors import NestlearnError, invalid
 from nestlearn.models.config import ClassifierConfig, ModelConfig, config_from_dict
 

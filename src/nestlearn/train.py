@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from nestlearn import checkpoint as ckpt
+from nestlearn.atomic import atomic_write_text
 from nestlearn.distributed import (
     DistContext,
     all_reduce_sum,
@@ -358,7 +359,7 @@ class Trainer:
         self.autocast = autocast_context(self.config, self.ctx.device)
         self.metrics = MetricsLogger(self.run_dir, enabled=self.ctx.is_main)
         if self.ctx.is_main:
-            (self.run_dir / CONFIG_FILE).write_text(self.config.to_json())
+            atomic_write_text(self.run_dir / CONFIG_FILE, self.config.to_json())
             if checkpoint is None:
                 self.metrics.start_fresh()
             else:

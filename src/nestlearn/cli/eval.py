@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from nestlearn.atomic import atomic_write_text
 from nestlearn.errors import invalid
 
 
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
                             max_batches=args.max_batches)
     report = {"run": str(args.run_dir), "step": step, "split": split, "seq_len": seq_len,
               **result.to_dict()}
-    (args.run_dir / f"eval_{split}.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(args.run_dir / f"eval_{split}.json", json.dumps(report, indent=2))
     if args.json:
         print(json.dumps(report))
     else:

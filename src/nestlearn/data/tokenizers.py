@@ -32,6 +32,12 @@ PAD_TOKEN = "<|pad|>"
 _FORMAT_VERSION = 1
 
 
+def _check_text(text: object, name: str = "text") -> str:
+    if not isinstance(text, str):
+        raise invalid(name, type(text).__name__, "a str")
+    return text
+
+
 class ByteTokenizer:
     """UTF-8 bytes as tokens: ids 0-255, plus end-of-document 256 and padding 257."""
 
@@ -44,7 +50,7 @@ class ByteTokenizer:
         return 258
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        return list(_check_text(text).encode("utf-8"))
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(text) for text in texts]
@@ -141,12 +147,11 @@ class BPETokenizer:
         return int(self._tokenizer.get_vocab_size(with_added_tokens=True))
 
     def encode(self, text: str) -> list[int]:
-        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+        return list(self._tokenizer.encode(_check_text(text), add_special_tokens=False).ids)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [
-            list(e.ids) for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
-        ]
+        texts = [_check_text(text, f"texts[{i}]") for i, text in enumerate(texts)]
+        return [list(e.ids) for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         ids = [int(token) for token in ids]

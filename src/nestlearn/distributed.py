@@ -47,9 +47,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise NestlearnError(
-                f"train.device: got {name!r}; allowed: cpu (CUDA is not available)"
-            )
+            raise NestlearnError(f"device: got {name!r}; allowed: cpu (CUDA is not available)")
         if name == "cuda":
             return torch.device("cuda", local_rank)
     return torch.device(name)

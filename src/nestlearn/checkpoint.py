@@ -86,6 +86,7 @@ def _payload_digest(payload: dict[str, Any]) -> str:
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    """Folder of the checkpoint at ``step``: ``RUN/checkpoints/step_00000050``."""
     return Path(run_dir) / "checkpoints" / f"{PREFIX}{step:08d}"
 
 
@@ -100,6 +101,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None before the first."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 

@@ -81,6 +81,7 @@ def init_distributed(device: str = "auto") -> DistContext:
 
 
 def shutdown(ctx: DistContext) -> None:
+    """Leave the process group this run joined (nothing for a single process)."""
     if ctx.enabled and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -115,5 +116,6 @@ def any_rank(flag: bool, ctx: DistContext) -> bool:
 
 
 def barrier(ctx: DistContext) -> None:
+    """Wait for every rank (nothing for a single process)."""
     if ctx.enabled:
         dist.barrier()

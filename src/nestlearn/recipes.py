@@ -24,6 +24,8 @@ ARCH_OF_FAMILY: dict[str, str] = {
 
 @dataclass(frozen=True)
 class Recipe:
+    """A named run configuration: ``build()`` returns a fresh ``RunConfig``."""
+
     name: str
     description: str
     build: Callable[[], RunConfig]

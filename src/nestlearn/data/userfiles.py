@@ -22,6 +22,7 @@ _BLANK_LINES = re.compile(r"\n[ \t]*\n\s*")
 
 
 def read_text_file(path: Path) -> str:
+    """The UTF-8 text of ``path`` (a BOM is dropped); unreadable files fail in one line."""
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as err:

@@ -47,6 +47,7 @@ def token_loss_sum(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
 
 
 def bits_per_byte(loss: float, tokens_per_byte: float) -> float:
+    """Bits per byte of a mean loss in nats per token."""
     return loss / math.log(2) * tokens_per_byte
 
 

@@ -139,6 +139,7 @@ class GatedMemoryBlock(nn.Module):
 
 
 def make_transformer_block(config: ModelConfig) -> TransformerBlock:
+    """The Transformer++ block of one layer, from the model's fields."""
     return TransformerBlock(config.dim, config.heads, config.mlp_hidden, window=config.window,
                             rope_base=config.rope_base, norm_eps=config.norm_eps,
                             init_std=config.init_std, num_layers=config.layers)

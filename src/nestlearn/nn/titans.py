@@ -33,6 +33,7 @@ ACTIVATIONS = ("gelu", "silu", "relu", "tanh")
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    """``value`` is one of ``choices``."""
     if value not in choices:
         raise invalid(name, repr(value), " or ".join(repr(c) for c in choices))
 

@@ -64,6 +64,7 @@ def deep_read(w1: torch.Tensor, w2: torch.Tensor, keys: torch.Tensor,
 
 
 def unit_rows(matrix: torch.Tensor, eps: float = 1e-30) -> torch.Tensor:
+    """Each row of ``matrix`` scaled to unit L2 norm (zero rows stay zero)."""
     return matrix / (matrix.norm(dim=-1, keepdim=True) + eps)
 
 

@@ -25,6 +25,7 @@ PRECONDITIONERS = ("identity", "diag", "adagrad")
 
 
 def check_preconditioner(group: dict[str, Any]) -> None:
+    """The preconditioner options of a parameter group: its kind, beta2 and eps."""
     check_choice("preconditioner", group["preconditioner"], PRECONDITIONERS)
     check_decay("beta2", group["beta2"])
     check_positive("eps", group["eps"])

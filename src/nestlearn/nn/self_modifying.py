@@ -66,8 +66,8 @@ class SelfModifyingTitansConfig:
         inner_depth, inner_expansion: the same for the k, v, eta, alpha memories (paper: 2 layers).
         chunk_size: chunk of the main memory.
         inner_chunk_size: chunk shared by the k, v, eta, alpha memories.
-        momentum: momentum in every memory's update (theta_t = sigmoid(x W_theta), a plain
-            projection); off = plain DGD steps.
+        momentum: momentum in every memory's update (theta_t = sigmoid(cap(x W_theta + b))
+            < theta_max, from a plain projection, not a memory); off = plain DGD steps.
         weight_decay: the retention gate alpha_t (off = alpha 1).
         dgd: delta gradient descent (the (alpha I - eta k k^T) factor); off = gradient descent.
         activation: the memories' non-linearity.

@@ -19,15 +19,12 @@ one matmul per weight (PAPER.md section 3: a chunk's tokens have no sequential d
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-MLP_KINDS = ("swiglu", "gelu")
+from nestlearn.ops._deep_memory_common import activation_slope
 
-_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+MLP_KINDS = ("swiglu", "gelu")
 
 
 def weight_shapes(kind: str, dim: int, hidden: int) -> tuple[tuple[int, int], ...]:
@@ -66,17 +63,6 @@ def level_forward(kind: str, weights: tuple[torch.Tensor, ...],
     return linear(hidden, w_out), (pre, hidden)
 
 
-def _silu_derivative(x: torch.Tensor) -> torch.Tensor:
-    sig = torch.sigmoid(x)
-    return sig * (1 + x * (1 - sig))
-
-
-def _gelu_derivative(x: torch.Tensor) -> torch.Tensor:
-    cdf = 0.5 * (1 + torch.erf(x * _INV_SQRT_2))
-    pdf = torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
-    return cdf + x * pdf
-
-
 def outer_sum(error: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     """``sum_t error_t inputs_t^T`` per batch element: ``[B, P, out], [B, P, in]`` to
     ``[B, out, in]``."""
@@ -98,11 +84,11 @@ def level_grad_factors(kind: str, weights: tuple[torch.Tensor, ...], n: torch.Te
         gate, up, hidden = activations
         d_hidden = linear_transpose(error, w_down)
         d_up = d_hidden * F.silu(gate)
-        d_gate = d_hidden * up * _silu_derivative(gate)
+        d_gate = d_hidden * up * activation_slope(gate, "silu")
         return (d_gate, n), (d_up, n), (error, hidden)
     _, w_out = weights
     pre, hidden = activations
-    d_pre = linear_transpose(error, w_out) * _gelu_derivative(pre)
+    d_pre = linear_transpose(error, w_out) * activation_slope(pre, "gelu")
     return (d_pre, n), (error, hidden)
 
 

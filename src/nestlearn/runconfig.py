@@ -411,6 +411,8 @@ def set_field(config: Any, dotted: str, text: str, _prefix: str = "") -> Any:
 
 def apply_overrides(config: RunConfig, assignments: list[str]) -> RunConfig:
     """Apply ``a.b=value`` strings in order; errors name the assignment and the field."""
+    if isinstance(assignments, str):
+        raise invalid("assignments", repr(assignments), "a list of FIELD=VALUE strings")
     for assignment in assignments:
         key, sep, value = assignment.partition("=")
         if not sep or not key.strip():

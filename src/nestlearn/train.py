@@ -42,7 +42,7 @@ from nestlearn.distributed import (
     shutdown,
     wrap_model,
 )
-from nestlearn.errors import NestlearnError
+from nestlearn.errors import NestlearnError, invalid
 from nestlearn.evaluate.perplexity import (
     IGNORE_INDEX,
     EvalResult,
@@ -567,6 +567,8 @@ class Trainer:
 def train(config: RunConfig, *, resume: bool = False, progress: bool = True,
           stop_at: int | None = None) -> TrainResult:
     """Train ``config`` (``torchrun``-aware) and return what happened."""
+    if not isinstance(config, RunConfig):
+        raise invalid("config", type(config).__name__, "a RunConfig (e.g. from get_recipe)")
     ctx = init_distributed(config.train.device)
     try:
         return Trainer(config, resume=resume, progress=progress, ctx=ctx).run(stop_at=stop_at)

@@ -5,12 +5,18 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import platform
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+
+def progress(message: str) -> None:
+    """One line of progress on stderr, so a long benchmark shows where it is."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def time_call(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nestlearn.benchmarks.common import peak_memory_mb, time_call, write_report
+from nestlearn.benchmarks.common import peak_memory_mb, progress, time_call, write_report
 from nestlearn.errors import NestlearnError, invalid
 from nestlearn.models import ARCHS, ModelConfig, build_model
 from nestlearn.models.state import map_tensors
@@ -323,6 +323,7 @@ def _layer_rows(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
         with torch.device("meta"):
             params = sum(p.numel() for p in build_layer(layer, config).parameters())
         for length in args.lengths:
+            progress(f"layer {layer} T={length}")
             kwargs = {"layer": layer, "dim": args.dim, "heads": args.heads,
                       "chunk_size": args.chunk_size, "cms_chunk_sizes": args.cms_chunk_sizes,
                       "length": length, "batch": args.batch}
@@ -347,6 +348,7 @@ def _model_rows(args: argparse.Namespace, configs: dict[str, ModelConfig],
     for arch, config in configs.items():
         params = count_parameters(config)
         for length in args.lengths:
+            progress(f"model {arch} T={length}")
             kwargs = {"config": config.to_dict(), "length": length, "batch": args.batch}
             seconds, note = measure(make_model_workload(**kwargs), args.repeats)
             rows.append({"arch": arch, "dim": config.dim, "layers": config.layers,
@@ -364,6 +366,7 @@ def _decode_rows(args: argparse.Namespace, configs: dict[str, ModelConfig],
     segment = max(args.chunk_size, 512)
     for arch, config in configs.items():
         for context in args.decode_contexts:
+            progress(f"decode {arch} context={context}")
             try:
                 seconds, state_mb, note = decode_latency(config, context, args.decode_steps,
                                                          segment, args.repeats)
@@ -378,6 +381,7 @@ def _decode_rows(args: argparse.Namespace, configs: dict[str, ModelConfig],
 def _titans_rows(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
     rows = []
     for implementation in ("nestlearn", "titans-pytorch"):
+        progress(f"NeuralMemory: {implementation}")
         kwargs = {"implementation": implementation, "dim": args.titans_dim,
                   "chunk_size": args.chunk_size, "length": args.titans_length,
                   "batch": args.titans_batch}

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from nestlearn.benchmarks.common import peak_memory_mb, time_call, write_report
+from nestlearn.benchmarks.common import peak_memory_mb, progress, time_call, write_report
 from nestlearn.errors import invalid
 from nestlearn.ops import (
     TitansLinearState,
@@ -145,10 +145,9 @@ def run(args: argparse.Namespace) -> int:
         return {"rule": rule, "variant": variant, "length": length, "batch": args.batch,
                 "heads": args.heads, "dim": args.dim, "chunk_size": args.chunk_size}
 
-    # Memory first: a spawned child's peak RSS counts the parent's RSS at spawn time, so the
-    # probes run while this process holds nothing but its imports. Lengths go up, and a cell
-    # whose memory, extrapolated linearly from the previous length, would pass --max-gb is
-    # skipped (the per-token references keep every token's state for the backward pass).
+    # Memory first, in fresh processes. Lengths go up, and a cell whose memory, extrapolated
+    # linearly from the previous length, would pass --max-gb is skipped (the per-token
+    # references keep every token's state for the backward pass).
     memory: dict[tuple[str, int, str], float] = {}
     skipped: dict[tuple[str, int, str], float] = {}
     for rule in args.rules:
@@ -161,11 +160,14 @@ def run(args: argparse.Namespace) -> int:
                     if estimate > args.max_gb * 1024:
                         skipped[cell] = estimate
                         continue
+                progress(f"memory {rule} {variant} T={length}")
                 memory[cell] = peak_memory_mb(make_workload, threads=threads, **config(*cell))
                 previous = (length, memory[cell])
-    speed = {cell: args.batch * cell[1] / time_call(make_workload(**config(*cell)),
-                                                    repeats=args.repeats)
-             for cell in memory}
+    speed = {}
+    for index, cell in enumerate(memory, start=1):
+        progress(f"[{index}/{len(memory)}] timing {cell[0]} {cell[2]} T={cell[1]}")
+        seconds = time_call(make_workload(**config(*cell)), repeats=args.repeats)
+        speed[cell] = args.batch * cell[1] / seconds
     rows = []
     for rule in args.rules:
         for length in lengths:

@@ -213,10 +213,8 @@ def _titans_module(implementation: str, dim: int, chunk_size: int,
         return TheirNeuralMemory(dim=dim, chunk_size=chunk_size)
     from nestlearn.nn.titans import NeuralMemory, NeuralMemoryConfig
 
-    # The models' inner learning-rate bound (the layer's own 0.1 diverges on long streams).
     return NeuralMemory(NeuralMemoryConfig(dim=dim, heads=1, depth=2, expansion=4,
                                            chunk_size=chunk_size, momentum=True,
-                                           eta_max=ModelConfig().memory_eta_max,
                                            use_naive=use_naive))
 
 

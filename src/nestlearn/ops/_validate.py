@@ -102,3 +102,20 @@ def check_matrix_state(name: str, state: torch.Tensor, batch: int, heads: int, r
         raise invalid(f"{name}.shape", tuple(state.shape), f"{full} or {full[1:]}")
     check_same_kind(q, {name: state})
     return state if state.dim() == 4 else state.expand(full)
+
+
+def check_gated_matrix_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            alpha: torch.Tensor, eta: torch.Tensor,
+                            initial_state: torch.Tensor | None,
+                            chunk_size: int) -> tuple[int, torch.Tensor]:
+    """Checks shared by the rules with gates (alpha, eta) and one matrix state.
+
+    Returns ``(T, initial memory)``; zeros ``[B, H, Dv, Dk]`` when ``initial_state`` is None.
+    """
+    batch, length, heads, dk, dv = check_rule_inputs(
+        q, k, v, {"alpha": (alpha, 0.0, 1.0), "eta": (eta, 0.0, None)}, chunk_size
+    )
+    shape = (batch, heads, dv, dk)
+    if initial_state is None:
+        return length, q.new_zeros(shape)
+    return length, check_matrix_state("initial_state", initial_state, *shape, q)

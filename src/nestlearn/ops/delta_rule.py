@@ -13,17 +13,7 @@ from __future__ import annotations
 import torch
 
 from nestlearn.ops._chunking import merge_tokens, segment_products, split_gate, split_tokens
-from nestlearn.ops._validate import check_matrix_state, check_rule_inputs
-
-
-def _check(q, k, v, alpha, eta, initial_state, chunk_size):
-    batch, length, heads, dk, dv = check_rule_inputs(
-        q, k, v, {"alpha": (alpha, 0.0, 1.0), "eta": (eta, 0.0, None)}, chunk_size
-    )
-    shape = (batch, heads, dv, dk)
-    if initial_state is None:
-        return length, q.new_zeros(shape)
-    return length, check_matrix_state("initial_state", initial_state, *shape, q)
+from nestlearn.ops._validate import check_gated_matrix_rule
 
 
 def gated_delta_rule(
@@ -49,7 +39,7 @@ def gated_delta_rule(
     Returns:
         ``(o [B, T, H, Dv], final memory or None)``.
     """
-    length, memory = _check(q, k, v, alpha, eta, initial_state, chunk_size)
+    length, memory = check_gated_matrix_rule(q, k, v, alpha, eta, initial_state, chunk_size)
     size = min(chunk_size, length)
     qc, kc, vc = (split_tokens(x, size) for x in (q, k, v))
     # Padded tokens (k = 0, alpha = 1, eta = 0) write nothing and leave the memory unchanged.
@@ -106,7 +96,7 @@ def gated_delta_rule_naive(
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token-by-token reference of :func:`gated_delta_rule` (``chunk_size`` is unused)."""
-    length, memory = _check(q, k, v, alpha, eta, initial_state, chunk_size)
+    length, memory = check_gated_matrix_rule(q, k, v, alpha, eta, initial_state, chunk_size)
     outputs = []
     for t in range(length):
         key = k[:, t, :, None, :]

@@ -176,23 +176,98 @@ def _chunk(weights: list[torch.Tensor], momentum: list[torch.Tensor] | None,
     # the chunk-end state: the same sums at t = C (the last row of every coefficient matrix)
     last_coef = coeffs.coef[..., -1, :, None]
     last_scale = coeffs.scale[..., -1, None, None]
-    new_weights = []
-    for index, weight in enumerate(weights):
+    weight_errors = []
+    for index in range(len(weights)):
         weighted = errors[index] * last_coef
         if pseudo is not None and index == 0:
             # the delta-rule terms share the input k_i: one matmul for both
             weighted = weighted + pseudo * coeffs.eta_decay[..., -1, :, None]
-        new_weight = last_scale * weight - weighted.transpose(-1, -2) @ inputs[index]
-        if momentum is not None:
-            new_weight = new_weight + coeffs.carry[..., -1, None, None] * momentum[index]
-        new_weights.append(new_weight)
-    new_momentum = None
-    if momentum is not None:
-        last_mom = (coeffs.momentum_decay[..., -1, :] * eta)[..., None]
-        theta_end = coeffs.theta_scale[..., -1, None, None]
-        new_momentum = [theta_end * m - (e * last_mom).transpose(-1, -2) @ a
-                        for m, e, a in zip(momentum, errors, inputs, strict=True)]
+        weight_errors.append(weighted)
+    if momentum is None:
+        new_weights = [last_scale * w - e.transpose(-1, -2) @ a
+                       for w, e, a in zip(weights, weight_errors, inputs, strict=True)]
+        return out, new_weights, None
+    last_mom = (coeffs.momentum_decay[..., -1, :] * eta)[..., None]
+    carry_end = coeffs.carry[..., -1, None, None]
+    theta_end = coeffs.theta_scale[..., -1, None, None]
+    new_weights, new_momentum = [], []
+    for w, m, e, we, a in zip(weights, momentum, errors, weight_errors, inputs, strict=True):
+        new_w, new_m = _MomentumStateStep.apply(w, m, a, we, e * last_mom, last_scale, carry_end,
+                                                theta_end)
+        new_weights.append(new_w)
+        new_momentum.append(new_m)
     return out, new_weights, new_momentum
+
+
+def _subtract_outer(target: torch.Tensor, errors: torch.Tensor, inputs: torch.Tensor) -> None:
+    """``target -= errors^T @ inputs`` in place, as one batched gemm (no product temporary).
+
+    ``target`` ``[..., out, in]`` is contiguous, ``errors`` ``[..., C, out]``, ``inputs``
+    ``[..., C, in]``."""
+    flat = target.view(-1, *target.shape[-2:])
+    flat.baddbmm_(errors.reshape(-1, *errors.shape[-2:]).transpose(1, 2),
+                  inputs.reshape(-1, *inputs.shape[-2:]), alpha=-1)
+
+
+def _frobenius(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """<a, b> over the last two dims, ``[..., 1, 1]`` (fast when both share one memory layout)."""
+    return (a * b).sum((-2, -1), keepdim=True)
+
+
+class _MomentumStateStep(torch.autograd.Function):
+    """One chunk's state step of a layer with momentum, with a hand-written backward:
+
+        W' = A W + s S - we^T a,        S' = Theta S - me^T a
+
+    (``we``, ``me`` the chunk's gate-weighted output errors, ``a`` its inputs; ``A``, ``s``,
+    ``Theta`` per-head scalars ``[..., 1, 1]``). Autograd of the plain expression would
+    materialize every weight-sized product and reduce it for the scalar gradients; here each
+    scalar gradient is one Frobenius product and each weight-sized output one fused pass.
+    The backward uses differentiable ops only, so it can itself be differentiated.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, momentum: torch.Tensor, inputs: torch.Tensor,
+                weight_error: torch.Tensor, momentum_error: torch.Tensor, scale: torch.Tensor,
+                carry: torch.Tensor, theta_end: torch.Tensor,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        new_weight = weight * scale
+        new_weight.addcmul_(momentum, carry)
+        _subtract_outer(new_weight, weight_error, inputs)
+        new_momentum = momentum * theta_end
+        _subtract_outer(new_momentum, momentum_error, inputs)
+        ctx.save_for_backward(weight, momentum, inputs, weight_error, momentum_error, scale,
+                              carry, theta_end)
+        return new_weight, new_momentum
+
+    @staticmethod
+    def backward(ctx, grad_weight: torch.Tensor, grad_momentum: torch.Tensor,
+                 ) -> tuple[torch.Tensor | None, ...]:
+        weight, momentum, inputs, weight_error, momentum_error, scale, carry, theta_end = (
+            ctx.saved_tensors)
+        need = ctx.needs_input_grad
+        # incoming gradients often arrive transposed (from the x @ W^T reads); one copy to the
+        # weights' layout makes every weight-sized product below a single streaming pass
+        grad_weight = grad_weight.contiguous()
+        grad_momentum = grad_momentum.contiguous()
+        grads: list[torch.Tensor | None] = [None] * 8
+        if need[0]:
+            grads[0] = grad_weight * scale
+        if need[1]:
+            grads[1] = torch.addcmul(grad_momentum * theta_end, grad_weight, carry)
+        if need[2]:
+            grads[2] = -(weight_error @ grad_weight) - momentum_error @ grad_momentum
+        if need[3]:
+            grads[3] = -(inputs @ grad_weight.transpose(-1, -2))
+        if need[4]:
+            grads[4] = -(inputs @ grad_momentum.transpose(-1, -2))
+        if need[5]:
+            grads[5] = _frobenius(grad_weight, weight)
+        if need[6]:
+            grads[6] = _frobenius(grad_weight, momentum)
+        if need[7]:
+            grads[7] = _frobenius(grad_momentum, momentum)
+        return tuple(grads)
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:

@@ -88,6 +88,14 @@ class _ChunkCoefficients:
             self.prev_carry = (self.prev_decay @ self.theta_scale[..., None])[..., 0]
 
 
+def _apply_weight(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Rows ``W x_t`` (``x @ W^T``), computed as ``(W @ x^T)^T``: the same product, but the
+    weight's gradient then comes out in the weight's own memory layout, so summing it with its
+    other gradients (and the state step's weight-sized products) streams instead of transposing.
+    """
+    return (weight @ x.transpose(-1, -2)).transpose(-1, -2)
+
+
 def _key_pass(weights: list[torch.Tensor], keys: torch.Tensor, values: torch.Tensor,
               objective: str, activation: str,
               ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
@@ -101,7 +109,7 @@ def _key_pass(weights: list[torch.Tensor], keys: torch.Tensor, values: torch.Ten
     inputs, pres = [], []
     hidden = keys
     for index, weight in enumerate(weights):
-        pre = hidden @ weight.transpose(-1, -2)
+        pre = _apply_weight(hidden, weight)
         inputs.append(hidden)
         pres.append(pre)
         hidden = act(pre) if index < len(weights) - 1 else pre
@@ -129,7 +137,7 @@ def _delta_pseudo_values(momentum: list[torch.Tensor] | None, keys: torch.Tensor
     gram = keys @ keys.transpose(-1, -2)
     rhs = coeffs.prev_scale[..., None] * first_pre - (coeffs.prev_coef * gram) @ first_error
     if momentum is not None:
-        rhs = rhs + coeffs.prev_carry[..., None] * (keys @ momentum[0].transpose(-1, -2))
+        rhs = rhs + coeffs.prev_carry[..., None] * _apply_weight(keys, momentum[0])
     system = coeffs.prev_eta_decay * gram
     return torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
 
@@ -139,8 +147,8 @@ def _row_scaled_product(scale: torch.Tensor, x: torch.Tensor,
     """Rows ``scale[t] * (W x_t)``, scaling whichever side is narrower: the product is the same,
     and the backward then keeps the narrow scaled tensor instead of the wide one."""
     if weight.shape[-1] <= weight.shape[-2]:
-        return (scale[..., None] * x) @ weight.transpose(-1, -2)
-    return scale[..., None] * (x @ weight.transpose(-1, -2))
+        return _apply_weight(scale[..., None] * x, weight)
+    return scale[..., None] * _apply_weight(x, weight)
 
 
 def _chunk(weights: list[torch.Tensor], momentum: list[torch.Tensor] | None,
@@ -210,8 +218,9 @@ def _subtract_outer(target: torch.Tensor, errors: torch.Tensor, inputs: torch.Te
 
 
 def _frobenius(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """<a, b> over the last two dims, ``[..., 1, 1]`` (fast when both share one memory layout)."""
-    return (a * b).sum((-2, -1), keepdim=True)
+    """<a, b> over the last two dims, ``[..., 1, 1]``: one fused dot product, no temporary (a
+    view when both are contiguous)."""
+    return torch.linalg.vecdot(a.flatten(-2), b.flatten(-2))[..., None, None]
 
 
 class _MomentumStateStep(torch.autograd.Function):

@@ -37,6 +37,7 @@ from nestlearn.nn.titans import (
     check_tail,
     derived_eta_max,
     logit,
+    resolve_head_dim,
 )
 from nestlearn.nn.transformer import check_input
 from nestlearn.ops.deep_memory import (
@@ -124,13 +125,7 @@ class SelfModifyingTitansConfig:
     use_naive: bool = False
 
     def __post_init__(self) -> None:
-        check_int("dim", self.dim, 1)
-        check_int("heads", self.heads, 1)
-        if self.head_dim is None:
-            if self.dim % self.heads:
-                raise invalid("heads", self.heads, f"a divisor of dim={self.dim}, or set head_dim")
-            self.head_dim = self.dim // self.heads
-        check_int("head_dim", self.head_dim, 1)
+        self.head_dim = resolve_head_dim(self.dim, self.heads, self.head_dim)
         for name in ("depth", "inner_depth"):
             check_int(name, getattr(self, name), 2)
         for name in ("expansion", "inner_expansion", "chunk_size", "inner_chunk_size",

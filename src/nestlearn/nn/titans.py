@@ -38,6 +38,18 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
         raise invalid(name, repr(value), " or ".join(repr(c) for c in choices))
 
 
+def resolve_head_dim(dim: int, heads: int, head_dim: int | None) -> int:
+    """Check a memory's width and heads; ``head_dim`` defaults to ``dim // heads``."""
+    check_int("dim", dim, 1)
+    check_int("heads", heads, 1)
+    if head_dim is None:
+        if dim % heads:
+            raise invalid("heads", heads, f"a divisor of dim={dim}, or set head_dim")
+        head_dim = dim // heads
+    check_int("head_dim", head_dim, 1)
+    return head_dim
+
+
 def derived_eta_max(chunk_step: float, chunk_size: int, expansion: int,
                     theta_max: float | None) -> float:
     """The per-token ceiling of eta_t that bounds a whole chunk's step (MEMORY_LAYERS.md).
@@ -149,13 +161,7 @@ class NeuralMemoryConfig:
     use_naive: bool = False
 
     def __post_init__(self) -> None:
-        check_int("dim", self.dim, 1)
-        check_int("heads", self.heads, 1)
-        if self.head_dim is None:
-            if self.dim % self.heads:
-                raise invalid("heads", self.heads, f"a divisor of dim={self.dim}, or set head_dim")
-            self.head_dim = self.dim // self.heads
-        check_int("head_dim", self.head_dim, 1)
+        self.head_dim = resolve_head_dim(self.dim, self.heads, self.head_dim)
         check_int("depth", self.depth, 2)
         check_int("expansion", self.expansion, 1)
         check_int("chunk_size", self.chunk_size, 1)

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from nestlearn.errors import NestlearnError
+
 
 def progress(message: str) -> None:
     """One line of progress on stderr, so a long benchmark shows where it is."""
@@ -32,6 +34,22 @@ def time_call(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float
     return times[len(times) // 2]
 
 
+def measure(workload: Callable[[], torch.Tensor], repeats: int,
+            warmup: int = 1) -> tuple[float, str]:
+    """(median seconds, note): the note flags a run whose loss is not finite (a diverging
+    layer's timing is reported but marked) or that failed with a NestlearnError."""
+    losses: list[torch.Tensor] = []
+
+    def run() -> None:
+        losses.append(workload())
+
+    try:
+        seconds = time_call(run, repeats=repeats, warmup=warmup)
+    except NestlearnError as err:
+        return float("nan"), f"failed: {err}"
+    return seconds, "" if torch.isfinite(losses[-1]) else "non-finite outputs"
+
+
 def _status_mb(field: str) -> float:
     """A ``Vm*`` field of /proc/self/status in MiB (the kernel reports KiB)."""
     with open("/proc/self/status") as handle:
@@ -41,9 +59,30 @@ def _status_mb(field: str) -> float:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def _peak_child(make_workload: Callable[..., Callable[[], Any]], kwargs: dict, threads: int,
-                queue: mp.Queue) -> None:
+def _child(target: Callable[..., Any], args: tuple, threads: int, queue: mp.Queue) -> None:
     torch.set_num_threads(threads)
+    queue.put(target(*args))
+
+
+def in_fresh_process(target: Callable[..., Any], *args: Any, threads: int | None = None) -> Any:
+    """``target(*args)`` run in a new (spawned) process at ``threads`` torch threads.
+
+    Each measurement then starts from the same state: nothing earlier in this process (loaded
+    kernels, the allocator's caches and its mmap thresholds, raised by any large tensor freed
+    before) can speed up or slow down one implementation against another. ``target`` must be
+    a module-level function so the child can import it.
+    """
+    ctx = mp.get_context("spawn")
+    queue: mp.Queue = ctx.Queue()
+    proc = ctx.Process(target=_child,
+                       args=(target, args, threads or torch.get_num_threads(), queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def _peak_rise(make_workload: Callable[..., Callable[[], Any]], kwargs: dict) -> float:
     workload = make_workload(**kwargs)
     baseline = _status_mb("VmRSS")
     # ru_maxrss is inherited across fork/exec, so it can report the parent's size: reset the
@@ -51,7 +90,7 @@ def _peak_child(make_workload: Callable[..., Callable[[], Any]], kwargs: dict, t
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")
     workload()
-    queue.put(max(0.0, _status_mb("VmHWM") - baseline))
+    return max(0.0, _status_mb("VmHWM") - baseline)
 
 
 def peak_memory_mb(make_workload: Callable[..., Callable[[], Any]], threads: int | None = None,
@@ -71,16 +110,7 @@ def peak_memory_mb(make_workload: Callable[..., Callable[[], Any]], threads: int
         workload()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    ctx = mp.get_context("spawn")
-    queue: mp.Queue = ctx.Queue()
-    proc = ctx.Process(
-        target=_peak_child,
-        args=(make_workload, kwargs, threads or torch.get_num_threads(), queue),
-    )
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    return in_fresh_process(_peak_rise, make_workload, kwargs, threads=threads)
 
 
 def environment() -> dict[str, Any]:

@@ -27,7 +27,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from nestlearn.benchmarks.common import peak_memory_mb, progress, time_call, write_report
+from nestlearn.benchmarks.common import (
+    measure,
+    peak_memory_mb,
+    progress,
+    time_call,
+    write_report,
+)
+from nestlearn.benchmarks.titans_compare import (
+    TITANS_COLUMNS,
+    titans_pytorch_available,
+    titans_rows,
+)
 from nestlearn.errors import NestlearnError, invalid
 from nestlearn.models import ARCHS, ModelConfig, build_model
 from nestlearn.models.state import map_tensors
@@ -39,8 +50,6 @@ SECTIONS: tuple[str, ...] = ("layers", "models", "decode", "titans-pytorch")
 LAYER_COLUMNS = ["layer", "T", "params", "tok/s", "peak MB", "note"]
 MODEL_COLUMNS = ["arch", "dim", "params", "T", "tok/s", "peak MB", "note"]
 DECODE_COLUMNS = ["arch", "context", "ms/token", "state MB", "note"]
-TITANS_COLUMNS = ["implementation", "params", "tok/s", "peak MB", "max err vs naive (f64)",
-                  "speedup vs titans-pytorch", "note"]
 
 
 def _layer_config(dim: int, heads: int, chunk_size: int, cms_chunk_sizes: list[int]
@@ -140,21 +149,6 @@ def matched_config(arch: str, base: ModelConfig, window: int) -> ModelConfig:
     return best[1]
 
 
-def measure(workload: Callable[[], torch.Tensor], repeats: int) -> tuple[float, str]:
-    """(median seconds, note): the note flags a run whose loss is not finite (a diverging
-    layer's timing is reported but marked) or that failed with a NestlearnError."""
-    losses: list[torch.Tensor] = []
-
-    def run() -> None:
-        losses.append(workload())
-
-    try:
-        seconds = time_call(run, repeats=repeats)
-    except NestlearnError as err:
-        return float("nan"), f"failed: {err}"
-    return seconds, "" if torch.isfinite(losses[-1]) else "non-finite outputs"
-
-
 def _state_mb(state: object) -> float:
     sizes: list[int] = []
     map_tensors(state, lambda t: sizes.append(t.numel() * t.element_size()) or t)
@@ -185,56 +179,6 @@ def decode_latency(config: ModelConfig, context: int, steps: int, segment: int,
 
     seconds = time_call(run, repeats=repeats, warmup=1) / steps
     return seconds, _state_mb(state), "" if all(finite) else "non-finite outputs"
-
-
-def make_titans_workload(implementation: str, dim: int, chunk_size: int, length: int,
-                         batch: int, seed: int = 0) -> Callable[[], torch.Tensor]:
-    """Forward+backward of ours or titans-pytorch's NeuralMemory at the same configuration."""
-    torch.manual_seed(seed)
-    module = _titans_module(implementation, dim, chunk_size)
-    x = torch.randn(batch, length, dim, requires_grad=True)
-
-    def workload() -> torch.Tensor:
-        module.zero_grad(set_to_none=True)
-        x.grad = None
-        y = module(x)[0]
-        loss = y.square().mean()
-        loss.backward()
-        return loss.detach()
-
-    return workload
-
-
-def _titans_module(implementation: str, dim: int, chunk_size: int,
-                   use_naive: bool = False) -> nn.Module:
-    if implementation == "titans-pytorch":
-        from titans_pytorch import NeuralMemory as TheirNeuralMemory
-
-        return TheirNeuralMemory(dim=dim, chunk_size=chunk_size)
-    from nestlearn.nn.titans import NeuralMemory, NeuralMemoryConfig
-
-    return NeuralMemory(NeuralMemoryConfig(dim=dim, heads=1, depth=2, expansion=4,
-                                           chunk_size=chunk_size, momentum=True,
-                                           use_naive=use_naive))
-
-
-def titans_exactness(dim: int, chunk_size: int, length: int, batch: int) -> float:
-    """Max |chunkwise - per-token reference| of our NeuralMemory in float64 (outputs)."""
-    torch.manual_seed(0)
-    fast = _titans_module("nestlearn", dim, chunk_size).double()
-    naive = _titans_module("nestlearn", dim, chunk_size, use_naive=True).double()
-    naive.load_state_dict(fast.state_dict())
-    x = torch.randn(batch, length, dim, dtype=torch.float64)
-    with torch.no_grad():
-        return (fast(x)[0] - naive(x)[0]).abs().max().item()
-
-
-def _titans_pytorch_available() -> bool:
-    try:
-        import titans_pytorch  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -376,29 +320,6 @@ def _decode_rows(args: argparse.Namespace, configs: dict[str, ModelConfig],
     return rows
 
 
-def _titans_rows(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
-    rows = []
-    for implementation in ("nestlearn", "titans-pytorch"):
-        progress(f"NeuralMemory: {implementation}")
-        kwargs = {"implementation": implementation, "dim": args.titans_dim,
-                  "chunk_size": args.chunk_size, "length": args.titans_length,
-                  "batch": args.titans_batch}
-        module = _titans_module(implementation, args.titans_dim, args.chunk_size)
-        seconds, note = measure(make_titans_workload(**kwargs), args.repeats)
-        error = (titans_exactness(args.titans_dim, args.chunk_size, args.titans_length,
-                                  args.titans_batch) if implementation == "nestlearn" else None)
-        rows.append({"implementation": implementation,
-                     "params": sum(p.numel() for p in module.parameters()),
-                     "D": args.titans_dim, "T": args.titans_length, "B": args.titans_batch,
-                     "chunk_size": args.chunk_size,
-                     "tok/s": args.titans_batch * args.titans_length / seconds,
-                     "peak MB": _memory(args, make_titans_workload, threads, note, **kwargs),
-                     "max err vs naive (f64)": error, "note": note, "threads": threads})
-    ours, theirs = rows
-    ours["speedup vs titans-pytorch"] = ours["tok/s"] / theirs["tok/s"]
-    return rows
-
-
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
     if args.threads is not None:
@@ -416,8 +337,8 @@ def run(args: argparse.Namespace) -> int:
             write_report("layers-decode", _decode_rows(args, configs, threads),
                          DECODE_COLUMNS, args.out)
     if "titans-pytorch" in args.sections:
-        if _titans_pytorch_available():
-            write_report("layers-titans-pytorch", _titans_rows(args, threads),
+        if titans_pytorch_available():
+            write_report("layers-titans-pytorch", titans_rows(args, threads),
                          TITANS_COLUMNS, args.out)
         else:
             print("titans-pytorch is not installed: skipped its comparison "

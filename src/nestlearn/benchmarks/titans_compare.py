@@ -1,0 +1,106 @@
+"""Our ``NeuralMemory`` against titans-pytorch's at the same configuration (``bench layers``).
+
+Both run forward+backward at one head, a 2-layer memory MLP with expansion 4, momentum on, the
+same chunk size, batch, length and thread count. Each implementation is timed and probed for
+memory in a fresh process of its own (``in_fresh_process``), after the same warm-up: run in one
+process, whichever goes second inherits the allocator state the first one left (glibc raises
+its mmap threshold after large frees), which moved titans-pytorch's time by up to 1.7x here.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from nestlearn.benchmarks.common import in_fresh_process, measure, peak_memory_mb, progress
+
+IMPLEMENTATIONS: tuple[str, ...] = ("nestlearn", "titans-pytorch")
+TITANS_COLUMNS = ["implementation", "params", "tok/s", "peak MB", "max err vs naive (f64)",
+                  "speedup vs titans-pytorch", "note"]
+# titans-pytorch's first calls are slower while its caches fill; both get the same warm-up
+WARMUP = 3
+
+
+def titans_pytorch_available() -> bool:
+    try:
+        import titans_pytorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def titans_module(implementation: str, dim: int, chunk_size: int,
+                  use_naive: bool = False) -> nn.Module:
+    """``implementation``'s NeuralMemory at the compared configuration."""
+    if implementation == "titans-pytorch":
+        from titans_pytorch import NeuralMemory as TheirNeuralMemory
+
+        return TheirNeuralMemory(dim=dim, chunk_size=chunk_size)
+    from nestlearn.nn.titans import NeuralMemory, NeuralMemoryConfig
+
+    return NeuralMemory(NeuralMemoryConfig(dim=dim, heads=1, depth=2, expansion=4,
+                                           chunk_size=chunk_size, momentum=True,
+                                           use_naive=use_naive))
+
+
+def make_titans_workload(implementation: str, dim: int, chunk_size: int, length: int,
+                         batch: int, seed: int = 0) -> Callable[[], torch.Tensor]:
+    """Forward+backward of ours or titans-pytorch's NeuralMemory at the same configuration."""
+    torch.manual_seed(seed)
+    module = titans_module(implementation, dim, chunk_size)
+    x = torch.randn(batch, length, dim, requires_grad=True)
+
+    def workload() -> torch.Tensor:
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        y = module(x)[0]
+        loss = y.square().mean()
+        loss.backward()
+        return loss.detach()
+
+    return workload
+
+
+def _timed(kwargs: dict[str, Any], repeats: int) -> tuple[float, str]:
+    return measure(make_titans_workload(**kwargs), repeats, warmup=WARMUP)
+
+
+def titans_exactness(dim: int, chunk_size: int, length: int, batch: int) -> float:
+    """Max |chunkwise - per-token reference| of our NeuralMemory in float64 (outputs)."""
+    torch.manual_seed(0)
+    fast = titans_module("nestlearn", dim, chunk_size).double()
+    naive = titans_module("nestlearn", dim, chunk_size, use_naive=True).double()
+    naive.load_state_dict(fast.state_dict())
+    x = torch.randn(batch, length, dim, dtype=torch.float64)
+    with torch.no_grad():
+        return (fast(x)[0] - naive(x)[0]).abs().max().item()
+
+
+def titans_rows(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
+    """One row per implementation; ours carries the speed-up and its float64 error."""
+    rows = []
+    for implementation in IMPLEMENTATIONS:
+        progress(f"NeuralMemory: {implementation}")
+        kwargs = {"implementation": implementation, "dim": args.titans_dim,
+                  "chunk_size": args.chunk_size, "length": args.titans_length,
+                  "batch": args.titans_batch}
+        seconds, note = in_fresh_process(_timed, kwargs, args.repeats, threads=threads)
+        peak = (None if args.no_memory or note.startswith("failed")
+                else peak_memory_mb(make_titans_workload, threads=threads, **kwargs))
+        error = (titans_exactness(args.titans_dim, args.chunk_size, args.titans_length,
+                                  args.titans_batch) if implementation == "nestlearn" else None)
+        module = titans_module(implementation, args.titans_dim, args.chunk_size)
+        rows.append({"implementation": implementation,
+                     "params": sum(p.numel() for p in module.parameters()),
+                     "D": args.titans_dim, "T": args.titans_length, "B": args.titans_batch,
+                     "chunk_size": args.chunk_size,
+                     "tok/s": args.titans_batch * args.titans_length / seconds,
+                     "peak MB": peak, "max err vs naive (f64)": error, "note": note,
+                     "threads": threads, "warmup": WARMUP, "repeats": args.repeats})
+    ours, theirs = rows
+    ours["speedup vs titans-pytorch"] = ours["tok/s"] / theirs["tok/s"]
+    return rows

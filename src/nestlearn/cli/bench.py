@@ -6,7 +6,8 @@ import argparse
 import importlib
 
 # Benchmark name -> module in nestlearn.benchmarks exposing add_arguments(parser) and run(args).
-BENCHMARKS: dict[str, str] = {"ops": "ops", "optim": "optim", "layers": "layers"}
+BENCHMARKS: dict[str, str] = {"ops": "ops", "optim": "optim", "layers": "layers",
+                              "recall": "recall"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

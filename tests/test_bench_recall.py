@@ -1,0 +1,52 @@
+import itertools
+import json
+import math
+
+from nestlearn.cli import main
+from nestlearn.nn.titans import derived_eta_max
+
+
+def test_bench_recall_runs_at_a_tiny_size(tmp_path, capsys):
+    code = main(["bench", "recall", "--head-dims", "16", "--associations", "16",
+                 "--repetitions", "4", "--chunk-sizes", "4", "16", "--chunk-steps", "1", "64",
+                 "--gate-fractions", "1", "0.5", "--worst-chunk-steps", "1", "64",
+                 "--worst-keys", "1", "4", "--worst-length", "256", "--threads", "1",
+                 "--no-plot", "--out", str(tmp_path)])
+    assert code == 0
+    rows = json.loads((tmp_path / "recall.json").read_text())["rows"]
+    settings = {(row["chunk"], row["gates"], row["chunk_step"]): row for row in rows}
+    assert set(settings) == {(c, g, s) for c in (4, 16) for g in (1.0, 0.5) for s in (1.0, 64.0)}
+    for (chunk, _, step), row in settings.items():
+        # the layer's own ceiling, with NeuralMemoryConfig's expansion and theta_max
+        assert row["eta_max"] == derived_eta_max(step, chunk, 4, 0.9)
+        assert len(row["errors"]) == 5
+        assert 1.8 < row["errors"][0] < 2.3  # unit k and v, nothing stored yet
+    for chunk in (4, 16):
+        for fraction in (1.0, 0.5):
+            stable = settings[(chunk, fraction, 1.0)]
+            assert stable["status"] == "ok" and stable["finite"]
+            errors = stable["errors"]
+            assert all(math.isfinite(e) for e in errors)
+            assert all(later < earlier for earlier, later in itertools.pairwise(errors))
+    # at the caps a step 64 times the bound diverges; at half the gates it learns fastest
+    assert settings[(4, 1.0, 64.0)]["status"] == "non-finite"
+    assert not settings[(4, 1.0, 64.0)]["finite"]
+    assert settings[(4, 0.5, 64.0)]["errors"][-1] < 0.5 * settings[(4, 0.5, 1.0)]["errors"][-1]
+
+    worst = json.loads((tmp_path / "recall-worst.json").read_text())["rows"]
+    assert {(row["chunk"], row["keys"], row["chunk_step"]) for row in worst} == {
+        (c, k, s) for c in (4, 16) for k in (1, 4) for s in (1.0, 64.0)}
+    for row in worst:
+        if row["chunk_step"] == 1.0:
+            assert row["status"] == "ok" and row["final error"] < 0.5
+        else:
+            assert row["status"] != "ok"
+    assert any(row["non-finite after"] == 256 for row in worst)
+    out = capsys.readouterr().out
+    assert "| D | N | chunk | gates | step 1 | step 64 |" in out
+    assert "(non-finite)" in (tmp_path / "recall.md").read_text()
+
+
+def test_bench_recall_refuses_pairs_that_end_inside_a_chunk(capsys):
+    assert main(["bench", "recall", "--associations", "24", "--chunk-sizes", "16"]) == 2
+    assert "--associations" in capsys.readouterr().err

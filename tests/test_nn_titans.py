@@ -85,6 +85,29 @@ def test_conv_matches_naive_and_streams():
     assert not torch.allclose(y_changed[:, 6:], y[:, 6:])
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("width", [1, 4])
+def test_conv_gradients_match_naive(bias, width):
+    torch.manual_seed(0)
+    conv = CausalDepthwiseConv(5, width, bias=bias).double()
+    with torch.no_grad():
+        conv.weight.normal_()
+        if bias:
+            conv.bias.normal_()
+    x = torch.randn(2, 7, 5, dtype=torch.float64, requires_grad=True)
+    tail = torch.randn(2, width - 1, 5, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 7, 5, dtype=torch.float64)
+    tail_weights = torch.randn(2, width - 1, 5, dtype=torch.float64)
+    params = [x, tail, *conv.parameters()]
+    grads = []
+    for forward in (conv, conv.forward_naive):
+        y, new_tail = forward(x, tail)
+        loss = (y * weights).sum() + (new_tail * tail_weights).sum()
+        grads.append(torch.autograd.grad(loss, params))
+    for fast, naive in zip(*grads, strict=True):
+        torch.testing.assert_close(fast, naive, rtol=1e-12, atol=1e-12)
+
+
 def test_conv_rejects_bad_input():
     conv = CausalDepthwiseConv(5, 4)
     with pytest.raises(NestlearnError, match=r"x\.shape"):

@@ -9,7 +9,6 @@ chained segments equal one pass over the concatenation (a fresh stream starts fr
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nestlearn.errors import check_int, invalid
@@ -62,8 +61,14 @@ class CausalDepthwiseConv(nn.Module):
             raise invalid("tail.shape", tuple(tail.shape),
                           f"{(batch, self.width - 1, self.channels)}")
         padded = torch.cat([tail.to(x.dtype), x], dim=1)
-        y = F.conv1d(padded.transpose(1, 2), self.weight.unsqueeze(1), self.bias,
-                     groups=self.channels).transpose(1, 2)
+        # width shifted multiply-adds in the [B, T, C] layout: for a width-4 kernel this is
+        # about 2x faster forward+backward on CPU than F.conv1d, which needs [B, C, T] copies
+        length = x.shape[1]
+        y = padded[:, :length] * self.weight[:, 0]
+        for j in range(1, self.width):
+            y = torch.addcmul(y, padded[:, j:j + length], self.weight[:, j])
+        if self.bias is not None:
+            y = y + self.bias
         new_tail = padded[:, padded.shape[1] - (self.width - 1):]
         return y, new_tail
 

@@ -19,6 +19,7 @@ def test_bench_recall_runs_at_a_tiny_size(tmp_path, capsys):
     for (chunk, _, step), row in settings.items():
         # the layer's own ceiling, with NeuralMemoryConfig's expansion and theta_max
         assert row["eta_max"] == derived_eta_max(step, chunk, 4, 0.9)
+        assert row["activation"] == "gelu"
         assert len(row["errors"]) == 5
         assert 1.8 < row["errors"][0] < 2.3  # unit k and v, nothing stored yet
     for chunk in (4, 16):
@@ -50,3 +51,8 @@ def test_bench_recall_runs_at_a_tiny_size(tmp_path, capsys):
 def test_bench_recall_refuses_pairs_that_end_inside_a_chunk(capsys):
     assert main(["bench", "recall", "--associations", "24", "--chunk-sizes", "16"]) == 2
     assert "--associations" in capsys.readouterr().err
+
+
+def test_bench_recall_refuses_an_unknown_activation(capsys):
+    assert main(["bench", "recall", "--activation", "sigmoid"]) == 2
+    assert "--activation" in capsys.readouterr().err

@@ -8,7 +8,8 @@ the layer's own formula ``derived_eta_max(chunk_step, chunk_size, expansion, the
 f is a gate fraction (1: the caps; 0.5: about the layer's initial gates). After every
 repetition the mean recall error ||M(k) - v||^2 / ||v||^2 over the N pairs is measured with
 the memory as it stands at that point of the stream (2 = nothing stored, for unit k and v).
-Depth, expansion, activation and theta_max are ``NeuralMemoryConfig``'s defaults.
+Depth, expansion, theta_max and (unless ``--activation`` says otherwise) the activation are
+``NeuralMemoryConfig``'s defaults.
 
 A second table is the worst case the cap is derived for: a stream of one repeated key (every
 chunk holds identical keys) or of a few keys in random order, gates at their maxima, reporting
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 from nestlearn.benchmarks.common import format_table, progress, write_report
 from nestlearn.errors import invalid
-from nestlearn.nn.titans import NeuralMemoryConfig, derived_eta_max
+from nestlearn.nn.titans import ACTIVATIONS, NeuralMemoryConfig, derived_eta_max
 from nestlearn.ops.deep_memory import (
     DeepMemoryState,
     deep_memory,
@@ -79,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "repeated key (default: 1 4)")
     parser.add_argument("--worst-length", type=int, default=4096,
                         help="tokens of each worst-case stream (default: 4096)")
+    parser.add_argument("--activation", default=ACTIVATION,
+                        help=f"the memory MLP's non-linearity, from {', '.join(ACTIVATIONS)} "
+                             f"(default: {ACTIVATION}, the layer's)")
     parser.add_argument("--heads", type=int, default=2,
                         help="independent memories (heads) per run, averaged (default: 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of keys, values and weights")
@@ -104,6 +108,8 @@ def _check_args(args: argparse.Namespace) -> None:
     for item in args.gate_fractions:
         if not 0 < item <= 1:
             raise invalid("--gate-fractions", item, "numbers in (0, 1]")
+    if args.activation not in ACTIVATIONS:
+        raise invalid("--activation", repr(args.activation), ", ".join(ACTIVATIONS))
     for count in args.associations:
         for chunk in args.chunk_sizes:
             if count % chunk:
@@ -136,10 +142,10 @@ def _largest_entry(weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return torch.stack([w.abs().flatten(1).amax(1) for w in weights]).amax(0)
 
 
-def _recall_error(weights: tuple[torch.Tensor, ...], k: torch.Tensor,
-                  v: torch.Tensor) -> torch.Tensor:
+def _recall_error(weights: tuple[torch.Tensor, ...], k: torch.Tensor, v: torch.Tensor,
+                  activation: str) -> torch.Tensor:
     """Mean over pairs and heads of ||M(k) - v||^2 / ||v||^2 per batch element, ``[B]``."""
-    predicted = deep_memory_apply(weights, k, ACTIVATION)
+    predicted = deep_memory_apply(weights, k, activation)
     return ((predicted - v).square().sum(-1) / v.square().sum(-1)).mean((1, 2))
 
 
@@ -161,7 +167,8 @@ def _gates(settings: list[tuple[float, float]], chunk: int, length: int, heads: 
 
 
 def recall_rows(dim: int, count: int, repetitions: int, chunk: int, steps: list[float],
-                fractions: list[float], heads: int, seed: int) -> list[dict[str, Any]]:
+                fractions: list[float], heads: int, seed: int,
+                activation: str = ACTIVATION) -> list[dict[str, Any]]:
     """One row per (gate fraction, chunk_step): recall error before and after each repetition.
 
     Every setting is one batch element of the same op call (same pairs, same initial weights).
@@ -175,13 +182,13 @@ def recall_rows(dim: int, count: int, repetitions: int, chunk: int, steps: list[
     alpha, eta, theta, eta_max = _gates(settings, chunk, count, heads)
     k, v = keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1)
     state = DeepMemoryState(initial, None)
-    errors = [_recall_error(initial, keys, values).expand(batch)]
+    errors = [_recall_error(initial, keys, values, activation).expand(batch)]
     for _ in range(repetitions):
         # N is a multiple of the chunk, so chaining repetitions is exactly one pass.
         _, state = deep_memory(k, k, v, alpha, eta, theta, initial_state=state,
-                               objective="l2", activation=ACTIVATION, output_final_state=True,
+                               objective="l2", activation=activation, output_final_state=True,
                                chunk_size=chunk)
-        errors.append(_recall_error(state.weights, k, v))
+        errors.append(_recall_error(state.weights, k, v, activation))
     curves = torch.stack(errors, 1)
     growth = _largest_norm(state.weights) / _initial_norm(initial)
     largest = _largest_entry(state.weights)
@@ -191,6 +198,7 @@ def recall_rows(dim: int, count: int, repetitions: int, chunk: int, steps: list[
         rows.append({
             "D": dim, "N": count, "chunk": chunk, "gates": fraction, "chunk_step": step,
             "eta_max": eta_max[index], "repetitions": repetitions, "heads": heads,
+            "activation": activation,
             "errors": [float(e) for e in curves[index]],
             "weight growth": float(growth[index]), "max |w|": float(largest[index]),
             "finite": finite, "status": _status(finite, float(growth[index])),
@@ -199,7 +207,7 @@ def recall_rows(dim: int, count: int, repetitions: int, chunk: int, steps: list[
 
 
 def worst_rows(dim: int, chunk: int, distinct: int, length: int, steps: list[float],
-               heads: int, seed: int) -> list[dict[str, Any]]:
+               heads: int, seed: int, activation: str = ACTIVATION) -> list[dict[str, Any]]:
     """The cap's worst case: ``distinct`` keys (1 = one repeated key) in random order, gates
     at their maxima, one batch element per chunk_step."""
     generator = torch.Generator().manual_seed(seed)
@@ -219,13 +227,13 @@ def worst_rows(dim: int, chunk: int, distinct: int, length: int, steps: list[flo
         part = slice(start, start + segment)
         _, state = deep_memory(k[:, part], k[:, part], v[:, part], alpha[:, part], eta[:, part],
                                theta[:, part], initial_state=state, objective="l2",
-                               activation=ACTIVATION, output_final_state=True, chunk_size=chunk)
+                               activation=activation, output_final_state=True, chunk_size=chunk)
         finite = torch.stack([torch.isfinite(w).flatten(1).all(1) for w in state.weights]).all(0)
         for index in range(batch):
             if broke[index] is None and not bool(finite[index]):
                 broke[index] = min(start + segment, length)
     tables = (table_k.expand(batch, -1, -1, -1), table_v.expand(batch, -1, -1, -1))
-    errors = _recall_error(state.weights, *tables)
+    errors = _recall_error(state.weights, *tables, activation)
     growth = _largest_norm(state.weights) / _initial_norm(initial)
     largest = _largest_entry(state.weights)
     rows = []
@@ -233,7 +241,8 @@ def worst_rows(dim: int, chunk: int, distinct: int, length: int, steps: list[flo
         finite = broke[index] is None
         rows.append({
             "D": dim, "chunk": chunk, "keys": distinct, "tokens": length, "chunk_step": step,
-            "eta_max": eta_max[index], "heads": heads, "final error": float(errors[index]),
+            "eta_max": eta_max[index], "heads": heads, "activation": activation,
+            "final error": float(errors[index]),
             "weight growth": float(growth[index]), "max |w|": float(largest[index]),
             "non-finite after": broke[index], "finite": finite,
             "status": _status(finite, float(growth[index])),
@@ -313,13 +322,13 @@ def run(args: argparse.Namespace) -> int:
                 for chunk in args.chunk_sizes:
                     progress(f"recall D={dim} N={count} chunk={chunk}")
                     rows += recall_rows(dim, count, args.repetitions, chunk, steps, fractions,
-                                        args.heads, args.seed)
+                                        args.heads, args.seed, args.activation)
             for chunk in args.chunk_sizes:
                 for distinct in args.worst_keys:
                     progress(f"worst case D={dim} chunk={chunk} keys={distinct}")
                     worst += worst_rows(dim, chunk, distinct, args.worst_length,
                                         sorted(set(args.worst_chunk_steps)), args.heads,
-                                        args.seed)
+                                        args.seed, args.activation)
     shown = checkpoints(args.repetitions)
     for row in rows:
         for rep in shown:
@@ -341,7 +350,7 @@ def run(args: argparse.Namespace) -> int:
     (out / "recall.md").write_text(
         "# In-context recall\n\n"
         f"Recall error after {args.repetitions} repetitions (2 = nothing stored), per "
-        f"chunk_step; heads {args.heads}, seed {args.seed}, threads "
+        f"chunk_step; activation {args.activation}, heads {args.heads}, seed {args.seed}, threads "
         f"{torch.get_num_threads()}.\n\n{table}\n{plot}\n"
         f"Worst case, gates at their maxima:\n\n{format_table(worst, WORST_COLUMNS)}\n")
     print(f"wrote {out / 'recall.md'}")

@@ -21,6 +21,8 @@ POOLINGS: tuple[str, ...] = ("mean", "last")
 CMS_MLPS: tuple[str, ...] = ("swiglu", "gelu")
 CMS_VARIANTS: tuple[str, ...] = ("sequential", "nested", "independent")
 CMS_TEACH_SIGNALS: tuple[str, ...] = ("local", "lm")
+# ModelConfig fields that change memory use and speed but not what the model computes.
+MEMORY_ONLY_FIELDS: tuple[str, ...] = ("checkpoint_segment",)
 
 
 def _optional_positive_int(name: str, value: object) -> None:
@@ -107,6 +109,14 @@ class ModelConfig:
     the Transformer++ MLP, so a trained Transformer can be stacked in; or "gelu"),
     ``cms_variant``, ``cms_teach_signal``, ``cms_inner_lr`` (one rate or one per level),
     ``cms_frozen`` (a plain MLP chain).
+
+    ``checkpoint_segment``: activation checkpointing over the sequence (None = off). With
+    gradients enabled, the backbone runs the sequence in segments of this many tokens, each
+    block on each segment under ``torch.utils.checkpoint`` with the block's state carried from
+    segment to segment: only the blocks' inputs and states at segment boundaries are kept, and
+    one block-segment's activations are recomputed at a time in backward. Logits, final state
+    and gradients are those of one pass (each block streams exactly); it changes memory and
+    time only, so it is left out of ``fingerprint`` and does nothing without gradients.
     """
 
     arch: str = "transformer"
@@ -142,6 +152,7 @@ class ModelConfig:
     cms_teach_signal: str = "local"
     cms_inner_lr: float | tuple[float, ...] = 1e-3
     cms_frozen: bool = False
+    checkpoint_segment: int | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -200,6 +211,7 @@ class ModelConfig:
         _choice("cms_teach_signal", self.cms_teach_signal, CMS_TEACH_SIGNALS)
         object.__setattr__(self, "cms_inner_lr",
                            _rates("cms_inner_lr", self.cms_inner_lr, len(self.cms_chunk_sizes)))
+        _optional_positive_int("checkpoint_segment", self.checkpoint_segment)
 
     @property
     def head_dim(self) -> int:
@@ -222,9 +234,18 @@ class ModelConfig:
         """Inverse of ``to_dict``; unknown keys are refused (a typo must not pass silently)."""
         return cls(**_from_dict(cls, data, "model config"))
 
+    def computation_dict(self) -> dict[str, Any]:
+        """``to_dict`` without the fields that change only memory use (``MEMORY_ONLY_FIELDS``):
+        two configs with the same computation dict compute the same function and states."""
+        data = self.to_dict()
+        for name in MEMORY_ONLY_FIELDS:
+            data.pop(name)
+        return data
+
     def fingerprint(self) -> str:
-        """Short hash of the configuration: tells states of different configs apart."""
-        text = json.dumps(self.to_dict(), sort_keys=True)
+        """Short hash of the configuration: tells states of different configs apart (a state
+        passes between models that differ only in ``MEMORY_ONLY_FIELDS``)."""
+        text = json.dumps(self.computation_dict(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -260,7 +281,9 @@ class ClassifierConfig:
         return cls(**_from_dict(cls, data, "classifier config"))
 
     def fingerprint(self) -> str:
-        text = json.dumps(self.to_dict(), sort_keys=True)
+        text = json.dumps({"backbone": self.backbone.computation_dict(),
+                           "num_classes": self.num_classes, "pooling": self.pooling},
+                          sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from nestlearn.errors import invalid
 from nestlearn.models.blocks import make_block
 from nestlearn.models.config import ModelConfig
 from nestlearn.models.state import LMState, check_state
+from nestlearn.nn import cms
 from nestlearn.nn.transformer import RMSNorm
 
 
@@ -27,6 +32,44 @@ def check_ids(ids: object, vocab_size: int) -> torch.Tensor:
     if low < 0 or high >= vocab_size:
         raise invalid("ids", f"values in [{low}, {high}]", f"values in [0, {vocab_size - 1}]")
     return ids
+
+
+def run_blocks(blocks: Sequence[nn.Module], hidden: torch.Tensor, states: Sequence[Any]
+               ) -> tuple[torch.Tensor, tuple[Any, ...]]:
+    """``hidden [B, T, D]`` through every block in turn: (output, each block's new state)."""
+    new_states = []
+    for block, state in zip(blocks, states, strict=True):
+        hidden, state = block(hidden, state)
+        new_states.append(state)
+    return hidden, tuple(new_states)
+
+
+def run_blocks_checkpointed(blocks: Sequence[nn.Module], hidden: torch.Tensor,
+                            states: Sequence[Any], segment: int
+                            ) -> tuple[torch.Tensor, tuple[Any, ...]]:
+    """``run_blocks`` with activation checkpointing over segments of ``segment`` tokens.
+
+    Block by block and segment by segment under ``torch.utils.checkpoint`` (non-reentrant),
+    each block's state carried to its next segment: the graph keeps only each block's input
+    and state at the segment boundaries, and backward recomputes one block on one segment at a
+    time. Exact because every block streams exactly (chained segments = one pass).
+    """
+    states = list(states)
+    outputs = []
+    for start in range(0, hidden.shape[1], segment):
+        x = hidden[:, start:start + segment]
+        for index, block in enumerate(blocks):
+            x, states[index] = checkpoint(block, x, states[index], use_reentrant=False)
+        outputs.append(x)
+    return torch.cat(outputs, dim=1), tuple(states)
+
+
+def _checkpointing(config: ModelConfig) -> bool:
+    """Checkpoint only when a backward can follow, and not inside a segment of the CMS
+    LM teach-signal driver: it runs its own short segments, and its hook must see each CMS
+    layer once per segment (``nestlearn.nn.teach_signal``)."""
+    return (config.checkpoint_segment is not None and torch.is_grad_enabled()
+            and cms._LM_HOOK.get() is None)
 
 
 class Backbone(nn.Module):
@@ -58,11 +101,12 @@ class Backbone(nn.Module):
             state = self.init_state(batch)
         check_state(state, self.fingerprint, batch, len(self.blocks))
         hidden = self.embed(ids)
-        block_states = []
-        for block, block_state in zip(self.blocks, state.blocks, strict=True):
-            hidden, block_state = block(hidden, block_state)
-            block_states.append(block_state)
-        new_state = LMState(blocks=tuple(block_states), position=state.position + length,
+        if _checkpointing(self.config):
+            hidden, block_states = run_blocks_checkpointed(
+                self.blocks, hidden, state.blocks, self.config.checkpoint_segment)
+        else:
+            hidden, block_states = run_blocks(self.blocks, hidden, state.blocks)
+        new_state = LMState(blocks=block_states, position=state.position + length,
                             batch_size=batch, fingerprint=self.fingerprint)
         return self.norm(hidden), new_state
 

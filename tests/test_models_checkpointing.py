@@ -267,3 +267,20 @@ def test_ddp_ranks_with_checkpointing_agree_with_a_plain_single_process(corpus, 
     mp.spawn(_spawned_rank, args=(2, _free_port(), ddp.to_dict()), nprocs=2, join=True)
     losses = [r["loss"] for r in read_records(tmp_path / "ddp") if r["split"] == "train"]
     assert losses == pytest.approx(plain, rel=1e-5, abs=1e-5)
+
+
+def test_bench_layers_runs_models_with_and_without_checkpointing(tmp_path, capsys):
+    from nestlearn.cli import main
+
+    code = main(["bench", "layers", "--sections", "models", "--archs", "hope", "--lengths", "16",
+                 "--heads", "2", "--chunk-size", "4", "--cms-chunk-sizes", "4", "8",
+                 "--model-dim", "16", "--model-layers", "1", "--checkpoint-segment", "off", "5",
+                 "--repeats", "1", "--threads", "1", "--no-memory", "--out", str(tmp_path)])
+    assert code == 0
+    rows = json.loads((tmp_path / "layers-models.json").read_text())["rows"]
+    assert [row["checkpoint segment"] for row in rows] == ["off", 5]
+    assert all(row["tok/s"] > 0 and row["note"] == "" for row in rows)
+    assert "| checkpoint segment |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["bench", "layers", "--checkpoint-segment", "0"])
+    assert "--checkpoint-segment" in capsys.readouterr().err

@@ -5,7 +5,9 @@ Four sections (``--sections``):
   neural memory, self-modifying Titans, CMS, HOPE block, HOPE-attention block), forward and
   backward at every length in ``--lengths``;
 - ``models``: each architecture's causal LM at about the parameter count of the Transformer
-  of ``--model-dim`` x ``--model-layers`` (the width of the others is chosen to match it);
+  of ``--model-dim`` x ``--model-layers`` (the width of the others is chosen to match it),
+  once per ``--checkpoint-segment`` value (activation checkpointing over segments of that
+  many tokens, ``ModelConfig.checkpoint_segment``; ``off`` = none), side by side;
 - ``decode``: after reading a context of each length in ``--decode-contexts`` (in segments,
   with state), the mean latency per generated token and the size of the carried state
   (recurrent models: flat; attention's KV cache: growing);
@@ -20,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from nestlearn.benchmarks.common import (
     measure,
@@ -48,7 +52,7 @@ LAYERS: tuple[str, ...] = ("attention", "transformer-block", "neural-memory",
 SECTIONS: tuple[str, ...] = ("layers", "models", "decode", "titans-pytorch")
 
 LAYER_COLUMNS = ["layer", "T", "params", "tok/s", "peak MB", "note"]
-MODEL_COLUMNS = ["arch", "dim", "params", "T", "tok/s", "peak MB", "note"]
+MODEL_COLUMNS = ["arch", "dim", "params", "T", "checkpoint segment", "tok/s", "peak MB", "note"]
 DECODE_COLUMNS = ["arch", "context", "ms/token", "state MB", "note"]
 
 
@@ -115,6 +119,11 @@ def make_model_workload(config: dict[str, Any], length: int, batch: int,
     torch.manual_seed(seed)
     model = build_model(ModelConfig.from_dict(config))
     ids = torch.randint(0, model.config.vocab_size, (batch, length + 1))
+    if model.config.checkpoint_segment is not None:
+        # The first checkpoint call of a process imports torch._dynamo (~75 MB resident): a
+        # one-time cost, paid here so that the peak-memory probe measures the pass itself.
+        probe = torch.ones(1, requires_grad=True)
+        checkpoint(torch.mul, probe, probe, use_reentrant=False).backward()
 
     def workload() -> torch.Tensor:
         model.zero_grad(set_to_none=True)
@@ -181,6 +190,19 @@ def decode_latency(config: ModelConfig, context: int, steps: int, segment: int,
     return seconds, _state_mb(state), "" if all(finite) else "non-finite outputs"
 
 
+def checkpoint_segment(text: str) -> int | None:
+    """A ``--checkpoint-segment`` value: ``off`` (None) or tokens per segment (an int >= 1)."""
+    if text.strip().lower() in ("off", "none"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"got {text!r}; allowed: 'off' or an int >= 1")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS),
                         help=f"sections to run, from {', '.join(SECTIONS)} (default: all)")
@@ -202,6 +224,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-layers", type=int, default=4,
                         help="blocks of every model (default: 4)")
     parser.add_argument("--vocab-size", type=int, default=256, help="vocabulary (default: 256)")
+    parser.add_argument("--checkpoint-segment", type=checkpoint_segment, nargs="+",
+                        default=[None], metavar="N|off",
+                        help="models: activation checkpointing over segments of N tokens; "
+                             "several values run side by side, e.g. 'off 512' (default: off)")
     parser.add_argument("--window", type=int, default=512,
                         help="sliding window of titans-mag's attention (default: 512)")
     parser.add_argument("--decode-contexts", type=int, nargs="+", default=[512, 2048, 8192],
@@ -289,12 +315,15 @@ def _model_rows(args: argparse.Namespace, configs: dict[str, ModelConfig],
     rows = []
     for arch, config in configs.items():
         params = count_parameters(config)
-        for length in args.lengths:
-            progress(f"model {arch} T={length}")
-            kwargs = {"config": config.to_dict(), "length": length, "batch": args.batch}
+        for length, segment in itertools.product(args.lengths, args.checkpoint_segment):
+            shown = "off" if segment is None else segment
+            progress(f"model {arch} T={length} checkpoint segment {shown}")
+            run_config = dataclasses.replace(config, checkpoint_segment=segment)
+            kwargs = {"config": run_config.to_dict(), "length": length, "batch": args.batch}
             seconds, note = measure(make_model_workload(**kwargs), args.repeats)
             rows.append({"arch": arch, "dim": config.dim, "layers": config.layers,
                          "params": params, "T": length, "B": args.batch,
+                         "checkpoint segment": shown,
                          "tok/s": args.batch * length / seconds,
                          "peak MB": _memory(args, make_model_workload, threads, note,
                                             **kwargs),

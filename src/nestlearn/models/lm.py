@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from nestlearn.errors import invalid
 from nestlearn.models.blocks import make_block
 from nestlearn.models.config import ModelConfig
-from nestlearn.models.state import LMState, check_state
+from nestlearn.models.state import LMState, check_state, map_tensors
 from nestlearn.nn import cms
 from nestlearn.nn.transformer import RMSNorm
 
@@ -59,9 +59,18 @@ def run_blocks_checkpointed(blocks: Sequence[nn.Module], hidden: torch.Tensor,
     for start in range(0, hidden.shape[1], segment):
         x = hidden[:, start:start + segment]
         for index, block in enumerate(blocks):
-            x, states[index] = checkpoint(block, x, states[index], use_reentrant=False)
+            x, state = checkpoint(block, x, states[index], use_reentrant=False)
+            states[index] = map_tensors(state, _compact)
         outputs.append(x)
     return torch.cat(outputs, dim=1), tuple(states)
+
+
+def _compact(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of a view that keeps a larger buffer alive (a conv tail, pending tokens sliced
+    from the segment), so a state kept at a segment boundary holds only its own values."""
+    if tensor.untyped_storage().nbytes() > 2 * tensor.numel() * tensor.element_size():
+        return tensor.clone()
+    return tensor
 
 
 def _checkpointing(config: ModelConfig) -> bool:

@@ -207,6 +207,9 @@ def test_run_config_set_path():
     config = apply_overrides(get_recipe("tiny-transformer"), ["model.checkpoint_segment=512"])
     assert config.model.checkpoint_segment == 512
     assert RunConfig.from_dict(json.loads(config.to_json())).model.checkpoint_segment == 512
+    old = json.loads(config.to_json())
+    del old["model"]["checkpoint_segment"]  # a run folder's config.json from before the field
+    assert RunConfig.from_dict(old).model.checkpoint_segment is None
     config = apply_overrides(config, ["model.checkpoint_segment=none"])
     assert config.model.checkpoint_segment is None
     with pytest.raises(NestlearnError, match="checkpoint_segment"):

@@ -51,9 +51,12 @@ def test_bpe_run_takes_its_vocabulary_from_the_tokenizer(corpus, tmp_path):
     assert result.evals[3]["bpb"] < result.evals[3]["loss"] / math.log(2)
 
 
-def test_bf16_autocast_path_trains(corpus, tmp_path):
-    # the CUDA default (autocast "auto" on a GPU); forced here on the CPU
-    config = tiny_config(corpus, tmp_path / "run", "train.autocast=bf16", "train.steps=10")
+@pytest.mark.parametrize("arch", ["transformer", "hope", "titans"])
+def test_bf16_autocast_path_trains(corpus, tmp_path, arch):
+    # the CUDA default (autocast "auto" on a GPU); forced here on the CPU. The memory ops run
+    # in float32 inside it (nestlearn.ops._precision).
+    config = tiny_config(corpus, tmp_path / "run", "train.autocast=bf16", "train.steps=10",
+                         f"model.arch={arch}")
     losses = list(train(config, progress=False).losses.values())
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
 

@@ -34,6 +34,7 @@ from nestlearn.ops._deep_memory_common import (
     init_deep_memory_weights,
     mlp_forward,
 )
+from nestlearn.ops._precision import full_precision
 from nestlearn.ops.deep_memory_naive import deep_memory_naive
 
 __all__ = [
@@ -285,6 +286,7 @@ def _heads_first(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).contiguous()
 
 
+@full_precision
 def deep_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
                 eta: torch.Tensor, theta: torch.Tensor | None = None, *,
                 initial_state: DeepMemoryState | None = None, objective: str = "l2",
@@ -338,6 +340,7 @@ def deep_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.
     return o, DeepMemoryState(tuple(weights), tuple(momentum) if momentum is not None else None)
 
 
+@full_precision
 def deep_memory_update(state: DeepMemoryState, k: torch.Tensor, v: torch.Tensor,
                        alpha: torch.Tensor, eta: torch.Tensor, theta: torch.Tensor | None = None,
                        *, objective: str = "l2", activation: str = "gelu",
@@ -360,6 +363,7 @@ def deep_memory_update(state: DeepMemoryState, k: torch.Tensor, v: torch.Tensor,
                            tuple(new_momentum) if new_momentum is not None else None)
 
 
+@full_precision
 def deep_memory_apply(weights: tuple[torch.Tensor, ...], x: torch.Tensor,
                       activation: str = "gelu") -> torch.Tensor:
     """M(x) with fixed weights (``[B, H, out, in]`` or ``[H, out, in]``); x ``[B, T, H, D]``."""

@@ -21,6 +21,7 @@ from nestlearn.ops._deep_memory_common import (
     check_deep_memory_args,
     mlp_forward,
 )
+from nestlearn.ops._precision import full_precision
 
 
 def _inner_loss(weights: tuple[torch.Tensor, ...], key: torch.Tensor, value: torch.Tensor,
@@ -33,6 +34,7 @@ def _inner_loss(weights: tuple[torch.Tensor, ...], key: torch.Tensor, value: tor
     return -(out * value).sum()
 
 
+@full_precision
 def deep_memory_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
                       eta: torch.Tensor, theta: torch.Tensor | None = None, *,
                       initial_state: DeepMemoryState | None = None, objective: str = "l2",

@@ -13,9 +13,11 @@ from __future__ import annotations
 import torch
 
 from nestlearn.ops._chunking import merge_tokens, segment_products, split_gate, split_tokens
+from nestlearn.ops._precision import full_precision
 from nestlearn.ops._validate import check_gated_matrix_rule
 
 
+@full_precision
 def gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -85,6 +87,7 @@ def gated_delta_rule(
     return merge_tokens(out, length), (memory if output_final_state else None)
 
 
+@full_precision
 def gated_delta_rule_naive(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -11,9 +11,11 @@ from __future__ import annotations
 import torch
 
 from nestlearn.ops._chunking import merge_tokens, segment_products, split_gate, split_tokens
+from nestlearn.ops._precision import full_precision
 from nestlearn.ops._validate import check_gated_matrix_rule
 
 
+@full_precision
 def gated_linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -65,6 +67,7 @@ def gated_linear_attention(
     return out, (memory if output_final_state else None)
 
 
+@full_precision
 def gated_linear_attention_naive(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -16,6 +16,7 @@ import torch
 
 from nestlearn.errors import invalid
 from nestlearn.ops._chunking import merge_tokens, segment_products, split_gate, split_tokens
+from nestlearn.ops._precision import full_precision
 from nestlearn.ops._validate import check_matrix_state, check_rule_inputs
 
 
@@ -46,6 +47,7 @@ def _check(q, k, v, alpha, eta, theta, initial_state, chunk_size):
     return length, memory, momentum
 
 
+@full_precision
 def titans_linear(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -128,6 +130,7 @@ def titans_linear(
     return merge_tokens(out, length), final
 
 
+@full_precision
 def titans_linear_naive(
     q: torch.Tensor,
     k: torch.Tensor,

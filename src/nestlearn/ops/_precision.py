@@ -1,0 +1,57 @@
+"""Memory ops run in full precision under autocast.
+
+An op's state is learned by in-context gradient steps summed over a whole stream; in bf16 its
+small steps round away and the chunkwise and per-token forms drift apart. So, under autocast,
+an op runs with autocast off and its bf16/fp16 tensors raised to float32: its state keeps
+the precision of the (float32) parameters it starts from, and the surrounding layers still
+run their projections in bf16. Without autocast nothing is cast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+F = TypeVar("F", bound=Callable[..., Any])
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _raise_precision(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.dtype in LOW_PRECISION else value
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a NamedTuple
+        return type(value)(*(_raise_precision(item) for item in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_raise_precision(item) for item in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {field.name: _raise_precision(getattr(value, field.name))
+                  for field in dataclasses.fields(value)}
+        return dataclasses.replace(value, **fields)
+    return value
+
+
+def _autocast_device(args: tuple, kwargs: dict) -> str | None:
+    """The device type of the first tensor argument if autocast is on for it, else None."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            device = value.device.type
+            return device if torch.is_autocast_enabled(device) else None
+    return None
+
+
+def full_precision(op: F) -> F:
+    """Decorator: under autocast, run ``op`` with autocast off and bf16/fp16 inputs in float32."""
+
+    @functools.wraps(op)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        device = _autocast_device(args, kwargs)
+        if device is None:
+            return op(*args, **kwargs)
+        with torch.autocast(device_type=device, enabled=False):
+            return op(*_raise_precision(args), **_raise_precision(kwargs))
+
+    return wrapper  # type: ignore[return-value]

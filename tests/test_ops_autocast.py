@@ -1,0 +1,98 @@
+"""Under autocast the memory ops run in float32 (nestlearn.ops._precision): bf16 inputs are
+raised, the result equals the float32 op on the same values, and every model trains."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nestlearn.models import ModelConfig, build_model
+from nestlearn.ops import (
+    DeepMemoryState,
+    deep_memory,
+    deep_memory_apply,
+    deep_memory_naive,
+    deep_memory_update,
+    gated_delta_rule,
+    gated_delta_rule_naive,
+    gated_linear_attention,
+    gated_linear_attention_naive,
+    init_deep_memory_weights,
+    titans_linear,
+    titans_linear_naive,
+)
+
+B, T, H, D = 2, 9, 2, 8
+
+
+def _inputs(seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, T, H, D, generator=gen) for _ in range(3))
+    k = torch.nn.functional.normalize(k, dim=-1)
+    gates = {name: low + (high - low) * torch.rand(B, T, H, generator=gen)
+             for name, low, high in (("alpha", 0.8, 1.0), ("eta", 0.05, 0.3),
+                                     ("theta", 0.1, 0.8))}
+    # bf16 values, as autocast's projections would hand them over
+    return {name: t.bfloat16() for name, t in {"q": q, "k": k, "v": v, **gates}.items()}
+
+
+def _weights() -> tuple[torch.Tensor, ...]:
+    return init_deep_memory_weights(H, D, 16, 2, generator=torch.Generator().manual_seed(1))
+
+
+def _call(name: str, x: dict[str, torch.Tensor]) -> torch.Tensor:
+    if name.startswith("deep_memory"):
+        op = deep_memory if name == "deep_memory" else deep_memory_naive
+        return op(x["q"], x["k"], x["v"], x["alpha"], x["eta"], x["theta"],
+                  initial_state=DeepMemoryState(_weights()), chunk_size=4)[0]
+    if name == "deep_memory_update":
+        state = deep_memory_update(DeepMemoryState(_weights()), x["k"], x["v"], x["alpha"],
+                                   x["eta"], x["theta"])
+        return torch.cat([w.flatten() for w in state.weights + state.momentum])
+    if name == "deep_memory_apply":
+        return deep_memory_apply(_weights(), x["q"])
+    ops = {"gla": (gated_linear_attention, gated_linear_attention_naive),
+           "delta": (gated_delta_rule, gated_delta_rule_naive),
+           "titans": (titans_linear, titans_linear_naive)}
+    rule, form = name.rsplit("_", 1)
+    op = ops[rule][form == "naive"]
+    gates = [x["alpha"], x["eta"]] + ([x["theta"]] if rule == "titans" else [])
+    return op(x["q"], x["k"], x["v"], *gates, chunk_size=4)[0]
+
+
+OPS = ["deep_memory", "deep_memory_naive", "deep_memory_update", "deep_memory_apply",
+       "gla_chunk", "gla_naive", "delta_chunk", "delta_naive", "titans_chunk", "titans_naive"]
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_op_under_autocast_equals_float32_op(name):
+    x = _inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _call(name, x)
+    assert out.dtype == torch.float32
+    expected = _call(name, {key: value.float() for key, value in x.items()})
+    assert torch.equal(out, expected)
+
+
+def test_no_autocast_means_no_cast():
+    x = {key: value.double() for key, value in _inputs().items()}
+    out = gated_delta_rule(x["q"], x["k"], x["v"], x["alpha"], x["eta"], chunk_size=4)[0]
+    assert out.dtype == torch.float64
+
+
+@pytest.mark.parametrize("arch", ["transformer", "hope", "hope-attention", "titans",
+                                  "titans-mag"])
+def test_every_model_trains_under_bf16_autocast(arch):
+    torch.manual_seed(0)
+    config = ModelConfig(arch=arch, vocab_size=32, dim=16, layers=1, heads=2, chunk_size=4,
+                         inner_chunk_size=4, cms_chunk_sizes=(4, 8),
+                         window=8 if arch == "titans-mag" else None)
+    model = build_model(config)
+    ids = torch.randint(0, 32, (2, 19))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = model(ids[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

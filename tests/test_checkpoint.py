@@ -49,6 +49,20 @@ def test_resume_equals_an_uninterrupted_run_bitwise(corpus, tmp_path, optimizer,
     assert [r["step"] for r in evals] == [5, 10, 14]
 
 
+def test_resume_may_turn_on_activation_checkpointing(corpus, tmp_path):
+    # checkpoint_segment changes what is kept for the backward, not what is computed
+    extra = ("train.steps=8", "model.arch=hope", "optim.lr=0.01")
+    straight = tmp_path / "straight"
+    train(tiny_config(corpus, straight, *extra), progress=False)
+    resumed = tmp_path / "resumed"
+    first = train(tiny_config(corpus, resumed, *extra), progress=False, stop_at=4)
+    assert first.step == 4
+    second = train(tiny_config(corpus, resumed, *extra, "model.checkpoint_segment=8"),
+                   resume=True, progress=False)
+    assert second.status == "completed"
+    assert _train_losses(resumed) == pytest.approx(_train_losses(straight), rel=1e-5)
+
+
 def _one_checkpoint(corpus, run_dir):
     train(tiny_config(corpus, run_dir, "train.steps=3"), progress=False)
     return ckpt.latest_checkpoint(run_dir)

@@ -59,7 +59,7 @@ CONFIG_FILE = "config.json"
 RESUMABLE_FIELDS: frozenset[str] = frozenset({
     "name", "train.steps", "train.eval_every", "train.eval_iters", "train.checkpoint_every",
     "train.keep_checkpoints", "train.log_every", "train.device", "train.out_dir",
-    "train.find_unused_parameters",
+    "train.find_unused_parameters", "model.checkpoint_segment",
 })
 EVAL_SEED = 1_000_003  # fixed windows for periodic evaluation, independent of train.seed
 

@@ -78,7 +78,7 @@ def _checkpointing(config: ModelConfig) -> bool:
     LM teach-signal driver: it runs its own short segments, and its hook must see each CMS
     layer once per segment (``nestlearn.nn.teach_signal``)."""
     return (config.checkpoint_segment is not None and torch.is_grad_enabled()
-            and cms._LM_HOOK.get() is None)
+            and not cms.lm_teach_hook_active())
 
 
 class Backbone(nn.Module):

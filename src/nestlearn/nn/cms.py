@@ -65,6 +65,11 @@ def lm_teach_hook(hook: Callable[[ContinuumMemoryState], ContinuumMemoryState]
         _LM_HOOK.reset(token)
 
 
+def lm_teach_hook_active() -> bool:
+    """Whether the LM teach-signal driver is running a segment (``lm_teach_hook`` is active)."""
+    return _LM_HOOK.get() is not None
+
+
 def _through_lm_hook(state: ContinuumMemoryState) -> ContinuumMemoryState:
     hook = _LM_HOOK.get()
     if hook is None or state.config.teach_signal != "lm":

@@ -69,7 +69,8 @@ class CausalDepthwiseConv(nn.Module):
             y = torch.addcmul(y, padded[:, j:j + length], self.weight[:, j])
         if self.bias is not None:
             y = y + self.bias
-        new_tail = padded[:, padded.shape[1] - (self.width - 1):]
+        # a copy: a view would keep the whole padded segment alive for as long as the state
+        new_tail = padded[:, padded.shape[1] - (self.width - 1):].clone()
         return y, new_tail
 
     def forward_naive(self, x: torch.Tensor, tail: torch.Tensor | None = None

@@ -96,3 +96,39 @@ def test_every_model_trains_under_bf16_autocast(arch):
     assert torch.isfinite(loss)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def test_keyword_inputs_and_low_precision_states_are_raised_too():
+    # tensors passed by keyword and bf16 states (a tensor, a dataclass of tuples) are cast
+    # like positional ones, so the op neither runs in bf16 nor refuses a dtype mismatch
+    x = _inputs()
+    memory = torch.randn(B, H, D, D, generator=torch.Generator().manual_seed(2))
+    weights = _weights()
+    deep_state = DeepMemoryState(weights, tuple(torch.zeros_like(w) for w in weights))
+    calls = {
+        "delta": lambda x, memory, state: gated_delta_rule(
+            q=x["q"], k=x["k"], v=x["v"], alpha=x["alpha"], eta=x["eta"],
+            initial_state=memory, output_final_state=True, chunk_size=4),
+        "deep_memory": lambda x, memory, state: deep_memory(
+            x["q"], x["k"], x["v"], x["alpha"], x["eta"], theta=x["theta"],
+            initial_state=state, output_final_state=True, chunk_size=4),
+    }
+    low_state = DeepMemoryState(*(tuple(t.bfloat16() for t in part) for part in
+                                  (deep_state.weights, deep_state.momentum)))
+    exact_state = DeepMemoryState(*(tuple(t.float() for t in part) for part in
+                                    (low_state.weights, low_state.momentum)))
+    for name, call in calls.items():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, final = call(x, memory.bfloat16(), low_state)
+        assert out.dtype == torch.float32, name
+        expected, expected_final = call({key: value.float() for key, value in x.items()},
+                                        memory.bfloat16().float(), exact_state)
+        assert torch.equal(out, expected), name
+        for a, b in zip(_flat(final), _flat(expected_final), strict=True):
+            assert a.dtype == torch.float32 and torch.equal(a, b), name
+
+
+def _flat(state: object) -> list[torch.Tensor]:
+    if isinstance(state, DeepMemoryState):
+        return [*state.weights, *state.momentum]
+    return [state]

@@ -27,6 +27,8 @@ def _raise_precision(value: Any) -> Any:
         return type(value)(*(_raise_precision(item) for item in value))
     if isinstance(value, (tuple, list)):
         return type(value)(_raise_precision(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _raise_precision(item) for key, item in value.items()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         fields = {field.name: _raise_precision(getattr(value, field.name))
                   for field in dataclasses.fields(value)}

@@ -1,8 +1,18 @@
 import json
+import os
+import threading
 
+import pytest
 import torch
 
-from nestlearn.benchmarks.common import format_table, peak_memory_mb, write_report
+from nestlearn.benchmarks.common import (
+    format_table,
+    in_fresh_process,
+    measure,
+    peak_memory_mb,
+    write_report,
+)
+from nestlearn.errors import NestlearnError
 
 
 def allocate_mib(mib: int):
@@ -27,3 +37,64 @@ def test_write_report_prints_table_and_writes_json(tmp_path, capsys):
     data = json.loads(path.read_text())
     assert data["rows"] == rows and data["environment"]["torch"] == torch.__version__
     assert format_table(rows, ["rule"]).splitlines()[1] == "|---|"
+
+
+def _where(tag: str) -> tuple[str, int, int]:
+    return tag, os.getpid(), torch.get_num_threads()
+
+
+def _fails() -> None:
+    raise ArithmeticError("no result here")
+
+
+def _dies() -> None:
+    os._exit(3)
+
+
+def _within(seconds: float, fn):
+    """fn() run in a thread: its result, or a failed test instead of a hang."""
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = fn()
+        except Exception as err:  # handed to the test thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still waiting after {seconds} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def test_in_fresh_process_returns_the_childs_result_at_the_given_threads():
+    assert in_fresh_process(_where, "tag", threads=1)[::2] == ("tag", 1)
+    assert in_fresh_process(_where, "tag", threads=1)[1] != os.getpid()
+
+
+def test_in_fresh_process_raises_a_failure_or_death_of_the_child_instead_of_waiting():
+    with pytest.raises(RuntimeError, match="ArithmeticError: no result here"):
+        _within(120, lambda: in_fresh_process(_fails))
+    with pytest.raises(RuntimeError, match="exited with code 3"):
+        _within(120, lambda: in_fresh_process(_dies))
+
+
+def test_measure_flags_non_finite_and_failed_runs():
+    calls = []
+
+    def finite() -> torch.Tensor:
+        calls.append(1)
+        return torch.tensor(1.0)
+
+    seconds, note = measure(finite, repeats=3, warmup=2)
+    assert seconds >= 0 and note == "" and len(calls) == 5
+    assert measure(lambda: torch.tensor(float("nan")), repeats=1)[1] == "non-finite outputs"
+
+    def refused() -> torch.Tensor:
+        raise NestlearnError("x: got 0; allowed: >= 1")
+
+    seconds, note = measure(refused, repeats=1)
+    assert seconds != seconds and note == "failed: x: got 0; allowed: >= 1"

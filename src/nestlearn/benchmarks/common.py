@@ -7,8 +7,10 @@ import multiprocessing as mp
 import platform
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 import torch
@@ -61,7 +63,11 @@ def _status_mb(field: str) -> float:
 
 def _child(target: Callable[..., Any], args: tuple, threads: int, queue: mp.Queue) -> None:
     torch.set_num_threads(threads)
-    queue.put(target(*args))
+    try:
+        report = (True, target(*args))
+    except BaseException:  # sent to the parent, which would otherwise wait for a result forever
+        report = (False, traceback.format_exc())
+    queue.put(report)
 
 
 def in_fresh_process(target: Callable[..., Any], *args: Any, threads: int | None = None) -> Any:
@@ -70,15 +76,26 @@ def in_fresh_process(target: Callable[..., Any], *args: Any, threads: int | None
     Each measurement then starts from the same state: nothing earlier in this process (loaded
     kernels, the allocator's caches and its mmap thresholds, raised by any large tensor freed
     before) can speed up or slow down one implementation against another. ``target`` must be
-    a module-level function so the child can import it.
+    a module-level function so the child can import it. An exception in the child, or its
+    death, raises ``RuntimeError`` here (with the child's traceback) instead of a hang.
     """
     ctx = mp.get_context("spawn")
     queue: mp.Queue = ctx.Queue()
     proc = ctx.Process(target=_child,
                        args=(target, args, threads or torch.get_num_threads(), queue))
     proc.start()
-    result = queue.get()
+    while True:
+        try:
+            ok, result = queue.get(timeout=1.0)
+            break
+        except Empty:
+            if not proc.is_alive() and queue.empty():
+                proc.join()
+                raise RuntimeError(f"the measuring process exited with code {proc.exitcode} "
+                                   "without a result") from None
     proc.join()
+    if not ok:
+        raise RuntimeError(f"the measuring process failed:\n{result}")
     return result
 
 

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from nestlearn.checkpoint import MODEL_FILE, latest_checkpoint
 from nestlearn.metrics_log import read_records
-from trainkit import TINY, write_corpus
+from trainkit import TINY, free_port, spawned_rank, write_corpus
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -48,24 +48,6 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def _spawned_rank(rank, world_size, port, config_dict):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    from nestlearn.runconfig import RunConfig
-    from nestlearn.train import train
-
-    train(RunConfig.from_dict(config_dict), progress=False)
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.parametrize("arch", ["hope", pytest.param("transformer", marks=pytest.mark.slow)])
 def test_gloo_ranks_agree_with_a_single_process(tmp_path, arch):
     # HOPE: parameters the LM loss does not reach, and a memory state in the outputs
@@ -79,7 +61,7 @@ def test_gloo_ranks_agree_with_a_single_process(tmp_path, arch):
     single = tiny_config(corpus, tmp_path / "single", *sets)
     train(single, progress=False)
     ddp = tiny_config(corpus, tmp_path / "ddp", *sets)
-    mp.spawn(_spawned_rank, args=(2, _free_port(), ddp.to_dict()), nprocs=2, join=True)
+    mp.spawn(spawned_rank, args=(2, free_port(), ddp.to_dict()), nprocs=2, join=True)
 
     rows = {run: [r for r in read_records(tmp_path / run) if r["split"] == "train"]
             for run in ("single", "ddp")}

@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from nestlearn.models import (
 )
 from nestlearn.models.state import map_tensors
 from nestlearn.nn.teach_signal import stream_with_teach_signal
+from trainkit import free_port, spawned_rank
 
 CHECKPOINTED_ARCHS = ["hope", "hope-attention", "titans", "transformer", "titans-mag"]
 # The tiny configs' chunks are 4 (memory), 3 (HOPE inner memories) and 2 / 6 (CMS): a
@@ -87,6 +87,24 @@ def test_checkpointed_model_equals_one_pass(arch):
     _assert_same_run(plain, checkpointed, ids)
     # Really checkpointed: 5 segments, each block run once forward and once in backward.
     assert calls == [2 * math.ceil(23 / SEGMENT)] * len(calls)
+
+
+@pytest.mark.parametrize("arch", CHECKPOINTED_ARCHS)
+def test_boundary_states_hold_only_their_own_values(arch):
+    # In one pass some state tensors are views of larger buffers (pending tokens sliced from
+    # the input, a KV cache sliced from the fused q/k/v projection); kept at every segment
+    # boundary they would keep those buffers alive, so the checkpointed pass stores copies.
+    # Two segments of 11 tokens: each leaves a few pending tokens sliced from a longer buffer.
+    plain, checkpointed = tiny_model(arch), tiny_model(arch, checkpoint_segment=11)
+    ids = random_ids(2, 22)
+
+    def oversized(model):
+        _, state = model(ids)
+        return [tuple(t.shape) for t in _tensors(state)
+                if t.untyped_storage().nbytes() > 2 * t.numel() * t.element_size()]
+
+    assert oversized(plain)  # the views exist, so the check below has something to catch
+    assert oversized(checkpointed) == []
 
 
 @pytest.mark.parametrize("arch", CHECKPOINTED_ARCHS)
@@ -241,24 +259,6 @@ def test_training_with_checkpointing_gives_the_same_losses(corpus, tmp_path):
     assert checkpointed == pytest.approx(plain, rel=1e-5, abs=1e-6)
 
 
-def _spawned_rank(rank, world_size, port, config_dict):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    from nestlearn.runconfig import RunConfig
-    from nestlearn.train import train
-
-    train(RunConfig.from_dict(config_dict), progress=False)
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_ddp_ranks_with_checkpointing_agree_with_a_plain_single_process(corpus, tmp_path):
     import torch.multiprocessing as mp
 
@@ -267,7 +267,7 @@ def test_ddp_ranks_with_checkpointing_agree_with_a_plain_single_process(corpus, 
     plain = _train_losses(corpus, tmp_path / "single", "train.steps=3")
     ddp = tiny_run(corpus, tmp_path / "ddp", "model.arch=hope", "train.steps=3",
                    "model.checkpoint_segment=12")
-    mp.spawn(_spawned_rank, args=(2, _free_port(), ddp.to_dict()), nprocs=2, join=True)
+    mp.spawn(spawned_rank, args=(2, free_port(), ddp.to_dict()), nprocs=2, join=True)
     losses = [r["loss"] for r in read_records(tmp_path / "ddp") if r["split"] == "train"]
     assert losses == pytest.approx(plain, rel=1e-5, abs=1e-5)
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import random
+import socket
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from nestlearn.recipes import get_recipe
 from nestlearn.runconfig import RunConfig, apply_overrides
@@ -39,3 +44,20 @@ def tiny_config(corpus: Path, out_dir: Path, *extra: str,
         get_recipe(recipe),
         [*TINY, f"data.corpus={corpus}", f"train.out_dir={out_dir}", *extra],
     )
+
+
+def spawned_rank(rank: int, world_size: int, port: int, config_dict: dict[str, Any]) -> None:
+    """One rank of a gloo run started by ``torch.multiprocessing.spawn``: trains the config."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from nestlearn.train import train
+
+    train(RunConfig.from_dict(config_dict), progress=False)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -108,6 +108,13 @@ def test_conv_gradients_match_naive(bias, width):
         torch.testing.assert_close(fast, naive, rtol=1e-12, atol=1e-12)
 
 
+def test_conv_tail_is_a_copy_not_a_view_of_the_segment():
+    # a view would keep the whole padded segment alive for as long as the carried state
+    _, tail = CausalDepthwiseConv(5, 4)(torch.randn(2, 50, 5))
+    assert tail.shape == (2, 3, 5)
+    assert tail.untyped_storage().nbytes() == tail.numel() * tail.element_size()
+
+
 def test_conv_rejects_bad_input():
     conv = CausalDepthwiseConv(5, 4)
     with pytest.raises(NestlearnError, match=r"x\.shape"):

@@ -26,6 +26,7 @@ WARMUP = 3
 
 
 def titans_pytorch_available() -> bool:
+    """Whether the optional ``titans_pytorch`` package (the ``bench`` extra) is installed."""
     try:
         import titans_pytorch  # noqa: F401
     except ImportError:

@@ -57,9 +57,12 @@ def test_resume_may_turn_on_activation_checkpointing(corpus, tmp_path):
     resumed = tmp_path / "resumed"
     first = train(tiny_config(corpus, resumed, *extra), progress=False, stop_at=4)
     assert first.step == 4
-    second = train(tiny_config(corpus, resumed, *extra, "model.checkpoint_segment=8"),
-                   resume=True, progress=False)
+    trainer = Trainer(tiny_config(corpus, resumed, *extra, "model.checkpoint_segment=8"),
+                      resume=True, progress=False)
+    assert trainer.model.config.checkpoint_segment == 8  # the resumed model does checkpoint
+    second = trainer.run()
     assert second.status == "completed"
+    assert json.loads((resumed / "config.json").read_text())["model"]["checkpoint_segment"] == 8
     assert _train_losses(resumed) == pytest.approx(_train_losses(straight), rel=1e-5)
 
 

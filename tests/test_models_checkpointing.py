@@ -167,6 +167,7 @@ def test_classifier_backbone_is_checkpointed_exactly():
     checkpointed = build_classifier(ClassifierConfig(
         tiny_config("hope", checkpoint_segment=SEGMENT), num_classes=3)).double()
     checkpointed.load_state_dict(plain.state_dict())
+    calls = _count_block_calls(checkpointed)
     ids = random_ids(2, 11)
     logits_a, _ = plain(ids)
     logits_b, _ = checkpointed(ids)
@@ -174,9 +175,15 @@ def test_classifier_backbone_is_checkpointed_exactly():
     grads_a = torch.autograd.grad(logits_a.sum(), list(plain.parameters()), allow_unused=True)
     grads_b = torch.autograd.grad(logits_b.sum(), list(checkpointed.parameters()),
                                   allow_unused=True)
+    compared = 0
     for a, b in zip(grads_a, grads_b, strict=True):
+        assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+            compared += 1
+    assert compared > 0
+    # 3 segments, each block run once forward and once in backward
+    assert calls == [2 * math.ceil(11 / SEGMENT)] * len(calls)
 
 
 @pytest.mark.parametrize("bad", [0, -4, 2.5, True, "512"])

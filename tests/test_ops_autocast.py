@@ -78,6 +78,13 @@ def test_no_autocast_means_no_cast():
     x = {key: value.double() for key, value in _inputs().items()}
     out = gated_delta_rule(x["q"], x["k"], x["v"], x["alpha"], x["eta"], chunk_size=4)[0]
     assert out.dtype == torch.float64
+    # bf16 stays bf16 without autocast, and inside a region that switches it off
+    x = _inputs()
+    for region in (torch.autocast("cpu", enabled=False), torch.no_grad()):
+        with region:
+            out = gated_linear_attention(x["q"], x["k"], x["v"], x["alpha"], x["eta"],
+                                         chunk_size=4)[0]
+        assert out.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("arch", ["transformer", "hope", "hope-attention", "titans",

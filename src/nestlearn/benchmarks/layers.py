@@ -13,8 +13,9 @@ Four sections (``--sections``):
   (recurrent models: flat; attention's KV cache: growing);
 - ``titans-pytorch``: when that package is importable, its ``NeuralMemory(dim, chunk_size)``
   side by side with ours at the same configuration (one head, 2-layer memory MLP with
-  expansion 4, momentum on), forward and backward, same thread count; our layer's float64
-  error against its per-token reference is reported beside it.
+  expansion 4, momentum on), forward and backward, same thread count, each timed in a fresh
+  process of its own after the same warm-up (``benchmarks/titans_compare.py``); our layer's
+  float64 error against its per-token reference is reported beside it.
 Peak memory is measured in a fresh process per cell (``--no-memory`` skips it).
 """
 

@@ -139,3 +139,33 @@ def _flat(state: object) -> list[torch.Tensor]:
     if isinstance(state, DeepMemoryState):
         return [*state.weights, *state.momentum]
     return [state]
+
+
+def test_states_are_searched_and_raised_without_rerunning_init():
+    from dataclasses import dataclass, field
+
+    from nestlearn.ops._precision import _autocast_device, _raise_precision
+
+    @dataclass
+    class State:
+        weights: tuple[torch.Tensor, ...]
+        steps: int = field(default=0, init=False)
+
+        def __post_init__(self) -> None:
+            self.inits = getattr(self, "inits", 0) + 1
+
+    state = State((torch.ones(2, dtype=torch.bfloat16),))
+    state.steps = 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        # the only tensor is inside the state: it still decides the device
+        assert _autocast_device((state,), {}) == "cpu"
+    assert _autocast_device((state,), {}) is None
+    raised = _raise_precision(state)
+    assert raised.weights[0].dtype == torch.float32 and raised.steps == 3
+    assert raised.inits == 1 and state.weights[0].dtype == torch.bfloat16
+
+
+def test_device_types_autocast_does_not_know_count_as_off():
+    from nestlearn.ops._precision import _autocast_device
+
+    assert _autocast_device((torch.empty(2, device="meta"),), {}) is None

@@ -115,6 +115,16 @@ def test_conv_tail_is_a_copy_not_a_view_of_the_segment():
     assert tail.untyped_storage().nbytes() == tail.numel() * tail.element_size()
 
 
+def test_conv_keeps_the_low_precision_of_autocast():
+    conv = CausalDepthwiseConv(5, 4)
+    x = torch.randn(2, 7, 5).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, tail = conv(x)
+    assert y.dtype == tail.dtype == torch.bfloat16
+    expected, _ = conv.to(torch.bfloat16)(x)
+    torch.testing.assert_close(y, expected)
+
+
 def test_conv_rejects_bad_input():
     conv = CausalDepthwiseConv(5, 4)
     with pytest.raises(NestlearnError, match=r"x\.shape"):

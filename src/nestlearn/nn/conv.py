@@ -64,11 +64,16 @@ class CausalDepthwiseConv(nn.Module):
         # width shifted multiply-adds in the [B, T, C] layout: for a width-4 kernel this is
         # about 2x faster forward+backward on CPU than F.conv1d, which needs [B, C, T] copies
         length = x.shape[1]
-        y = padded[:, :length] * self.weight[:, 0]
+        weight, bias = self.weight, self.bias
+        if torch.is_autocast_enabled(x.device.type):
+            # as autocast runs conv1d: in the input's (low) precision, not promoted to float32
+            weight = weight.to(x.dtype)
+            bias = bias.to(x.dtype) if bias is not None else None
+        y = padded[:, :length] * weight[:, 0]
         for j in range(1, self.width):
-            y = torch.addcmul(y, padded[:, j:j + length], self.weight[:, j])
-        if self.bias is not None:
-            y = y + self.bias
+            y = torch.addcmul(y, padded[:, j:j + length], weight[:, j])
+        if bias is not None:
+            y = y + bias
         # a copy: a view would keep the whole padded segment alive for as long as the state
         new_tail = padded[:, padded.shape[1] - (self.width - 1):].clone()
         return y, new_tail

@@ -128,7 +128,10 @@ def _memory(heads: int, dim: int, generator: torch.Generator) -> tuple[torch.Ten
 
 
 def _largest_norm(weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Per batch element: the largest Frobenius norm of any matrix of any head, ``[B]``."""
+    """Per batch element: the largest Frobenius norm of any matrix of any head, ``[B]``.
+
+    Measured against the largest initial matrix: W_L starts 10x smaller and is meant to grow
+    as the memory stores, so its growth relative to its own start is not a sign of blow-up."""
     return torch.stack([w.norm(dim=(-2, -1)).flatten(1).amax(1) for w in weights]).amax(0)
 
 

@@ -272,11 +272,19 @@ class SelfModifyingTitans(nn.Module):
         c = self.config
         batch, length = reads.shape[:2]
         pieces: list[tuple[torch.Tensor, ...]] = []
-        start = 0
-        while start < length:
-            stop = min(length, start + c.inner_chunk_size - state.pending)
+        # Pieces end where the inner chunks end. torch.split, not slicing in the loop: its
+        # backward writes every piece's gradient into one tensor, where each slice's backward
+        # would allocate and fill a zero gradient of the whole segment (O(T^2 / C) traffic).
+        first = min(length, c.inner_chunk_size - state.pending)
+        rest = length - first
+        sizes = [first] + [c.inner_chunk_size] * (rest // c.inner_chunk_size)
+        if rest % c.inner_chunk_size:
+            sizes.append(rest % c.inner_chunk_size)
+        read_pieces = reads.split(sizes, dim=1)
+        theta_pieces = theta.split(sizes, dim=1) if theta is not None else [None] * len(sizes)
+        for piece_reads, piece_theta in zip(read_pieces, theta_pieces, strict=True):
             weights = state.memory.weights
-            out = deep_memory_apply(weights, reads[:, start:stop], activation=c.activation)
+            out = deep_memory_apply(weights, piece_reads, activation=c.activation)
             k_raw, v, eta_features, alpha_features = out.chunk(4, dim=2)
             k = F.normalize(k_raw, dim=-1)
             if c.normalize_values:
@@ -290,7 +298,6 @@ class SelfModifyingTitans(nn.Module):
                 alpha = torch.ones_like(eta)
             # Self-generated targets v_hat_* = M_*(v_t), one per inner memory.
             targets = deep_memory_apply(weights, v.repeat(1, 1, 4, 1), activation=c.activation)
-            piece_theta = None if theta is None else theta[:, start:stop]
             state = ChunkedMemoryState(
                 state.memory,
                 torch.cat([state.keys, k.repeat(1, 1, 4, 1)], 1),
@@ -303,7 +310,6 @@ class SelfModifyingTitans(nn.Module):
                 state = empty_chunked_state(self._inner_update(state), batch, 4 * c.heads,
                                             c.head_dim, c.momentum, reads)
             pieces.append((k, v, alpha, eta))
-            start = stop
         k, v, alpha, eta = (torch.cat(parts, 1) for parts in zip(*pieces, strict=True))
         return k, v, alpha, eta, state
 

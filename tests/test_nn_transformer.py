@@ -11,6 +11,7 @@ from nestlearn.nn.transformer import (
     RotaryEmbedding,
     SwiGLU,
     TransformerBlock,
+    banded_attention,
 )
 
 
@@ -80,6 +81,28 @@ def test_attention_matches_reference(window):
     assert state.position == 9
     kept = 9 if window is None else window - 1
     assert state.key.shape == (2, 2, kept, 8)
+
+
+@pytest.mark.parametrize("window,cached,length", [(1, 0, 5), (4, 0, 5), (4, 3, 12),
+                                                  (4, 2, 14), (5, 6, 11), (3, 1, 3)])
+def test_banded_attention_equals_one_masked_pass(window, cached, length):
+    # O(T * window) blocks against the full [T, S] band mask; cached >= window too (keys no
+    # query can see), and T not a multiple of the window
+    torch.manual_seed(2)
+    q = torch.randn(2, 3, length, 4, dtype=torch.float64, requires_grad=True)
+    keys = torch.randn(2, 3, cached + length, 4, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(2, 3, cached + length, 4, dtype=torch.float64, requires_grad=True)
+    query_pos = torch.arange(length)[:, None] + cached
+    key_pos = torch.arange(cached + length)[None, :]
+    mask = (key_pos <= query_pos) & (query_pos - key_pos < window)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    out = banded_attention(q, keys, values, window)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum(), [q, keys, values])
+    expected_grads = torch.autograd.grad((expected * weights).sum(), [q, keys, values])
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("window", [None, 2, 4])

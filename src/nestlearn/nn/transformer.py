@@ -127,6 +127,40 @@ class AttentionState:
     position: int
 
 
+def banded_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     window: int) -> torch.Tensor:
+    """Causal sliding-window attention in blocks of ``window`` queries: O(T * window).
+
+    ``q`` ``[B, H, T, Dh]`` are the last T of the ``S = cached + T`` positions of ``keys`` and
+    ``values`` (any ``cached``; keys older than the window are dropped). Query block b attends
+    to the 2 * window key positions ending with its own last one, under the band mask
+    ``key <= query < key + window`` (and, in the first block, only keys that exist); the
+    same outputs as one masked pass over all S keys, without its T x S scores.
+    """
+    length = q.shape[2]
+    cached = keys.shape[2] - length
+    blocks = -(-length // window)
+    tail = blocks * window - length
+
+    def pad(x: torch.Tensor, front: int, back: int) -> torch.Tensor:
+        return F.pad(x, (0, 0, front, back))
+
+    # window - cached zero positions in front (a negative pad crops keys no query can see):
+    # block b's keys are then positions
+    # [b * window, b * window + 2 * window) of the padded sequence
+    key_blocks = pad(keys, window - cached, tail).unfold(2, 2 * window, window)
+    value_blocks = pad(values, window - cached, tail).unfold(2, 2 * window, window)
+    query_blocks = pad(q, 0, tail).unflatten(2, (blocks, window))
+    row = torch.arange(window, device=q.device)[:, None]
+    col = torch.arange(2 * window, device=q.device)[None, :]
+    band = (col > row) & (col <= row + window)  # key = col - window relative to the block
+    mask = band.expand(blocks, window, 2 * window).clone()
+    mask[0] &= col >= window - cached  # the front padding holds no keys
+    out = F.scaled_dot_product_attention(query_blocks, key_blocks.transpose(-1, -2),
+                                         value_blocks.transpose(-1, -2), attn_mask=mask)
+    return out.flatten(2, 3)[:, :, :length]
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal softmax attention with RoPE and a KV cache (``forward(x, state)``).
 
@@ -197,11 +231,14 @@ class CausalSelfAttention(nn.Module):
         cached = state.key.shape[2]
         keys = torch.cat([state.key, k], dim=2) if cached else k
         values = torch.cat([state.value, v], dim=2) if cached else v
-        mask = self._mask(length, cached, x.device)
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, keys, values, is_causal=cached == 0)
+        if self.window is not None and length > self.window:
+            out = banded_attention(q, keys, values, self.window)
         else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            mask = self._mask(length, cached, x.device)
+            if mask is None:
+                out = F.scaled_dot_product_attention(q, keys, values, is_causal=cached == 0)
+            else:
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         out = self.out(out.transpose(1, 2).reshape(batch, length, self.dim))
         if self.window is not None:
             keep = self.window - 1

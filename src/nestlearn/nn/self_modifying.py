@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nestlearn.errors import check_fraction, check_int, check_positive, invalid
+from nestlearn.errors import check_int, check_positive, invalid
 from nestlearn.nn.conv import CausalDepthwiseConv
 from nestlearn.nn.memory_stream import ChunkedMemoryState, empty_chunked_state, run_chunked_memory
 from nestlearn.nn.titans import (
@@ -34,6 +34,7 @@ from nestlearn.nn.titans import (
     HeadRMSNorm,
     capped_logit_inverse,
     check_choice,
+    check_gate_options,
     check_tail,
     derived_eta_max,
     logit,
@@ -133,12 +134,7 @@ class SelfModifyingTitansConfig:
             check_int(name, getattr(self, name), 1)
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("memory_target", self.memory_target, MEMORY_TARGETS)
-        check_positive("chunk_step", self.chunk_step)
-        for name in ("theta_max", "eta_init", "theta_init", "forget_init"):
-            check_fraction(name, getattr(self, name))
-        if not self.theta_init < self.theta_max:
-            raise invalid("theta_init", self.theta_init, f"a number below theta_max="
-                          f"{self.theta_max}")
+        check_gate_options(self)
         if self.eta_max is None:
             self.eta_max = derived_eta_max(
                 self.chunk_step, max(self.chunk_size, self.inner_chunk_size),

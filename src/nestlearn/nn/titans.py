@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,9 @@ from nestlearn.ops.deep_memory import (
     deep_memory_naive,
     init_deep_memory_weights,
 )
+
+if TYPE_CHECKING:
+    from nestlearn.nn.self_modifying import SelfModifyingTitansConfig
 
 OBJECTIVES = ("l2", "dot")
 ACTIVATIONS = ("gelu", "silu", "relu", "tanh")
@@ -63,6 +67,17 @@ def derived_eta_max(chunk_step: float, chunk_size: int, expansion: int,
     """
     momentum_gain = 1.0 if theta_max is None else 1.0 / (1.0 - theta_max)
     return chunk_step / (chunk_size * expansion * momentum_gain)
+
+
+def check_gate_options(config: NeuralMemoryConfig | SelfModifyingTitansConfig) -> None:
+    """The gate options both memory configs share: ``chunk_step`` > 0, the caps and initial
+    values fractions in (0, 1), and the momentum gate starting below its cap."""
+    check_positive("chunk_step", config.chunk_step)
+    for name in ("theta_max", "eta_init", "theta_init", "forget_init"):
+        check_fraction(name, getattr(config, name))
+    if not config.theta_init < config.theta_max:
+        raise invalid("theta_init", config.theta_init,
+                      f"a number below theta_max={config.theta_max}")
 
 
 def logit(p: float) -> float:
@@ -169,12 +184,7 @@ class NeuralMemoryConfig:
         check_int("persistent_tokens", self.persistent_tokens, 0)
         check_choice("objective", self.objective, OBJECTIVES)
         check_choice("activation", self.activation, ACTIVATIONS)
-        check_positive("chunk_step", self.chunk_step)
-        for name in ("theta_max", "eta_init", "theta_init", "forget_init"):
-            check_fraction(name, getattr(self, name))
-        if not self.theta_init < self.theta_max:
-            raise invalid("theta_init", self.theta_init, f"a number below theta_max="
-                          f"{self.theta_max}")
+        check_gate_options(self)
         if self.eta_max is None:
             self.eta_max = derived_eta_max(self.chunk_step, self.chunk_size, self.expansion,
                                            self.theta_max if self.momentum else None)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from nestlearn.models import ModelConfig, build_model
+from nestlearn.models import ARCHS, ModelConfig, build_model
+from nestlearn.nn.self_modifying import SelfModifyingTitansConfig
 
 VOCAB = 17
 ARCHS_WIRED = ["transformer", "titans", "titans-mag", "hope", "hope-attention"]
@@ -14,13 +15,25 @@ ARCHS_WIRED = ["transformer", "titans", "titans-mag", "hope", "hope-attention"]
 INITIAL_STATE_MARKERS = ("memory_weights", "inner_weights", "initial.")
 
 
-def tiny_config(arch: str, **overrides) -> ModelConfig:
-    """Small chunks, so the short test sequences cross many chunk boundaries."""
+def tiny_config(arch: str, chunk: int | None = None, **overrides) -> ModelConfig:
+    """Small chunks, so the short test sequences cross many chunk boundaries.
+
+    ``chunk`` sets every memory chunk (HOPE's inner chunk too; default 4, inner 3).
+    ``overrides`` sets model fields; ``memory``, ``cms`` and ``attention`` dicts are merged
+    into the tiny sections."""
+    spec = ARCHS[arch]
+    sections = {
+        "memory": ({"chunk_size": chunk or 4, "inner_chunk_size": chunk or 3}
+                   if spec.memory is SelfModifyingTitansConfig
+                   else {"chunk_size": chunk or 4} if spec.memory is not None else None),
+        "cms": {"chunk_sizes": (2, 6), "inner_lr": 0.05} if spec.cms else None,
+        "attention": {"window": 4} if arch == "titans-mag" else None,
+    }
+    for name in ("memory", "cms", "attention"):
+        if isinstance(overrides.get(name), dict):
+            sections[name] = {**(sections[name] or {}), **overrides.pop(name)}
     fields = {"arch": arch, "vocab_size": VOCAB, "dim": 16, "layers": 2, "heads": 2,
-              "chunk_size": 4, "inner_chunk_size": 3, "cms_chunk_sizes": (2, 6),
-              "cms_inner_lr": 0.05}
-    if arch == "titans-mag":
-        fields["window"] = 4
+              **sections}
     fields.update(overrides)
     return ModelConfig(**fields)
 

@@ -118,7 +118,7 @@ def test_checkpointed_model_equals_one_pass_from_a_passed_state(arch):
 
 
 def test_lm_teach_signal_config_in_the_plain_forward_is_checkpointed_exactly():
-    plain, checkpointed = _pair("hope", cms_teach_signal="lm", cms_chunk_sizes=(4, 8))
+    plain, checkpointed = _pair("hope", cms={"teach_signal": "lm", "chunk_sizes": (4, 8)})
     _assert_same_run(plain, checkpointed, random_ids(2, 17))
 
 
@@ -142,8 +142,8 @@ def test_without_gradients_nothing_changes():
 
 def test_lm_teach_signal_stream_is_unchanged():
     # The driver runs its own short segments; its gradients and updates stay the same.
-    plain, checkpointed = _pair("hope", cms_teach_signal="lm", cms_chunk_sizes=(4, 8),
-                                cms_inner_lr=0.5)
+    plain, checkpointed = _pair("hope", cms={"teach_signal": "lm", "chunk_sizes": (4, 8),
+                                                  "inner_lr": 0.5})
     ids = random_ids(2, 14)
     outputs = []
     for model in (plain, checkpointed):

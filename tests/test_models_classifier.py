@@ -29,7 +29,7 @@ def test_padding_after_a_row_does_not_change_its_logits(arch, pooling):
 @pytest.mark.parametrize("arch", ARCHS_WIRED)
 def test_classifier_learns_a_small_batch(arch):
     torch.manual_seed(0)
-    backbone = tiny_config(arch, layers=1, chunk_size=8, inner_chunk_size=8)
+    backbone = tiny_config(arch, chunk=8, layers=1)
     model = build_classifier(ClassifierConfig(backbone, 3, "mean"))
     ids = random_ids(6, 8, seed=4)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])

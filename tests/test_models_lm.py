@@ -11,7 +11,7 @@ from model_cases import (
     tiny_model,
 )
 from nestlearn.errors import NestlearnError
-from nestlearn.models import LMState, build_model, generate
+from nestlearn.models import ARCHS, LMState, build_model, generate
 
 
 @pytest.mark.parametrize("arch", ARCHS_WIRED)
@@ -90,8 +90,8 @@ def test_greedy_generate_with_state_equals_full_forward(arch):
 def test_overfits_one_small_batch(arch):
     torch.manual_seed(0)
     # One block and chunks of 8 keep this fast.
-    config = tiny_config(arch, dim=32, layers=1, chunk_size=8, inner_chunk_size=8,
-                         cms_chunk_sizes=(8, 16))
+    config = tiny_config(arch, chunk=8, dim=32, layers=1,
+                         cms={"chunk_sizes": (8, 16)} if ARCHS[arch].cms else None)
     model = build_model(config)
     ids = random_ids(1, 17, seed=3)
     inputs, targets = ids[:, :-1], ids[:, 1:]
@@ -157,7 +157,7 @@ def test_state_detach_cuts_the_graph():
 
 
 def test_untied_head_and_sliding_window_transformer():
-    model = tiny_model("transformer", tie_embeddings=False, window=3)
+    model = tiny_model("transformer", tie_embeddings=False, attention={"window": 3})
     assert model.head is not None
     ids = random_ids(1, 9)
     full, _ = model(ids)
@@ -171,7 +171,7 @@ def test_untied_head_and_sliding_window_transformer():
 
 @pytest.mark.parametrize("arch", ["titans", "titans-mag"])
 def test_persistent_tokens_stream_exactly_and_learn(arch):
-    model = tiny_model(arch, persistent_tokens=3)
+    model = tiny_model(arch, memory={"persistent_tokens": 3})
     ids = random_ids(2, 11)
     full, _ = model(ids)
     first, state = model(ids[:, :4])

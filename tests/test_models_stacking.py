@@ -26,7 +26,7 @@ def _trained_transformer(**overrides):
 @pytest.mark.parametrize("tied", [True, False])
 def test_zero_inner_rates_give_exactly_the_transformer_logits(chunks, variant, tied):
     source = _trained_transformer(tie_embeddings=tied)
-    stacked = hope_from_transformer(source, cms_chunk_sizes=chunks, cms_variant=variant)
+    stacked = hope_from_transformer(source, cms_chunk_sizes=chunks, cms={"variant": variant})
     assert stacked.config.arch == "hope-attention"
     assert next(stacked.parameters()).dtype == torch.float64
     ids = random_ids(2, 19)
@@ -83,9 +83,9 @@ def test_bad_stacking_requests_are_refused():
         hope_from_transformer(source, arch="titans")
     with pytest.raises(NestlearnError, match="mlp_level"):
         hope_from_transformer(source, cms_chunk_sizes=(2, 4), mlp_level=2)
-    with pytest.raises(NestlearnError, match="cms_variant"):
-        hope_from_transformer(source, cms_chunk_sizes=(2, 4), cms_variant="nested")
+    with pytest.raises(NestlearnError, match=r"cms\.variant"):
+        hope_from_transformer(source, cms_chunk_sizes=(2, 4), cms={"variant": "nested"})
     with pytest.raises(NestlearnError, match="config_overrides"):
-        hope_from_transformer(source, cms_mlp="gelu")
+        hope_from_transformer(source, cms={"mlp": "gelu"})
     with pytest.raises(NestlearnError, match="window"):
-        hope_from_transformer(tiny_model("transformer", window=3))
+        hope_from_transformer(tiny_model("transformer", attention={"window": 3}))

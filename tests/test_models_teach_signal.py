@@ -7,7 +7,7 @@ from nestlearn.nn.teach_signal import stream_with_teach_signal
 
 @pytest.mark.parametrize("arch", ["hope", "hope-attention"])
 def test_lm_teach_signal_drives_the_cms_levels_of_a_model(arch):
-    model = tiny_model(arch, cms_teach_signal="lm", cms_chunk_sizes=(4, 8), cms_inner_lr=0.5)
+    model = tiny_model(arch, cms={"teach_signal": "lm", "chunk_sizes": (4, 8), "inner_lr": 0.5})
     ids = random_ids(2, 13)
     frozen, _ = model(ids[:, :-1])
     with torch.no_grad():

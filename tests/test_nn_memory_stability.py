@@ -80,15 +80,15 @@ def force_self_modifying_gates(layer):
 
 def test_derived_eta_ceiling_and_initial_gates():
     config = NeuralMemoryConfig(dim=64, heads=4, chunk_size=64, expansion=4)
-    assert config.eta_max == pytest.approx(1.0 * (1 - 0.9) / (64 * 4))
-    assert NeuralMemoryConfig(dim=64, chunk_size=16, momentum=False, chunk_step=2.0).eta_max \
-        == pytest.approx(2.0 / (16 * 4))
-    assert NeuralMemoryConfig(dim=64, eta_max=0.01).eta_max == 0.01
+    assert config.resolved_eta_max == pytest.approx(1.0 * (1 - 0.9) / (64 * 4))
+    unbounded = NeuralMemoryConfig(dim=64, chunk_size=16, momentum=False, chunk_step=2.0)
+    assert unbounded.resolved_eta_max == pytest.approx(2.0 / (16 * 4))
+    assert NeuralMemoryConfig(dim=64, eta_max=0.01).resolved_eta_max == 0.01
     layer = NeuralMemory(NeuralMemoryConfig(dim=16, heads=2, theta_max=0.8, theta_init=0.6,
                                             eta_init=0.25, forget_init=0.002))
     with torch.no_grad():
         alpha, eta, theta = layer.gate_values(torch.zeros(1, 1, 16))
-    torch.testing.assert_close(eta, torch.full_like(eta, 0.25 * layer.config.eta_max))
+    torch.testing.assert_close(eta, torch.full_like(eta, 0.25 * layer.config.resolved_eta_max))
     torch.testing.assert_close(theta, torch.full_like(theta, 0.6))
     torch.testing.assert_close(alpha, torch.full_like(alpha, 0.998))
     with torch.no_grad():
@@ -96,15 +96,16 @@ def test_derived_eta_ceiling_and_initial_gates():
     assert float(theta.max()) <= 0.8 + 1e-6  # the cap, up to float32 rounding
     smt = SelfModifyingTitansConfig(dim=16, heads=2, chunk_size=8, inner_chunk_size=32,
                                     expansion=2, inner_expansion=4)
-    assert smt.eta_max == pytest.approx((1 - 0.9) / (32 * 4))
-    model = ModelConfig(arch="hope", dim=16, heads=2, chunk_size=8, inner_chunk_size=4,
-                        memory_chunk_step=0.5)
+    assert smt.eta_max is None
+    assert smt.resolved_eta_max == pytest.approx((1 - 0.9) / (32 * 4))
+    model = ModelConfig(arch="hope", dim=16, heads=2,
+                        memory={"chunk_size": 8, "inner_chunk_size": 4, "chunk_step": 0.5})
     layer = SelfModifyingTitans(SelfModifyingTitansConfig(dim=16, heads=2, theta_init=0.3))
     with torch.no_grad():
         torch.testing.assert_close(torch.sigmoid(layer.theta(torch.zeros(1, 16))),
                                    torch.full((1, 2), 0.3))
     block = build_model(model).backbone.blocks[0].titans
-    assert block.config.eta_max == pytest.approx(0.5 * (1 - 0.9) / (8 * 4))
+    assert block.config.resolved_eta_max == pytest.approx(0.5 * (1 - 0.9) / (8 * 4))
     assert block.config.normalize_values
 
 
@@ -124,16 +125,16 @@ def test_bad_gate_options_name_the_field(cls, fields, name):
 
 
 @pytest.mark.parametrize(("fields", "name"), [
-    ({"memory_theta_max": 0.0}, "memory_theta_max"),
-    ({"memory_theta_init": 0.95}, "memory_theta_init"),
-    ({"memory_chunk_step": -1.0}, "memory_chunk_step"),
-    ({"memory_eta_max": 0.0}, "memory_eta_max"),
-    ({"memory_forget_init": 1.0}, "memory_forget_init"),
-    ({"memory_normalize_values": 0}, "memory_normalize_values"),
+    ({"theta_max": 0.0}, "memory.theta_max"),
+    ({"theta_init": 0.95}, "memory.theta_init"),
+    ({"chunk_step": -1.0}, "memory.chunk_step"),
+    ({"eta_max": 0.0}, "memory.eta_max"),
+    ({"forget_init": 1.0}, "memory.forget_init"),
+    ({"normalize_values": 0}, "memory.normalize_values"),
 ])
 def test_bad_model_gate_fields_name_the_field(fields, name):
     with pytest.raises(NestlearnError, match=name):
-        ModelConfig(arch="titans", dim=16, heads=2, **fields)
+        ModelConfig(arch="titans", dim=16, heads=2, memory=fields)
 
 
 NEURAL_MEMORY_CASES = {
@@ -151,7 +152,7 @@ def check_neural_memory(case, kind, forced, length):
         force_neural_memory_gates(layer)
         with torch.no_grad():
             alpha, eta, theta = layer.gate_values(stream(layer.config.dim, 8, kind))
-        torch.testing.assert_close(eta, torch.full_like(eta, layer.config.eta_max))
+        torch.testing.assert_close(eta, torch.full_like(eta, layer.config.resolved_eta_max))
         assert float(theta.min()) > 0.99 * layer.config.theta_max
         assert float(alpha.min()) > 1 - 1e-6
     largest, state = run_in_segments(layer, stream(layer.config.dim, length, kind))
@@ -225,7 +226,7 @@ def check_self_modifying(kind, forced, normalize_values):
 
 MODEL_CASES = {
     "titans": dict(arch="titans", dim=64, heads=4),
-    "titans-mag": dict(arch="titans-mag", dim=48, heads=4, window=128),
+    "titans-mag": dict(arch="titans-mag", dim=48, heads=4, attention={"window": 128}),
     "hope": dict(arch="hope", dim=64, heads=4),
 }
 
@@ -326,6 +327,7 @@ def test_hope_trains_at_lr_1e_2_and_stays_finite():
 def test_hope_memories_train_at_lr_1e_2_on_low_entropy_text():
     # Frozen CMS levels isolate the self-modifying memories: with the levels learning in
     # context at cms_inner_lr 1e-3 this batch overflows inside the CMS (nn/CMS.md, its rate).
-    config = ModelConfig(arch="hope", vocab_size=64, dim=32, heads=2, layers=2, cms_frozen=True)
+    config = ModelConfig(arch="hope", vocab_size=64, dim=32, heads=2, layers=2,
+                         cms={"frozen": True})
     losses = train(config, LOW_ENTROPY[:1])
     assert losses[-1] < 0.5 * losses[0]

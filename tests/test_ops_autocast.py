@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nestlearn.models import ModelConfig, build_model
+from model_cases import tiny_config
+from nestlearn.models import ARCHS, build_model
 from nestlearn.ops import (
     DeepMemoryState,
     deep_memory,
@@ -91,9 +92,9 @@ def test_no_autocast_means_no_cast():
                                   "titans-mag"])
 def test_every_model_trains_under_bf16_autocast(arch):
     torch.manual_seed(0)
-    config = ModelConfig(arch=arch, vocab_size=32, dim=16, layers=1, heads=2, chunk_size=4,
-                         inner_chunk_size=4, cms_chunk_sizes=(4, 8),
-                         window=8 if arch == "titans-mag" else None)
+    cms = {"chunk_sizes": (4, 8)} if ARCHS[arch].cms else None
+    attention = {"window": 8} if arch == "titans-mag" else None
+    config = tiny_config(arch, chunk=4, vocab_size=32, layers=1, cms=cms, attention=attention)
     model = build_model(config)
     ids = torch.randint(0, 32, (2, 19))
     with torch.autocast("cpu", dtype=torch.bfloat16):

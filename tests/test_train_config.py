@@ -26,11 +26,11 @@ def test_every_recipe_is_a_valid_config_that_round_trips_through_json():
 
 def test_overrides_are_parsed_to_the_field_type():
     config = apply_overrides(get_recipe("tiny-transformer"), [
-        "model.dim=64", "model.window=16", "optim.lr=1e-2", "optim.betas=(0.8, 0.99)",
+        "model.dim=64", "model.attention.window=16", "optim.lr=1e-2", "optim.betas=(0.8, 0.99)",
         "model.tie_embeddings=false", "train.device=cpu", "data.corpus=wiki",
-        "model.window=none",
+        "model.attention.window=none",
     ])
-    assert config.model.dim == 64 and config.model.window is None
+    assert config.model.dim == 64 and config.model.attention.window is None
     assert config.optim.lr == 0.01 and config.optim.betas == (0.8, 0.99)
     assert config.model.tie_embeddings is False
     assert config.train.device == "cpu" and config.data.corpus == "wiki"
@@ -45,7 +45,7 @@ def test_overrides_are_parsed_to_the_field_type():
     ("optim.betas=0.9", "optim.betas: got '0.9'; allowed: 2 comma-separated values"),
     ("optim.betas=0.9,1.5", "optim.betas[1]: got 1.5; allowed: a number in [0, 1)"),
     ("model.tie_embeddings=maybe", "model.tie_embeddings: got 'maybe'; allowed: true or false"),
-    ("model.window=wide", "model.window: got 'wide'; allowed: int | None"),
+    ("model.attention.window=wide", "model.attention.window: got 'wide'; allowed: int | None"),
     ("train=3", "'train' is a section; allowed: train.steps"),
     ("train.steps.x=3", "'train.steps' is a value, not a section"),
     ("steps", "--set: got 'steps'; allowed: FIELD=VALUE"),

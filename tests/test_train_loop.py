@@ -63,7 +63,7 @@ def test_bf16_autocast_path_trains(corpus, tmp_path, arch):
 
 @pytest.mark.parametrize("arch", ["titans", "titans-mag", "hope", "hope-attention"])
 def test_memory_architectures_train(corpus, tmp_path, arch):
-    window = ["model.window=16"] if arch == "titans-mag" else []
+    window = ["model.attention.window=16"] if arch == "titans-mag" else []
     config = tiny_config(corpus, tmp_path / "run", *window, f"model.arch={arch}",
                          "train.steps=20")
     losses = list(train(config, progress=False).losses.values())

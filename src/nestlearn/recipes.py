@@ -13,13 +13,8 @@ from dataclasses import dataclass
 from nestlearn.errors import invalid
 from nestlearn.runconfig import DataConfig, OptimConfig, RunConfig, ScheduleConfig, TrainConfig
 
-# Architecture name in recipe names -> ModelConfig.arch.
-ARCH_OF_FAMILY: dict[str, str] = {
-    "transformer": "transformer",
-    "hope": "hope",
-    "hope-attention": "hope-attention",
-    "titans": "titans",
-}
+# The archs that have recipes (the recipe name holds the arch: tiny-hope, small-titans, ...).
+FAMILIES: tuple[str, ...] = ("transformer", "hope", "hope-attention", "titans")
 
 
 @dataclass(frozen=True)
@@ -56,7 +51,7 @@ def tiny(family: str) -> RunConfig:
     steps = TINY_STEPS.get(family, 600)
     return RunConfig(
         name=f"tiny-{family}",
-        model=_model(ARCH_OF_FAMILY[family], **TINY_SIZES[family]),
+        model=_model(family, **TINY_SIZES[family]),
         data=DataConfig(corpus="shakespeare", tokenizer="byte", seq_len=128,
                         batch_size=TINY_BATCH.get(family, 16)),
         optim=OptimConfig(name="adamw", lr=3e-3, weight_decay=0.1),
@@ -71,7 +66,7 @@ def small(family: str) -> RunConfig:
     """One GPU: about 40M parameters, BPE 8k, context 1024, 20k steps, bf16 autocast."""
     return RunConfig(
         name=f"small-{family}",
-        model=_model(ARCH_OF_FAMILY[family], dim=512, layers=8, heads=8, tie_embeddings=True),
+        model=_model(family, dim=512, layers=8, heads=8, tie_embeddings=True),
         data=DataConfig(corpus="wiki", tokenizer="bpe", vocab_size=8192, seq_len=1024,
                         batch_size=32),
         optim=OptimConfig(name="adamw", lr=1e-3, weight_decay=0.1),
@@ -85,7 +80,7 @@ def base(family: str) -> RunConfig:
     """Several GPUs (torchrun): about 125M parameters, BPE 32k, context 2048, 100k steps."""
     return RunConfig(
         name=f"base-{family}",
-        model=_model(ARCH_OF_FAMILY[family], dim=768, layers=12, heads=12),
+        model=_model(family, dim=768, layers=12, heads=12),
         data=DataConfig(corpus="wiki", tokenizer="bpe", vocab_size=32_000, seq_len=2048,
                         batch_size=64),
         optim=OptimConfig(name="adamw", lr=6e-4, weight_decay=0.1),
@@ -100,7 +95,7 @@ def _registry() -> dict[str, Recipe]:
     recipes: dict[str, Recipe] = {}
     for scale, build, where in ((tiny, tiny, "CPU, minutes"), (small, small, "1 GPU"),
                                 (base, base, "GPUs, torchrun")):
-        for family in ARCH_OF_FAMILY:
+        for family in FAMILIES:
             name = f"{scale.__name__}-{family}"
             recipes[name] = Recipe(
                 name=name,

@@ -5,9 +5,12 @@
 wrong value fails at once with a message naming the field, the value and what is allowed.
 
 Any field can be overridden by a dotted path with a string value, as the CLI's
-``--set model.d_model=256`` does: the string is parsed to the field's declared type (int, float,
-bool, str, ``X | None``, ``Literal``, tuples), and an unknown field or a value of the wrong type is
-one clear ``NestlearnError``. ``to_dict`` / ``from_dict`` give a lossless JSON form.
+``--set model.dim=256`` or ``--set model.cms.inner_lr=1e-4`` does: the string is parsed to the
+field's declared type (int, float, bool, str, ``X | None``, ``Literal``, tuples), and an unknown
+field or a value of the wrong type is one clear ``NestlearnError``. A model section's fields that
+the model sets (its width) are refused there, and a new ``model.arch`` swaps in the sections
+that arch uses (``ModelConfig.replace_field``). ``to_dict`` / ``from_dict`` give a lossless JSON
+form; the model section reads 0.1 flat model configs too.
 """
 
 from __future__ import annotations
@@ -199,18 +202,28 @@ class RunConfig:
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         from nestlearn.models import ModelConfig
 
-        return from_dict(cls, data, overrides={"model": ModelConfig})
+        if isinstance(data, dict) and "model" in data:
+            try:
+                model = ModelConfig.from_dict(data["model"])
+            except NestlearnError as err:
+                raise NestlearnError(f"model.{err}") from None
+            rest = from_dict(cls, {k: v for k, v in data.items() if k != "model"})
+            return dataclasses.replace(rest, model=model)
+        return from_dict(cls, data)
 
 
 # ---- config dataclasses to and from JSON-ready dicts ---------------------------------------------
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    """A JSON-ready dict of a (nested) config dataclass; tuples become lists."""
+    """A JSON-ready dict of a (nested) config dataclass; tuples become lists. A section with
+    its own ``to_dict`` (``ModelConfig``) writes itself."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if dataclasses.is_dataclass(value):
+        if dataclasses.is_dataclass(value) and hasattr(value, "to_dict"):
+            out[f.name] = value.to_dict()
+        elif dataclasses.is_dataclass(value):
             out[f.name] = to_dict(value)
         elif isinstance(value, tuple):
             out[f.name] = list(value)
@@ -371,17 +384,33 @@ def parse_text(text: str, tp: Any, name: str) -> Any:
     raise invalid(name, repr(text), f"a value of type {_type_name(tp)} (not settable from text)")
 
 
+def _derived(config: Any, section: str) -> dict[str, Any]:
+    """Fields of ``section`` that ``config`` sets itself (a model's width in its layers)."""
+    derived = getattr(config, "derived_fields", None)
+    return derived(section) if derived is not None else {}
+
+
 def field_names(config: Any, prefix: str = "") -> list[str]:
-    """All dotted leaf field paths of a config tree (for help and error messages)."""
+    """All dotted leaf field paths of a config tree that can be set (for help and errors)."""
     names: list[str] = []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         dotted = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
-            names.extend(field_names(value, dotted + "."))
+            hidden = {f"{dotted}.{name}" for name in _derived(config, f.name)}
+            names.extend(n for n in field_names(value, dotted + ".") if n not in hidden)
         else:
             names.append(dotted)
     return names
+
+
+def _replace(config: Any, name: str, value: Any) -> Any:
+    """``dataclasses.replace`` for one field, through the config's own ``replace_field`` if it
+    has one (a model config changing arch swaps the sections the new arch uses)."""
+    replace_field = getattr(config, "replace_field", None)
+    if replace_field is not None:
+        return replace_field(name, value)
+    return dataclasses.replace(config, **{name: value})
 
 
 def set_field(config: Any, dotted: str, text: str, _prefix: str = "") -> Any:
@@ -395,18 +424,27 @@ def set_field(config: Any, dotted: str, text: str, _prefix: str = "") -> Any:
         raise NestlearnError(f"unknown field {here!r}; allowed {where}: {', '.join(names)}")
     current = getattr(config, head)
     if rest:
+        if current is None and head in _section_names(config):
+            raise NestlearnError(f"{here!r} is not used by this config (it is None)")
         if not dataclasses.is_dataclass(current):
             raise NestlearnError(f"{here!r} is a value, not a section")
-        return dataclasses.replace(
-            config, **{head: set_field(current, rest, text, f"{here}.")}
-        )
+        field_name = rest.partition(".")[0]
+        if field_name in _derived(config, head):
+            raise NestlearnError(f"{here}.{field_name!s} is set by {_prefix}{field_name}, "
+                                 "not in the section")
+        return _replace(config, head, set_field(current, rest, text, f"{here}."))
     if dataclasses.is_dataclass(current):
         raise NestlearnError(
             f"{here!r} is a section; allowed: "
             + ", ".join(f"{here}.{n}" for n in field_names(current))
         )
     tp = typing.get_type_hints(type(config))[head]
-    return dataclasses.replace(config, **{head: parse_text(text, tp, here)})
+    return _replace(config, head, parse_text(text, tp, here))
+
+
+def _section_names(config: Any) -> tuple[str, ...]:
+    """Fields of ``config`` that hold a section or None (model configs declare them)."""
+    return getattr(config, "SECTIONS", ())
 
 
 def apply_overrides(config: RunConfig, assignments: list[str]) -> RunConfig:

@@ -45,7 +45,7 @@ from nestlearn.benchmarks.titans_compare import (
     titans_rows,
 )
 from nestlearn.errors import NestlearnError, invalid
-from nestlearn.models import ARCHS, ModelConfig, build_model
+from nestlearn.models import ARCHS, ArchSpec, ModelConfig, build_model
 from nestlearn.models.state import map_tensors
 
 LAYERS: tuple[str, ...] = ("attention", "transformer-block", "neural-memory",
@@ -57,40 +57,37 @@ MODEL_COLUMNS = ["arch", "dim", "params", "T", "checkpoint segment", "tok/s", "p
 DECODE_COLUMNS = ["arch", "context", "ms/token", "state MB", "note"]
 
 
-def _layer_config(dim: int, heads: int, chunk_size: int, cms_chunk_sizes: list[int]
-                  ) -> ModelConfig:
-    """A one-block config holding the sizes every layer builder reads."""
-    return ModelConfig(arch="transformer", dim=dim, heads=heads, layers=1,
-                       chunk_size=chunk_size, inner_chunk_size=chunk_size,
-                       cms_chunk_sizes=tuple(cms_chunk_sizes))
+def _layer_configs(dim: int, heads: int, chunk_size: int, cms_chunk_sizes: list[int]
+                   ) -> dict[str, ModelConfig]:
+    """One-block configs of each arch whose layers are measured, at the requested sizes (the
+    memories' chunks, inner chunk included, all ``chunk_size``)."""
+    memory = {"chunk_size": chunk_size}
+    cms = {"chunk_sizes": tuple(cms_chunk_sizes)}
+    shared = {"dim": dim, "heads": heads, "layers": 1}
+    return {"transformer": ModelConfig(arch="transformer", **shared),
+            "titans": ModelConfig(arch="titans", memory=memory, **shared),
+            "hope": ModelConfig(arch="hope", memory={**memory, "inner_chunk_size": chunk_size},
+                                cms=cms, **shared),
+            "hope-attention": ModelConfig(arch="hope-attention", cms=cms, **shared)}
 
 
-def build_layer(name: str, config: ModelConfig) -> nn.Module:
-    """The layer ``name`` at the sizes of ``config`` (``forward(x, state) -> (y, state)``)."""
-    from nestlearn.models.blocks import (
-        cms_config,
-        make_transformer_block,
-        neural_memory_config,
-        self_modifying_config,
-    )
+def build_layer(name: str, configs: dict[str, ModelConfig]) -> nn.Module:
+    """The layer ``name`` at the sizes of ``configs`` (``forward(x, state) -> (y, state)``)."""
+    from nestlearn.models.archs import hope_attention_block, hope_block, transformer_block
     from nestlearn.nn.cms import ContinuumMemory
-    from nestlearn.nn.hope import HOPEAttentionBlock
-    from nestlearn.nn.hope_block import HOPEBlock
     from nestlearn.nn.self_modifying import SelfModifyingTitans
     from nestlearn.nn.titans import NeuralMemory
     from nestlearn.nn.transformer import CausalSelfAttention
 
-    hope = dataclasses.replace(config, arch="hope")
+    hope = configs["hope"]
     builders: dict[str, Callable[[], nn.Module]] = {
-        "attention": lambda: CausalSelfAttention(config.dim, config.heads),
-        "transformer-block": lambda: make_transformer_block(config),
-        "neural-memory": lambda: NeuralMemory(neural_memory_config(config)),
-        "self-modifying-titans": lambda: SelfModifyingTitans(self_modifying_config(hope)),
-        "cms": lambda: ContinuumMemory(cms_config(config)),
-        "hope-block": lambda: HOPEBlock(self_modifying_config(hope), cms_config(config),
-                                        config.norm_eps),
-        "hope-attention-block": lambda: HOPEAttentionBlock(
-            config.dim, config.heads, cms_config(config), num_layers=1),
+        "attention": lambda: CausalSelfAttention(hope.dim, hope.heads),
+        "transformer-block": lambda: transformer_block(configs["transformer"]),
+        "neural-memory": lambda: NeuralMemory(configs["titans"].memory),
+        "self-modifying-titans": lambda: SelfModifyingTitans(hope.memory),
+        "cms": lambda: ContinuumMemory(hope.cms_layer_config()),
+        "hope-block": lambda: hope_block(hope),
+        "hope-attention-block": lambda: hope_attention_block(configs["hope-attention"]),
     }
     return builders[name]()
 
@@ -100,7 +97,7 @@ def make_layer_workload(layer: str, dim: int, heads: int, chunk_size: int,
                         seed: int = 0) -> Callable[[], torch.Tensor]:
     """One forward+backward pass of a layer (module level: the memory probe imports it)."""
     torch.manual_seed(seed)
-    module = build_layer(layer, _layer_config(dim, heads, chunk_size, cms_chunk_sizes))
+    module = build_layer(layer, _layer_configs(dim, heads, chunk_size, cms_chunk_sizes))
     x = torch.randn(batch, length, dim, requires_grad=True)
 
     def workload() -> torch.Tensor:
@@ -143,20 +140,34 @@ def count_parameters(config: ModelConfig) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def matched_config(arch: str, base: ModelConfig, window: int) -> ModelConfig:
-    """``arch`` at the width whose parameter count is closest to ``base``'s."""
+def matched_config(arch: str, base: ModelConfig, window: int,
+                   sections: dict[str, Any] | None = None) -> ModelConfig:
+    """``arch`` at the width whose parameter count is closest to ``base``'s; ``sections``
+    holds the memory and CMS options (``{"memory": {...}, "cms": {...}}``) for the archs that
+    have them."""
     target = count_parameters(base)
     step = 2 * base.heads
     best: tuple[int, ModelConfig] | None = None
+    sections = sections or {}
     for dim in range(step, 4 * base.dim + 1, step):
-        config = dataclasses.replace(
-            base, arch=arch, dim=dim, mlp_hidden=None, cms_hidden=None,
-            window=window if arch == "titans-mag" else None)
+        spec = ARCHS[arch]
+        options = {"attention": {"window": window} if arch == "titans-mag" else None,
+                   "memory": _memory_options(spec, sections.get("memory", {})),
+                   "cms": sections.get("cms") if spec.cms else None}
+        config = dataclasses.replace(base, arch=arch, dim=dim, mlp_hidden=None, **options)
         gap = abs(count_parameters(config) - target)
         if best is None or gap < best[0]:
             best = (gap, config)
     assert best is not None
     return best[1]
+
+
+def _memory_options(spec: ArchSpec, options: dict[str, Any]) -> dict[str, Any] | None:
+    """The memory options that ``spec``'s memory config has (None: no memory)."""
+    if spec.memory is None:
+        return None
+    fields = {f.name for f in dataclasses.fields(spec.memory)}
+    return {name: value for name, value in options.items() if name in fields}
 
 
 def _state_mb(state: object) -> float:
@@ -267,15 +278,19 @@ def _check_args(args: argparse.Namespace) -> None:
             if item is not None and item < 1:
                 raise invalid(f"--{name.replace('_', '-')}", item, "integers >= 1")
     # Validates dims, heads and CMS chunk sizes once, with the config's own messages.
-    _layer_config(args.dim, args.heads, args.chunk_size, args.cms_chunk_sizes)
+    _layer_configs(args.dim, args.heads, args.chunk_size, args.cms_chunk_sizes)
     _base_config(args)
 
 
 def _base_config(args: argparse.Namespace) -> ModelConfig:
     return ModelConfig(arch="transformer", vocab_size=args.vocab_size, dim=args.model_dim,
-                       layers=args.model_layers, heads=args.heads, chunk_size=args.chunk_size,
-                       inner_chunk_size=args.chunk_size,
-                       cms_chunk_sizes=tuple(args.cms_chunk_sizes))
+                       layers=args.model_layers, heads=args.heads)
+
+
+def _sections(args: argparse.Namespace) -> dict[str, Any]:
+    """The memory and CMS options of the compared models (every memory chunk the same)."""
+    return {"memory": {"chunk_size": args.chunk_size, "inner_chunk_size": args.chunk_size},
+            "cms": {"chunk_sizes": tuple(args.cms_chunk_sizes)}}
 
 
 def _memory(args: argparse.Namespace, make: Callable[..., Callable[[], Any]],
@@ -287,7 +302,7 @@ def _memory(args: argparse.Namespace, make: Callable[..., Callable[[], Any]],
 
 def _layer_rows(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
     rows = []
-    config = _layer_config(args.dim, args.heads, args.chunk_size, args.cms_chunk_sizes)
+    config = _layer_configs(args.dim, args.heads, args.chunk_size, args.cms_chunk_sizes)
     for layer in args.layers:
         with torch.device("meta"):
             params = sum(p.numel() for p in build_layer(layer, config).parameters())
@@ -307,7 +322,8 @@ def _layer_rows(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
 
 def _model_configs(args: argparse.Namespace) -> dict[str, ModelConfig]:
     base = _base_config(args)
-    return {arch: base if arch == "transformer" else matched_config(arch, base, args.window)
+    return {arch: base if arch == "transformer"
+            else matched_config(arch, base, args.window, _sections(args))
             for arch in args.archs}
 
 

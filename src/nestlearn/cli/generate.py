@@ -18,7 +18,7 @@ GLOBAL_ATTENTION_ARCHS = ("transformer", "hope-attention")
 def default_context(config: RunConfig) -> int | None:
     """The training context for models whose attention sees the whole prompt (positions past
     it were never trained); recurrent and sliding-window models have no such limit."""
-    if config.model.arch in GLOBAL_ATTENTION_ARCHS and config.model.window is None:
+    if config.model.arch in GLOBAL_ATTENTION_ARCHS and config.model.attention.window is None:
         return config.data.seq_len
     return None
 

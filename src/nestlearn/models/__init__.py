@@ -1,8 +1,9 @@
 """Models: configs, causal LMs and classifiers over Transformer++, Titans and HOPE blocks."""
 
+from nestlearn.models import archs  # noqa: F401  (fills the arch registry)
 from nestlearn.models.build import build_classifier, build_model
 from nestlearn.models.classifier import SequenceClassifier
-from nestlearn.models.config import ARCHS, ClassifierConfig, ModelConfig
+from nestlearn.models.config import ARCHS, ArchSpec, ClassifierConfig, ModelConfig, register_arch
 from nestlearn.models.generation import generate, sample_next
 from nestlearn.models.io import from_pretrained, save_pretrained
 from nestlearn.models.lm import Backbone, CausalLM, check_ids
@@ -11,6 +12,7 @@ from nestlearn.models.state import LMState
 
 __all__ = [
     "ARCHS",
+    "ArchSpec",
     "Backbone",
     "CausalLM",
     "ClassifierConfig",
@@ -23,6 +25,7 @@ __all__ = [
     "from_pretrained",
     "generate",
     "hope_from_transformer",
+    "register_arch",
     "sample_next",
     "save_pretrained",
 ]

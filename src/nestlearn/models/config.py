@@ -1,114 +1,156 @@
-"""Model configurations: validated dataclasses that round-trip through JSON.
+"""Model configurations: one tree of validated, frozen dataclasses that round-trips through JSON.
 
-A wrong value fails at construction with a message naming the field, the value and what is
-allowed (``nestlearn.errors.invalid``).
+``ModelConfig`` holds the model-wide fields (arch, vocabulary, width, depth, heads, the MLP,
+initialization, checkpointing) and the layer configs themselves as sub-configs:
+
+- ``attention``: ``nestlearn.nn.transformer.AttentionConfig`` (window, RoPE base);
+- ``memory``: the memory mixer's ``NeuralMemoryConfig`` (Titans) or
+  ``SelfModifyingTitansConfig`` (HOPE);
+- ``cms``: the Continuum Memory System's ``CMSConfig``.
+
+Each option is declared, documented and validated once, in its layer's config. The fields a
+layer shares with the model (width, heads, norm epsilon, initialization) are set by the model
+and cannot be set in a section. Which sections an arch has, and how its block is built, is
+one ``ArchSpec`` in the arch registry (``nestlearn.models.archs``); a new arch is one builder
+function plus one ``register_arch`` call. A wrong value fails at construction with a message
+naming the field (``memory.chunk_size: got 0; allowed: an int >= 1``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import json
 import math
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from nestlearn.errors import NestlearnError, check_fraction, check_int, check_positive, invalid
+from nestlearn.errors import NestlearnError, check_int, check_positive, invalid
+from nestlearn.models.migrate import is_flat_model_dict, migrate_flat_model_dict
+from nestlearn.nn.cms import CMSConfig
+from nestlearn.nn.self_modifying import SelfModifyingTitansConfig
+from nestlearn.nn.titans import NeuralMemoryConfig
+from nestlearn.nn.transformer import AttentionConfig
 
-ARCHS: tuple[str, ...] = ("transformer", "hope", "hope-attention", "titans", "titans-mag")
+if TYPE_CHECKING:
+    from torch import nn
+
 POOLINGS: tuple[str, ...] = ("mean", "last")
-CMS_MLPS: tuple[str, ...] = ("swiglu", "gelu")
-CMS_VARIANTS: tuple[str, ...] = ("sequential", "nested", "independent")
-CMS_TEACH_SIGNALS: tuple[str, ...] = ("local", "lm")
+# How an arch uses attention: none (no attention section), global (window must be None),
+# optional (any window) or windowed (a window is required).
+ATTENTION_MODES: tuple[str, ...] = ("none", "global", "optional", "windowed")
 # ModelConfig fields that change memory use and speed but not what the model computes.
 MEMORY_ONLY_FIELDS: tuple[str, ...] = ("checkpoint_segment",)
+SECTIONS: tuple[str, ...] = ("attention", "memory", "cms")
+MemoryConfig = NeuralMemoryConfig | SelfModifyingTitansConfig
 
 
-def _optional_positive_int(name: str, value: object) -> None:
-    if value is not None:
-        check_int(name, value)
+@dataclass(frozen=True)
+class ArchSpec:
+    """One architecture: the sections its blocks use and the function that builds a block.
+
+    ``memory``: the memory mixer's config class (None: no memory); ``memory_defaults``: the
+    model's defaults where they differ from the layer's own; ``cms``: whether blocks hold a
+    CMS; ``attention``: one of ``ATTENTION_MODES``; ``build_block(config)``: one block.
+    """
+
+    name: str
+    build_block: Callable[[ModelConfig], nn.Module]
+    description: str
+    attention: str = "none"
+    memory: type | None = None
+    memory_defaults: Mapping[str, Any] = field(default_factory=dict)
+    cms: bool = False
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_MODES:
+            raise invalid("attention", repr(self.attention), f"one of {list(ATTENTION_MODES)}")
+        if self.memory not in (None, NeuralMemoryConfig, SelfModifyingTitansConfig):
+            raise invalid("memory", repr(self.memory),
+                          "None, NeuralMemoryConfig or SelfModifyingTitansConfig")
 
 
-def _bool(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise invalid(name, repr(value), "true or false")
+# The arch registry, filled by ``nestlearn.models.archs`` (imported with ``nestlearn.models``).
+ARCHS: dict[str, ArchSpec] = {}
 
 
-def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise invalid(name, repr(value), f"one of {list(choices)}")
+def register_arch(spec: ArchSpec) -> ArchSpec:
+    """Add ``spec`` to the registry; a name is registered once."""
+    if spec.name in ARCHS:
+        raise NestlearnError(f"arch {spec.name!r} is already registered")
+    ARCHS[spec.name] = spec
+    return spec
 
 
-def _int_tuple(name: str, value: object) -> tuple[int, ...]:
-    """A non-empty, strictly increasing sequence of ints >= 1 (JSON lists become tuples)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value,)
-    if not isinstance(value, (list, tuple)) or not value:
-        raise invalid(name, repr(value), "a non-empty list of ints >= 1")
-    for item in value:
-        check_int(name, item)
-    if any(a >= b for a, b in itertools.pairwise(value)):
-        raise invalid(name, repr(value), "strictly increasing ints (fastest level first)")
-    return tuple(value)
+def arch_spec(name: object) -> ArchSpec:
+    if name not in ARCHS:
+        raise invalid("arch", repr(name), f"one of {list(ARCHS)}")
+    return ARCHS[name]
 
 
-def _rates(name: str, value: object, levels: int) -> float | tuple[float, ...]:
-    """One rate >= 0 for every level, or one per level."""
-    items = list(value) if isinstance(value, (list, tuple)) else [value]
-    for item in items:
-        if isinstance(item, bool) or not isinstance(item, (int, float)) \
-                or not math.isfinite(item) or item < 0:
-            raise invalid(name, repr(value), "finite numbers >= 0 (one, or one per level)")
-    if isinstance(value, (list, tuple)):
-        if len(items) != levels:
-            raise invalid(name, repr(value), f"one number or {levels} (one per CMS level)")
-        return tuple(float(item) for item in items)
-    return float(value)
-
-
-def _from_dict(cls: type, data: object, where: str) -> dict[str, Any]:
-    """Check ``data`` is a mapping whose keys are fields of ``cls``; return it as a dict."""
+def _unknown_keys(cls: type, data: object, where: str, derived: Mapping[str, Any] = {}
+                  ) -> dict[str, Any]:
+    """``data`` as a dict whose keys are fields of ``cls`` that the caller may set."""
     if not isinstance(data, dict):
         raise invalid(where, type(data).__name__, "a JSON object")
-    names = {field.name for field in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)} - set(derived)
     unknown = sorted(set(data) - names)
     if unknown:
         raise invalid(f"{where} keys", unknown, f"fields of {cls.__name__}: {sorted(names)}")
     return dict(data)
 
 
+def _build_section(name: str, cls: type, value: object, defaults: Mapping[str, Any],
+                   derived: Mapping[str, Any]) -> Any:
+    """A section's layer config from None (defaults), a dict or a config of class ``cls``;
+    the fields the model sets (``derived``) are filled in, and errors name the section."""
+    if value is None:
+        kwargs = dict(defaults)
+    elif isinstance(value, dict):
+        kwargs = {**defaults, **_unknown_keys(cls, value, name, derived)}
+    elif isinstance(value, cls):
+        kwargs = {f.name: getattr(value, f.name) for f in dataclasses.fields(cls)
+                  if f.name not in derived}
+    else:
+        raise invalid(name, type(value).__name__,
+                      f"a {cls.__name__}, a dict of its fields, or None (the arch's defaults)")
+    try:
+        return cls(**kwargs, **derived)
+    except NestlearnError as err:
+        raise NestlearnError(f"{name}.{err}") from None
+    except TypeError as err:
+        raise NestlearnError(f"{name}: {err}") from None
+
+
+def _section_dict(section: Any, derived: Mapping[str, Any]) -> dict[str, Any] | None:
+    if section is None:
+        return None
+    data = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
+            if f.name not in derived}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a causal LM (``build_model``) and of the classifier backbones.
 
-    Shared fields: ``vocab_size``, ``dim``, ``layers`` (blocks), ``heads`` (attention and
-    memory heads), ``mlp_hidden`` (SwiGLU hidden size; default ``8 * dim / 3`` rounded up to a
-    multiple of 8, the Transformer++ choice), ``tie_embeddings`` (head shares the embedding
-    matrix), ``norm_eps``, ``rope_base``, ``init_std``.
-    ``window``: sliding-window length of softmax attention (``transformer``; required by
-    ``titans-mag``, whose attention branch is local by design), or None for global attention
-    (the only choice of ``hope-attention``).
+    Model-wide fields: ``arch`` (a registered arch: ``ARCHS``), ``vocab_size``, ``dim``,
+    ``layers`` (blocks), ``heads`` (attention and memory heads), ``mlp_hidden`` (SwiGLU hidden
+    size; None: ``8 * dim / 3`` rounded up to a multiple of 8, the Transformer++ choice;
+    ``mlp_width`` is the number in use), ``tie_embeddings`` (the head shares the embedding
+    matrix), ``norm_eps``, ``init_std``.
 
-    Memory fields (``titans``, ``titans-mag``: ``NeuralMemory``; ``hope``: self-modifying
-    Titans): ``memory_depth`` and ``memory_expansion`` (layers and hidden multiple of each
-    memory MLP), ``chunk_size`` (tokens whose inner gradients share the chunk-start state),
-    ``memory_momentum``, ``memory_weight_decay``, ``memory_dgd`` (delta gradient descent; None =
-    on for ``hope``, as in the paper, off for Titans), ``memory_eta_max`` (upper end of the
-    inner learning rate eta_t; None derives it from ``memory_chunk_step``, the chunk sizes, the
-    memory width and ``memory_theta_max`` so that a whole chunk's step stays bounded, see
-    ``nestlearn/nn/MEMORY_LAYERS.md``), ``memory_chunk_step`` (that bound), ``memory_theta_max``
-    (soft cap of the momentum gate), ``memory_normalize_values`` (unit-norm Titans values),
-    ``memory_eta_init``, ``memory_theta_init``, ``memory_forget_init`` (the gates at
-    initialization: eta_t / eta_max, theta_t, 1 - alpha_t), ``persistent_tokens`` (Titans: learnable
-    tokens the memory reads once at the start of a stream), ``inner_chunk_size`` (``hope``: the
-    chunk of the k, v, eta, alpha memories).
-
-    CMS fields (``hope``, ``hope-attention``): ``cms_chunk_sizes`` (C^(1) < ... < C^(k)),
-    ``cms_hidden`` (hidden width of each level; default ``mlp_hidden``), ``cms_mlp`` ("swiglu",
-    the Transformer++ MLP, so a trained Transformer can be stacked in; or "gelu"),
-    ``cms_variant``, ``cms_teach_signal``, ``cms_inner_lr`` (one rate or one per level),
-    ``cms_frozen`` (a plain MLP chain).
+    Sections (None: the arch's defaults; a dict of fields or a layer config also work; an arch
+    without the section must leave it None):
+    ``attention`` (``AttentionConfig``: ``window``, ``rope_base``) for ``transformer`` (any
+    window), ``titans-mag`` (a window is required: its attention branch is local by design)
+    and ``hope-attention`` (global only);
+    ``memory``: ``NeuralMemoryConfig`` for ``titans`` and ``titans-mag``,
+    ``SelfModifyingTitansConfig`` for ``hope`` (models default to ``inner_chunk_size=16`` and
+    ``normalize_values=True``); their ``dim``, ``heads`` and ``head_dim`` are the model's;
+    ``cms``: ``CMSConfig`` for ``hope`` and ``hope-attention``; its ``dim``, ``norm_eps`` and
+    initialization are the model's and ``hidden=None`` means ``mlp_width``.
 
     ``checkpoint_segment``: activation checkpointing over the sequence (None = off). With
     gradients enabled, the backbone runs the sequence in segments of this many tokens, each
@@ -119,6 +161,8 @@ class ModelConfig:
     time only, so it is left out of ``fingerprint`` and does nothing without gradients.
     """
 
+    SECTIONS: ClassVar[tuple[str, ...]] = SECTIONS
+
     arch: str = "transformer"
     vocab_size: int = 256
     dim: int = 128
@@ -127,112 +171,121 @@ class ModelConfig:
     mlp_hidden: int | None = None
     tie_embeddings: bool = True
     norm_eps: float = 1e-6
-    rope_base: float = 10000.0
     init_std: float = 0.02
-    window: int | None = None
-    memory_depth: int = 2
-    memory_expansion: int = 4
-    chunk_size: int = 64
-    memory_momentum: bool = True
-    memory_weight_decay: bool = True
-    memory_dgd: bool | None = None
-    memory_eta_max: float | None = None
-    memory_chunk_step: float = 1.0
-    memory_theta_max: float = 0.9
-    memory_normalize_values: bool = True
-    memory_eta_init: float = 0.5
-    memory_theta_init: float = 0.5
-    memory_forget_init: float = 0.0001
-    persistent_tokens: int = 0
-    inner_chunk_size: int = 16
-    cms_chunk_sizes: tuple[int, ...] = (16, 64)
-    cms_hidden: int | None = None
-    cms_mlp: str = "swiglu"
-    cms_variant: str = "sequential"
-    cms_teach_signal: str = "local"
-    cms_inner_lr: float | tuple[float, ...] = 1e-3
-    cms_frozen: bool = False
+    attention: AttentionConfig | None = None
+    memory: NeuralMemoryConfig | SelfModifyingTitansConfig | None = None
+    cms: CMSConfig | None = None
     checkpoint_segment: int | None = None
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise invalid("arch", repr(self.arch), f"one of {list(ARCHS)}")
+        spec = arch_spec(self.arch)
         for name in ("vocab_size", "dim", "layers", "heads"):
             check_int(name, getattr(self, name))
         if self.dim % self.heads:
             raise invalid("heads", self.heads, f"a divisor of dim={self.dim}")
-        if (self.dim // self.heads) % 2:
+        if spec.attention != "none" and (self.dim // self.heads) % 2:
             raise invalid("heads", self.heads,
                           f"a divisor of dim={self.dim} leaving an even head size (RoPE)")
-        _optional_positive_int("mlp_hidden", self.mlp_hidden)
-        if self.mlp_hidden is None:
-            object.__setattr__(self, "mlp_hidden", -(-8 * self.dim // 3 // 8) * 8)
-        _bool("tie_embeddings", self.tie_embeddings)
-        for name in ("norm_eps", "rope_base", "init_std", "memory_chunk_step"):
+        if self.mlp_hidden is not None:
+            check_int("mlp_hidden", self.mlp_hidden)
+        if not isinstance(self.tie_embeddings, bool):
+            raise invalid("tie_embeddings", repr(self.tie_embeddings), "true or false")
+        for name in ("norm_eps", "init_std"):
             check_positive(name, getattr(self, name))
-        if self.memory_eta_max is not None:
-            check_positive("memory_eta_max", self.memory_eta_max)
-        for name in ("memory_theta_max", "memory_eta_init", "memory_theta_init",
-                     "memory_forget_init"):
-            check_fraction(name, getattr(self, name))
-        if not self.memory_theta_init < self.memory_theta_max:
-            raise invalid("memory_theta_init", self.memory_theta_init,
-                          f"a number below memory_theta_max={self.memory_theta_max}")
-        if not self.rope_base > 1:
-            raise invalid("rope_base", self.rope_base, "a number > 1")
-        _optional_positive_int("window", self.window)
-        if self.arch == "titans-mag" and self.window is None:
-            raise invalid("window", None, "an int >= 1 for arch 'titans-mag' (sliding window)")
-        if self.arch in ("hope", "titans") and self.window is not None:
-            raise invalid("window", self.window, f"None for arch {self.arch!r} (no attention)")
-        if self.arch == "hope-attention" and self.window is not None:
-            raise invalid("window", self.window,
-                          "None for arch 'hope-attention' (its attention is global)")
-        for name in ("memory_depth", "memory_expansion", "chunk_size", "inner_chunk_size"):
-            check_int(name, getattr(self, name))
-        for name in ("memory_momentum", "memory_weight_decay", "memory_normalize_values",
-                     "cms_frozen"):
-            _bool(name, getattr(self, name))
-        if self.memory_dgd is not None:
-            _bool("memory_dgd", self.memory_dgd)
-        if isinstance(self.persistent_tokens, bool) or not isinstance(self.persistent_tokens, int) \
-                or self.persistent_tokens < 0:
-            raise invalid("persistent_tokens", repr(self.persistent_tokens), "an int >= 0")
-        if self.persistent_tokens and self.arch not in ("titans", "titans-mag"):
-            raise invalid("persistent_tokens", self.persistent_tokens,
-                          f"0 for arch {self.arch!r} (persistent tokens are a Titans option)")
-        object.__setattr__(self, "cms_chunk_sizes",
-                           _int_tuple("cms_chunk_sizes", self.cms_chunk_sizes))
-        _optional_positive_int("cms_hidden", self.cms_hidden)
-        if self.cms_hidden is None:
-            object.__setattr__(self, "cms_hidden", self.mlp_hidden)
-        _choice("cms_mlp", self.cms_mlp, CMS_MLPS)
-        _choice("cms_variant", self.cms_variant, CMS_VARIANTS)
-        _choice("cms_teach_signal", self.cms_teach_signal, CMS_TEACH_SIGNALS)
-        object.__setattr__(self, "cms_inner_lr",
-                           _rates("cms_inner_lr", self.cms_inner_lr, len(self.cms_chunk_sizes)))
-        _optional_positive_int("checkpoint_segment", self.checkpoint_segment)
+        if self.checkpoint_segment is not None:
+            check_int("checkpoint_segment", self.checkpoint_segment)
+        self._set_sections(spec)
+
+    def _set_sections(self, spec: ArchSpec) -> None:
+        wanted = {"attention": AttentionConfig if spec.attention != "none" else None,
+                  "memory": spec.memory, "cms": CMSConfig if spec.cms else None}
+        for name in SECTIONS:
+            value = getattr(self, name)
+            cls = wanted[name]
+            if cls is None:
+                if value is not None:
+                    raise invalid(name, type(value).__name__,
+                                  f"None for arch {self.arch!r} (it has no {name})")
+                continue
+            defaults = spec.memory_defaults if name == "memory" else {}
+            section = _build_section(name, cls, value, defaults, self.derived_fields(name))
+            object.__setattr__(self, name, section)
+        window = self.attention.window if self.attention is not None else None
+        if spec.attention == "windowed" and window is None:
+            raise invalid("attention.window", None,
+                          f"an int >= 1 for arch {self.arch!r} (sliding window)")
+        if spec.attention == "global" and window is not None:
+            raise invalid("attention.window", window,
+                          f"None for arch {self.arch!r} (its attention is global)")
+
+    def derived_fields(self, section: str) -> dict[str, Any]:
+        """The fields of ``section``'s layer config that the model sets, with their values."""
+        if section == "memory":
+            return {"dim": self.dim, "heads": self.heads, "head_dim": None}
+        if section == "cms":
+            return {"dim": self.dim, "norm_eps": self.norm_eps, "init_std": self.init_std,
+                    "out_init_std": self.out_init_std}
+        return {}
+
+    def replace_field(self, name: str, value: Any) -> ModelConfig:
+        """A copy with ``name`` set. A new ``arch`` keeps the sections it also uses and takes
+        its defaults for the others (so ``--set model.arch=titans`` works on any recipe)."""
+        if name != "arch" or value == self.arch:
+            return dataclasses.replace(self, **{name: value})
+        spec = arch_spec(value)
+        keep = {"attention": spec.attention != "none" and self.attention is not None,
+                "memory": spec.memory is not None and isinstance(self.memory, spec.memory),
+                "cms": spec.cms}
+        sections = {s: getattr(self, s) if keep[s] else None for s in SECTIONS}
+        if spec.attention == "global" and sections["attention"] is not None:
+            sections["attention"] = dataclasses.replace(sections["attention"], window=None)
+        return dataclasses.replace(self, arch=value, **sections)
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.heads
 
     @property
-    def uses_memory_dgd(self) -> bool:
-        """``memory_dgd`` resolved: the paper's DGD for HOPE, plain gradient steps for Titans."""
-        return self.arch == "hope" if self.memory_dgd is None else self.memory_dgd
+    def mlp_width(self) -> int:
+        """``mlp_hidden``, or ``8 * dim / 3`` rounded up to a multiple of 8 when it is None."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        return -(-8 * self.dim // 3 // 8) * 8
+
+    @property
+    def out_init_std(self) -> float:
+        """Std of the output projections: ``init_std / sqrt(2 * layers)`` (GPT-2 style), so the
+        residual stream's variance does not grow with depth."""
+        return self.init_std / math.sqrt(2 * self.layers)
+
+    @property
+    def spec(self) -> ArchSpec:
+        return ARCHS[self.arch]
+
+    def cms_layer_config(self) -> CMSConfig:
+        """The CMS config a block is built with (``hidden=None`` resolved to ``mlp_width``)."""
+        if self.cms is None:
+            raise invalid("cms", None, f"a CMS section (arch {self.arch!r} has none)")
+        if self.cms.hidden is None:
+            return dataclasses.replace(self.cms, hidden=self.mlp_width)
+        return self.cms
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        for key, value in data.items():
-            if isinstance(value, tuple):
-                data[key] = list(value)
+        """A JSON-ready nested dict; the fields a section takes from the model are left out."""
+        data: dict[str, Any] = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                                if f.name not in SECTIONS}
+        for name in SECTIONS:
+            data[name] = _section_dict(getattr(self, name), self.derived_fields(name))
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Inverse of ``to_dict``; unknown keys are refused (a typo must not pass silently)."""
-        return cls(**_from_dict(cls, data, "model config"))
+        """Inverse of ``to_dict``; unknown keys are refused (a typo must not pass silently).
+        A flat dict of the 0.1 format (``memory_depth``, ``cms_chunk_sizes``, ...) is migrated
+        to the nested tree first (``nestlearn.models.migrate``)."""
+        if isinstance(data, dict) and is_flat_model_dict(data):
+            data = migrate_flat_model_dict(data, ARCHS)
+        return cls(**_unknown_keys(cls, data, "model config"))
 
     def computation_dict(self) -> dict[str, Any]:
         """``to_dict`` without the fields that change only memory use (``MEMORY_ONLY_FIELDS``):
@@ -240,6 +293,9 @@ class ModelConfig:
         data = self.to_dict()
         for name in MEMORY_ONLY_FIELDS:
             data.pop(name)
+        memory = data.get("memory")
+        if memory is not None:
+            memory.pop("use_naive", None)  # the per-token reference computes the same function
         return data
 
     def fingerprint(self) -> str:
@@ -278,7 +334,7 @@ class ClassifierConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClassifierConfig:
-        return cls(**_from_dict(cls, data, "classifier config"))
+        return cls(**_unknown_keys(cls, data, "classifier config"))
 
     def fingerprint(self) -> str:
         text = json.dumps({"backbone": self.backbone.computation_dict(),

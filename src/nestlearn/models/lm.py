@@ -11,7 +11,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nestlearn.errors import invalid
-from nestlearn.models.blocks import make_block
 from nestlearn.models.config import ModelConfig
 from nestlearn.models.state import LMState, check_state, map_tensors
 from nestlearn.nn import cms
@@ -92,7 +91,7 @@ class Backbone(nn.Module):
         self.fingerprint = config.fingerprint()
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         nn.init.normal_(self.embed.weight, std=config.init_std)
-        self.blocks = nn.ModuleList(make_block(config) for _ in range(config.layers))
+        self.blocks = nn.ModuleList(config.spec.build_block(config) for _ in range(config.layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
 
     def init_state(self, batch: int) -> LMState:

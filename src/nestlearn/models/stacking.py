@@ -22,6 +22,7 @@ import torch
 from nestlearn.errors import invalid
 from nestlearn.models.build import build_model
 from nestlearn.models.lm import CausalLM
+from nestlearn.nn.cms import CMSConfig
 from nestlearn.nn.transformer import TransformerBlock
 
 STACK_ARCHS: tuple[str, ...] = ("hope-attention", "hope")
@@ -33,8 +34,8 @@ def _check_source(model: object, arch: str) -> CausalLM:
         raise invalid("transformer_model", repr(got), "a CausalLM with arch 'transformer'")
     if arch not in STACK_ARCHS:
         raise invalid("arch", repr(arch), f"one of {list(STACK_ARCHS)}")
-    if arch == "hope-attention" and model.config.window is not None:
-        raise invalid("transformer_model.config.window", model.config.window,
+    if arch == "hope-attention" and model.config.attention.window is not None:
+        raise invalid("transformer_model.config.attention.window", model.config.attention.window,
                       "None (HOPE-attention uses global attention)")
     return model
 
@@ -49,26 +50,33 @@ def hope_from_transformer(transformer_model: CausalLM, *, arch: str = "hope-atte
     ``cms_chunk_sizes``: the new CMS levels (default: the source config's); ``mlp_level``:
     the level (0 = fastest) that receives each block's MLP (default: the slowest);
     ``cms_inner_lr``: the CMS inner learning rates (0 = the Transformer exactly, for
-    ``arch="hope-attention"``); other ``ModelConfig`` fields may be overridden.
+    ``arch="hope-attention"``); other ``ModelConfig`` fields may be overridden, and a ``cms``
+    dict sets further CMS fields (e.g. ``cms={"variant": "independent"}``).
     With ``arch="hope"`` the attention is replaced by a fresh self-modifying Titans mixer, so
     only the embedding, head, final norm and MLPs carry over and the logits are not equal.
     """
     source = _check_source(transformer_model, arch)
     base = source.config
-    chunks = base.cms_chunk_sizes if cms_chunk_sizes is None else cms_chunk_sizes
+    chunks = CMSConfig(base.dim).chunk_sizes if cms_chunk_sizes is None else cms_chunk_sizes
     levels = len(chunks) if isinstance(chunks, (list, tuple)) else 1
     level = levels - 1 if mlp_level is None else mlp_level
     if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level < levels:
         raise invalid("mlp_level", repr(mlp_level), f"None or an int in [0, {levels - 1}]")
-    fields = {"arch": arch, "cms_chunk_sizes": chunks, "cms_hidden": base.mlp_hidden,
-              "cms_mlp": "swiglu", "cms_inner_lr": cms_inner_lr, "window": None}
-    fields.update(config_overrides)
+    cms = {"chunk_sizes": chunks, "hidden": base.mlp_width, "mlp": "swiglu",
+           "inner_lr": cms_inner_lr}
+    fields: dict[str, Any] = {"arch": arch, "mlp_hidden": base.mlp_width, "cms": cms,
+                              "attention": base.attention if arch == "hope-attention" else None}
+    overrides = dict(config_overrides)
+    if isinstance(overrides.get("cms"), dict):
+        fields["cms"] = {**cms, **overrides.pop("cms")}
+    fields.update(overrides)
     config = dataclasses.replace(base, **fields)
-    if config.cms_mlp != "swiglu" or config.cms_hidden != base.mlp_hidden or config.dim != base.dim:
+    if (config.cms.mlp != "swiglu" or config.cms_layer_config().level_hidden != (base.mlp_width,)
+            * levels or config.dim != base.dim):
         raise invalid("config_overrides", {k: config_overrides[k] for k in config_overrides},
-                      "no change to cms_mlp, cms_hidden or dim (the MLPs must fit the levels)")
-    if config.cms_variant == "nested" and levels > 1:
-        raise invalid("cms_variant", "'nested'", "'sequential' or 'independent' for stacking "
+                      "no change to cms.mlp, cms.hidden or dim (the MLPs must fit the levels)")
+    if config.cms.variant == "nested" and levels > 1:
+        raise invalid("cms.variant", "'nested'", "'sequential' or 'independent' for stacking "
                       "(nested levels all start from one set of weights)")
     reference = next(source.parameters())
     model = build_model(config).to(dtype=reference.dtype, device=reference.device)

@@ -91,7 +91,8 @@ class CMSConfig:
     """Configuration of a ``ContinuumMemory`` layer (validated at construction).
 
     ``chunk_sizes``: strictly increasing C^(1) < ... < C^(k), one per level.
-    ``hidden``: MLP hidden width, one int for all levels or one per level (default 4 * dim).
+    ``hidden``: MLP hidden width, one int for all levels or one per level (None: 4 * dim; in
+    a model, the model's ``mlp_hidden``); ``level_hidden`` gives one width per level.
     ``mlp``: ``"swiglu"`` or ``"gelu"``. ``variant``: ``"sequential"``, ``"nested"`` or
     ``"independent"``. ``teach_signal``: ``"local"`` or ``"lm"``.
     ``inner_lr``: eta^(l) >= 0, one float for all levels or one per level; it multiplies a
@@ -127,11 +128,11 @@ class CMSConfig:
                           "strictly increasing chunk sizes C^(1) < ... < C^(k)")
         object.__setattr__(self, "chunk_sizes", tuple(sizes))
         levels = len(sizes)
-        hidden = _per_level("hidden", 4 * self.dim if self.hidden is None else self.hidden,
-                            levels)
+        if isinstance(self.hidden, list):
+            object.__setattr__(self, "hidden", tuple(self.hidden))
+        hidden = self.level_hidden
         for width in hidden:
             check_int("hidden", width)
-        object.__setattr__(self, "hidden", hidden)
         if self.mlp not in MLP_KINDS:
             raise invalid("mlp", repr(self.mlp), f"one of {MLP_KINDS}")
         if self.variant not in VARIANTS:
@@ -157,6 +158,12 @@ class CMSConfig:
                 isinstance(self.out_init_std, bool)
                 or not isinstance(self.out_init_std, (int, float)) or self.out_init_std < 0):
             raise invalid("out_init_std", repr(self.out_init_std), "None or a float >= 0")
+
+    @property
+    def level_hidden(self) -> tuple[int, ...]:
+        """The hidden width of every level (``hidden`` resolved; None means ``4 * dim``)."""
+        return _per_level("hidden", 4 * self.dim if self.hidden is None else self.hidden,
+                          len(self.chunk_sizes))
 
     @property
     def num_levels(self) -> int:
@@ -312,7 +319,7 @@ class ContinuumMemory(nn.Module):
         # Nested: only the slowest level's initial weights are meta-learned by backprop; the
         # faster levels start from it (index 0 here serves every level).
         self.initial = nn.ModuleList(
-            LevelParameters(config.mlp, dim, config.hidden[-1 if owners == 1 else i],
+            LevelParameters(config.mlp, dim, config.level_hidden[-1 if owners == 1 else i],
                             config.init_std, out_std) for i in range(owners))
         self.norms = nn.ModuleList(RMSNorm(dim, config.norm_eps)
                                    for _ in range(config.num_levels))
@@ -388,7 +395,8 @@ class ContinuumMemory(nn.Module):
                           f"a state made by a ContinuumMemory with this config ({self.config})")
         if state.batch_size != x.shape[0]:
             raise invalid("state.batch_size", state.batch_size, f"the batch of x ({x.shape[0]})")
-        shapes = [weight_shapes(self.config.mlp, self.config.dim, h) for h in self.config.hidden]
+        shapes = [weight_shapes(self.config.mlp, self.config.dim, h)
+                  for h in self.config.level_hidden]
         if len(state.levels) != self.config.num_levels:
             raise invalid("state.levels", len(state.levels), f"{self.config.num_levels} levels")
         for index, level in enumerate(state.levels):

@@ -56,7 +56,7 @@ INNER_MEMORIES = ("k", "v", "eta", "alpha")
 MEMORY_TARGETS = ("v", "self")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SelfModifyingTitansConfig:
     """Configuration of :class:`SelfModifyingTitans`.
 
@@ -85,7 +85,7 @@ class SelfModifyingTitansConfig:
         eta_max: upper end of the learning rate eta_t. None (default): derived from
             ``chunk_step`` with the larger of the two chunk sizes and of the two expansions
             (``nestlearn.nn.titans.derived_eta_max``; one eta_t drives all five memories). The
-            resolved number is stored here.
+            number in use is ``resolved_eta_max``.
         chunk_step: the largest fraction of the error a chunk of identical unit keys can remove
             with eta and theta at their maxima (only used to derive ``eta_max``).
         theta_max: soft cap of the momentum gate (theta_t < theta_max).
@@ -126,7 +126,8 @@ class SelfModifyingTitansConfig:
     use_naive: bool = False
 
     def __post_init__(self) -> None:
-        self.head_dim = resolve_head_dim(self.dim, self.heads, self.head_dim)
+        object.__setattr__(self, "head_dim",
+                           resolve_head_dim(self.dim, self.heads, self.head_dim))
         for name in ("depth", "inner_depth"):
             check_int(name, getattr(self, name), 2)
         for name in ("expansion", "inner_expansion", "chunk_size", "inner_chunk_size",
@@ -135,12 +136,8 @@ class SelfModifyingTitansConfig:
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("memory_target", self.memory_target, MEMORY_TARGETS)
         check_gate_options(self)
-        if self.eta_max is None:
-            self.eta_max = derived_eta_max(
-                self.chunk_step, max(self.chunk_size, self.inner_chunk_size),
-                max(self.expansion, self.inner_expansion),
-                self.theta_max if self.momentum else None)
-        check_positive("eta_max", self.eta_max)
+        if self.eta_max is not None:
+            check_positive("eta_max", self.eta_max)
         for name in ("momentum", "weight_decay", "dgd", "input_projection", "normalize_inputs",
                      "normalize_values", "conv", "output_gate", "use_naive"):
             if not isinstance(getattr(self, name), bool):
@@ -149,6 +146,16 @@ class SelfModifyingTitansConfig:
             raise invalid("input_projection", False,
                           f"True unless dim ({self.dim}) == heads * head_dim "
                           f"({self.heads * self.head_dim})")
+
+    @property
+    def resolved_eta_max(self) -> float:
+        """``eta_max``, or the ceiling derived from ``chunk_step`` with the larger chunk size and
+        expansion when it is None."""
+        if self.eta_max is not None:
+            return self.eta_max
+        return derived_eta_max(self.chunk_step, max(self.chunk_size, self.inner_chunk_size),
+                               max(self.expansion, self.inner_expansion),
+                               self.theta_max if self.momentum else None)
 
 
 @dataclass
@@ -285,7 +292,7 @@ class SelfModifyingTitans(nn.Module):
             k = F.normalize(k_raw, dim=-1)
             if c.normalize_values:
                 v = F.normalize(v, dim=-1)
-            eta = c.eta_max * torch.sigmoid(
+            eta = c.resolved_eta_max * torch.sigmoid(
                 (eta_features * self.eta_readout).sum(-1) + self.eta_bias)
             if c.weight_decay:
                 alpha = torch.sigmoid((alpha_features * self.alpha_readout).sum(-1)

@@ -117,7 +117,7 @@ class CappedLinear(nn.Linear):
         return capped_logit(super().forward(x), self.maximum)
 
 
-@dataclass
+@dataclass(frozen=True)
 class NeuralMemoryConfig:
     """Configuration of :class:`NeuralMemory`.
 
@@ -138,7 +138,8 @@ class NeuralMemoryConfig:
         eta_max: the learning-rate gate is eta_t = eta_max * sigmoid(x W_eta + b). None
             (default): derived from ``chunk_step`` (``derived_eta_max``), so the bound on a
             whole chunk's step holds whatever the chunk size, memory width and momentum cap.
-            The resolved number is stored here.
+            The number in use is ``resolved_eta_max`` (the field keeps what was asked for, so
+            a changed chunk size re-derives it).
         chunk_step: the largest fraction of the error a chunk of identical unit keys can remove
             with eta and theta at their maxima (only used to derive ``eta_max``).
         theta_max: soft cap of the momentum gate (theta_t < theta_max), bounding the momentum's
@@ -176,7 +177,8 @@ class NeuralMemoryConfig:
     use_naive: bool = False
 
     def __post_init__(self) -> None:
-        self.head_dim = resolve_head_dim(self.dim, self.heads, self.head_dim)
+        object.__setattr__(self, "head_dim",
+                           resolve_head_dim(self.dim, self.heads, self.head_dim))
         check_int("depth", self.depth, 2)
         check_int("expansion", self.expansion, 1)
         check_int("chunk_size", self.chunk_size, 1)
@@ -185,10 +187,8 @@ class NeuralMemoryConfig:
         check_choice("objective", self.objective, OBJECTIVES)
         check_choice("activation", self.activation, ACTIVATIONS)
         check_gate_options(self)
-        if self.eta_max is None:
-            self.eta_max = derived_eta_max(self.chunk_step, self.chunk_size, self.expansion,
-                                           self.theta_max if self.momentum else None)
-        check_positive("eta_max", self.eta_max)
+        if self.eta_max is not None:
+            check_positive("eta_max", self.eta_max)
         for name in ("momentum", "weight_decay", "conv", "dgd", "use_naive",
                      "normalize_values"):
             if not isinstance(getattr(self, name), bool):
@@ -197,6 +197,14 @@ class NeuralMemoryConfig:
     @property
     def hidden(self) -> int:
         return self.expansion * self.head_dim
+
+    @property
+    def resolved_eta_max(self) -> float:
+        """``eta_max``, or the ceiling derived from ``chunk_step`` when it is None."""
+        if self.eta_max is not None:
+            return self.eta_max
+        return derived_eta_max(self.chunk_step, self.chunk_size, self.expansion,
+                               self.theta_max if self.momentum else None)
 
 
 @dataclass
@@ -283,7 +291,7 @@ class NeuralMemory(nn.Module):
         """
         c = self.config
         logits = self.gates(x).unflatten(-1, (3, c.heads))
-        eta = c.eta_max * torch.sigmoid(logits[..., 0, :])
+        eta = c.resolved_eta_max * torch.sigmoid(logits[..., 0, :])
         theta = (torch.sigmoid(capped_logit(logits[..., 1, :], c.theta_max))
                  if c.momentum else None)
         # alpha = 1 - sigmoid(forget logit), written as sigmoid(-logit) to avoid cancellation

@@ -161,6 +161,26 @@ def banded_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return out.flatten(2, 3)[:, :, :length]
 
 
+@dataclass(frozen=True)
+class AttentionConfig:
+    """The options of a model's softmax attention (its width and heads are the model's).
+
+    ``window``: sliding-window length (each token sees itself and the ``window - 1`` tokens
+    before it), or None for global attention. ``rope_base``: base of the rotary embedding's
+    frequencies, > 1.
+    """
+
+    window: int | None = None
+    rope_base: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if self.window is not None:
+            check_int("window", self.window)
+        if isinstance(self.rope_base, bool) or not isinstance(self.rope_base, (int, float)) \
+                or not self.rope_base > 1:
+            raise invalid("rope_base", repr(self.rope_base), "a number > 1")
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal softmax attention with RoPE and a KV cache (``forward(x, state)``).
 

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from nestlearn.errors import NestlearnError, check_fraction, check_int, check_positive, invalid
+from nestlearn.errors import check_bool as _bool
+from nestlearn.errors import check_choice as _choice
+from nestlearn.errors import check_optional_int as _optional_positive_int
 
 ARCHS: tuple[str, ...] = ("transformer", "hope", "hope-attention", "titans", "titans-mag")
 POOLINGS: tuple[str, ...] = ("mean", "last")
@@ -23,21 +26,6 @@ CMS_VARIANTS: tuple[str, ...] = ("sequential", "nested", "independent")
 CMS_TEACH_SIGNALS: tuple[str, ...] = ("local", "lm")
 # ModelConfig fields that change memory use and speed but not what the model computes.
 MEMORY_ONLY_FIELDS: tuple[str, ...] = ("checkpoint_segment",)
-
-
-def _optional_positive_int(name: str, value: object) -> None:
-    if value is not None:
-        check_int(name, value)
-
-
-def _bool(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise invalid(name, repr(value), "true or false")
-
-
-def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise invalid(name, repr(value), f"one of {list(choices)}")
 
 
 def _int_tuple(name: str, value: object) -> tuple[int, ...]:

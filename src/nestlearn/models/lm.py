@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from nestlearn.errors import invalid
+from nestlearn.errors import check_int, invalid
 from nestlearn.models.blocks import make_block
 from nestlearn.models.config import ModelConfig
 from nestlearn.models.state import LMState, check_state, map_tensors
@@ -97,8 +97,7 @@ class Backbone(nn.Module):
 
     def init_state(self, batch: int) -> LMState:
         """The state before the first token: every block at its (meta-learned) initial state."""
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise invalid("batch", repr(batch), "an int >= 1")
+        check_int("batch", batch)
         return LMState(blocks=(None,) * len(self.blocks), position=0, batch_size=batch,
                        fingerprint=self.fingerprint)
 

@@ -83,8 +83,7 @@ class RotaryEmbedding(nn.Module):
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         if x.dim() != 4 or x.shape[-1] != self.head_dim:
             raise invalid("x.shape", tuple(x.shape), f"[B, T, H, {self.head_dim}]")
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise invalid("offset", repr(offset), "an int >= 0")
+        check_int("offset", offset, 0)
         cos, sin = self.cos_sin(x.shape[1], offset, x.device, x.dtype)
         first, second = x.chunk(2, dim=-1)
         rotated = torch.cat([-second, first], dim=-1)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nestlearn.errors import invalid
+from nestlearn.errors import check_choice, check_int, invalid
 from nestlearn.ops._validate import check_chunk_size, check_gate, check_qkv, check_same_kind
 
 OBJECTIVES = ("l2", "dot")
@@ -106,13 +106,11 @@ def activation_slope(z: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 def check_activation(activation: str) -> None:
-    if activation not in ACTIVATIONS:
-        raise invalid("activation", repr(activation), f"one of {sorted(ACTIVATIONS)}")
+    check_choice("activation", activation, ACTIVATIONS)
 
 
 def check_objective(objective: str) -> None:
-    if objective not in OBJECTIVES:
-        raise invalid("objective", repr(objective), f"one of {list(OBJECTIVES)}")
+    check_choice("objective", objective, OBJECTIVES)
 
 
 def mlp_forward(weights: tuple[torch.Tensor, ...], x: torch.Tensor,
@@ -218,8 +216,7 @@ def init_deep_memory_weights(heads: int, dim: int, hidden: int, depth: int = 2,
     """
     for name, value, low in (("heads", heads, 1), ("dim", dim, 1), ("hidden", hidden, 1),
                              ("depth", depth, 2)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise invalid(name, repr(value), f"an int >= {low}")
+        check_int(name, value, low)
     sizes = [dim] + [hidden] * (depth - 1) + [dim]
     weights = []
     for index in range(depth):

@@ -6,13 +6,11 @@ from collections.abc import Sequence
 
 import torch
 
-from nestlearn.errors import invalid
+from nestlearn.errors import check_int, invalid
 
 
 def check_chunk_size(chunk_size: int) -> int:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise invalid("chunk_size", repr(chunk_size), "an int >= 1")
-    return chunk_size
+    return check_int("chunk_size", chunk_size)
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int]:

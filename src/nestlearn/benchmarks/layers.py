@@ -74,7 +74,7 @@ def build_layer(name: str, config: ModelConfig) -> nn.Module:
         self_modifying_config,
     )
     from nestlearn.nn.cms import ContinuumMemory
-    from nestlearn.nn.hope import HOPEAttentionBlock
+    from nestlearn.nn.hope_attention import HOPEAttentionBlock
     from nestlearn.nn.hope_block import HOPEBlock
     from nestlearn.nn.self_modifying import SelfModifyingTitans
     from nestlearn.nn.titans import NeuralMemory

@@ -22,7 +22,7 @@ from torch import nn
 from nestlearn.errors import invalid
 from nestlearn.models.config import ModelConfig
 from nestlearn.nn.cms import CMSConfig
-from nestlearn.nn.hope import HOPEAttentionBlock
+from nestlearn.nn.hope_attention import HOPEAttentionBlock
 from nestlearn.nn.hope_block import HOPEBlock
 from nestlearn.nn.self_modifying import SelfModifyingTitansConfig
 from nestlearn.nn.titans import NeuralMemory, NeuralMemoryConfig, NeuralMemoryState

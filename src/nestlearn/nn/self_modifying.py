@@ -25,21 +25,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nestlearn.errors import check_int, check_positive, invalid
+from nestlearn.errors import check_choice, check_int, check_positive, invalid
 from nestlearn.nn.conv import CausalDepthwiseConv
-from nestlearn.nn.memory_stream import ChunkedMemoryState, empty_chunked_state, run_chunked_memory
-from nestlearn.nn.titans import (
+from nestlearn.nn.memory_common import (
     ACTIVATIONS,
     CappedLinear,
     HeadRMSNorm,
     capped_logit_inverse,
-    check_choice,
     check_gate_options,
     check_tail,
     derived_eta_max,
     logit,
     resolve_head_dim,
 )
+from nestlearn.nn.memory_stream import ChunkedMemoryState, empty_chunked_state, run_chunked_memory
 from nestlearn.nn.transformer import check_input
 from nestlearn.ops.deep_memory import (
     DeepMemoryState,
@@ -84,8 +83,8 @@ class SelfModifyingTitansConfig:
         conv, conv_width: depthwise causal conv on the memories' inputs and on q.
         eta_max: upper end of the learning rate eta_t. None (default): derived from
             ``chunk_step`` with the larger of the two chunk sizes and of the two expansions
-            (``nestlearn.nn.titans.derived_eta_max``; one eta_t drives all five memories). The
-            resolved number is stored here.
+            (``nestlearn.nn.memory_common.derived_eta_max``; one eta_t drives all five
+            memories). The resolved number is stored here.
         chunk_step: the largest fraction of the error a chunk of identical unit keys can remove
             with eta and theta at their maxima (only used to derive ``eta_max``).
         theta_max: soft cap of the momentum gate (theta_t < theta_max).

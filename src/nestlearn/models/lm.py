@@ -28,7 +28,8 @@ def check_ids(ids: object, vocab_size: int) -> torch.Tensor:
         raise invalid("ids.shape", tuple(ids.shape), "2 dims [B, T]")
     if ids.shape[0] == 0 or ids.shape[1] == 0:
         raise invalid("ids.shape", tuple(ids.shape), "B >= 1 and T >= 1 (no empty sequences)")
-    low, high = int(ids.min()), int(ids.max())
+    # the one host read of a forward pass (a device sync): both ends in one copy
+    low, high = torch.stack(torch.aminmax(ids)).tolist()
     if low < 0 or high >= vocab_size:
         raise invalid("ids", f"values in [{low}, {high}]", f"values in [0, {vocab_size - 1}]")
     return ids

@@ -153,16 +153,18 @@ def check_deep_memory_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            alpha: torch.Tensor, eta: torch.Tensor, theta: torch.Tensor | None,
                            initial_state: DeepMemoryState | None, objective: str,
                            activation: str, chunk_size: int | None,
-                           state_name: str = "initial_state") -> None:
-    """Every check of the deep-memory contract; raises NestlearnError naming the argument."""
+                           state_name: str = "initial_state", check_values: bool = True) -> None:
+    """Every check of the deep-memory contract; raises NestlearnError naming the argument.
+    The gates' values are read (a device sync) only if ``check_values`` or under
+    ``nestlearn.debug_checks``."""
     batch, _, heads, dk, dv = check_qkv(q, k, v)
     if dk != dv:
         raise invalid("v.shape", tuple(v.shape), f"the last dim of k ({dk}): the memory is "
                       "residual, M(x) = x + MLP(x), so keys and values share one dim")
-    check_gate("alpha", alpha, q, 0.0, 1.0)
-    check_gate("eta", eta, q, 0.0, None)
+    check_gate("alpha", alpha, q, 0.0, 1.0, check_values)
+    check_gate("eta", eta, q, 0.0, None, check_values)
     if theta is not None:
-        check_gate("theta", theta, q, 0.0, 1.0)
+        check_gate("theta", theta, q, 0.0, 1.0, check_values)
     check_objective(objective)
     check_activation(activation)
     if chunk_size is not None:

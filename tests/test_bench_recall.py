@@ -3,7 +3,7 @@ import json
 import math
 
 from nestlearn.cli import main
-from nestlearn.nn.titans import derived_eta_max
+from nestlearn.nn.memory_common import derived_eta_max
 
 
 def test_bench_recall_runs_at_a_tiny_size(tmp_path, capsys):

@@ -123,7 +123,7 @@ def test_bad_input_exits_2_from_a_real_process(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "nestlearn train: error: --set train.steps=0: train.steps: got 0; "
-        "allowed: an integer >= 1"
+        "allowed: an int >= 1"
     )
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from nestlearn.errors import NestlearnError
 from nestlearn.nn.cms import CMSConfig
-from nestlearn.nn.hope import HOPEAttentionBlock, HOPEAttentionState
+from nestlearn.nn.hope_attention import HOPEAttentionBlock, HOPEAttentionState
 from nestlearn.nn.teach_signal import stream_with_teach_signal
 from nestlearn.nn.transformer import TransformerBlock
 

@@ -126,10 +126,12 @@ def test_gradients_reach_meta_learned_initial_states():
     assert block.norm.weight.grad.abs().max() > 0
 
 
-def test_reexported_from_nn_hope():
-    from nestlearn.nn import hope
+def test_both_hope_blocks_exported_from_nn():
+    import nestlearn.nn
+    from nestlearn.nn.hope_attention import HOPEAttentionBlock
 
-    assert hope.HOPEBlock is HOPEBlock
+    assert nestlearn.nn.HOPEBlock is HOPEBlock
+    assert nestlearn.nn.HOPEAttentionBlock is HOPEAttentionBlock
 
 
 def test_bad_config_and_input():

@@ -40,8 +40,8 @@ def test_overrides_are_parsed_to_the_field_type():
     ("train.stepz=3", "unknown field 'train.stepz'; allowed fields of train: steps,"),
     ("trian.steps=3", "unknown field 'trian'; allowed sections: name, model, data"),
     ("train.steps=3.5", "train.steps: got '3.5'; allowed: an integer"),
-    ("train.steps=0", "train.steps: got 0; allowed: an integer >= 1"),
-    ("optim.name=adam", "optim.name: got 'adam'; allowed: adamw, sgd, muon, m3"),
+    ("train.steps=0", "train.steps: got 0; allowed: an int >= 1"),
+    ("optim.name=adam", "optim.name: got 'adam'; allowed: one of 'adamw', 'sgd', 'muon'"),
     ("optim.betas=0.9", "optim.betas: got '0.9'; allowed: 2 comma-separated values"),
     ("optim.betas=0.9,1.5", "optim.betas[1]: got 1.5; allowed: a number in [0, 1)"),
     ("model.tie_embeddings=maybe", "model.tie_embeddings: got 'maybe'; allowed: true or false"),
@@ -49,7 +49,7 @@ def test_overrides_are_parsed_to_the_field_type():
     ("train=3", "'train' is a section; allowed: train.steps"),
     ("train.steps.x=3", "'train.steps' is a value, not a section"),
     ("steps", "--set: got 'steps'; allowed: FIELD=VALUE"),
-    ("data.tokenizer=chars", "data.tokenizer: got 'chars'; allowed: byte, bpe"),
+    ("data.tokenizer=chars", "data.tokenizer: got 'chars'; allowed: one of 'byte', 'bpe'"),
     ("train.device=tpu", "train.device: got 'tpu'; allowed: auto, cpu, cuda, cuda:N"),
 ])
 def test_bad_overrides_give_one_clear_error(assignment, message):

@@ -156,13 +156,26 @@ def test_model_error_during_training_stops_with_the_step(corpus, tmp_path):
 
     def failing(ids, state=None):
         if trainer.step + 1 == 3:
-            raise NestlearnError("alpha: got non-finite values; allowed: finite values")
+            raise NonFiniteError("alpha: got non-finite values; allowed: finite values")
         return forward(ids, state)
 
     trainer.model.forward = failing
     with pytest.raises(NonFiniteError, match=r"step 3: NaN/Inf in the forward pass \(alpha: got"):
         trainer.run()
     assert (tmp_path / "run" / "checkpoints" / "step_00000002").exists()
+
+
+def test_bad_input_error_during_training_is_not_taken_for_a_nan(corpus, tmp_path):
+    config = tiny_config(corpus, tmp_path / "run", "train.steps=10")
+    trainer = Trainer(config, progress=False)
+
+    def failing(ids, state=None):
+        raise NestlearnError("ids: got a bad batch; allowed: a good one")
+
+    trainer.model.forward = failing
+    with pytest.raises(NestlearnError, match=r"^ids: got a bad batch") as err:
+        trainer.run()
+    assert not isinstance(err.value, NonFiniteError)
 
 
 def test_nan_gradient_names_the_parameter(corpus, tmp_path):

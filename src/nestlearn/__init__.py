@@ -4,8 +4,9 @@ Exact chunkwise associative-memory ops, Titans and self-modifying Titans memorie
 Continuum Memory System, HOPE models and deep optimizers.
 """
 
-from nestlearn.errors import NestlearnError
+from nestlearn.debug import debug_checks
+from nestlearn.errors import NestlearnError, NonFiniteError
 
 __version__ = "0.1.0"
 
-__all__ = ["NestlearnError", "__version__"]
+__all__ = ["NestlearnError", "NonFiniteError", "__version__", "debug_checks"]

@@ -17,13 +17,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
-from nestlearn.errors import NestlearnError, invalid
+from nestlearn.errors import (
+    NestlearnError,
+    check_choice,
+    check_decay,
+    check_int,
+    check_nonnegative,
+    check_number,
+    check_unit,
+    invalid,
+)
 
 OPTIMIZERS: tuple[str, ...] = (
     "adamw",
@@ -41,23 +49,6 @@ DTYPES: tuple[str, ...] = ("float32", "float64")
 AUTOCAST: tuple[str, ...] = ("auto", "bf16", "off")
 
 
-def _positive_int(name: str, value: int, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise invalid(name, repr(value), f"an integer >= {minimum}")
-
-
-def _finite_float(name: str, value: float, low: float, high: float, allowed: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise invalid(name, repr(value), allowed)
-    if not (math.isfinite(value) and low <= value <= high):
-        raise invalid(name, repr(value), allowed)
-
-
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise invalid(name, repr(value), ", ".join(choices))
-
-
 @dataclass
 class DataConfig:
     """What text the run reads and how it is cut into batches."""
@@ -73,12 +64,12 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.corpus, str) or not self.corpus.strip():
             raise invalid("data.corpus", repr(self.corpus), "a corpus name or a path")
-        _choice("data.tokenizer", self.tokenizer, TOKENIZERS)
-        _positive_int("data.vocab_size", self.vocab_size, 258)
-        _positive_int("data.seq_len", self.seq_len)
-        _positive_int("data.batch_size", self.batch_size)
-        _choice("data.train_split", self.train_split, SPLITS)
-        _choice("data.eval_split", self.eval_split, SPLITS)
+        check_choice("data.tokenizer", self.tokenizer, TOKENIZERS)
+        check_int("data.vocab_size", self.vocab_size, 258)
+        check_int("data.seq_len", self.seq_len)
+        check_int("data.batch_size", self.batch_size)
+        check_choice("data.train_split", self.train_split, SPLITS)
+        check_choice("data.eval_split", self.eval_split, SPLITS)
 
 
 @dataclass
@@ -96,18 +87,16 @@ class OptimConfig:
     fallback_lr: float = 3e-3
 
     def __post_init__(self) -> None:
-        _choice("optim.name", self.name, OPTIMIZERS)
-        _finite_float("optim.lr", self.lr, 0.0, math.inf, "a finite number >= 0")
-        _finite_float("optim.weight_decay", self.weight_decay, 0.0, math.inf,
-                      "a finite number >= 0")
+        check_choice("optim.name", self.name, OPTIMIZERS)
+        check_nonnegative("optim.lr", self.lr)
+        check_nonnegative("optim.weight_decay", self.weight_decay)
         if not (isinstance(self.betas, tuple) and len(self.betas) == 2):
             raise invalid("optim.betas", repr(self.betas), "two numbers in [0, 1)")
         for i, beta in enumerate(self.betas):
-            _finite_float(f"optim.betas[{i}]", beta, 0.0, 1.0 - 1e-12, "a number in [0, 1)")
-        _finite_float("optim.momentum", self.momentum, 0.0, 1.0 - 1e-12, "a number in [0, 1)")
-        _finite_float("optim.eps", self.eps, 1e-30, 1.0, "a number in (0, 1]")
-        _finite_float("optim.fallback_lr", self.fallback_lr, 0.0, math.inf,
-                      "a finite number >= 0")
+            check_decay(f"optim.betas[{i}]", beta)
+        check_decay("optim.momentum", self.momentum)
+        check_number("optim.eps", self.eps, 0, 1, open_low=True)
+        check_nonnegative("optim.fallback_lr", self.fallback_lr)
 
 
 @dataclass
@@ -119,9 +108,9 @@ class ScheduleConfig:
     min_lr_ratio: float = 0.1
 
     def __post_init__(self) -> None:
-        _choice("schedule.kind", self.kind, SCHEDULES)
-        _positive_int("schedule.warmup_steps", self.warmup_steps, 0)
-        _finite_float("schedule.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0, "a number in [0, 1]")
+        check_choice("schedule.kind", self.kind, SCHEDULES)
+        check_int("schedule.warmup_steps", self.warmup_steps, 0)
+        check_unit("schedule.min_lr_ratio", self.min_lr_ratio)
 
 
 @dataclass
@@ -144,19 +133,19 @@ class TrainConfig:
     find_unused_parameters: bool = False
 
     def __post_init__(self) -> None:
-        _positive_int("train.steps", self.steps)
-        _finite_float("train.grad_clip", self.grad_clip, 0.0, math.inf, "a finite number >= 0")
-        _positive_int("train.eval_every", self.eval_every, 0)
-        _positive_int("train.eval_iters", self.eval_iters)
-        _positive_int("train.checkpoint_every", self.checkpoint_every, 0)
-        _positive_int("train.keep_checkpoints", self.keep_checkpoints)
-        _positive_int("train.log_every", self.log_every)
-        _positive_int("train.seed", self.seed, 0)
+        check_int("train.steps", self.steps)
+        check_nonnegative("train.grad_clip", self.grad_clip)
+        check_int("train.eval_every", self.eval_every, 0)
+        check_int("train.eval_iters", self.eval_iters)
+        check_int("train.checkpoint_every", self.checkpoint_every, 0)
+        check_int("train.keep_checkpoints", self.keep_checkpoints)
+        check_int("train.log_every", self.log_every)
+        check_int("train.seed", self.seed, 0)
         if not (self.device in ("auto", "cpu", "cuda")
                 or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             raise invalid("train.device", repr(self.device), "auto, cpu, cuda, cuda:N")
-        _choice("train.dtype", self.dtype, DTYPES)
-        _choice("train.autocast", self.autocast, AUTOCAST)
+        check_choice("train.dtype", self.dtype, DTYPES)
+        check_choice("train.autocast", self.autocast, AUTOCAST)
         if not isinstance(self.out_dir, str) or not self.out_dir.strip():
             raise invalid("train.out_dir", repr(self.out_dir), "a directory path")
 

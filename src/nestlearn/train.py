@@ -42,7 +42,7 @@ from nestlearn.distributed import (
     shutdown,
     wrap_model,
 )
-from nestlearn.errors import NestlearnError, invalid
+from nestlearn.errors import NestlearnError, NonFiniteError, invalid
 from nestlearn.evaluate.perplexity import (
     IGNORE_INDEX,
     EvalResult,
@@ -62,10 +62,6 @@ RESUMABLE_FIELDS: frozenset[str] = frozenset({
     "train.find_unused_parameters", "model.checkpoint_segment",
 })
 EVAL_SEED = 1_000_003  # fixed windows for periodic evaluation, independent of train.seed
-
-
-class NonFiniteError(NestlearnError):
-    """The loss, a memory state or a gradient became NaN/Inf; the run stopped."""
 
 
 @dataclass
@@ -458,9 +454,9 @@ class Trainer:
                 ignore_index=IGNORE_INDEX, reduction="sum",
             )
             failure = find_nonfinite(state, "memory state")
-        except NestlearnError as err:
-            # the inputs are valid token ids: a model error here means its values went bad
-            # (e.g. an op refusing non-finite gates); stop as for a NaN, naming the place
+        except NonFiniteError as err:
+            # values went bad inside the model (e.g. a NaN gate under nestlearn.debug_checks);
+            # stop as for a NaN loss, naming the place
             failure = f"the forward pass ({err})"
             loss_sum = torch.zeros((), device=self.ctx.device)
         # one all-reduce per step: loss sum, scored targets, ranks that failed

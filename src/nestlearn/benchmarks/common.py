@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from nestlearn.errors import NestlearnError
+from nestlearn.errors import NestlearnError, NonFiniteError
 
 
 def progress(message: str) -> None:
@@ -39,7 +39,8 @@ def time_call(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float
 def measure(workload: Callable[[], torch.Tensor], repeats: int,
             warmup: int = 1) -> tuple[float, str]:
     """(median seconds, note): the note flags a run whose loss is not finite (a diverging
-    layer's timing is reported but marked) or that failed with a NestlearnError."""
+    layer's timing is reported but marked) or that failed with a NestlearnError or a
+    NonFiniteError."""
     losses: list[torch.Tensor] = []
 
     def run() -> None:
@@ -47,7 +48,7 @@ def measure(workload: Callable[[], torch.Tensor], repeats: int,
 
     try:
         seconds = time_call(run, repeats=repeats, warmup=warmup)
-    except NestlearnError as err:
+    except (NestlearnError, NonFiniteError) as err:
         return float("nan"), f"failed: {err}"
     return seconds, "" if torch.isfinite(losses[-1]) else "non-finite outputs"
 

@@ -44,7 +44,7 @@ from nestlearn.benchmarks.titans_compare import (
     titans_pytorch_available,
     titans_rows,
 )
-from nestlearn.errors import NestlearnError, invalid
+from nestlearn.errors import NestlearnError, NonFiniteError, invalid
 from nestlearn.models import ARCHS, ArchSpec, ModelConfig, build_model
 from nestlearn.models.state import map_tensors
 
@@ -358,7 +358,7 @@ def _decode_rows(args: argparse.Namespace, configs: dict[str, ModelConfig],
             try:
                 seconds, state_mb, note = decode_latency(config, context, args.decode_steps,
                                                          segment, args.repeats)
-            except NestlearnError as err:
+            except (NestlearnError, NonFiniteError) as err:
                 seconds, state_mb, note = float("nan"), None, f"failed: {err}"
             rows.append({"arch": arch, "dim": config.dim, "context": context,
                          "ms/token": 1000 * seconds, "state MB": state_mb, "note": note,

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from nestlearn.benchmarks.common import format_table, progress, write_report
 from nestlearn.errors import invalid
-from nestlearn.nn.titans import ACTIVATIONS, NeuralMemoryConfig, derived_eta_max
+from nestlearn.nn.memory_common import ACTIVATIONS, derived_eta_max
+from nestlearn.nn.titans import NeuralMemoryConfig
 from nestlearn.ops.deep_memory import (
     DeepMemoryState,
     deep_memory,

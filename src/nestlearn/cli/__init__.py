@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from nestlearn import __version__
-from nestlearn.errors import NestlearnError
+from nestlearn.errors import NestlearnError, NonFiniteError
 
 # Sub-command modules, in the order `nestlearn --help` lists them.
 COMMANDS: tuple[str, ...] = ("info", "bench", "data", "train", "eval", "generate", "demo")
@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except NestlearnError as err:
+    except (NestlearnError, NonFiniteError) as err:
         print(f"nestlearn {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from nestlearn.atomic import atomic_write_json
-from nestlearn.errors import NestlearnError, invalid
+from nestlearn.errors import NestlearnError, check_int, invalid
 
 TOKENIZER_FILE = "tokenizer.json"
 EOD_TOKEN = "<|endoftext|>"
@@ -121,9 +121,7 @@ class BPETokenizer:
         """Learn merges from ``texts`` until the vocabulary has ``vocab_size`` entries
         (fewer if the texts run out of pairs seen ``min_frequency`` times)."""
         minimum = 256 + 2
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < minimum:
-            allowed = f"an integer >= {minimum} (256 bytes + 2 special)"
-            raise invalid("vocab_size", vocab_size, allowed)
+        check_int("vocab_size", vocab_size, minimum)
         if vocab_size > 2**32:
             raise invalid("vocab_size", vocab_size, "at most 2**32")
         tokenizers = _import_tokenizers()

@@ -36,7 +36,7 @@ import torch
 
 from nestlearn.atomic import atomic_open, atomic_write_json, sha256_file
 from nestlearn.data.tokenizers import Tokenizer
-from nestlearn.errors import NestlearnError, invalid
+from nestlearn.errors import NestlearnError, check_int, invalid
 
 IGNORE_INDEX = -100
 FORMAT = "nestlearn-tokens"
@@ -251,15 +251,9 @@ class TokenFile:
         )
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise invalid(name, value, f"an integer >= {minimum}")
-    return value
-
-
 def _check_ranks(batch_size: int, rank: int, world_size: int) -> None:
-    _check_int("world_size", world_size, 1)
-    _check_int("rank", rank, 0)
+    check_int("world_size", world_size, 1)
+    check_int("rank", rank, 0)
     if rank >= world_size:
         raise invalid("rank", rank, f"0 to world_size - 1 = {world_size - 1}")
     if batch_size % world_size:
@@ -306,9 +300,9 @@ class WindowSampler:
         if not isinstance(token_file, TokenFile):
             raise invalid("token_file", type(token_file).__name__, "a TokenFile")
         self.token_file = token_file
-        self.seq_len = _check_int("seq_len", seq_len, 1)
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.seed = _check_int("seed", seed, 0)
+        self.seq_len = check_int("seq_len", seq_len, 1)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.seed = check_int("seed", seed, 0)
         _check_ranks(batch_size, rank, world_size)
         self.rank = rank
         self.world_size = world_size
@@ -369,8 +363,8 @@ class WindowSampler:
             mine = getattr(self, field) if field != "token_file_sha256" else self.token_file.sha256
             if state.get(field) != mine:
                 raise invalid(f"sampler state {field}", repr(state.get(field)), repr(mine))
-        self.seed = _check_int("sampler state seed", state.get("seed"), 0)
-        self.step = _check_int("sampler state step", state.get("step"), 0)
+        self.seed = check_int("sampler state seed", state.get("seed"), 0)
+        self.step = check_int("sampler state step", state.get("step"), 0)
 
 
 class EvalWindows:
@@ -391,9 +385,9 @@ class EvalWindows:
         world_size: int = 1,
     ) -> None:
         self.token_file = token_file
-        self.seq_len = _check_int("seq_len", seq_len, 1)
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        _check_int("world_size", world_size, 1)
+        self.seq_len = check_int("seq_len", seq_len, 1)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        check_int("world_size", world_size, 1)
         if not 0 <= rank < world_size:
             raise invalid("rank", rank, f"0 to world_size - 1 = {world_size - 1}")
         self.rank = rank

@@ -11,7 +11,7 @@ from torch import nn
 
 from nestlearn.models.blocks import GatedMemoryBlock, MemoryBlock
 from nestlearn.models.config import ArchSpec, ModelConfig, register_arch
-from nestlearn.nn.hope import HOPEAttentionBlock
+from nestlearn.nn.hope_attention import HOPEAttentionBlock
 from nestlearn.nn.hope_block import HOPEBlock
 from nestlearn.nn.self_modifying import SelfModifyingTitansConfig
 from nestlearn.nn.titans import NeuralMemoryConfig

@@ -35,7 +35,8 @@ class SequenceClassifier(nn.Module):
                 or lengths.dtype != torch.long:
             got = tuple(lengths.shape) if isinstance(lengths, torch.Tensor) else lengths
             raise invalid("lengths", got, f"a LongTensor of shape ({batch},)")
-        if int(lengths.min()) < 1 or int(lengths.max()) > length:
+        low, high = torch.stack(torch.aminmax(lengths)).tolist()  # one host read per call
+        if low < 1 or high > length:
             raise invalid("lengths", lengths.tolist(), f"values in [1, {length}]")
         return lengths
 

@@ -26,7 +26,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from nestlearn.errors import NestlearnError, check_int, check_positive, invalid
+from nestlearn.errors import (
+    NestlearnError,
+    check_bool,
+    check_choice,
+    check_int,
+    check_optional_int,
+    check_positive,
+    invalid,
+)
 from nestlearn.models.migrate import is_flat_model_dict, migrate_flat_model_dict
 from nestlearn.nn.cms import CMSConfig
 from nestlearn.nn.self_modifying import SelfModifyingTitansConfig
@@ -64,8 +72,7 @@ class ArchSpec:
     cms: bool = False
 
     def __post_init__(self) -> None:
-        if self.attention not in ATTENTION_MODES:
-            raise invalid("attention", repr(self.attention), f"one of {list(ATTENTION_MODES)}")
+        check_choice("attention", self.attention, ATTENTION_MODES)
         if self.memory not in (None, NeuralMemoryConfig, SelfModifyingTitansConfig):
             raise invalid("memory", repr(self.memory),
                           "None, NeuralMemoryConfig or SelfModifyingTitansConfig")
@@ -186,14 +193,11 @@ class ModelConfig:
         if spec.attention != "none" and (self.dim // self.heads) % 2:
             raise invalid("heads", self.heads,
                           f"a divisor of dim={self.dim} leaving an even head size (RoPE)")
-        if self.mlp_hidden is not None:
-            check_int("mlp_hidden", self.mlp_hidden)
-        if not isinstance(self.tie_embeddings, bool):
-            raise invalid("tie_embeddings", repr(self.tie_embeddings), "true or false")
+        check_optional_int("mlp_hidden", self.mlp_hidden)
+        check_bool("tie_embeddings", self.tie_embeddings)
         for name in ("norm_eps", "init_std"):
             check_positive(name, getattr(self, name))
-        if self.checkpoint_segment is not None:
-            check_int("checkpoint_segment", self.checkpoint_segment)
+        check_optional_int("checkpoint_segment", self.checkpoint_segment)
         self._set_sections(spec)
 
     def _set_sections(self, spec: ArchSpec) -> None:
@@ -325,8 +329,7 @@ class ClassifierConfig:
         check_int("num_classes", self.num_classes)
         if self.num_classes < 2:
             raise invalid("num_classes", self.num_classes, "an int >= 2")
-        if self.pooling not in POOLINGS:
-            raise invalid("pooling", repr(self.pooling), f"one of {list(POOLINGS)}")
+        check_choice("pooling", self.pooling, POOLINGS)
 
     def to_dict(self) -> dict[str, Any]:
         return {"backbone": self.backbone.to_dict(), "num_classes": self.num_classes,

@@ -10,16 +10,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nestlearn.errors import invalid
+from nestlearn.errors import check_int, invalid
 from nestlearn.models.lm import check_ids
 from nestlearn.models.state import LMState
 
 
 def _check_options(max_new_tokens: object, temperature: object, top_k: object,
                    vocab_size: int, generator: object) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-            or max_new_tokens < 0:
-        raise invalid("max_new_tokens", repr(max_new_tokens), "an int >= 0")
+    check_int("max_new_tokens", max_new_tokens, 0)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
             or not temperature >= 0:
         raise invalid("temperature", repr(temperature), "a number >= 0 (0 = greedy)")

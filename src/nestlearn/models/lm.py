@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from nestlearn.errors import invalid
+from nestlearn.errors import check_int, invalid
 from nestlearn.models.config import ModelConfig
 from nestlearn.models.state import LMState, check_state, map_tensors
 from nestlearn.nn import cms
@@ -27,7 +27,8 @@ def check_ids(ids: object, vocab_size: int) -> torch.Tensor:
         raise invalid("ids.shape", tuple(ids.shape), "2 dims [B, T]")
     if ids.shape[0] == 0 or ids.shape[1] == 0:
         raise invalid("ids.shape", tuple(ids.shape), "B >= 1 and T >= 1 (no empty sequences)")
-    low, high = int(ids.min()), int(ids.max())
+    # the one host read of a forward pass (a device sync): both ends in one copy
+    low, high = torch.stack(torch.aminmax(ids)).tolist()
     if low < 0 or high >= vocab_size:
         raise invalid("ids", f"values in [{low}, {high}]", f"values in [0, {vocab_size - 1}]")
     return ids
@@ -96,8 +97,7 @@ class Backbone(nn.Module):
 
     def init_state(self, batch: int) -> LMState:
         """The state before the first token: every block at its (meta-learned) initial state."""
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise invalid("batch", repr(batch), "an int >= 1")
+        check_int("batch", batch)
         return LMState(blocks=(None,) * len(self.blocks), position=0, batch_size=batch,
                        fingerprint=self.fingerprint)
 

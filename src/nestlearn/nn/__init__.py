@@ -7,7 +7,7 @@ CMS in ``CMS.md``.
 
 from nestlearn.nn.cms import CMSConfig, CMSLevelState, ContinuumMemory, ContinuumMemoryState
 from nestlearn.nn.conv import CausalDepthwiseConv
-from nestlearn.nn.hope import HOPEAttentionBlock, HOPEAttentionState
+from nestlearn.nn.hope_attention import HOPEAttentionBlock, HOPEAttentionState
 from nestlearn.nn.hope_block import HOPEBlock, HOPEBlockState
 from nestlearn.nn.self_modifying import (
     SelfModifyingTitans,

@@ -23,7 +23,6 @@ loss from ``nestlearn.nn.teach_signal.stream_with_teach_signal``.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -32,7 +31,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from nestlearn.errors import check_int, invalid
+from nestlearn.errors import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_nonnegative,
+    check_positive,
+    invalid,
+)
 from nestlearn.nn.cms_levels import (
     MLP_KINDS,
     init_level_weights,
@@ -133,31 +139,20 @@ class CMSConfig:
         hidden = self.level_hidden
         for width in hidden:
             check_int("hidden", width)
-        if self.mlp not in MLP_KINDS:
-            raise invalid("mlp", repr(self.mlp), f"one of {MLP_KINDS}")
-        if self.variant not in VARIANTS:
-            raise invalid("variant", repr(self.variant), f"one of {VARIANTS}")
+        check_choice("mlp", self.mlp, MLP_KINDS)
+        check_choice("variant", self.variant, VARIANTS)
         if self.variant == "nested" and len(set(hidden)) != 1:
             raise invalid("hidden", repr(hidden),
                           "one width for all levels with variant='nested' (levels share weights)")
-        if self.teach_signal not in TEACH_SIGNALS:
-            raise invalid("teach_signal", repr(self.teach_signal), f"one of {TEACH_SIGNALS}")
+        check_choice("teach_signal", self.teach_signal, TEACH_SIGNALS)
         rates = _per_level("inner_lr", self.inner_lr, levels)
-        for rate in rates:
-            if isinstance(rate, bool) or not isinstance(rate, (int, float)) \
-                    or not math.isfinite(rate) or rate < 0:
-                raise invalid("inner_lr", repr(self.inner_lr), "finite floats >= 0")
-        object.__setattr__(self, "inner_lr", tuple(float(rate) for rate in rates))
-        if not isinstance(self.frozen, bool):
-            raise invalid("frozen", repr(self.frozen), "True or False")
+        object.__setattr__(self, "inner_lr",
+                           tuple(check_nonnegative("inner_lr", rate) for rate in rates))
+        check_bool("frozen", self.frozen)
         for name in ("norm_eps", "init_std"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise invalid(name, repr(value), "a float > 0")
-        if self.out_init_std is not None and (
-                isinstance(self.out_init_std, bool)
-                or not isinstance(self.out_init_std, (int, float)) or self.out_init_std < 0):
-            raise invalid("out_init_std", repr(self.out_init_std), "None or a float >= 0")
+            check_positive(name, getattr(self, name))
+        if self.out_init_std is not None:
+            check_nonnegative("out_init_std", self.out_init_std)
 
     @property
     def level_hidden(self) -> tuple[int, ...]:

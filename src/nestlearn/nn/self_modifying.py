@@ -25,21 +25,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nestlearn.errors import check_int, check_positive, invalid
+from nestlearn.errors import check_bool, check_choice, check_int, check_positive, invalid
 from nestlearn.nn.conv import CausalDepthwiseConv
-from nestlearn.nn.memory_stream import ChunkedMemoryState, empty_chunked_state, run_chunked_memory
-from nestlearn.nn.titans import (
+from nestlearn.nn.memory_common import (
     ACTIVATIONS,
     CappedLinear,
     HeadRMSNorm,
     capped_logit_inverse,
-    check_choice,
     check_gate_options,
     check_tail,
     derived_eta_max,
     logit,
     resolve_head_dim,
 )
+from nestlearn.nn.memory_stream import ChunkedMemoryState, empty_chunked_state, run_chunked_memory
 from nestlearn.nn.transformer import check_input
 from nestlearn.ops.deep_memory import (
     DeepMemoryState,
@@ -84,8 +83,8 @@ class SelfModifyingTitansConfig:
         conv, conv_width: depthwise causal conv on the memories' inputs and on q.
         eta_max: upper end of the learning rate eta_t. None (default): derived from
             ``chunk_step`` with the larger of the two chunk sizes and of the two expansions
-            (``nestlearn.nn.titans.derived_eta_max``; one eta_t drives all five memories). The
-            number in use is ``resolved_eta_max``.
+            (``nestlearn.nn.memory_common.derived_eta_max``; one eta_t drives all five
+            memories). The number in use is ``resolved_eta_max``.
         chunk_step: the largest fraction of the error a chunk of identical unit keys can remove
             with eta and theta at their maxima (only used to derive ``eta_max``).
         theta_max: soft cap of the momentum gate (theta_t < theta_max).
@@ -140,8 +139,7 @@ class SelfModifyingTitansConfig:
             check_positive("eta_max", self.eta_max)
         for name in ("momentum", "weight_decay", "dgd", "input_projection", "normalize_inputs",
                      "normalize_values", "conv", "output_gate", "use_naive"):
-            if not isinstance(getattr(self, name), bool):
-                raise invalid(name, repr(getattr(self, name)), "True or False")
+            check_bool(name, getattr(self, name))
         if not self.input_projection and self.dim != self.heads * self.head_dim:
             raise invalid("input_projection", False,
                           f"True unless dim ({self.dim}) == heads * head_dim "
@@ -259,11 +257,13 @@ class SelfModifyingTitans(nn.Module):
             _, final = deep_memory_naive(
                 state.keys, state.keys, state.values, state.alpha, state.eta, state.theta,
                 initial_state=memory, objective="l2", activation=c.activation, dgd=c.dgd,
-                output_final_state=True, chunk_size=c.inner_chunk_size)
+                output_final_state=True, chunk_size=c.inner_chunk_size, check_values=False)
             return final
+        # Gates come from sigmoids: their values are checked only under nestlearn.debug_checks
+        # (each check is a device sync, and this runs once per inner chunk).
         return deep_memory_update(memory, state.keys, state.values, state.alpha, state.eta,
                                   state.theta, objective="l2", activation=c.activation,
-                                  dgd=c.dgd)
+                                  dgd=c.dgd, check_values=False)
 
     def _run_inner(self, reads: torch.Tensor, theta: torch.Tensor | None,
                    state: ChunkedMemoryState
@@ -341,7 +341,8 @@ class SelfModifyingTitans(nn.Module):
         value_map = self._self_targets if c.memory_target == "self" else None
         o, memory = run_chunked_memory(op, state.memory, q, k, v, alpha, eta, theta,
                                        chunk_size=c.chunk_size, value_map=value_map,
-                                       objective="l2", activation=c.activation, dgd=c.dgd)
+                                       objective="l2", activation=c.activation, dgd=c.dgd,
+                                       check_values=False)
         o = self.norm(o).flatten(2)
         if self.out_gate is not None:
             o = o * F.silu(self.out_gate(x))

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from nestlearn.errors import invalid
+from nestlearn.errors import check_optional_int, invalid
 from nestlearn.nn.cms import (
     CMSConfig,
     CMSLevelState,
@@ -153,9 +153,7 @@ def stream_with_teach_signal(model: Callable[..., tuple[torch.Tensor, Any]], ids
     if torch.is_inference_mode_enabled():
         raise invalid("torch.inference_mode", "enabled",
                       "torch.no_grad() (the teach signal needs autograd)")
-    if segment_len is not None and (isinstance(segment_len, bool)
-                                    or not isinstance(segment_len, int) or segment_len < 1):
-        raise invalid("segment_len", repr(segment_len), "None or an int >= 1")
+    check_optional_int("segment_len", segment_len)
     loss_fn = sum_cross_entropy if loss_fn is None else loss_fn
     found = find_cms_states(state)
     configs = _lm_configs(model, found)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nestlearn.errors import check_int, invalid
+from nestlearn.errors import check_int, check_number, invalid
 
 
 def check_input(x: object, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -83,8 +83,7 @@ class RotaryEmbedding(nn.Module):
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         if x.dim() != 4 or x.shape[-1] != self.head_dim:
             raise invalid("x.shape", tuple(x.shape), f"[B, T, H, {self.head_dim}]")
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise invalid("offset", repr(offset), "an int >= 0")
+        check_int("offset", offset, 0)
         cos, sin = self.cos_sin(x.shape[1], offset, x.device, x.dtype)
         first, second = x.chunk(2, dim=-1)
         rotated = torch.cat([-second, first], dim=-1)
@@ -176,9 +175,7 @@ class AttentionConfig:
     def __post_init__(self) -> None:
         if self.window is not None:
             check_int("window", self.window)
-        if isinstance(self.rope_base, bool) or not isinstance(self.rope_base, (int, float)) \
-                or not self.rope_base > 1:
-            raise invalid("rope_base", repr(self.rope_base), "a number > 1")
+        check_number("rope_base", self.rope_base, 1, open_low=True)
 
 
 class CausalSelfAttention(nn.Module):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nestlearn.errors import invalid
+from nestlearn.errors import check_choice, check_int, invalid
 from nestlearn.ops._validate import check_chunk_size, check_gate, check_qkv, check_same_kind
 
 OBJECTIVES = ("l2", "dot")
@@ -106,13 +106,11 @@ def activation_slope(z: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 def check_activation(activation: str) -> None:
-    if activation not in ACTIVATIONS:
-        raise invalid("activation", repr(activation), f"one of {sorted(ACTIVATIONS)}")
+    check_choice("activation", activation, ACTIVATIONS)
 
 
 def check_objective(objective: str) -> None:
-    if objective not in OBJECTIVES:
-        raise invalid("objective", repr(objective), f"one of {list(OBJECTIVES)}")
+    check_choice("objective", objective, OBJECTIVES)
 
 
 def mlp_forward(weights: tuple[torch.Tensor, ...], x: torch.Tensor,
@@ -155,16 +153,18 @@ def check_deep_memory_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            alpha: torch.Tensor, eta: torch.Tensor, theta: torch.Tensor | None,
                            initial_state: DeepMemoryState | None, objective: str,
                            activation: str, chunk_size: int | None,
-                           state_name: str = "initial_state") -> None:
-    """Every check of the deep-memory contract; raises NestlearnError naming the argument."""
+                           state_name: str = "initial_state", check_values: bool = True) -> None:
+    """Every check of the deep-memory contract; raises NestlearnError naming the argument.
+    The gates' values are read (a device sync) only if ``check_values`` or under
+    ``nestlearn.debug_checks``."""
     batch, _, heads, dk, dv = check_qkv(q, k, v)
     if dk != dv:
         raise invalid("v.shape", tuple(v.shape), f"the last dim of k ({dk}): the memory is "
                       "residual, M(x) = x + MLP(x), so keys and values share one dim")
-    check_gate("alpha", alpha, q, 0.0, 1.0)
-    check_gate("eta", eta, q, 0.0, None)
+    check_gate("alpha", alpha, q, 0.0, 1.0, check_values)
+    check_gate("eta", eta, q, 0.0, None, check_values)
     if theta is not None:
-        check_gate("theta", theta, q, 0.0, 1.0)
+        check_gate("theta", theta, q, 0.0, 1.0, check_values)
     check_objective(objective)
     check_activation(activation)
     if chunk_size is not None:
@@ -218,8 +218,7 @@ def init_deep_memory_weights(heads: int, dim: int, hidden: int, depth: int = 2,
     """
     for name, value, low in (("heads", heads, 1), ("dim", dim, 1), ("hidden", hidden, 1),
                              ("depth", depth, 2)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise invalid(name, repr(value), f"an int >= {low}")
+        check_int(name, value, low)
     sizes = [dim] + [hidden] * (depth - 1) + [dim]
     weights = []
     for index in range(depth):

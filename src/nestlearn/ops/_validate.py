@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
-from nestlearn.errors import invalid
+from nestlearn.debug import debug_checks_enabled
+from nestlearn.errors import NonFiniteError, check_int, invalid
 
 
 def check_chunk_size(chunk_size: int) -> int:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise invalid("chunk_size", repr(chunk_size), "an int >= 1")
-    return chunk_size
+    return check_int("chunk_size", chunk_size)
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int]:
@@ -48,18 +48,28 @@ def check_same_kind(reference: torch.Tensor, others: dict[str, torch.Tensor]) ->
 
 
 def check_gate(name: str, gate: torch.Tensor, q: torch.Tensor, low: float | None,
-               high: float | None) -> None:
-    """A gate is ``[B, T, H]`` like q's first three dims, with values in ``[low, high]``."""
+               high: float | None, check_values: bool = True) -> None:
+    """A gate is ``[B, T, H]`` like q's first three dims, with q's dtype and device; its
+    values are checked too (:func:`check_gate_values`) if ``check_values`` or
+    ``nestlearn.debug_checks`` is on."""
     if not isinstance(gate, torch.Tensor):
         raise invalid(name, type(gate).__name__, f"a torch.Tensor of shape {tuple(q.shape[:3])}")
     if tuple(gate.shape) != tuple(q.shape[:3]):
         raise invalid(f"{name}.shape", tuple(gate.shape), f"[B, T, H] = {tuple(q.shape[:3])}")
     check_same_kind(q, {name: gate})
+    if check_values or debug_checks_enabled():
+        check_gate_values(name, gate, low, high)
+
+
+def check_gate_values(name: str, gate: torch.Tensor, low: float | None,
+                      high: float | None) -> None:
+    """The gate's values are finite (else ``NonFiniteError``) and in ``[low, high]`` (else
+    ``NestlearnError``). Reads them on the host: one device sync, so ops run it once per
+    public call, and layers only under ``nestlearn.debug_checks``."""
     values = gate.detach()
-    if not torch.isfinite(values).all():
-        raise invalid(name, "non-finite values", "finite values")
-    lo = values.min().item()
-    hi = values.max().item()
+    lo, hi = torch.stack(torch.aminmax(values)).tolist() if values.numel() else (0.0, 0.0)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise NonFiniteError(f"{name}: got non-finite values; allowed: finite values")
     if (low is not None and lo < low) or (high is not None and hi > high):
         bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
         raise invalid(name, f"values in [{lo:.4g}, {hi:.4g}]", f"values in {bounds}")
@@ -76,14 +86,16 @@ def check_state(name: str, state: torch.Tensor, shape: Sequence[int], q: torch.T
 
 def check_rule_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       gates: dict[str, tuple[torch.Tensor, float | None, float | None]],
-                      chunk_size: int) -> tuple[int, int, int, int, int]:
-    """Check q, k, v, each gate ``name -> (tensor, low, high)`` and the chunk size.
+                      chunk_size: int, check_values: bool = True
+                      ) -> tuple[int, int, int, int, int]:
+    """Check q, k, v, each gate ``name -> (tensor, low, high)`` (values too if
+    ``check_values``, see :func:`check_gate`) and the chunk size.
 
     Returns ``(B, T, H, Dk, Dv)`` as :func:`check_qkv` does.
     """
     sizes = check_qkv(q, k, v)
     for name, (gate, low, high) in gates.items():
-        check_gate(name, gate, q, low, high)
+        check_gate(name, gate, q, low, high, check_values)
     check_chunk_size(chunk_size)
     return sizes
 
@@ -107,13 +119,14 @@ def check_matrix_state(name: str, state: torch.Tensor, batch: int, heads: int, r
 def check_gated_matrix_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             alpha: torch.Tensor, eta: torch.Tensor,
                             initial_state: torch.Tensor | None,
-                            chunk_size: int) -> tuple[int, torch.Tensor]:
+                            chunk_size: int, check_values: bool = True
+                            ) -> tuple[int, torch.Tensor]:
     """Checks shared by the rules with gates (alpha, eta) and one matrix state.
 
     Returns ``(T, initial memory)``; zeros ``[B, H, Dv, Dk]`` when ``initial_state`` is None.
     """
     batch, length, heads, dk, dv = check_rule_inputs(
-        q, k, v, {"alpha": (alpha, 0.0, 1.0), "eta": (eta, 0.0, None)}, chunk_size
+        q, k, v, {"alpha": (alpha, 0.0, 1.0), "eta": (eta, 0.0, None)}, chunk_size, check_values
     )
     shape = (batch, heads, dv, dk)
     if initial_state is None:

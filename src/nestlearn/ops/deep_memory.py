@@ -291,7 +291,8 @@ def deep_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.
                 eta: torch.Tensor, theta: torch.Tensor | None = None, *,
                 initial_state: DeepMemoryState | None = None, objective: str = "l2",
                 activation: str = "gelu", dgd: bool = False, output_final_state: bool = False,
-                chunk_size: int = 64) -> tuple[torch.Tensor, DeepMemoryState | None]:
+                chunk_size: int = 64, check_values: bool = True
+                ) -> tuple[torch.Tensor, DeepMemoryState | None]:
     """Deep MLP memory trained in context, chunkwise; exact against :func:`deep_memory_naive`.
 
     Args:
@@ -306,13 +307,16 @@ def deep_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.
         dgd: precondition W_1 with (alpha_t I - eta_t k_t k_t^T) (delta gradient descent).
         output_final_state: also return the state after the last token.
         chunk_size: tokens whose gradients are taken at the same (chunk-start) weights.
+        check_values: check the gates' values (finite, in range) on the host; layers that
+            call the op per chunk pass False: one device sync less per call
+            (``nestlearn.debug_checks`` turns the check back on).
 
     Returns:
         ``(o, state)``: ``o`` ``[B, T, H, D]`` with o_t = M_t(q_t), read after token t's update,
         and the final :class:`DeepMemoryState` (weights ``[B, H, out, in]``) or ``None``.
     """
     check_deep_memory_args(q, k, v, alpha, eta, theta, initial_state, objective, activation,
-                           chunk_size)
+                           chunk_size, check_values=check_values)
     batch, length = q.shape[:2]
     weights, momentum = batched_state(initial_state, batch, theta is not None)
     count = num_chunks(length, chunk_size)
@@ -344,16 +348,17 @@ def deep_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.
 def deep_memory_update(state: DeepMemoryState, k: torch.Tensor, v: torch.Tensor,
                        alpha: torch.Tensor, eta: torch.Tensor, theta: torch.Tensor | None = None,
                        *, objective: str = "l2", activation: str = "gelu",
-                       dgd: bool = False) -> DeepMemoryState:
+                       dgd: bool = False, check_values: bool = True) -> DeepMemoryState:
     """The state after one chunk of tokens ``k, v`` (``[B, T, H, D]``) whose gradients are all
     taken at ``state``: what :func:`deep_memory` carries from one chunk to the next. Layers
-    whose outputs for a chunk come from the previous chunk's state call this once per chunk."""
+    whose outputs for a chunk come from the previous chunk's state call this once per chunk
+    (with ``check_values=False``, as for :func:`deep_memory`)."""
     # k stands in for q in the shared checks, so name k's own shape errors here
     if not isinstance(k, torch.Tensor) or k.dim() != 4 or k.shape[1] == 0:
         got = tuple(k.shape) if isinstance(k, torch.Tensor) else type(k).__name__
         raise invalid("k.shape", got, "a torch.Tensor [B, T, H, D] with T >= 1")
     check_deep_memory_args(k, k, v, alpha, eta, theta, state, objective, activation, None,
-                           state_name="state")
+                           state_name="state", check_values=check_values)
     weights, momentum = batched_state(state, k.shape[0], theta is not None)
     _, new_weights, new_momentum = _chunk(
         weights, momentum, None, _heads_first(k), _heads_first(v), _heads_first(alpha),

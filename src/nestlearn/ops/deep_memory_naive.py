@@ -40,10 +40,10 @@ def deep_memory_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: 
                       initial_state: DeepMemoryState | None = None, objective: str = "l2",
                       activation: str = "gelu", dgd: bool = False,
                       output_final_state: bool = False, chunk_size: int = 64,
-                      ) -> tuple[torch.Tensor, DeepMemoryState | None]:
+                      check_values: bool = True) -> tuple[torch.Tensor, DeepMemoryState | None]:
     """Token-by-token deep memory; same contract as :func:`nestlearn.ops.deep_memory`."""
     check_deep_memory_args(q, k, v, alpha, eta, theta, initial_state, objective, activation,
-                           chunk_size)
+                           chunk_size, check_values=check_values)
     batch, length = q.shape[:2]
     weights, momentum = batched_state(initial_state, batch, theta is not None)
     grad_fn = torch.func.grad(_inner_loss)

@@ -27,6 +27,8 @@ def gated_delta_rule(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
+    *,
+    check_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Exact chunkwise gated delta rule.
 
@@ -37,11 +39,15 @@ def gated_delta_rule(
             before the first token; zeros if None.
         output_final_state: also return the memory after the last token.
         chunk_size: tokens per chunk; any value gives the same result up to rounding.
+        check_values: check the gates' values (finite, in range) on the host; layers that
+            call the op per chunk pass False: one device sync less per
+            call (``nestlearn.debug_checks`` turns the check back on).
 
     Returns:
         ``(o [B, T, H, Dv], final memory or None)``.
     """
-    length, memory = check_gated_matrix_rule(q, k, v, alpha, eta, initial_state, chunk_size)
+    length, memory = check_gated_matrix_rule(q, k, v, alpha, eta, initial_state, chunk_size,
+                                             check_values)
     size = min(chunk_size, length)
     qc, kc, vc = (split_tokens(x, size) for x in (q, k, v))
     # Padded tokens (k = 0, alpha = 1, eta = 0) write nothing and leave the memory unchanged.
@@ -97,9 +103,12 @@ def gated_delta_rule_naive(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
+    *,
+    check_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token-by-token reference of :func:`gated_delta_rule` (``chunk_size`` is unused)."""
-    length, memory = check_gated_matrix_rule(q, k, v, alpha, eta, initial_state, chunk_size)
+    length, memory = check_gated_matrix_rule(q, k, v, alpha, eta, initial_state, chunk_size,
+                                             check_values)
     outputs = []
     for t in range(length):
         key = k[:, t, :, None, :]

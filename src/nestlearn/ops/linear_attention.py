@@ -25,6 +25,8 @@ def gated_linear_attention(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
+    *,
+    check_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunkwise gated linear attention: per chunk, masked matmuls plus one state step.
 
@@ -35,11 +37,15 @@ def gated_linear_attention(
             before the first token; zeros if None.
         output_final_state: also return the memory after the last token.
         chunk_size: tokens per chunk; any value gives the same result up to rounding.
+        check_values: check the gates' values (finite, in range) on the host; layers that
+            call the op per chunk pass False: one device sync less per
+            call (``nestlearn.debug_checks`` turns the check back on).
 
     Returns:
         ``(o [B, T, H, Dv], final memory or None)``.
     """
-    length, memory = check_gated_matrix_rule(q, k, v, alpha, eta, initial_state, chunk_size)
+    length, memory = check_gated_matrix_rule(q, k, v, alpha, eta, initial_state, chunk_size,
+                                             check_values)
     size = min(chunk_size, length)
     qc, kc, vc = (split_tokens(x, size) for x in (q, k, v))
     # Padded tokens carry alpha = 1, eta = 0: they leave the memory unchanged.
@@ -77,9 +83,12 @@ def gated_linear_attention_naive(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
+    *,
+    check_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token-by-token reference of :func:`gated_linear_attention` (``chunk_size`` is unused)."""
-    length, memory = check_gated_matrix_rule(q, k, v, alpha, eta, initial_state, chunk_size)
+    length, memory = check_gated_matrix_rule(q, k, v, alpha, eta, initial_state, chunk_size,
+                                             check_values)
     outputs = []
     for t in range(length):
         write = eta[:, t, :, None, None] * (v[:, t, :, :, None] * k[:, t, :, None, :])

@@ -30,11 +30,12 @@ class TitansLinearState(NamedTuple):
     momentum: torch.Tensor
 
 
-def _check(q, k, v, alpha, eta, theta, initial_state, chunk_size):
+def _check(q, k, v, alpha, eta, theta, initial_state, chunk_size,
+                                        check_values):
     batch, length, heads, dk, dv = check_rule_inputs(
         q, k, v,
         {"alpha": (alpha, 0.0, 1.0), "eta": (eta, 0.0, None), "theta": (theta, 0.0, 1.0)},
-        chunk_size,
+        chunk_size, check_values,
     )
     shape = (batch, heads, dv, dk)
     if initial_state is None:
@@ -58,6 +59,8 @@ def titans_linear(
     initial_state: TitansLinearState | None = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
+    *,
+    check_values: bool = True,
 ) -> tuple[torch.Tensor, TitansLinearState | None]:
     """Chunkwise Titans linear memory; exact for the chunk-start-gradient semantics.
 
@@ -69,11 +72,15 @@ def titans_linear(
             part ``[B, H, Dv, Dk]`` or ``[H, Dv, Dk]`` (shared by the batch).
         output_final_state: also return the state after the last token.
         chunk_size: tokens sharing one gradient point (the state at their chunk's start).
+        check_values: check the gates' values (finite, in range) on the host; layers that
+            call the op per chunk pass False: one device sync less per
+            call (``nestlearn.debug_checks`` turns the check back on).
 
     Returns:
         ``(o [B, T, H, Dv], TitansLinearState or None)``.
     """
-    length, memory, momentum = _check(q, k, v, alpha, eta, theta, initial_state, chunk_size)
+    length, memory, momentum = _check(q, k, v, alpha, eta, theta, initial_state, chunk_size,
+                                        check_values)
     size = min(chunk_size, length)
     qc, kc, vc = (split_tokens(x, size) for x in (q, k, v))
     ac = split_gate(alpha, size, 1.0)
@@ -141,9 +148,12 @@ def titans_linear_naive(
     initial_state: TitansLinearState | None = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
+    *,
+    check_values: bool = True,
 ) -> tuple[torch.Tensor, TitansLinearState | None]:
     """Token-by-token reference of :func:`titans_linear` with the same chunk semantics."""
-    length, memory, momentum = _check(q, k, v, alpha, eta, theta, initial_state, chunk_size)
+    length, memory, momentum = _check(q, k, v, alpha, eta, theta, initial_state, chunk_size,
+                                        check_values)
     outputs = []
     for t in range(length):
         if t % chunk_size == 0:

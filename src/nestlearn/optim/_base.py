@@ -8,14 +8,19 @@ plain AdamW step instead (the fallback), with its own learning rate ``fallback_l
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch.optim import Optimizer
 
-from nestlearn.errors import invalid
+from nestlearn.errors import (
+    check_choice,
+    check_decay,
+    check_nonnegative,
+    check_positive,
+    invalid,
+)
 
 FALLBACK_CHOICES = ("auto", "adamw", "none")
 
@@ -27,45 +32,6 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "fallback_betas": (0.9, 0.999),
     "fallback_eps": 1e-8,
 }
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def check_nonnegative(name: str, value: object) -> float:
-    """A finite real number >= 0 (learning rates, weight decay)."""
-    if not _is_number(value) or not math.isfinite(value) or value < 0:
-        raise invalid(name, repr(value), "a finite number >= 0")
-    return float(value)
-
-
-def check_positive(name: str, value: object) -> float:
-    """A finite real number > 0 (epsilons)."""
-    if not _is_number(value) or not math.isfinite(value) or value <= 0:
-        raise invalid(name, repr(value), "a finite number > 0")
-    return float(value)
-
-
-def check_decay(name: str, value: object) -> float:
-    """A momentum or decay factor in [0, 1)."""
-    if not _is_number(value) or not math.isfinite(value) or not 0 <= value < 1:
-        raise invalid(name, repr(value), "a number in [0, 1)")
-    return float(value)
-
-
-def check_unit(name: str, value: object) -> float:
-    """A strength in [0, 1] (e.g. the delta term's)."""
-    if not _is_number(value) or not math.isfinite(value) or not 0 <= value <= 1:
-        raise invalid(name, repr(value), "a number in [0, 1]")
-    return float(value)
-
-
-def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
-    choices = tuple(choices)
-    if value not in choices:
-        raise invalid(name, repr(value), "one of " + ", ".join(repr(c) for c in choices))
-    return value  # type: ignore[return-value]
 
 
 def check_betas(name: str, value: object) -> tuple[float, float]:

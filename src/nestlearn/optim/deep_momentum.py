@@ -36,13 +36,10 @@ from typing import Any
 import torch
 from torch.nn import functional
 
-from nestlearn.errors import check_int
+from nestlearn.errors import check_choice, check_decay, check_int, check_nonnegative
 from nestlearn.optim._base import (
     NestedOptimizer,
     as_matrix,
-    check_choice,
-    check_decay,
-    check_nonnegative,
     decay_weights,
 )
 from nestlearn.optim.muon import newton_schulz, shape_scale

@@ -22,12 +22,10 @@ from typing import Any
 
 import torch
 
+from nestlearn.errors import check_decay, check_positive, check_unit
 from nestlearn.optim._base import (
     NestedOptimizer,
     as_matrix,
-    check_decay,
-    check_positive,
-    check_unit,
     decay_weights,
 )
 from nestlearn.optim.preconditioned import check_preconditioner, precondition

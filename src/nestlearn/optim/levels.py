@@ -17,8 +17,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from nestlearn.errors import check_int, invalid
-from nestlearn.optim._base import check_choice
+from nestlearn.errors import check_choice, check_int, invalid
 
 REDUCTIONS = ("sum", "mean")
 

@@ -32,14 +32,16 @@ from typing import Any
 
 import torch
 
-from nestlearn.errors import check_int
+from nestlearn.errors import (
+    check_choice,
+    check_decay,
+    check_int,
+    check_nonnegative,
+    check_positive,
+)
 from nestlearn.optim._base import (
     NestedOptimizer,
     as_matrix,
-    check_choice,
-    check_decay,
-    check_nonnegative,
-    check_positive,
     decay_weights,
 )
 from nestlearn.optim.muon import NS_COEFFICIENTS, newton_schulz

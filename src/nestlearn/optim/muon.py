@@ -12,12 +12,10 @@ from typing import Any
 
 import torch
 
-from nestlearn.errors import check_int, invalid
+from nestlearn.errors import check_bool, check_choice, check_decay, check_int, invalid
 from nestlearn.optim._base import (
     NestedOptimizer,
     as_matrix,
-    check_choice,
-    check_decay,
     decay_weights,
 )
 
@@ -95,8 +93,7 @@ class Muon(NestedOptimizer):
         check_int("ns_steps", group["ns_steps"], 1)
         check_choice("ns_coefficients", group["ns_coefficients"], NS_COEFFICIENTS)
         for flag in ("nesterov", "scale_by_shape"):
-            if not isinstance(group[flag], bool):
-                raise invalid(flag, repr(group[flag]), "True or False")
+            check_bool(flag, group[flag])
 
     def _update(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any],
                 group: dict[str, Any]) -> None:

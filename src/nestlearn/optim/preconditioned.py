@@ -13,13 +13,8 @@ from typing import Any
 
 import torch
 
-from nestlearn.optim._base import (
-    NestedOptimizer,
-    check_choice,
-    check_decay,
-    check_positive,
-    decay_weights,
-)
+from nestlearn.errors import check_choice, check_decay, check_positive
+from nestlearn.optim._base import NestedOptimizer, decay_weights
 
 PRECONDITIONERS = ("identity", "diag", "adagrad")
 

@@ -1,4 +1,4 @@
-"""HOPE blocks (PAPER.md section 5).
+"""The HOPE-Attention block (PAPER.md section 5).
 
 ``HOPEAttentionBlock``: the HOPE-Attention variant, global causal softmax attention (RoPE,
 pre-norm, KV cache) followed by a Continuum Memory System:
@@ -17,7 +17,6 @@ from torch import nn
 
 from nestlearn.errors import check_int, invalid
 from nestlearn.nn.cms import CMSConfig, ContinuumMemory, ContinuumMemoryState
-from nestlearn.nn.hope_block import HOPEBlock as HOPEBlock  # re-export: both HOPE blocks
 from nestlearn.nn.transformer import AttentionState, CausalSelfAttention, RMSNorm, check_input
 
 

@@ -26,7 +26,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from model_cases import INITIAL_STATE_MARKERS, random_ids, tiny_config, tiny_model
+from model_cases import (
+    ARCHS_WIRED,
+    INITIAL_STATE_MARKERS,
+    random_ids,
+    tiny_config,
+    tiny_model,
+)
 from nestlearn.nn import (
     CausalDepthwiseConv,
     CausalSelfAttention,
@@ -263,7 +269,7 @@ MODELS = {
                           max(tiny_config(arch).chunk_size, tiny_config(arch).inner_chunk_size,
                               *tiny_config(arch).cms_chunk_sizes),
                           tokens=True)
-    for arch in ("transformer", "titans", "titans-mag", "hope", "hope-attention")
+    for arch in ARCHS_WIRED
 }
 
 CASES = {**LAYERS, **MODELS}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -57,29 +55,6 @@ def test_causality():
     y_changed, _ = block(changed)
     torch.testing.assert_close(y_changed[:, :7], y[:, :7], rtol=0, atol=0)
     assert not torch.allclose(y_changed[:, 7:], y[:, 7:])
-
-
-@pytest.mark.parametrize("splits", [(1, 2, 7), (5,), (3, 4, 9, 11)])
-def test_chained_segments_with_state_equal_one_pass(splits):
-    block = make_block()
-    x = random_input(13)
-    y, state = block(x)
-    parts, chained = [], None
-    for start, stop in itertools.pairwise((0, *splits, x.shape[1])):
-        out, chained = block(x[:, start:stop], chained)
-        parts.append(out)
-    y_chain = torch.cat(parts, dim=1)
-    torch.testing.assert_close(y_chain, y, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(chained.attention.key, state.attention.key)
-    for level, level_chain in zip(state.cms.levels, chained.cms.levels, strict=True):
-        for w, w_chain in zip(level.weights, level_chain.weights, strict=True):
-            torch.testing.assert_close(w_chain.expand_as(w), w.expand_as(w_chain), rtol=1e-10,
-                                       atol=1e-12)
-    params = list(block.parameters())
-    grads = torch.autograd.grad(y.pow(2).sum(), params)
-    grads_chain = torch.autograd.grad(y_chain.pow(2).sum(), params)
-    for g, g_chain in zip(grads, grads_chain, strict=True):
-        torch.testing.assert_close(g_chain, g, rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize("mode", ["frozen", "zero_rates"])

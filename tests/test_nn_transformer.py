@@ -105,27 +105,6 @@ def test_banded_attention_equals_one_masked_pass(window, cached, length):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("window", [None, 2, 4])
-def test_attention_segments_equal_one_pass_with_gradients(window):
-    torch.manual_seed(1)
-    layer = CausalSelfAttention(16, 4, window=window).double()
-    x = torch.randn(2, 11, 16, dtype=torch.float64, requires_grad=True)
-    full, full_state = layer(x)
-    grads_full = torch.autograd.grad(full.square().sum(), [x, layer.qkv.weight])
-    pieces, state = [], None
-    for start, stop in [(0, 3), (3, 4), (4, 9), (9, 11)]:
-        out, state = layer(x[:, start:stop], state)
-        pieces.append(out)
-    chained = torch.cat(pieces, dim=1)
-    torch.testing.assert_close(chained, full)
-    torch.testing.assert_close(state.key, full_state.key)
-    torch.testing.assert_close(state.value, full_state.value)
-    assert state.position == full_state.position == 11
-    grads_chained = torch.autograd.grad(chained.square().sum(), [x, layer.qkv.weight])
-    for a, b in zip(grads_chained, grads_full, strict=True):
-        torch.testing.assert_close(a, b)
-
-
 def test_block_causality_and_state():
     torch.manual_seed(2)
     block = TransformerBlock(16, 2, 24, window=None, num_layers=2).double()

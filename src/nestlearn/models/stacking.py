@@ -1,4 +1,4 @@
-"""Ad-hoc level stacking (PAPER.md section 3; arXiv 2512.24695 section 7.3).
+"""Ad-hoc level stacking (docs/paper.md section 3; arXiv 2512.24695 section 7.3).
 
 A trained Transformer++ becomes a HOPE-attention model whose CMS levels start from the
 Transformer's MLPs: attention, norms, embedding and head are copied; in each block the

@@ -1,4 +1,4 @@
-"""Continuum Memory System (CMS, PAPER.md section 3): MLP levels that learn in context.
+"""Continuum Memory System (CMS, docs/paper.md section 3): MLP levels that learn in context.
 
 Level l (l = 1..k, chunk sizes C^(1) < ... < C^(k)) is a pre-norm residual MLP,
 ``h -> h + mlp_l(norm_l(h))``, whose MLP weights are fast weights kept in the layer state, one
@@ -232,7 +232,7 @@ def _accumulate(level: CMSLevelState, grads: tuple[torch.Tensor, ...]) -> CMSLev
 
 def apply_boundaries(config: CMSConfig, levels: tuple[CMSLevelState, ...],
                      position: int) -> tuple[CMSLevelState, ...]:
-    """Apply the updates due once ``position`` tokens have been seen (PAPER.md section 3).
+    """Apply the updates due once ``position`` tokens have been seen (docs/paper.md section 3).
 
     A level whose chunk size divides ``position`` takes its step
     ``theta <- theta - eta * accumulator`` and clears the accumulator. With the nested variant,
@@ -337,7 +337,7 @@ class ContinuumMemory(nn.Module):
                                norm_weight: torch.Tensor | None = None) -> None:
         """Copy a trained SwiGLU MLP (and its pre-norm gain) into a level's initial weights.
 
-        Ad-hoc level stacking (PAPER.md section 3): with ``frozen=True`` or zero inner
+        Ad-hoc level stacking (docs/paper.md section 3): with ``frozen=True`` or zero inner
         learning rates the level then computes exactly ``h + swiglu(norm(h))``.
         """
         if self.config.mlp != "swiglu":

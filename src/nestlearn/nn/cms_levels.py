@@ -14,7 +14,7 @@ Two kinds (both bias-free, so a Transformer++ MLP can be loaded as a level):
 ``level_grad`` gives the exact gradient, summed over the tokens of a piece, of
 ``sum_t 1/2 ||mlp(n_t) - v_t||^2`` given the error ``e_t = mlp(n_t) - v_t``: every per-token
 gradient of a linear map is a rank-1 outer product (error x input), so the sum over the piece is
-one matmul per weight (PAPER.md section 3: a chunk's tokens have no sequential dependency).
+one matmul per weight (docs/paper.md section 3: a chunk's tokens have no sequential dependency).
 """
 
 from __future__ import annotations

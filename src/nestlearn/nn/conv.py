@@ -1,6 +1,6 @@
 """Depthwise causal convolution with a carried tail, so a stream can be cut anywhere.
 
-Titans and HOPE (PAPER.md sections 4-5) put a short depthwise causal convolution (width 4) after
+Titans and HOPE (docs/paper.md sections 4-5) put a depthwise causal convolution (width 4) after
 the q/k/v projections. Output t sees inputs t-width+1 .. t of its own channel only. The last
 ``width - 1`` inputs of a call are returned as the tail; passing it to the next call makes
 chained segments equal one pass over the concatenation (a fresh stream starts from zeros).

@@ -1,10 +1,10 @@
-"""The HOPE-Attention block (PAPER.md section 5).
+"""The HOPE-Attention block (docs/paper.md section 5).
 
 ``HOPEAttentionBlock``: the HOPE-Attention variant, global causal softmax attention (RoPE,
 pre-norm, KV cache) followed by a Continuum Memory System:
 ``h = x + attn(norm(x))``, ``y = CMS(h)``; each CMS level carries its own pre-norm and residual,
 so with a one-level frozen CMS holding a Transformer++ MLP the block is exactly a Transformer++
-block (ad-hoc level stacking, PAPER.md section 3).
+block (ad-hoc level stacking, docs/paper.md section 3).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The HOPE block (PAPER.md section 5): self-modifying Titans, then a Continuum Memory System.
+"""The HOPE block (docs/paper.md section 5): self-modifying Titans, then a Continuum Memory System.
 
     h = x + SelfModifyingTitans(norm(x))
     y = CMS(h)

@@ -1,7 +1,7 @@
 """Run a chunkwise deep memory over a stream cut at arbitrary points, exactly.
 
 The memories of this project take all gradients of a chunk at the chunk's starting state
-(PAPER.md section 4, chunkwise training). A segment that ends inside a chunk therefore cannot
+(docs/paper.md section 4, chunkwise training). A segment that ends inside a chunk therefore cannot
 just hand over the memory after its last token: the next tokens of that chunk still need the
 chunk-start weights. So a stream state keeps the memory at the start of the current (partial)
 chunk plus the keys, values and gates of the tokens seen since then (fewer than ``chunk_size``).
@@ -86,7 +86,7 @@ def run_chunked_memory(op: MemoryOp, state: ChunkedMemoryState, q: torch.Tensor,
     ``op`` is ``deep_memory`` or ``deep_memory_naive``; chunk boundaries are counted from the
     start of the stream, whatever the segment boundaries. ``value_map(memory, v)``, if given,
     turns each chunk's values into the values the memory learns, from the memory at the
-    chunk's start (self-generated targets v_hat = M(v), PAPER.md section 5).
+    chunk's start (self-generated targets v_hat = M(v), docs/paper.md section 5).
     """
     if value_map is not None:
         outputs = []

@@ -1,4 +1,4 @@
-"""Self-modifying Titans, the sequence mixer of HOPE (PAPER.md section 5; arXiv 2512.24695 sec. 8).
+"""Self-modifying Titans, the sequence mixer of HOPE (docs/paper.md section 5; arXiv sec. 8).
 
 Every projection but q is itself a memory learned in context. Per chunk of ``inner_chunk_size``
 tokens, the memories {k, v, eta, alpha} at the end of the previous chunk produce
@@ -249,7 +249,7 @@ class SelfModifyingTitans(nn.Module):
         return q, reads, tail
 
     def _inner_update(self, state: ChunkedMemoryState) -> DeepMemoryState:
-        """The inner memories after the DGD steps of their completed chunk (PAPER.md 5)."""
+        """The inner memories after the DGD steps of their completed chunk (docs/paper.md 5)."""
         c = self.config
         memory = state.memory
         if c.use_naive:

@@ -1,6 +1,6 @@
 """The LM teach signal for CMS levels: the gradient of the stream's next-token loss.
 
-PAPER.md section 3 leaves open what error f a CMS level accumulates in context; the paper's
+docs/paper.md section 3 leaves open what error f a CMS level accumulates in context; the paper's
 "teach signal" reading is the gradient of the language-modelling loss at the level. This
 driver runs any ``model(ids, state) -> (logits, state)`` over a stream whose state holds
 ``ContinuumMemoryState``s built with ``teach_signal="lm"``:

@@ -1,4 +1,4 @@
-"""Titans long-term neural memory as a layer (PAPER.md section 4; Titans, arXiv 2501.00663).
+"""Titans long-term neural memory as a layer (docs/paper.md section 4; Titans, arXiv 2501.00663).
 
 x -> q, k, v projections -> depthwise causal conv (width 4) -> SiLU -> L2-normalized q, k ->
 deep residual MLP memory per head, learned in context by gradient steps with data-dependent

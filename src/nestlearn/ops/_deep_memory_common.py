@@ -1,6 +1,6 @@
 """What the deep-memory forms share: the state, the memory MLP, activations, argument checks.
 
-The memory of one head is a residual MLP (PAPER.md section 4, "Memory M is an MLP ...
+The memory of one head is a residual MLP (docs/paper.md section 4, "Memory M is an MLP ...
 (residual)"):  M(x) = x + W_L s(W_{L-1} ... s(W_1 x)),  weights[0] = W_1 ([hidden, D]) and
 weights[-1] = W_L ([D, hidden]). Both the naive and the chunkwise form import from here, so a
 check or an activation is written once.

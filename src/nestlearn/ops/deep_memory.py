@@ -4,7 +4,7 @@ Semantics (the naive reference ``deep_memory_naive.py`` spells them out token by
 head a residual MLP memory M(x) = x + W_L s(... s(W_1 x)) is trained in context on
 l(M; k, v) = 1/2 ||M(k) - v||^2 (or -<M(k), v>) with momentum, weight decay and, optionally,
 delta gradient descent on W_1; gradients of a chunk's tokens are all taken at the chunk's
-starting weights W_{t'} (PAPER.md section 4, "chunkwise-parallel training").
+starting weights W_{t'} (docs/paper.md section 4, "chunkwise-parallel training").
 
 Why no weight is materialized (derivation in ``ops/README.md``, "Deep MLP memory"): at W_{t'}
 the gradient of token i for layer W is a rank-1 outer product e_i a_i^T (the error at the

@@ -1,7 +1,7 @@
 """Deep (MLP) memory, naive reference: one token at a time, every weight materialized.
 
 This is the slow definition the chunkwise form in ``deep_memory.py`` is tested against. Per
-token t (PAPER.md sections 4 and 5), with t' the start of t's chunk:
+token t (docs/paper.md sections 4 and 5), with t' the start of t's chunk:
     G_t = grad_W l(M_{W_{t'}}; k_t, v_t)          (gradients at the chunk's starting weights)
     S_t = theta_t S_{t-1} - eta_t G_t              (momentum; theta=None means S_t = -eta_t G_t)
     W_t = alpha_t W_{t-1} + S_t                    (every matrix but, with dgd, W_1)

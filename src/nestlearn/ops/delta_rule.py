@@ -2,7 +2,7 @@
 
 M_t = M_{t-1} (alpha_t I - eta_t k_t k_t^T) + eta_t v_t k_t^T
     = alpha_t M_{t-1} + eta_t (v_t - M_{t-1} k_t) k_t^T,   o_t = M_t q_t.
-With alpha_t = 1 this is one gradient step with rate eta_t on 1/2 ||M k_t - v_t||^2 (PAPER.md
+With alpha_t = 1 this is one gradient step with rate eta_t on 1/2 ||M k_t - v_t||^2 (docs/paper.md
 sections 2 and 5, DGD). The chunkwise form is exact: inside a chunk the memory's writes solve a
 unit lower-triangular system (the WY / UT transform of DeltaNet, Yang et al. 2024); see
 ``ops/README.md``. State M is ``[B, H, Dv, Dk]``.

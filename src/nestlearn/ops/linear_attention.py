@@ -1,7 +1,7 @@
 """Gated linear attention (Hebbian memory, dot-product objective).
 
 M_t = alpha_t M_{t-1} + eta_t v_t k_t^T and o_t = M_t q_t: one gradient step with rate eta_t on
-the objective -<M k_t, v_t> after decaying the memory by alpha_t (PAPER.md section 1, "dot"
+the objective -<M k_t, v_t> after decaying the memory by alpha_t (docs/paper.md section 1, "dot"
 objective). State M is ``[B, H, Dv, Dk]``. The derivation of the chunkwise form is in
 ``ops/README.md``.
 """

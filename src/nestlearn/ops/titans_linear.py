@@ -2,7 +2,7 @@
 
 S_t = theta_t S_{t-1} - eta_t (M_{t'} k_t - v_t) k_t^T,   M_t = alpha_t M_{t-1} + S_t,
 o_t = M_t q_t, where M_{t'} is the memory at the start of t's chunk (Titans' chunkwise
-training, PAPER.md section 4; the gradient of 1/2 ||M k - v||^2 is (M k - v) k^T). The chunk
+training, docs/paper.md section 4; the gradient of 1/2 ||M k - v||^2 is (M k - v) k^T). The chunk
 size is part of the semantics; chunk_size=1 is the per-token recurrence. The state is the pair
 (memory M, momentum S), each ``[B, H, Dv, Dk]``; derivation of the chunkwise form in
 ``ops/README.md``.

@@ -1,4 +1,4 @@
-"""Deep momentum gradient descent, DMGD (PAPER.md section 2).
+"""Deep momentum gradient descent, DMGD (docs/paper.md section 2).
 
 The momentum is a small MLP memory m(.) trained online on the gradients, and the step is its
 read-out at the current gradient: W_{i+1} = W_i - lr sigma(m_{i+1}(g_i)), with

@@ -1,4 +1,4 @@
-"""Delta-rule momentum (PAPER.md section 2): m_{i+1} = (a I - g_i^T g_i) m_i - eta P_i g_i.
+"""Delta-rule momentum (docs/paper.md section 2): m_{i+1} = (a I - g_i^T g_i) m_i - eta P_i g_i.
 
 Momentum trained with the L2 objective ||m g^T - P||^2 instead of the dot product: before a new
 gradient is written, what the memory holds along that gradient's directions is partly erased.

@@ -1,4 +1,4 @@
-"""Multi-frequency parameter levels (PAPER.md section 3, the CMS update rule) for any optimizer.
+"""Multi-frequency parameter levels (docs/paper.md section 3, the CMS rule) for any optimizer.
 
 A level is a param group with an update period C: its parameters change only every C steps,
 by the error signals gathered over the block (the CMS rule

@@ -1,4 +1,4 @@
-"""M3, Multi-scale Momentum Muon (PAPER.md section 2; Nested Learning arXiv Alg. 1).
+"""M3, Multi-scale Momentum Muon (docs/paper.md section 2; Nested Learning arXiv Alg. 1).
 
 The Continuum Memory System applied to the optimizer: a fast momentum level written every step
 and a slow one written every ``frequency`` steps from the gradients gathered since its last

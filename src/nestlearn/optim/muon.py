@@ -1,6 +1,6 @@
 """Muon: momentum whose output passes through Newton-Schulz orthogonalization.
 
-PAPER.md section 2: W_{i+1} = W_i + sigma(m_{i+1}(u_i)) with a linear memory m (momentum) and
+docs/paper.md section 2: W_{i+1} = W_i + sigma(m_{i+1}(u_i)) with a linear memory m (momentum) and
 sigma = Newton-Schulz orthogonalization is Muon. The iteration maps a matrix U S V^T to about
 U V^T (all singular values pushed near 1) with matmuls only.
 """

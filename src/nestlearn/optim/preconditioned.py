@@ -1,4 +1,4 @@
-"""Preconditioned momentum (PAPER.md section 2): m_{i+1} = a m_i - eta P_i g_i.
+"""Preconditioned momentum (docs/paper.md section 2): m_{i+1} = a m_i - eta P_i g_i.
 
 Momentum as an associative memory whose values are the preconditioned gradients P_i g_i (the
 objective <m g^T, P>). The buffer is kept unscaled, as torch's SGD does: buf <- a buf + P g,

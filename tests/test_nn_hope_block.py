@@ -43,9 +43,9 @@ def state_tensors(state):
     titans = state.titans
     tensors = []
     for chunked in (titans.inner, titans.memory):
-        tensors += [*chunked.memory.weights, chunked.keys, chunked.values, chunked.eta]
-        if chunked.memory.momentum is not None:
-            tensors += list(chunked.memory.momentum)
+        tensors += [*chunked.chunk_start.weights, chunked.keys, chunked.values, chunked.eta]
+        if chunked.chunk_start.momentum is not None:
+            tensors += list(chunked.chunk_start.momentum)
     for level in state.cms.levels:
         tensors += list(level.weights)
         if level.accumulator is not None:

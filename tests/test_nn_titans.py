@@ -33,9 +33,10 @@ def inputs(batch=2, length=11, seed=1):
 
 def state_tensors(state):
     chunked = state.memory
-    tensors = [*chunked.memory.weights, chunked.keys, chunked.values, chunked.alpha, chunked.eta]
-    if chunked.memory.momentum is not None:
-        tensors += list(chunked.memory.momentum)
+    tensors = [*chunked.chunk_start.weights, chunked.keys, chunked.values, chunked.alpha,
+               chunked.eta]
+    if chunked.chunk_start.momentum is not None:
+        tensors += list(chunked.chunk_start.momentum)
     if chunked.theta is not None:
         tensors.append(chunked.theta)
     if state.conv_tail is not None:
@@ -57,7 +58,7 @@ def assert_states_close(a, b):
 def loss_of(y, state):
     weights = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
     # The final memory enters the loss so that gradients through the state are compared too.
-    return (y * weights).sum() + sum(w.pow(2).sum() for w in state.memory.memory.weights)
+    return (y * weights).sum() + sum(w.pow(2).sum() for w in state.memory.chunk_start.weights)
 
 
 # --- conv ---------------------------------------------------------------------------------------
@@ -205,7 +206,7 @@ def test_memory_learns_in_context_and_grads_reach_initial_memory():
     y, state = layer(x)
     # 2 persistent + 12 tokens = 3 full chunks of 4 then 2 pending: the memory has moved.
     assert state.memory.pending == 2
-    for initial, learned in zip(layer.memory_weights, state.memory.memory.weights,
+    for initial, learned in zip(layer.memory_weights, state.memory.chunk_start.weights,
                                 strict=True):
         assert learned.shape == (2, *initial.shape)
         assert (learned - initial).abs().max() > 1e-6

@@ -46,7 +46,7 @@ from nestlearn.benchmarks.titans_compare import (
 )
 from nestlearn.errors import NestlearnError, invalid
 from nestlearn.models import ARCHS, ModelConfig, build_model
-from nestlearn.models.state import map_tensors
+from nestlearn.state import tensors
 
 LAYERS: tuple[str, ...] = ("attention", "transformer-block", "neural-memory",
                            "self-modifying-titans", "cms", "hope-block", "hope-attention-block")
@@ -160,9 +160,7 @@ def matched_config(arch: str, base: ModelConfig, window: int) -> ModelConfig:
 
 
 def _state_mb(state: object) -> float:
-    sizes: list[int] = []
-    map_tensors(state, lambda t: sizes.append(t.numel() * t.element_size()) or t)
-    return sum(sizes) / 2**20
+    return sum(t.numel() * t.element_size() for t in tensors(state)) / 2**20
 
 
 @torch.no_grad()

@@ -14,7 +14,6 @@ connections inside, so the LM is only embedding, blocks, final norm and head.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -33,6 +32,7 @@ from nestlearn.nn.transformer import (
     SwiGLU,
     TransformerBlock,
 )
+from nestlearn.state import TreeState, state_dataclass
 
 
 def _out_std(config: ModelConfig) -> float:
@@ -85,6 +85,10 @@ class MemoryBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = SwiGLU(config.dim, config.mlp_hidden, config.init_std, _out_std(config))
 
+    def init_state(self, batch: int, *, device: torch.device | None = None,
+                   dtype: torch.dtype | None = None) -> NeuralMemoryState:
+        return self.memory.init_state(batch, device=device, dtype=dtype)
+
     def forward(self, x: torch.Tensor, state: NeuralMemoryState | None = None
                 ) -> tuple[torch.Tensor, NeuralMemoryState]:
         mixed, state = self.memory(self.memory_norm(x), state)
@@ -92,12 +96,13 @@ class MemoryBlock(nn.Module):
         return x + self.mlp(self.mlp_norm(x)), state
 
 
-@dataclass
-class GatedMemoryState:
-    """State of a ``GatedMemoryBlock``: the attention window's KV cache and the memory."""
+@state_dataclass
+class GatedMemoryState(TreeState):
+    """State of a ``GatedMemoryBlock``: the attention window's KV cache and the neural
+    memory's state (None: that part's fresh state)."""
 
     attention: AttentionState | None
-    memory: NeuralMemoryState | None
+    neural_memory: NeuralMemoryState | None
 
 
 class GatedMemoryBlock(nn.Module):
@@ -124,6 +129,11 @@ class GatedMemoryBlock(nn.Module):
         self.mlp_norm = RMSNorm(dim, config.norm_eps)
         self.mlp = SwiGLU(dim, config.mlp_hidden, config.init_std, _out_std(config))
 
+    def init_state(self, batch: int, *, device: torch.device | None = None,
+                   dtype: torch.dtype | None = None) -> GatedMemoryState:
+        return GatedMemoryState(self.attn.init_state(batch, device=device, dtype=dtype),
+                                self.memory.init_state(batch, device=device, dtype=dtype))
+
     def forward(self, x: torch.Tensor, state: GatedMemoryState | None = None
                 ) -> tuple[torch.Tensor, GatedMemoryState]:
         if state is None:
@@ -132,7 +142,7 @@ class GatedMemoryBlock(nn.Module):
             raise invalid("state", type(state).__name__, "a GatedMemoryState or None")
         n = self.norm(x)
         attended, attention = self.attn(n, state.attention)
-        remembered, memory = self.memory(n, state.memory)
+        remembered, memory = self.memory(n, state.neural_memory)
         gate = torch.sigmoid(self.memory_out_norm(remembered))
         x = x + self.out(self.attn_out_norm(attended) * gate)
         return x + self.mlp(self.mlp_norm(x)), GatedMemoryState(attention, memory)

@@ -28,6 +28,7 @@ from nestlearn.ops.deep_memory import (
     deep_memory_naive,
     init_deep_memory_weights,
 )
+from nestlearn.state import TreeState, state_dataclass, static_field
 
 if TYPE_CHECKING:
     from nestlearn.nn.self_modifying import SelfModifyingTitansConfig
@@ -199,8 +200,8 @@ class NeuralMemoryConfig:
         return self.expansion * self.head_dim
 
 
-@dataclass
-class NeuralMemoryState:
+@state_dataclass
+class NeuralMemoryState(TreeState):
     """Stream state of :class:`NeuralMemory`.
 
     ``memory`` is the memory at the start of the current chunk with the pending tokens of that
@@ -210,7 +211,7 @@ class NeuralMemoryState:
 
     memory: ChunkedMemoryState
     conv_tail: torch.Tensor | None
-    position: int
+    position: int = static_field()
 
 
 class HeadRMSNorm(RMSNorm):

@@ -18,20 +18,14 @@ from nestlearn.models import (
     generate,
     save_pretrained,
 )
-from nestlearn.models.state import map_tensors
 from nestlearn.nn.teach_signal import stream_with_teach_signal
+from nestlearn.state import tensors
 from trainkit import free_port, spawned_rank
 
 CHECKPOINTED_ARCHS = ["hope", "hope-attention", "titans", "transformer", "titans-mag"]
 # The tiny configs' chunks are 4 (memory), 3 (HOPE inner memories) and 2 / 6 (CMS): a
 # segment of 5 tokens cuts inside all of them and does not divide the lengths used.
 SEGMENT = 5
-
-
-def _tensors(tree):
-    found = []
-    map_tensors(tree, lambda t: found.append(t) or t)
-    return found
 
 
 def _pair(arch, **overrides):
@@ -59,13 +53,13 @@ def _assert_same_run(plain, checkpointed, ids, state_plain=None, state_checkpoin
     torch.testing.assert_close(logits_b, logits_a, rtol=0, atol=1e-12)
     assert final_b.position == final_a.position
     assert final_b.fingerprint == final_a.fingerprint
-    tensors_a, tensors_b = _tensors(final_a), _tensors(final_b)
+    tensors_a, tensors_b = tensors(final_a), tensors(final_b)
     assert len(tensors_a) == len(tensors_b) > 0
     for a, b in zip(tensors_a, tensors_b, strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
     # The loss reads the final state too, so gradients through the carried states count.
     def loss(logits, final):
-        return logits.square().mean() + sum(t.square().sum() for t in _tensors(final)) * 1e-3
+        return logits.square().mean() + sum(t.square().sum() for t in tensors(final)) * 1e-3
 
     params_a, params_b = list(plain.parameters()), list(checkpointed.parameters())
     grads_a = torch.autograd.grad(loss(logits_a, final_a), params_a, allow_unused=True)
@@ -100,7 +94,7 @@ def test_boundary_states_hold_only_their_own_values(arch):
 
     def oversized(model):
         _, state = model(ids)
-        return [tuple(t.shape) for t in _tensors(state)
+        return [tuple(t.shape) for t in tensors(state)
                 if t.untyped_storage().nbytes() > 2 * t.numel() * t.element_size()]
 
     assert oversized(plain)  # the views exist, so the check below has something to catch
@@ -131,7 +125,7 @@ def test_without_gradients_nothing_changes():
         logits_b, state_b = checkpointed(ids)
     assert calls == [1] * len(calls)  # one unsegmented pass per block
     torch.testing.assert_close(logits_b, logits_a, rtol=0, atol=0)
-    for a, b in zip(_tensors(state_a), _tensors(state_b), strict=True):
+    for a, b in zip(tensors(state_a), tensors(state_b), strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
     prompt = random_ids(1, 9)
     torch.testing.assert_close(generate(checkpointed, prompt, 6, temperature=0),
@@ -153,7 +147,7 @@ def test_lm_teach_signal_stream_is_unchanged():
         outputs.append((logits, state, grads))
     (logits_a, state_a, grads_a), (logits_b, state_b, grads_b) = outputs
     torch.testing.assert_close(logits_b, logits_a, rtol=0, atol=1e-12)
-    for a, b in zip(_tensors(state_a), _tensors(state_b), strict=True):
+    for a, b in zip(tensors(state_a), tensors(state_b), strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
     for a, b in zip(grads_a, grads_b, strict=True):
         assert (a is None) == (b is None)

@@ -4,7 +4,7 @@ import torch
 from model_cases import random_ids, tiny_model
 from nestlearn.errors import NestlearnError
 from nestlearn.models import generate, sample_next
-from nestlearn.models.state import map_tensors
+from nestlearn.state import tensors
 
 
 def test_sampling_is_reproducible_and_top_k_one_is_greedy():
@@ -55,9 +55,7 @@ def test_bad_options_are_refused(kwargs, message):
 
 
 def _state_bytes(state) -> int:
-    sizes = []
-    map_tensors(state, lambda t: sizes.append(t.numel() * t.element_size()) or t)
-    return sum(sizes)
+    return sum(t.numel() * t.element_size() for t in tensors(state))
 
 
 @pytest.mark.parametrize(("arch", "grows"), [

@@ -301,8 +301,9 @@ class TinyLM(nn.Module):
     def init_state(self, batch: int) -> dict:
         return {"cms": self.cms.init_state(batch)}
 
-    def forward(self, ids: torch.Tensor, state: dict | None = None):
-        h, cms = self.cms(self.embed(ids), None if state is None else state["cms"])
+    def forward(self, ids: torch.Tensor, state: dict | None = None, *, teach_hook=None):
+        h, cms = self.cms(self.embed(ids), None if state is None else state["cms"],
+                          teach_hook=teach_hook)
         return self.head(h), {"cms": cms}
 
 
@@ -453,7 +454,8 @@ def test_teach_signal_driver_refuses_bad_states():
         stream_with_teach_signal(model, ids, targets,
                                  state={"cms": moved["cms"], "other": model.init_state(2)})
     with pytest.raises(NestlearnError, match="did not advance"):
-        stream_with_teach_signal(lambda i, s: (model(i, s)[0], {"cms": s["cms"]}), ids,
+        stream_with_teach_signal(lambda i, s, **hook: (model(i, s, **hook)[0],
+                                                       {"cms": s["cms"]}), ids,
                                  targets, model.init_state(2))
     with pytest.raises(NestlearnError, match="targets"):
         stream_with_teach_signal(model, ids, targets[:, :2])

@@ -93,8 +93,8 @@ class TinyAttentionLM(nn.Module):
     def init_state(self, batch: int) -> HOPEAttentionState:
         return self.block.init_state(batch)
 
-    def forward(self, ids, state=None):
-        h, state = self.block(self.embed(ids), state)
+    def forward(self, ids, state=None, *, teach_hook=None):
+        h, state = self.block(self.embed(ids), state, teach_hook=teach_hook)
         return self.head(h), state
 
 

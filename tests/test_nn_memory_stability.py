@@ -157,8 +157,8 @@ def check_neural_memory(case, kind, forced, length):
         assert float(alpha.min()) > 1 - 1e-6
     largest, state = run_in_segments(layer, stream(layer.config.dim, length, kind))
     assert largest < 10.0
-    assert_bounded(state.memory.memory.weights, list(layer.memory_weights), "memory")
-    for s in state.memory.memory.momentum:
+    assert_bounded(state.memory.chunk_start.weights, list(layer.memory_weights), "memory")
+    for s in state.memory.chunk_start.momentum:
         assert torch.isfinite(s).all()
 
 
@@ -189,7 +189,7 @@ def test_the_earlier_parameterization_fails_this_check():
                                             normalize_values=False))
     with pytest.raises(AssertionError):
         _, state = run_in_segments(layer, stream(64, 1024, "randn"))
-        assert_bounded(state.memory.memory.weights, list(layer.memory_weights), "memory")
+        assert_bounded(state.memory.chunk_start.weights, list(layer.memory_weights), "memory")
 
 
 # Every input, gate setting and value normalization, but one: the known limit tested below.
@@ -220,8 +220,8 @@ def check_self_modifying(kind, forced, normalize_values):
         force_self_modifying_gates(layer)
     largest, state = run_in_segments(layer, stream(64, 4096, kind))
     assert largest < 10.0
-    assert_bounded(state.inner.memory.weights, list(layer.inner_weights), "inner memories")
-    assert_bounded(state.memory.memory.weights, list(layer.memory_weights), "main memory")
+    assert_bounded(state.inner.chunk_start.weights, list(layer.inner_weights), "inner memories")
+    assert_bounded(state.memory.chunk_start.weights, list(layer.memory_weights), "main memory")
 
 
 MODEL_CASES = {
@@ -242,8 +242,8 @@ def memory_states(block_state):
         inner = getattr(block_state, name, None)
         if inner is None:
             continue
-        if hasattr(inner, "memory") and hasattr(inner.memory, "weights"):
-            found.append(inner.memory.weights)
+        if hasattr(inner, "chunk_start"):
+            found.append(inner.chunk_start.weights)
         else:
             found += memory_states(inner)
     return found

@@ -47,12 +47,12 @@ def test_inner_memories_move_only_at_their_chunk_ends():
     x = inputs(length=5)
     _, state = layer(x[:, :2])  # inside the first inner chunk (3): still the initial memories
     assert state.inner.pending == 2
-    for initial, current in zip(layer.inner_weights, state.inner.memory.weights, strict=True):
+    for initial, current in zip(layer.inner_weights, state.inner.chunk_start.weights, strict=True):
         assert current is initial
     _, state = layer(x[:, 2:5], state)  # crosses the boundary at token 3
     assert state.inner.pending == 2
     for index, (initial, current) in enumerate(
-            zip(layer.inner_weights, state.inner.memory.weights, strict=True)):
+            zip(layer.inner_weights, state.inner.chunk_start.weights, strict=True)):
         moved = (current - initial).abs().amax(dim=(0, 2, 3))  # per stacked head
         assert bool((moved > 1e-8).all()), f"inner layer {index}: {moved}"
 
@@ -143,7 +143,8 @@ def test_default_memories_stay_bounded_on_a_long_stream():
         y_half, half = layer(x[:, :512])
         y_end, end = layer(x[:, 512:], half)
     assert torch.isfinite(y_half).all() and torch.isfinite(y_end).all()
-    for middle, last in zip(half.inner.memory.weights, end.inner.memory.weights, strict=True):
+    for middle, last in zip(half.inner.chunk_start.weights, end.inner.chunk_start.weights,
+                            strict=True):
         assert last.norm() < 1.5 * middle.norm()
 
 
@@ -171,7 +172,7 @@ def test_inner_update_regresses_each_memory_on_its_own_targets():
         _, expected = deep_memory_naive(k, k, targets, alpha, eta, theta,
                                         initial_state=DeepMemoryState(weights), dgd=True,
                                         output_final_state=True, chunk_size=size)
-        for got, want in zip(state.inner.memory.weights, expected.weights, strict=True):
+        for got, want in zip(state.inner.chunk_start.weights, expected.weights, strict=True):
             torch.testing.assert_close(got[:, i * HEADS:(i + 1) * HEADS], want,
                                        rtol=1e-10, atol=1e-12, msg=INNER_MEMORIES[i])
 
@@ -185,7 +186,7 @@ def test_self_target_main_memory_learns_its_own_output_of_v():
     _, state = layer(x)
     _, plain_state = plain(x)
     assert state.memory.pending == 2
-    chunk_start = state.memory.memory
+    chunk_start = state.memory.chunk_start
     v = plain_state.memory.values  # same parameters, so the same generated v_t
     expected = deep_memory_apply(chunk_start.weights, v)
     torch.testing.assert_close(state.memory.values, expected, rtol=1e-12, atol=1e-12)

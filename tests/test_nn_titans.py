@@ -127,7 +127,7 @@ def test_memory_learns_in_context_and_grads_reach_initial_memory():
     y, state = layer(x)
     # 2 persistent + 12 tokens = 3 full chunks of 4 then 2 pending: the memory has moved.
     assert state.memory.pending == 2
-    for initial, learned in zip(layer.memory_weights, state.memory.memory.weights,
+    for initial, learned in zip(layer.memory_weights, state.memory.chunk_start.weights,
                                 strict=True):
         assert learned.shape == (2, *initial.shape)
         assert (learned - initial).abs().max() > 1e-6

@@ -143,27 +143,29 @@ def _flat(state: object) -> list[torch.Tensor]:
 
 
 def test_states_are_searched_and_raised_without_rerunning_init():
-    from dataclasses import dataclass, field
-
     from nestlearn.ops._precision import _autocast_device, _raise_precision
+    from nestlearn.state import TreeState, state_dataclass, static_field
 
-    @dataclass
-    class State:
+    inits = []
+
+    @state_dataclass
+    class State(TreeState):
         weights: tuple[torch.Tensor, ...]
-        steps: int = field(default=0, init=False)
+        steps: int = static_field(default=0)
+        kind: str = static_field(default="memory", init=False)
 
         def __post_init__(self) -> None:
-            self.inits = getattr(self, "inits", 0) + 1
+            inits.append(self)
 
-    state = State((torch.ones(2, dtype=torch.bfloat16),))
-    state.steps = 3
+    state = State((torch.ones(2, dtype=torch.bfloat16),), steps=3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         # the only tensor is inside the state: it still decides the device
         assert _autocast_device((state,), {}) == "cpu"
     assert _autocast_device((state,), {}) is None
     raised = _raise_precision(state)
     assert raised.weights[0].dtype == torch.float32 and raised.steps == 3
-    assert raised.inits == 1 and state.weights[0].dtype == torch.bfloat16
+    assert raised.kind == "memory"
+    assert len(inits) == 1 and state.weights[0].dtype == torch.bfloat16
 
 
 def test_device_types_autocast_does_not_know_count_as_off():

@@ -18,6 +18,7 @@ from nestlearn.ops import (
     titans_linear,
     titans_linear_naive,
 )
+from nestlearn.state import tree_map
 
 DTYPE = torch.float64
 TOLERANCE = 1e-8
@@ -72,25 +73,20 @@ def leaves(inputs: dict) -> dict[str, torch.Tensor]:
     out = {}
     for name, value in inputs.items():
         if isinstance(value, TitansLinearState):
-            out[f"{name}.memory"], out[f"{name}.momentum"] = value
+            out[f"{name}.memory"], out[f"{name}.momentum"] = value.memory, value.momentum
         else:
             out[name] = value
     return out
 
 
 def fresh(inputs: dict) -> dict:
-    """A copy of ``inputs`` whose tensors are new leaves requiring grad."""
-    out = {}
-    for name, value in inputs.items():
-        if isinstance(value, TitansLinearState):
-            out[name] = TitansLinearState(*(t.detach().clone().requires_grad_() for t in value))
-        else:
-            out[name] = value.detach().clone().requires_grad_()
-    return out
+    """A copy of ``inputs`` whose tensors (the state's parts too) are new leaves requiring
+    grad."""
+    return tree_map(lambda t: t.detach().clone().requires_grad_(), inputs)
 
 
 def state_tensors(state) -> list[torch.Tensor]:
-    return list(state) if isinstance(state, TitansLinearState) else [state]
+    return [state.memory, state.momentum] if isinstance(state, TitansLinearState) else [state]
 
 
 def run_with_grads(fn: Callable, inputs: dict, chunk_size: int):
@@ -167,11 +163,7 @@ def test_gates_at_their_bounds(name):
 def test_no_initial_state_means_zeros(name):
     rule = RULES[name]
     inputs = make_inputs(rule, 2, 9, 2, 3, 4)
-    zeros = inputs["initial_state"]
-    if isinstance(zeros, TitansLinearState):
-        zeros = TitansLinearState(*(torch.zeros_like(t) for t in zeros))
-    else:
-        zeros = torch.zeros_like(zeros)
+    zeros = tree_map(torch.zeros_like, inputs["initial_state"])
     with_zeros, _ = rule.fast(**{**inputs, "initial_state": zeros}, chunk_size=4)
     without, final = rule.fast(**{**inputs, "initial_state": None}, chunk_size=4)
     assert final is None
@@ -204,7 +196,7 @@ def test_titans_chunk_is_part_of_the_semantics():
     rule = RULES["titans"]
     inputs = make_inputs(rule, 1, 6, 1, 3, 3, seed=7)
     q, k, v, alpha, eta, theta = (inputs[n] for n in ("q", "k", "v", "alpha", "eta", "theta"))
-    memory, momentum = inputs["initial_state"]
+    memory, momentum = inputs["initial_state"].memory, inputs["initial_state"].momentum
     outputs = []
     for t in range(6):
         error = memory[0, 0] @ k[0, t, 0] - v[0, t, 0]
@@ -285,13 +277,8 @@ def test_initial_state_shared_by_the_batch(name):
     for arg in grads:
         assert_close(grads[arg], ref_grads[arg], f"grad of {arg}")
     shared = leaves({"initial_state": inputs["initial_state"]})
-    expanded = {
-        "initial_state": (
-            TitansLinearState(*(t.expand(3, *t.shape) for t in inputs["initial_state"]))
-            if isinstance(state, TitansLinearState)
-            else inputs["initial_state"].expand(3, *inputs["initial_state"].shape)
-        )
-    }
+    expanded = {"initial_state": tree_map(lambda t: t.expand(3, *t.shape),
+                                          inputs["initial_state"])}
     batched_out, _ = rule.fast(**{**inputs, **expanded}, chunk_size=4)
     assert_close(out, batched_out, "output with the state expanded by hand")
     assert all(grads[arg].dim() == 3 for arg in shared)

@@ -46,7 +46,7 @@ from nestlearn.benchmarks.titans_compare import (
 )
 from nestlearn.errors import NestlearnError, NonFiniteError, invalid
 from nestlearn.models import ARCHS, ArchSpec, ModelConfig, build_model
-from nestlearn.models.state import map_tensors
+from nestlearn.state import tensors
 
 LAYERS: tuple[str, ...] = ("attention", "transformer-block", "neural-memory",
                            "self-modifying-titans", "cms", "hope-block", "hope-attention-block")
@@ -171,9 +171,7 @@ def _memory_options(spec: ArchSpec, options: dict[str, Any]) -> dict[str, Any] |
 
 
 def _state_mb(state: object) -> float:
-    sizes: list[int] = []
-    map_tensors(state, lambda t: sizes.append(t.numel() * t.element_size()) or t)
-    return sum(sizes) / 2**20
+    return sum(t.numel() * t.element_size() for t in tensors(state)) / 2**20
 
 
 @torch.no_grad()

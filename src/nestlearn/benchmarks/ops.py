@@ -77,7 +77,7 @@ def _inputs(rule: str, length: int, batch: int, heads: int, dim: int,
         state = TitansLinearState(torch.zeros(batch, heads, dim, dim),
                                   torch.zeros(batch, heads, dim, dim))
         kwargs["initial_state"] = state
-        leaves += list(state)
+        leaves += [state.memory, state.momentum]
     else:
         kwargs["initial_state"] = torch.zeros(batch, heads, dim, dim)
         leaves.append(kwargs["initial_state"])

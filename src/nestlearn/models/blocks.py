@@ -7,8 +7,6 @@ connections inside, so the LM is only embedding, blocks, final norm and head;
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -16,6 +14,7 @@ from nestlearn.errors import invalid
 from nestlearn.models.config import ModelConfig
 from nestlearn.nn.titans import NeuralMemory, NeuralMemoryState
 from nestlearn.nn.transformer import AttentionState, CausalSelfAttention, RMSNorm, SwiGLU
+from nestlearn.state import TreeState, state_dataclass
 
 
 class MemoryBlock(nn.Module):
@@ -28,6 +27,10 @@ class MemoryBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = SwiGLU(config.dim, config.mlp_width, config.init_std, config.out_init_std)
 
+    def init_state(self, batch: int, *, device: torch.device | None = None,
+                   dtype: torch.dtype | None = None) -> NeuralMemoryState:
+        return self.memory.init_state(batch, device=device, dtype=dtype)
+
     def forward(self, x: torch.Tensor, state: NeuralMemoryState | None = None
                 ) -> tuple[torch.Tensor, NeuralMemoryState]:
         mixed, state = self.memory(self.memory_norm(x), state)
@@ -35,12 +38,13 @@ class MemoryBlock(nn.Module):
         return x + self.mlp(self.mlp_norm(x)), state
 
 
-@dataclass
-class GatedMemoryState:
-    """State of a ``GatedMemoryBlock``: the attention window's KV cache and the memory."""
+@state_dataclass
+class GatedMemoryState(TreeState):
+    """State of a ``GatedMemoryBlock``: the attention window's KV cache and the neural
+    memory's state (None: that part's fresh state)."""
 
     attention: AttentionState | None
-    memory: NeuralMemoryState | None
+    neural_memory: NeuralMemoryState | None
 
 
 class GatedMemoryBlock(nn.Module):
@@ -67,6 +71,11 @@ class GatedMemoryBlock(nn.Module):
         self.mlp_norm = RMSNorm(dim, config.norm_eps)
         self.mlp = SwiGLU(dim, config.mlp_width, config.init_std, config.out_init_std)
 
+    def init_state(self, batch: int, *, device: torch.device | None = None,
+                   dtype: torch.dtype | None = None) -> GatedMemoryState:
+        return GatedMemoryState(self.attn.init_state(batch, device=device, dtype=dtype),
+                                self.memory.init_state(batch, device=device, dtype=dtype))
+
     def forward(self, x: torch.Tensor, state: GatedMemoryState | None = None
                 ) -> tuple[torch.Tensor, GatedMemoryState]:
         if state is None:
@@ -75,7 +84,7 @@ class GatedMemoryBlock(nn.Module):
             raise invalid("state", type(state).__name__, "a GatedMemoryState or None")
         n = self.norm(x)
         attended, attention = self.attn(n, state.attention)
-        remembered, memory = self.memory(n, state.memory)
+        remembered, memory = self.memory(n, state.neural_memory)
         gate = torch.sigmoid(self.memory_out_norm(remembered))
         x = x + self.out(self.attn_out_norm(attended) * gate)
         return x + self.mlp(self.mlp_norm(x)), GatedMemoryState(attention, memory)

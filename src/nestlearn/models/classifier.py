@@ -27,8 +27,9 @@ class SequenceClassifier(nn.Module):
         nn.init.normal_(self.head.weight, std=config.backbone.init_std)
         nn.init.zeros_(self.head.bias)
 
-    def init_state(self, batch: int) -> LMState:
-        return self.backbone.init_state(batch)
+    def init_state(self, batch: int, *, device: torch.device | None = None,
+                   dtype: torch.dtype | None = None) -> LMState:
+        return self.backbone.init_state(batch, device=device, dtype=dtype)
 
     def _check_lengths(self, lengths: object, batch: int, length: int) -> torch.Tensor:
         if not isinstance(lengths, torch.Tensor) or lengths.shape != (batch,) \

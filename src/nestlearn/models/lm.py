@@ -12,9 +12,10 @@ from torch.utils.checkpoint import checkpoint
 
 from nestlearn.errors import check_int, invalid
 from nestlearn.models.config import ModelConfig
-from nestlearn.models.state import LMState, check_state, map_tensors
-from nestlearn.nn import cms
+from nestlearn.models.state import LMState, check_state
+from nestlearn.nn.cms import TeachHook
 from nestlearn.nn.transformer import RMSNorm
+from nestlearn.state import tree_map
 
 
 def check_ids(ids: object, vocab_size: int) -> torch.Tensor:
@@ -34,12 +35,16 @@ def check_ids(ids: object, vocab_size: int) -> torch.Tensor:
     return ids
 
 
-def run_blocks(blocks: Sequence[nn.Module], hidden: torch.Tensor, states: Sequence[Any]
-               ) -> tuple[torch.Tensor, tuple[Any, ...]]:
-    """``hidden [B, T, D]`` through every block in turn: (output, each block's new state)."""
+def run_blocks(blocks: Sequence[nn.Module], hidden: torch.Tensor, states: Sequence[Any],
+               teach_hook: TeachHook | None = None) -> tuple[torch.Tensor, tuple[Any, ...]]:
+    """``hidden [B, T, D]`` through every block in turn: (output, each block's new state).
+
+    ``teach_hook`` (the CMS LM teach-signal driver's) goes to the blocks, which then all hold
+    CMS layers (``nestlearn.nn.teach_signal``); blocks without CMS never receive it."""
+    hook = {} if teach_hook is None else {"teach_hook": teach_hook}
     new_states = []
     for block, state in zip(blocks, states, strict=True):
-        hidden, state = block(hidden, state)
+        hidden, state = block(hidden, state, **hook)
         new_states.append(state)
     return hidden, tuple(new_states)
 
@@ -60,7 +65,7 @@ def run_blocks_checkpointed(blocks: Sequence[nn.Module], hidden: torch.Tensor,
         x = hidden[:, start:start + segment]
         for index, block in enumerate(blocks):
             x, state = checkpoint(block, x, states[index], use_reentrant=False)
-            states[index] = map_tensors(state, _compact)
+            states[index] = tree_map(_compact, state)
         outputs.append(x)
     return torch.cat(outputs, dim=1), tuple(states)
 
@@ -73,12 +78,12 @@ def _compact(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _checkpointing(config: ModelConfig) -> bool:
+def _checkpointing(config: ModelConfig, teach_hook: TeachHook | None) -> bool:
     """Checkpoint only when a backward can follow, and not inside a segment of the CMS
-    LM teach-signal driver: it runs its own short segments, and its hook must see each CMS
-    layer once per segment (``nestlearn.nn.teach_signal``)."""
+    LM teach-signal driver (given a ``teach_hook``): it runs its own short segments, and its
+    hook must see each CMS layer once per segment (``nestlearn.nn.teach_signal``)."""
     return (config.checkpoint_segment is not None and torch.is_grad_enabled()
-            and not cms.lm_teach_hook_active())
+            and teach_hook is None)
 
 
 class Backbone(nn.Module):
@@ -95,25 +100,28 @@ class Backbone(nn.Module):
         self.blocks = nn.ModuleList(config.spec.build_block(config) for _ in range(config.layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
 
-    def init_state(self, batch: int) -> LMState:
+    def init_state(self, batch: int, *, device: torch.device | None = None,
+                   dtype: torch.dtype | None = None) -> LMState:
         """The state before the first token: every block at its (meta-learned) initial state."""
         check_int("batch", batch)
-        return LMState(blocks=(None,) * len(self.blocks), position=0, batch_size=batch,
+        blocks = tuple(block.init_state(batch, device=device, dtype=dtype)
+                       for block in self.blocks)
+        return LMState(blocks=blocks, position=0, batch_size=batch,
                        fingerprint=self.fingerprint)
 
-    def forward(self, ids: torch.Tensor,
-                state: LMState | None = None) -> tuple[torch.Tensor, LMState]:
+    def forward(self, ids: torch.Tensor, state: LMState | None = None, *,
+                teach_hook: TeachHook | None = None) -> tuple[torch.Tensor, LMState]:
         check_ids(ids, self.config.vocab_size)
         batch, length = ids.shape
         if state is None:
             state = self.init_state(batch)
         check_state(state, self.fingerprint, batch, len(self.blocks))
         hidden = self.embed(ids)
-        if _checkpointing(self.config):
+        if _checkpointing(self.config, teach_hook):
             hidden, block_states = run_blocks_checkpointed(
                 self.blocks, hidden, state.blocks, self.config.checkpoint_segment)
         else:
-            hidden, block_states = run_blocks(self.blocks, hidden, state.blocks)
+            hidden, block_states = run_blocks(self.blocks, hidden, state.blocks, teach_hook)
         new_state = LMState(blocks=block_states, position=state.position + length,
                             batch_size=batch, fingerprint=self.fingerprint)
         return self.norm(hidden), new_state
@@ -141,15 +149,18 @@ class CausalLM(nn.Module):
     def fingerprint(self) -> str:
         return self.backbone.fingerprint
 
-    def init_state(self, batch: int) -> LMState:
-        return self.backbone.init_state(batch)
+    def init_state(self, batch: int, *, device: torch.device | None = None,
+                   dtype: torch.dtype | None = None) -> LMState:
+        return self.backbone.init_state(batch, device=device, dtype=dtype)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.head is None:
             return F.linear(hidden, self.backbone.embed.weight)
         return self.head(hidden)
 
-    def forward(self, ids: torch.Tensor,
-                state: LMState | None = None) -> tuple[torch.Tensor, LMState]:
-        hidden, state = self.backbone(ids, state)
+    def forward(self, ids: torch.Tensor, state: LMState | None = None, *,
+                teach_hook: TeachHook | None = None) -> tuple[torch.Tensor, LMState]:
+        """``teach_hook``: the CMS LM teach-signal driver's (``nestlearn.nn.teach_signal``);
+        None runs the LM-driven CMS levels at their current weights."""
+        hidden, state = self.backbone(ids, state, teach_hook=teach_hook)
         return self.logits(hidden), state

@@ -6,23 +6,14 @@ so a cache of one model cannot silently corrupt another's outputs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from nestlearn.errors import invalid
-from nestlearn.nn.teach_signal import map_state
+from nestlearn.state import TreeState, state_dataclass, static_field
 
 
-def map_tensors(tree: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """Apply ``fn`` to every tensor inside nested dataclasses, tuples, lists and dicts."""
-    return map_state(tree, None, fn)
-
-
-@dataclass
-class LMState:
+@state_dataclass
+class LMState(TreeState):
     """State of a ``CausalLM`` or classifier backbone between segments.
 
     ``blocks``: one state per block (None = that block's fresh initial state, e.g. before the
@@ -31,13 +22,9 @@ class LMState:
     """
 
     blocks: tuple[Any, ...]
-    position: int
-    batch_size: int
-    fingerprint: str
-
-    def detach(self) -> LMState:
-        """The same state cut from the autograd graph (truncated backprop through time)."""
-        return map_tensors(self, torch.Tensor.detach)
+    position: int = static_field()
+    batch_size: int = static_field()
+    fingerprint: str = static_field()
 
 
 def check_state(state: object, fingerprint: str, batch_size: int, num_blocks: int) -> LMState:

@@ -17,16 +17,15 @@ parallel). Variants (see CMS.md for the exact reading):
 Teach signals f: ``"local"`` (default) regresses each level's MLP output onto a learned linear
 target of its own normalized input, computed inside ``forward`` (exact, differentiable, works at
 inference); ``"lm"`` leaves ``forward`` frozen and takes the gradient of the stream's next-token
-loss from ``nestlearn.nn.teach_signal.stream_with_teach_signal``.
+loss from ``nestlearn.nn.teach_signal.stream_with_teach_signal``, which hands ``forward`` its
+``teach_hook`` (without one, an LM-driven layer just runs its current weights).
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -49,38 +48,21 @@ from nestlearn.nn.cms_levels import (
     weight_shapes,
 )
 from nestlearn.nn.transformer import RMSNorm
+from nestlearn.state import TreeState, state_dataclass, static_field
 
 VARIANTS = ("sequential", "nested", "independent")
 TEACH_SIGNALS = ("local", "lm")
 
-# Set by the LM teach-signal driver while it runs a segment: every CMS layer with
-# teach_signal="lm" passes its incoming state through it (to use its weights as w + leaf).
-_LM_HOOK: ContextVar[Callable[[ContinuumMemoryState], ContinuumMemoryState] | None] = \
-    ContextVar("nestlearn_cms_lm_hook", default=None)
+# The LM teach-signal driver's hook (``nestlearn.nn.teach_signal``): a CMS layer with
+# teach_signal="lm" passes its incoming state through it, to use its weights as w + leaf.
+TeachHook = Callable[["ContinuumMemoryState"], "ContinuumMemoryState"]
 
 
-@contextmanager
-def lm_teach_hook(hook: Callable[[ContinuumMemoryState], ContinuumMemoryState]
-                  ) -> Iterator[None]:
-    """While active, CMS layers with ``teach_signal="lm"`` replace their incoming state by
-    ``hook(state)`` (used by ``nestlearn.nn.teach_signal``)."""
-    token = _LM_HOOK.set(hook)
-    try:
-        yield
-    finally:
-        _LM_HOOK.reset(token)
-
-
-def lm_teach_hook_active() -> bool:
-    """Whether the LM teach-signal driver is running a segment (``lm_teach_hook`` is active)."""
-    return _LM_HOOK.get() is not None
-
-
-def _through_lm_hook(state: ContinuumMemoryState) -> ContinuumMemoryState:
-    hook = _LM_HOOK.get()
-    if hook is None or state.config.teach_signal != "lm":
+def _through_teach_hook(state: ContinuumMemoryState,
+                        teach_hook: TeachHook | None) -> ContinuumMemoryState:
+    if teach_hook is None or state.config.teach_signal != "lm":
         return state
-    return hook(state)
+    return teach_hook(state)
 
 
 def _per_level(name: str, value: object, levels: int) -> tuple:
@@ -173,8 +155,8 @@ class CMSConfig:
         return not self.frozen and self.inner_lr[level] > 0
 
 
-@dataclass(frozen=True, eq=False)
-class CMSLevelState:
+@state_dataclass
+class CMSLevelState(TreeState):
     """Fast weights of one level and the gradient sum of its current (unfinished) chunk.
 
     ``weights``: ``[out, in]`` (still the shared meta-learned parameters) or ``[B, out, in]``.
@@ -185,15 +167,15 @@ class CMSLevelState:
     accumulator: tuple[torch.Tensor, ...] | None = None
 
 
-@dataclass(frozen=True, eq=False)
-class ContinuumMemoryState:
+@state_dataclass
+class ContinuumMemoryState(TreeState):
     """State of a ``ContinuumMemory`` layer: its config, the absolute position of the next
     token, the batch size and one ``CMSLevelState`` per level (fastest first)."""
 
-    config: CMSConfig
-    position: int
-    batch_size: int
-    levels: tuple[CMSLevelState, ...] = field(default_factory=tuple)
+    config: CMSConfig = static_field()
+    position: int = static_field()
+    batch_size: int = static_field()
+    levels: tuple[CMSLevelState, ...] = ()
 
 
 Factors = tuple[tuple[torch.Tensor, torch.Tensor], ...]
@@ -358,7 +340,7 @@ class ContinuumMemory(nn.Module):
                                   str(tuple(norm.shape)))
                 norm.copy_(norm_weight)
 
-    def init_state(self, batch: int, device: torch.device | None = None,
+    def init_state(self, batch: int, *, device: torch.device | None = None,
                    dtype: torch.dtype | None = None) -> ContinuumMemoryState:
         """Position 0, every level at its meta-learned weights (gradients reach them)."""
         check_int("batch", batch)
@@ -433,11 +415,14 @@ class ContinuumMemory(nn.Module):
         y = x + mixed if config.variant == "independent" else h
         return y, factors
 
-    def forward(self, x: torch.Tensor, state: ContinuumMemoryState | None = None
+    def forward(self, x: torch.Tensor, state: ContinuumMemoryState | None = None, *,
+                teach_hook: TeachHook | None = None
                 ) -> tuple[torch.Tensor, ContinuumMemoryState]:
+        """``teach_hook``: the LM teach-signal driver's hook, applied to the incoming state
+        when ``config.teach_signal == "lm"`` (None: run the current weights)."""
         x = self._check_input(x)
         state = self.init_state(x.shape[0]) if state is None else self._check_state(state, x)
-        state = _through_lm_hook(state)
+        state = _through_teach_hook(state, teach_hook)
         config = self.config
         local = config.teach_signal == "local" and config.learns_in_context
         levels = state.levels
@@ -467,7 +452,8 @@ class ContinuumMemory(nn.Module):
         return y, ContinuumMemoryState(config, state.position + x.shape[1], state.batch_size,
                                        levels)
 
-    def forward_naive(self, x: torch.Tensor, state: ContinuumMemoryState | None = None
+    def forward_naive(self, x: torch.Tensor, state: ContinuumMemoryState | None = None, *,
+                      teach_hook: TeachHook | None = None
                       ) -> tuple[torch.Tensor, ContinuumMemoryState]:
         """Token-by-token reference of ``forward`` (local signal; slow, for tests).
 
@@ -477,7 +463,7 @@ class ContinuumMemory(nn.Module):
         """
         x = self._check_input(x)
         state = self.init_state(x.shape[0]) if state is None else self._check_state(state, x)
-        state = _through_lm_hook(state)
+        state = _through_teach_hook(state, teach_hook)
         config = self.config
         batch = x.shape[0]
         local = config.teach_signal == "local" and config.learns_in_context

@@ -10,18 +10,18 @@ block (ad-hoc level stacking, docs/paper.md section 3).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from nestlearn.errors import check_int, invalid
-from nestlearn.nn.cms import CMSConfig, ContinuumMemory, ContinuumMemoryState
+from nestlearn.nn.cms import CMSConfig, ContinuumMemory, ContinuumMemoryState, TeachHook
 from nestlearn.nn.transformer import AttentionState, CausalSelfAttention, RMSNorm, check_input
+from nestlearn.state import TreeState, state_dataclass
 
 
-@dataclass(frozen=True, eq=False)
-class HOPEAttentionState:
+@state_dataclass
+class HOPEAttentionState(TreeState):
     """State of a ``HOPEAttentionBlock``: the attention's KV cache and the CMS state."""
 
     attention: AttentionState
@@ -52,11 +52,11 @@ class HOPEAttentionBlock(nn.Module):
                                         init_std / math.sqrt(2 * num_layers))
         self.cms = ContinuumMemory(cms)
 
-    def init_state(self, batch: int, device: torch.device | None = None,
+    def init_state(self, batch: int, *, device: torch.device | None = None,
                    dtype: torch.dtype | None = None) -> HOPEAttentionState:
         """Empty KV cache and CMS levels at their meta-learned weights, position 0."""
-        return HOPEAttentionState(self.attn.init_state(batch, device, dtype),
-                                  self.cms.init_state(batch, device, dtype))
+        return HOPEAttentionState(self.attn.init_state(batch, device=device, dtype=dtype),
+                                  self.cms.init_state(batch, device=device, dtype=dtype))
 
     def load_from_transformer_block(self, block: nn.Module, level: int = 0) -> None:
         """Copy a trained ``TransformerBlock`` into this block: attention and its norm, and
@@ -68,11 +68,12 @@ class HOPEAttentionBlock(nn.Module):
         self.cms.load_level_from_swiglu(level, mlp.gate.weight, mlp.up.weight, mlp.down.weight,
                                         block.mlp_norm.weight)
 
-    def forward(self, x: torch.Tensor, state: HOPEAttentionState | None = None
-                ) -> tuple[torch.Tensor, HOPEAttentionState]:
+    def forward(self, x: torch.Tensor, state: HOPEAttentionState | None = None, *,
+                teach_hook: TeachHook | None = None) -> tuple[torch.Tensor, HOPEAttentionState]:
+        """``teach_hook``: the LM teach-signal driver's hook, handed to the CMS."""
         if state is not None and not isinstance(state, HOPEAttentionState):
             raise invalid("state", type(state).__name__, "a HOPEAttentionState or None")
         check_input(x, self.dim, self.attn_norm.weight.dtype)
         mixed, attention = self.attn(self.attn_norm(x), None if state is None else state.attention)
-        y, cms = self.cms(x + mixed, None if state is None else state.cms)
+        y, cms = self.cms(x + mixed, None if state is None else state.cms, teach_hook=teach_hook)
         return y, HOPEAttentionState(attention, cms)

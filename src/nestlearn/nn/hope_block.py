@@ -9,23 +9,22 @@ The CMS levels carry their own pre-norm and residual (``nestlearn.nn.cms``), as 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from nestlearn.errors import invalid
-from nestlearn.nn.cms import CMSConfig, ContinuumMemory, ContinuumMemoryState
+from nestlearn.nn.cms import CMSConfig, ContinuumMemory, ContinuumMemoryState, TeachHook
 from nestlearn.nn.self_modifying import (
     SelfModifyingTitans,
     SelfModifyingTitansConfig,
     SelfModifyingTitansState,
 )
 from nestlearn.nn.transformer import RMSNorm, check_input
+from nestlearn.state import TreeState, state_dataclass
 
 
-@dataclass(frozen=True, eq=False)
-class HOPEBlockState:
+@state_dataclass
+class HOPEBlockState(TreeState):
     """State of a ``HOPEBlock``: the self-modifying Titans state and the CMS state."""
 
     titans: SelfModifyingTitansState
@@ -53,18 +52,20 @@ class HOPEBlock(nn.Module):
         self.titans = SelfModifyingTitans(titans)
         self.cms = ContinuumMemory(cms)
 
-    def init_state(self, batch: int, device: torch.device | None = None,
+    def init_state(self, batch: int, *, device: torch.device | None = None,
                    dtype: torch.dtype | None = None) -> HOPEBlockState:
         """Every memory at its meta-learned initial state, position 0."""
         return HOPEBlockState(self.titans.init_state(batch, device=device, dtype=dtype),
-                              self.cms.init_state(batch, device, dtype))
+                              self.cms.init_state(batch, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor, state: HOPEBlockState | None = None
-                ) -> tuple[torch.Tensor, HOPEBlockState]:
+    def forward(self, x: torch.Tensor, state: HOPEBlockState | None = None, *,
+                teach_hook: TeachHook | None = None) -> tuple[torch.Tensor, HOPEBlockState]:
+        """``teach_hook``: the LM teach-signal driver's hook, handed to the CMS."""
         if state is not None and not isinstance(state, HOPEBlockState):
             raise invalid("state", type(state).__name__, "a HOPEBlockState or None")
         x = check_input(x, self.dim, self.norm.weight.dtype)
         mixed, titans = self.titans(self.norm(x), None if state is None else state.titans)
         cms = self.cms.forward_naive if self.titans.config.use_naive else self.cms
-        y, cms_state = cms(x + mixed, None if state is None else state.cms)
+        y, cms_state = cms(x + mixed, None if state is None else state.cms,
+                           teach_hook=teach_hook)
         return y, HOPEBlockState(titans, cms_state)

@@ -12,24 +12,25 @@ which makes any chain of segments equal one pass over the concatenation.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from nestlearn.errors import invalid
 from nestlearn.ops.deep_memory import DeepMemoryState
+from nestlearn.state import TreeState, state_dataclass
 
 
-@dataclass
-class ChunkedMemoryState:
+@state_dataclass
+class ChunkedMemoryState(TreeState):
     """A deep memory at the start of the current chunk and the tokens seen since.
 
-    ``memory`` weights are ``[B, H, out, in]`` (or ``[H, out, in]`` meta-learned initial weights,
-    shared by the batch). ``keys``, ``values`` are ``[B, r, H, D]`` and ``alpha``, ``eta``,
-    ``theta`` are ``[B, r, H]`` (``theta`` is None without momentum), with ``r < chunk_size``.
+    ``chunk_start`` is the memory at that chunk's start: its weights are ``[B, H, out, in]``
+    (or ``[H, out, in]`` meta-learned initial weights, shared by the batch). ``keys``,
+    ``values`` are ``[B, r, H, D]`` and ``alpha``, ``eta``, ``theta`` are ``[B, r, H]``
+    (``theta`` is None without momentum), with ``r < chunk_size``.
     """
 
-    memory: DeepMemoryState
+    chunk_start: DeepMemoryState
     keys: torch.Tensor
     values: torch.Tensor
     alpha: torch.Tensor
@@ -44,8 +45,9 @@ class ChunkedMemoryState:
     def check(self, name: str, batch: int, heads: int, dim: int, dtype: torch.dtype,
               chunk_size: int, momentum: bool) -> None:
         """Raise if this state does not fit the calling layer and its input."""
-        if not isinstance(self.memory, DeepMemoryState):
-            raise invalid(f"{name}.memory", type(self.memory).__name__, "a DeepMemoryState")
+        if not isinstance(self.chunk_start, DeepMemoryState):
+            raise invalid(f"{name}.chunk_start", type(self.chunk_start).__name__,
+                          "a DeepMemoryState")
         if tuple(self.keys.shape[:1] + self.keys.shape[2:]) != (batch, heads, dim):
             raise invalid(f"{name}.keys.shape", tuple(self.keys.shape),
                           f"[{batch}, r, {heads}, {dim}] (batch, heads, head_dim of this layer)")
@@ -54,21 +56,22 @@ class ChunkedMemoryState:
         if (self.theta is None) == momentum:
             raise invalid(f"{name}.theta", "None" if self.theta is None else "a tensor",
                           "a tensor with momentum, None without (a state from another config)")
-        for index, weight in enumerate(self.memory.weights):
+        for index, weight in enumerate(self.chunk_start.weights):
             if weight.dim() == 4 and weight.shape[0] != batch:
-                raise invalid(f"{name}.memory.weights[{index}].shape", tuple(weight.shape),
+                raise invalid(f"{name}.chunk_start.weights[{index}].shape", tuple(weight.shape),
                               f"batch {batch}")
             if weight.dtype != dtype:
-                raise invalid(f"{name}.memory.weights[{index}].dtype", weight.dtype, f"{dtype}")
+                raise invalid(f"{name}.chunk_start.weights[{index}].dtype", weight.dtype,
+                              f"{dtype}")
 
 
-def empty_chunked_state(memory: DeepMemoryState, batch: int, heads: int, dim: int,
+def empty_chunked_state(chunk_start: DeepMemoryState, batch: int, heads: int, dim: int,
                         momentum: bool, like: torch.Tensor) -> ChunkedMemoryState:
     """A stream that has seen no token of its current chunk."""
     def empty(*shape: int) -> torch.Tensor:
         return like.new_zeros(batch, 0, *shape)
 
-    return ChunkedMemoryState(memory, empty(heads, dim), empty(heads, dim), empty(heads),
+    return ChunkedMemoryState(chunk_start, empty(heads, dim), empty(heads, dim), empty(heads),
                               empty(heads), empty(heads) if momentum else None)
 
 
@@ -96,7 +99,7 @@ def run_chunked_memory(op: MemoryOp, state: ChunkedMemoryState, q: torch.Tensor,
             stop = min(k.shape[1], start + chunk_size - state.pending)
             piece = slice(start, stop)
             out, state = run_chunked_memory(
-                op, state, q[:, piece], k[:, piece], value_map(state.memory, v[:, piece]),
+                op, state, q[:, piece], k[:, piece], value_map(state.chunk_start, v[:, piece]),
                 alpha[:, piece], eta[:, piece], None if theta is None else theta[:, piece],
                 chunk_size=chunk_size, **op_kwargs)
             outputs.append(out)
@@ -121,7 +124,7 @@ def run_chunked_memory(op: MemoryOp, state: ChunkedMemoryState, q: torch.Tensor,
                   **op_kwargs)
 
     outputs = []
-    memory = state.memory
+    memory = state.chunk_start
     if complete > 0:
         out, memory = run(0, complete, memory, True)
         outputs.append(out)

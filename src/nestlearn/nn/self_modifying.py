@@ -48,6 +48,7 @@ from nestlearn.ops.deep_memory import (
     deep_memory_update,
     init_deep_memory_weights,
 )
+from nestlearn.state import TreeState, state_dataclass, static_field
 
 # Order of the inner memories along the stacked head axis.
 INNER_MEMORIES = ("k", "v", "eta", "alpha")
@@ -156,8 +157,8 @@ class SelfModifyingTitansConfig:
                                self.theta_max if self.momentum else None)
 
 
-@dataclass
-class SelfModifyingTitansState:
+@state_dataclass
+class SelfModifyingTitansState(TreeState):
     """Stream state of :class:`SelfModifyingTitans`.
 
     ``inner``: the stacked k, v, eta, alpha memories (4H heads, in ``INNER_MEMORIES`` order) at
@@ -169,7 +170,7 @@ class SelfModifyingTitansState:
     inner: ChunkedMemoryState
     memory: ChunkedMemoryState
     conv_tail: torch.Tensor | None
-    position: int
+    position: int = static_field()
 
 
 class SelfModifyingTitans(nn.Module):
@@ -251,7 +252,7 @@ class SelfModifyingTitans(nn.Module):
     def _inner_update(self, state: ChunkedMemoryState) -> DeepMemoryState:
         """The inner memories after the DGD steps of their completed chunk (docs/paper.md 5)."""
         c = self.config
-        memory = state.memory
+        memory = state.chunk_start
         if c.use_naive:
             # The per-token reference over one chunk ends in the same state as the closed form.
             _, final = deep_memory_naive(
@@ -286,7 +287,7 @@ class SelfModifyingTitans(nn.Module):
         read_pieces = reads.split(sizes, dim=1)
         theta_pieces = theta.split(sizes, dim=1) if theta is not None else [None] * len(sizes)
         for piece_reads, piece_theta in zip(read_pieces, theta_pieces, strict=True):
-            weights = state.memory.weights
+            weights = state.chunk_start.weights
             out = deep_memory_apply(weights, piece_reads, activation=c.activation)
             k_raw, v, eta_features, alpha_features = out.chunk(4, dim=2)
             k = F.normalize(k_raw, dim=-1)
@@ -302,7 +303,7 @@ class SelfModifyingTitans(nn.Module):
             # Self-generated targets v_hat_* = M_*(v_t), one per inner memory.
             targets = deep_memory_apply(weights, v.repeat(1, 1, 4, 1), activation=c.activation)
             state = ChunkedMemoryState(
-                state.memory,
+                state.chunk_start,
                 torch.cat([state.keys, k.repeat(1, 1, 4, 1)], 1),
                 torch.cat([state.values, targets], 1),
                 torch.cat([state.alpha, alpha.repeat(1, 1, 4)], 1),

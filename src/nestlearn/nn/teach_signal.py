@@ -2,16 +2,19 @@
 
 docs/paper.md section 3 leaves open what error f a CMS level accumulates in context; the paper's
 "teach signal" reading is the gradient of the language-modelling loss at the level. This
-driver runs any ``model(ids, state) -> (logits, state)`` over a stream whose state holds
-``ContinuumMemoryState``s built with ``teach_signal="lm"``:
+driver runs any ``model(ids, state, *, teach_hook) -> (logits, state)`` over a stream whose
+state holds ``ContinuumMemoryState``s built with ``teach_signal="lm"``; the model hands
+``teach_hook`` down to its CMS layers (``CausalLM``, the blocks and ``ContinuumMemory`` all take
+it as an argument, there is no hidden global switch):
 
 1. the stream is cut into segments of at most ``segment_len`` tokens (default: the smallest
    chunk size), also cut at every level boundary, so no level changes inside a segment;
 2. while a segment runs, each LM-driven CMS layer uses its learning levels' fast weights
-   ``w`` as ``w + z`` with ``z`` a zero leaf of shape ``[B, out, in]`` (through the hook
-   ``cms.lm_teach_hook``, so CMS states the model creates itself, e.g. from a state of None,
-   are covered too); after the segment, ``torch.autograd.grad`` of the segment's loss w.r.t.
-   ``z`` is the per-batch-element gradient at the level;
+   ``w`` as ``w + z`` with ``z`` a zero leaf of shape ``[B, out, in]`` (through
+   ``teach_hook``, which the layer applies to its incoming state, so CMS states the model
+   creates itself, e.g. from a state of None, are covered too); after the segment,
+   ``torch.autograd.grad`` of the segment's loss w.r.t. ``z`` is the per-batch-element
+   gradient at the level;
 3. that gradient is added to the level's accumulator, and a level whose boundary is reached
    takes its step ``w <- w - eta * accumulator`` (``cms.commit_teach_signal``).
 
@@ -38,56 +41,21 @@ from nestlearn.nn.cms import (
     ContinuumMemory,
     ContinuumMemoryState,
     commit_teach_signal,
-    lm_teach_hook,
 )
+from nestlearn.state import detach, instances, map_instances
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def map_state(obj: Any, on_cms: Callable[[ContinuumMemoryState], Any] | None,
-              on_tensor: Callable[[torch.Tensor], torch.Tensor] | None) -> Any:
-    """Rebuild a nested state (dataclasses, tuples, named tuples, lists, dicts), applying
-    ``on_cms`` to every CMS state (in a fixed traversal order) and ``on_tensor`` to tensors."""
-    if on_cms is not None and isinstance(obj, ContinuumMemoryState):
-        return on_cms(obj)
-    if isinstance(obj, torch.Tensor):
-        return obj if on_tensor is None else on_tensor(obj)
-    if isinstance(obj, CMSConfig):
-        return obj
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        changes = {f.name: map_state(getattr(obj, f.name), on_cms, on_tensor)
-                   for f in dataclasses.fields(obj) if f.init}
-        return dataclasses.replace(obj, **changes)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(map_state(item, on_cms, on_tensor) for item in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(map_state(item, on_cms, on_tensor) for item in obj)
-    if isinstance(obj, dict):
-        return {key: map_state(value, on_cms, on_tensor) for key, value in obj.items()}
-    return obj
-
-
 def find_cms_states(state: Any) -> list[ContinuumMemoryState]:
     """Every ``ContinuumMemoryState`` inside ``state``, in traversal order."""
-    found: list[ContinuumMemoryState] = []
-
-    def collect(cms: ContinuumMemoryState) -> ContinuumMemoryState:
-        found.append(cms)
-        return cms
-
-    map_state(state, collect, None)
-    return found
+    return instances(state, ContinuumMemoryState)
 
 
 def map_cms_states(state: Any, fn: Callable[[int, ContinuumMemoryState], Any]) -> Any:
     """``state`` with its i-th CMS state (traversal order) replaced by ``fn(i, cms_state)``."""
     counter = iter(range(1 << 62))
-    return map_state(state, lambda cms: fn(next(counter), cms), None)
-
-
-def detach_state(state: Any) -> Any:
-    """``state`` with every tensor detached."""
-    return map_state(state, None, torch.Tensor.detach)
+    return map_instances(lambda cms: fn(next(counter), cms), state, ContinuumMemoryState)
 
 
 def sum_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -141,13 +109,15 @@ def stream_with_teach_signal(model: Callable[..., tuple[torch.Tensor, Any]], ids
 
     ``targets`` are the next tokens (``[B, T]``) and ``loss_fn(logits, targets) -> scalar``
     the segment's loss (default: cross entropy summed over tokens and batch, so a level
-    accumulates the sum of per-token gradients of its chunk). ``state`` is passed to the model
-    as is (None: the model's fresh state); CMS layers with ``teach_signal="lm"`` are found as
-    they run. Returns ``(logits [B, T, V], state)``; chaining calls with the returned state
-    continues the stream. With gradients enabled the returned logits keep the outer graph (for
-    training through the stream); under ``torch.no_grad`` (in-context learning at inference)
-    only the inner gradients are computed and everything returned is detached. CMS layers with
-    the local signal in the same model keep updating themselves inside ``forward``.
+    accumulates the sum of per-token gradients of its chunk). ``model`` is called as
+    ``model(ids, state, teach_hook=hook)`` and must pass ``teach_hook`` to its CMS layers.
+    ``state`` is passed to the model as is (None: the model's fresh state); CMS layers with
+    ``teach_signal="lm"`` are found as they run. Returns ``(logits [B, T, V], state)``;
+    chaining calls with the returned state continues the stream. With gradients enabled the
+    returned logits keep the outer graph (for training through the stream); under
+    ``torch.no_grad`` (in-context learning at inference) only the inner gradients are computed
+    and everything returned is detached. CMS layers with the local signal in the same model
+    keep updating themselves inside ``forward``.
     """
     ids, targets = _check_stream(ids, targets)
     if torch.is_inference_mode_enabled():
@@ -169,8 +139,9 @@ def stream_with_teach_signal(model: Callable[..., tuple[torch.Tensor, Any]], ids
                    position + length - offset)
         size = stop - position
         attached = _Attachments(ids.shape[0])
-        with torch.enable_grad(), lm_teach_hook(attached.attach):
-            logits, new_state = model(ids[:, offset:offset + size], state)
+        with torch.enable_grad():
+            logits, new_state = model(ids[:, offset:offset + size], state,
+                                      teach_hook=attached.attach)
             loss = loss_fn(logits, targets[:, offset:offset + size])
             flat = attached.leaves()
             if not flat and not attached.entries:
@@ -182,7 +153,7 @@ def stream_with_teach_signal(model: Callable[..., tuple[torch.Tensor, Any]], ids
                                                                         strict=True)]
         state = attached.commit(new_state, grads, stop)
         if not outer:
-            state = detach_state(state)
+            state = detach(state)
             logits = logits.detach()
         logits_parts.append(logits)
         position = stop

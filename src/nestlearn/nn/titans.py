@@ -38,6 +38,7 @@ from nestlearn.ops.deep_memory import (
     deep_memory_naive,
     init_deep_memory_weights,
 )
+from nestlearn.state import TreeState, state_dataclass, static_field
 
 
 @dataclass(frozen=True)
@@ -129,8 +130,8 @@ class NeuralMemoryConfig:
                                self.theta_max if self.momentum else None)
 
 
-@dataclass
-class NeuralMemoryState:
+@state_dataclass
+class NeuralMemoryState(TreeState):
     """Stream state of :class:`NeuralMemory`.
 
     ``memory`` is the memory at the start of the current chunk with the pending tokens of that
@@ -140,7 +141,7 @@ class NeuralMemoryState:
 
     memory: ChunkedMemoryState
     conv_tail: torch.Tensor | None
-    position: int
+    position: int = static_field()
 
 
 class NeuralMemory(nn.Module):

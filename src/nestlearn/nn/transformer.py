@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nestlearn.errors import check_int, check_number, invalid
+from nestlearn.state import TreeState, state_dataclass, static_field
 
 
 def check_input(x: object, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -112,8 +113,8 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
-@dataclass
-class AttentionState:
+@state_dataclass
+class AttentionState(TreeState):
     """KV cache of one attention layer.
 
     ``key`` and ``value`` are ``[B, H, S, Dh]`` (keys already rotated); ``position`` is the
@@ -123,7 +124,7 @@ class AttentionState:
 
     key: torch.Tensor
     value: torch.Tensor
-    position: int
+    position: int = static_field()
 
 
 def banded_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -202,7 +203,7 @@ class CausalSelfAttention(nn.Module):
         nn.init.normal_(self.qkv.weight, std=init_std)
         nn.init.normal_(self.out.weight, std=init_std if out_init_std is None else out_init_std)
 
-    def init_state(self, batch: int, device: torch.device | None = None,
+    def init_state(self, batch: int, *, device: torch.device | None = None,
                    dtype: torch.dtype | None = None) -> AttentionState:
         """An empty cache at position 0."""
         weight = self.qkv.weight
@@ -239,7 +240,8 @@ class CausalSelfAttention(nn.Module):
                 state: AttentionState | None = None) -> tuple[torch.Tensor, AttentionState]:
         check_input(x, self.dim)
         batch, length, _ = x.shape
-        state = self.init_state(batch, x.device, x.dtype) if state is None else state
+        state = (self.init_state(batch, device=x.device, dtype=x.dtype) if state is None
+                 else state)
         state = self._check_state(state, x)
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, self.head_dim).unbind(dim=2)
         q = self.rotary(q, state.position).transpose(1, 2)
@@ -282,9 +284,9 @@ class TransformerBlock(nn.Module):
         self.mlp_norm = RMSNorm(dim, norm_eps)
         self.mlp = SwiGLU(dim, mlp_hidden, init_std, out_std)
 
-    def init_state(self, batch: int, device: torch.device | None = None,
+    def init_state(self, batch: int, *, device: torch.device | None = None,
                    dtype: torch.dtype | None = None) -> AttentionState:
-        return self.attn.init_state(batch, device, dtype)
+        return self.attn.init_state(batch, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor,
                 state: AttentionState | None = None) -> tuple[torch.Tensor, AttentionState]:

@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from nestlearn.errors import check_choice, check_int, invalid
 from nestlearn.ops._validate import check_chunk_size, check_gate, check_qkv, check_same_kind
+from nestlearn.state import TreeState, state_dataclass
 
 OBJECTIVES = ("l2", "dot")
 
 
-@dataclass
-class DeepMemoryState:
+@state_dataclass
+class DeepMemoryState(TreeState):
     """Weights (and momentum) of the memory MLP per batch element and head.
 
     ``weights[l]`` is ``[B, H, out, in]`` (or ``[H, out, in]``, shared by the batch: how a layer

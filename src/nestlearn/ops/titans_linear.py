@@ -10,17 +10,17 @@ size is part of the semantics; chunk_size=1 is the per-token recurrence. The sta
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from nestlearn.errors import invalid
 from nestlearn.ops._chunking import merge_tokens, segment_products, split_gate, split_tokens
 from nestlearn.ops._precision import full_precision
 from nestlearn.ops._validate import check_matrix_state, check_rule_inputs
+from nestlearn.state import TreeState, state_dataclass
 
 
-class TitansLinearState(NamedTuple):
+@state_dataclass
+class TitansLinearState(TreeState):
     """Memory ``M`` and momentum ``S`` of a Titans linear memory, each ``[B, H, Dv, Dk]``.
 
     As an initial state either part may also be ``[H, Dv, Dk]``, shared by the batch.

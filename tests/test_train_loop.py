@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from nestlearn.errors import NestlearnError
-from nestlearn.metrics_log import read_records
-from nestlearn.schedule import lr_factor
-from nestlearn.train import NonFiniteError, Trainer, train
+from nestlearn.training.metrics_log import read_records
+from nestlearn.training.schedule import lr_factor
+from nestlearn.training.train import NonFiniteError, Trainer, train
 from trainkit import tiny_config, write_corpus
 
 

@@ -11,9 +11,9 @@ from nestlearn.errors import invalid
 
 def run(args: argparse.Namespace) -> int:
     from nestlearn.data.tokens import TokenFile, write_token_file
-    from nestlearn.distributed import resolve_device
     from nestlearn.evaluate.perplexity import evaluate_split
-    from nestlearn.train import load_trained
+    from nestlearn.training.distributed import resolve_device
+    from nestlearn.training.train import load_trained
 
     device = resolve_device(args.device)
     model, config, tokenizer, step = load_trained(args.run_dir, device)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from nestlearn.errors import NestlearnError
 
 if TYPE_CHECKING:
-    from nestlearn.runconfig import RunConfig
+    from nestlearn.training.runconfig import RunConfig
 
 EPILOG = """\
 Fields (--set SECTION.FIELD=VALUE, see `--show-config` for the values of a recipe):
@@ -53,9 +53,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace) -> RunConfig:
     """The run config from --recipe / the run's config (--resume), --set and --out."""
-    from nestlearn.recipes import get_recipe
-    from nestlearn.runconfig import apply_overrides
-    from nestlearn.train import CONFIG_FILE, load_run_config
+    from nestlearn.training.recipes import get_recipe
+    from nestlearn.training.runconfig import apply_overrides
+    from nestlearn.training.train import CONFIG_FILE, load_run_config
 
     overrides = list(args.overrides)
     if args.out:
@@ -75,7 +75,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
 
 def run(args: argparse.Namespace) -> int:
     if args.list_recipes:
-        from nestlearn.recipes import list_recipes
+        from nestlearn.training.recipes import list_recipes
 
         recipes = list_recipes()
         width = max(len(r.name) for r in recipes)
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     if args.show_config:
         print(config.to_json())
         return 0
-    from nestlearn.train import train
+    from nestlearn.training.train import train
 
     result = train(config, resume=args.resume, progress=not args.no_progress)
     if result.rank != 0:

@@ -11,7 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from nestlearn.errors import invalid
-from nestlearn.runconfig import DataConfig, OptimConfig, RunConfig, ScheduleConfig, TrainConfig
+from nestlearn.training.runconfig import (
+    DataConfig,
+    OptimConfig,
+    RunConfig,
+    ScheduleConfig,
+    TrainConfig,
+)
 
 # Architecture name in recipe names -> ModelConfig.arch.
 ARCH_OF_FAMILY: dict[str, str] = {

@@ -5,7 +5,7 @@ the loss and every memory state for NaN/Inf, backward, check the gradients, clip
 optimizer at the scheduled learning rate. Every ``log_every`` steps a metrics row; every
 ``eval_every`` steps an evaluation (loss, perplexity, bits per byte); every
 ``checkpoint_every`` steps, at the end, and on SIGINT/SIGTERM a checkpoint
-(:mod:`nestlearn.checkpoint`). ``resume=True`` continues from the latest checkpoint so that
+(:mod:`nestlearn.training.checkpoint`). ``resume=True`` continues from the latest checkpoint so that
 the losses equal those of an uninterrupted run (same seed, CPU).
 
 The run folder holds ``config.json``, ``tokenizer/``, ``data/`` (token files), ``checkpoints/``,
@@ -31,9 +31,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from nestlearn import checkpoint as ckpt
 from nestlearn.atomic import atomic_write_text
-from nestlearn.distributed import (
+from nestlearn.errors import NestlearnError, invalid
+from nestlearn.evaluate.perplexity import (
+    IGNORE_INDEX,
+    EvalResult,
+    evaluate_batches,
+    tokens_per_byte,
+)
+from nestlearn.training import checkpoint as ckpt
+from nestlearn.training.distributed import (
     DistContext,
     all_reduce_sum,
     any_rank,
@@ -42,17 +49,10 @@ from nestlearn.distributed import (
     shutdown,
     wrap_model,
 )
-from nestlearn.errors import NestlearnError, invalid
-from nestlearn.evaluate.perplexity import (
-    IGNORE_INDEX,
-    EvalResult,
-    evaluate_batches,
-    tokens_per_byte,
-)
-from nestlearn.metrics_log import MetricsLogger, plot_loss_curve
-from nestlearn.nonfinite import find_nonfinite, nonfinite_gradient
-from nestlearn.runconfig import OptimConfig, RunConfig, diff
-from nestlearn.schedule import WarmupCosine
+from nestlearn.training.metrics_log import MetricsLogger, plot_loss_curve
+from nestlearn.training.nonfinite import find_nonfinite, nonfinite_gradient
+from nestlearn.training.runconfig import OptimConfig, RunConfig, diff
+from nestlearn.training.schedule import WarmupCosine
 
 CONFIG_FILE = "config.json"
 # Fields a resumed run may change: they do not alter what the model computes or sees.

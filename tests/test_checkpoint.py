@@ -6,9 +6,9 @@ import torch
 from safetensors.torch import load_file
 
 from nestlearn.errors import NestlearnError
+from nestlearn.training import Trainer, train
 from nestlearn.training import checkpoint as ckpt
 from nestlearn.training.metrics_log import read_records
-from nestlearn.training.train import Trainer, train
 from nestlearn.treeio import flatten, unflatten
 from trainkit import tiny_config, write_corpus
 

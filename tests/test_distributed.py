@@ -53,7 +53,7 @@ def test_gloo_ranks_agree_with_a_single_process(tmp_path, arch):
     # HOPE: parameters the LM loss does not reach, and a memory state in the outputs
     import torch.multiprocessing as mp
 
-    from nestlearn.training.train import train
+    from nestlearn.training import train
     from trainkit import tiny_config
 
     corpus = write_corpus(tmp_path / "verse.txt", paragraphs=60)

@@ -249,7 +249,7 @@ def corpus(tmp_path_factory):
 
 
 def _train_losses(corpus, out, *sets):
-    from nestlearn.training.train import train
+    from nestlearn.training import train
     from trainkit import tiny_config as tiny_run
 
     config = tiny_run(corpus, out, "model.arch=hope", "train.steps=4", *sets)

@@ -51,7 +51,7 @@ def spawned_rank(rank: int, world_size: int, port: int, config_dict: dict[str, A
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from nestlearn.training.train import train
+    from nestlearn.training import train
 
     train(RunConfig.from_dict(config_dict), progress=False)
 

@@ -25,7 +25,7 @@ def default_context(config: RunConfig) -> int | None:
 
 def run(args: argparse.Namespace) -> int:
     from nestlearn.models import generate
-    from nestlearn.training.train import load_trained
+    from nestlearn.training import load_trained
 
     if args.max_new_tokens < 0:
         raise invalid("--max-new-tokens", args.max_new_tokens, "an integer >= 0")

@@ -29,9 +29,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from nestlearn.errors import invalid
+from nestlearn.losses import lm_loss_sum
 from nestlearn.nn.cms import (
     CMSConfig,
     CMSLevelState,
@@ -90,13 +90,6 @@ def detach_state(state: Any) -> Any:
     return map_state(state, None, torch.Tensor.detach)
 
 
-def sum_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Next-token cross entropy summed over batch and tokens (each token's gradient counts
-    once, as in the paper's sum over the chunk, independent of the batch size)."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           reduction="sum")
-
-
 def _check_stream(ids: object, targets: object) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] == 0:
         got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
@@ -140,7 +133,8 @@ def stream_with_teach_signal(model: Callable[..., tuple[torch.Tensor, Any]], ids
     """Run ``model`` over ``ids [B, T]`` updating its CMS levels with the LM teach signal.
 
     ``targets`` are the next tokens (``[B, T]``) and ``loss_fn(logits, targets) -> scalar``
-    the segment's loss (default: cross entropy summed over tokens and batch, so a level
+    the segment's loss (default: ``nestlearn.losses.lm_loss_sum``, cross entropy summed over
+    tokens and batch, so a level
     accumulates the sum of per-token gradients of its chunk). ``state`` is passed to the model
     as is (None: the model's fresh state); CMS layers with ``teach_signal="lm"`` are found as
     they run. Returns ``(logits [B, T, V], state)``; chaining calls with the returned state
@@ -156,7 +150,7 @@ def stream_with_teach_signal(model: Callable[..., tuple[torch.Tensor, Any]], ids
     if segment_len is not None and (isinstance(segment_len, bool)
                                     or not isinstance(segment_len, int) or segment_len < 1):
         raise invalid("segment_len", repr(segment_len), "None or an int >= 1")
-    loss_fn = sum_cross_entropy if loss_fn is None else loss_fn
+    loss_fn = lm_loss_sum if loss_fn is None else loss_fn
     found = find_cms_states(state)
     configs = _lm_configs(model, found)
     position = _stream_position(found)

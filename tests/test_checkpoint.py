@@ -5,10 +5,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nestlearn import checkpoint as ckpt
 from nestlearn.errors import NestlearnError
-from nestlearn.metrics_log import read_records
-from nestlearn.train import Trainer, train
+from nestlearn.training import Trainer, train
+from nestlearn.training import checkpoint as ckpt
+from nestlearn.training.metrics_log import read_records
 from nestlearn.treeio import flatten, unflatten
 from trainkit import tiny_config, write_corpus
 

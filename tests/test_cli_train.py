@@ -8,7 +8,7 @@ import time
 import pytest
 
 from nestlearn.cli import main
-from nestlearn.metrics_log import read_records
+from nestlearn.training.metrics_log import read_records
 from trainkit import TINY, write_corpus
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nestlearn.checkpoint import MODEL_FILE, latest_checkpoint
-from nestlearn.metrics_log import read_records
+from nestlearn.training.checkpoint import MODEL_FILE, latest_checkpoint
+from nestlearn.training.metrics_log import read_records
 from trainkit import TINY, free_port, spawned_rank, write_corpus
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -53,7 +53,7 @@ def test_gloo_ranks_agree_with_a_single_process(tmp_path, arch):
     # HOPE: parameters the LM loss does not reach, and a memory state in the outputs
     import torch.multiprocessing as mp
 
-    from nestlearn.train import train
+    from nestlearn.training import train
     from trainkit import tiny_config
 
     corpus = write_corpus(tmp_path / "verse.txt", paragraphs=60)

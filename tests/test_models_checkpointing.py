@@ -9,7 +9,6 @@ import torch
 
 from model_cases import random_ids, tiny_config, tiny_model
 from nestlearn.errors import NestlearnError
-from nestlearn.metrics_log import read_records
 from nestlearn.models import (
     ClassifierConfig,
     ModelConfig,
@@ -20,6 +19,7 @@ from nestlearn.models import (
 )
 from nestlearn.nn.teach_signal import stream_with_teach_signal
 from nestlearn.state import tensors
+from nestlearn.training.metrics_log import read_records
 from trainkit import free_port, spawned_rank
 
 CHECKPOINTED_ARCHS = ["hope", "hope-attention", "titans", "transformer", "titans-mag"]
@@ -220,8 +220,8 @@ def test_save_and_load_keep_the_field(tmp_path):
 
 
 def test_run_config_set_path():
-    from nestlearn.recipes import get_recipe
-    from nestlearn.runconfig import RunConfig, apply_overrides
+    from nestlearn.training.recipes import get_recipe
+    from nestlearn.training.runconfig import RunConfig, apply_overrides
 
     config = apply_overrides(get_recipe("tiny-transformer"), ["model.checkpoint_segment=512"])
     assert config.model.checkpoint_segment == 512
@@ -243,7 +243,7 @@ def corpus(tmp_path_factory):
 
 
 def _train_losses(corpus, out, *sets):
-    from nestlearn.train import train
+    from nestlearn.training import train
     from trainkit import tiny_config as tiny_run
 
     config = tiny_run(corpus, out, "model.arch=hope", "train.steps=4", *sets)

@@ -15,8 +15,8 @@ from nestlearn.models import (
 )
 from nestlearn.nn.titans import NeuralMemoryConfig
 from nestlearn.nn.transformer import SwiGLU
-from nestlearn.recipes import get_recipe
-from nestlearn.runconfig import RunConfig, apply_overrides, field_names
+from nestlearn.training.recipes import get_recipe
+from nestlearn.training.runconfig import RunConfig, apply_overrides, field_names
 
 
 def test_defaults_and_round_trip():

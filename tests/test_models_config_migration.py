@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from nestlearn.models import ModelConfig, from_pretrained
 from nestlearn.models.migrate import FLAT_FIELDS, is_flat_model_dict
-from nestlearn.recipes import get_recipe
-from nestlearn.runconfig import RunConfig
+from nestlearn.training.recipes import get_recipe
+from nestlearn.training.runconfig import RunConfig
 
 FIXTURES = Path(__file__).parent / "fixtures" / "v0_1_format"
 MODELS = ["hope", "titans-mag", "hope-attention", "transformer", "titans", "classifier-titans"]

@@ -3,8 +3,8 @@ import json
 import pytest
 
 from nestlearn.errors import NestlearnError
-from nestlearn.recipes import RECIPES, get_recipe, list_recipes
-from nestlearn.runconfig import (
+from nestlearn.training.recipes import RECIPES, get_recipe, list_recipes
+from nestlearn.training.runconfig import (
     DataConfig,
     OptimConfig,
     RunConfig,

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from nestlearn.errors import NestlearnError
-from nestlearn.metrics_log import read_records
-from nestlearn.schedule import lr_factor
-from nestlearn.train import NonFiniteError, Trainer, train
+from nestlearn.training import NonFiniteError, Trainer, train
+from nestlearn.training.metrics_log import read_records
+from nestlearn.training.schedule import lr_factor
 from trainkit import tiny_config, write_corpus
 
 
@@ -34,7 +34,7 @@ def test_a_few_steps_lower_the_loss(corpus, tmp_path):
     assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, 41))
     assert (run / "metrics.csv").read_text().splitlines()[0].startswith("step,split,loss")
     assert (run / "loss_curve.png").stat().st_size > 1000
-    assert (run / "model" / "model.safetensors").exists()
+    assert not (run / "model").exists()  # the final model is the latest checkpoint
     saved = json.loads((run / "config.json").read_text())
     assert saved["model"]["vocab_size"] == 258  # taken from the byte tokenizer
 
@@ -44,7 +44,7 @@ def test_bpe_run_takes_its_vocabulary_from_the_tokenizer(corpus, tmp_path):
                          "train.steps=3")
     result = train(config, progress=False)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    tokenizer = json.loads((tmp_path / "run" / "tokenizer" / "tokenizer.json").read_text())
+    tokenizer = json.loads((tmp_path / "run" / "data" / "tokenizer.json").read_text())
     assert tokenizer["type"] == "bpe"
     assert saved["model"]["vocab_size"] == saved["data"]["vocab_size"] == 300
     # BPE tokens span several bytes: fewer bits per byte than bits per token

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from nestlearn.recipes import get_recipe
-from nestlearn.runconfig import RunConfig, apply_overrides
+from nestlearn.training.recipes import get_recipe
+from nestlearn.training.runconfig import RunConfig, apply_overrides
 
 WORDS = ("the", "king", "queen", "sword", "crown", "night", "love", "death", "my", "lord",
          "speak", "hath", "thou", "art", "fair", "foul", "and", "of", "to", "a")
@@ -51,7 +51,7 @@ def spawned_rank(rank: int, world_size: int, port: int, config_dict: dict[str, A
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from nestlearn.train import train
+    from nestlearn.training import train
 
     train(RunConfig.from_dict(config_dict), progress=False)
 

@@ -1,7 +1,7 @@
-"""Atomic file writes: write to a temporary file in the same folder, fsync, then rename.
+"""Atomic writes: write to a temporary file or folder beside the target, fsync, then rename.
 
-A reader therefore sees either the old file or the complete new one, never a half-written file,
-even if the writer is killed in the middle.
+A reader therefore sees either the old file (folder) or the complete new one, never a
+half-written one, even if the writer is killed in the middle.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,3 +64,42 @@ def fsync_path(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+STAGING_PREFIX = ".tmp-"  # a folder being written beside its target
+REPLACED_PREFIX = ".old-"  # the previous folder, between the two renames of a replacement
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``path``; on success every file in it is flushed
+    and it is renamed to ``path`` (replacing an existing folder), so ``path`` is always absent,
+    the old folder or the complete new one. On an error the staging folder is removed."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{target.name}-", dir=target.parent))
+    try:
+        yield staging
+        for file in staging.rglob("*"):
+            if file.is_file():
+                fsync_path(file)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f"{REPLACED_PREFIX}{target.name}-",
+                                        dir=target.parent))
+            os.rename(target, old / target.name)
+            os.rename(staging, target)
+            shutil.rmtree(old)
+        else:
+            os.rename(staging, target)
+        fsync_path(target.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def remove_staging_leftovers(folder: str | os.PathLike[str]) -> None:
+    """Remove the staging and replaced folders a writer killed inside
+    :func:`atomic_directory` left in ``folder``; only for a folder with a single writer."""
+    for pattern in (f"{STAGING_PREFIX}*", f"{REPLACED_PREFIX}*"):
+        for stale in Path(folder).glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)

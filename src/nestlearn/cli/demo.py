@@ -13,12 +13,10 @@ from nestlearn.errors import invalid
 
 
 def run(args: argparse.Namespace) -> int:
-    from nestlearn.checkpoint import latest_checkpoint
     from nestlearn.cli import eval as eval_cli
     from nestlearn.cli import generate as generate_cli
-    from nestlearn.recipes import get_recipe
-    from nestlearn.runconfig import apply_overrides
-    from nestlearn.train import train
+    from nestlearn.training import apply_overrides, get_recipe, train
+    from nestlearn.training.checkpoint import latest_checkpoint
 
     if args.steps is not None and args.steps < 1:
         raise invalid("--steps", args.steps, "an integer >= 1")

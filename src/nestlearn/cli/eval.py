@@ -10,10 +10,10 @@ from nestlearn.errors import invalid
 
 
 def run(args: argparse.Namespace) -> int:
-    from nestlearn.data.tokens import TokenFile, write_token_file
-    from nestlearn.distributed import resolve_device
     from nestlearn.evaluate.perplexity import evaluate_split
-    from nestlearn.train import load_trained
+    from nestlearn.training import load_trained
+    from nestlearn.training.distributed import resolve_device
+    from nestlearn.training.run_folder import load_run_split
 
     device = resolve_device(args.device)
     model, config, tokenizer, step = load_trained(args.run_dir, device)
@@ -23,13 +23,7 @@ def run(args: argparse.Namespace) -> int:
     seq_len = args.seq_len or config.data.seq_len
     if seq_len < 1:
         raise invalid("--seq-len", seq_len, "an integer >= 1")
-    path = args.run_dir / "data" / split
-    if not path.with_suffix(".json").exists():
-        from nestlearn.data.corpora import load_documents
-
-        write_token_file(path, load_documents(config.data.corpus, split), tokenizer)
-    token_file = TokenFile(path)
-    token_file.check_tokenizer(tokenizer)
+    token_file = load_run_split(args.run_dir, config, split, tokenizer)
     result = evaluate_split(model, token_file, seq_len, config.data.batch_size, device=device,
                             max_batches=args.max_batches)
     report = {"run": str(args.run_dir), "step": step, "split": split, "seq_len": seq_len,

@@ -10,7 +10,7 @@ import torch
 from nestlearn.errors import NestlearnError, invalid
 
 if TYPE_CHECKING:
-    from nestlearn.runconfig import RunConfig
+    from nestlearn.training.runconfig import RunConfig
 
 GLOBAL_ATTENTION_ARCHS = ("transformer", "hope-attention")
 
@@ -25,7 +25,7 @@ def default_context(config: RunConfig) -> int | None:
 
 def run(args: argparse.Namespace) -> int:
     from nestlearn.models import generate
-    from nestlearn.train import load_trained
+    from nestlearn.training import load_trained
 
     if args.max_new_tokens < 0:
         raise invalid("--max-new-tokens", args.max_new_tokens, "an integer >= 0")
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         raise invalid("--temperature", args.temperature, "a number >= 0 (0 = greedy)")
     if args.top_k is not None and args.top_k < 1:
         raise invalid("--top-k", args.top_k, "an integer >= 1")
-    from nestlearn.distributed import resolve_device
+    from nestlearn.training.distributed import resolve_device
 
     device = resolve_device(args.device)
     model, config, tokenizer, _ = load_trained(args.run_dir, device)

@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING
 from nestlearn.errors import NestlearnError
 
 if TYPE_CHECKING:
-    from nestlearn.runconfig import RunConfig
+    from nestlearn.training.runconfig import RunConfig
 
 EPILOG = """\
 Fields (--set SECTION.FIELD=VALUE, see `--show-config` for the values of a recipe):
   model.*     architecture: arch, dim, layers, heads, mlp_hidden, ... (nestlearn.models)
-  data.*      corpus (shakespeare, wiki or a path), tokenizer (byte, bpe), vocab_size,
+  data.*      corpus (shakespeare, wiki, a path to text or a `nestlearn data tokenize`
+              folder), tokenizer (byte, bpe), vocab_size,
               seq_len, batch_size (global, split over torchrun processes), train_split,
               eval_split
   optim.*     name (adamw, sgd, muon, m3, delta-momentum, preconditioned-momentum,
@@ -33,8 +34,10 @@ Fields (--set SECTION.FIELD=VALUE, see `--show-config` for the values of a recip
               log_every, seed, device (auto, cpu, cuda, cuda:N), dtype (float32, float64),
               autocast (auto = bf16 on CUDA, bf16, off), out_dir, find_unused_parameters
 
-The run folder gets config.json, tokenizer/, data/, checkpoints/, metrics.jsonl,
-metrics.csv, loss_curve.png and model/. Ctrl-C (SIGINT) or SIGTERM saves a checkpoint and
+The run folder gets config.json, data/ (the `nestlearn data tokenize` folder of the corpus,
+unless data.corpus is one), checkpoints/ (the latest is the model: nestlearn eval, nestlearn
+generate and nestlearn.models.from_pretrained read it), metrics.jsonl, metrics.csv and
+loss_curve.png. Ctrl-C (SIGINT) or SIGTERM saves a checkpoint and
 stops; --resume continues it with the same losses an uninterrupted run would have had.
 """
 
@@ -53,9 +56,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace) -> RunConfig:
     """The run config from --recipe / the run's config (--resume), --set and --out."""
-    from nestlearn.recipes import get_recipe
-    from nestlearn.runconfig import apply_overrides
-    from nestlearn.train import CONFIG_FILE, load_run_config
+    from nestlearn.training.recipes import get_recipe
+    from nestlearn.training.run_folder import CONFIG_FILE, load_run_config
+    from nestlearn.training.runconfig import apply_overrides
 
     overrides = list(args.overrides)
     if args.out:
@@ -75,7 +78,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
 
 def run(args: argparse.Namespace) -> int:
     if args.list_recipes:
-        from nestlearn.recipes import list_recipes
+        from nestlearn.training.recipes import list_recipes
 
         recipes = list_recipes()
         width = max(len(r.name) for r in recipes)
@@ -86,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     if args.show_config:
         print(config.to_json())
         return 0
-    from nestlearn.train import train
+    from nestlearn.training import train
 
     result = train(config, resume=args.resume, progress=not args.no_progress)
     if result.rank != 0:

@@ -37,8 +37,8 @@ import torch
 from nestlearn.atomic import atomic_open, atomic_write_json, sha256_file
 from nestlearn.data.tokenizers import Tokenizer
 from nestlearn.errors import NestlearnError, check_int, invalid
+from nestlearn.losses import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 FORMAT = "nestlearn-tokens"
 FORMAT_VERSION = 1
 _DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}

@@ -14,10 +14,9 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from nestlearn.losses import lm_loss_sum, scored_targets
 
 
 @dataclass(frozen=True)
@@ -38,12 +37,7 @@ def token_loss_sum(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, object]:
     """``(sum of target losses, number of scored targets, state)`` of one batch."""
     logits, state = model(inputs)
-    loss_sum = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="sum",
-    )
-    count = (targets != IGNORE_INDEX).sum()
-    return loss_sum, count, state
+    return lm_loss_sum(logits, targets), scored_targets(targets), state
 
 
 def bits_per_byte(loss: float, tokens_per_byte: float) -> float:

@@ -1,18 +1,16 @@
 """Save and load models: safetensors for tensors, JSON for the config, a SHA-256 checksum.
 
 A checkpoint directory holds ``model.safetensors`` and ``config.json`` (kind, config, tensor
-manifest, checksum). It is written to a temporary sibling directory and renamed into place,
-so a crash never leaves a half-written checkpoint under the final name; loading verifies the
-checksum and that the tensors match the model the config builds, name by name and shape by
-shape. Nothing is unpickled.
+manifest, checksum); a training checkpoint holds the same two files beside the training state,
+so ``from_pretrained`` loads it too. It is written to a temporary sibling directory and renamed
+into place (``nestlearn.atomic.atomic_directory``), so a crash never leaves a half-written
+checkpoint under the final name; loading verifies the checksum and that the tensors match the
+model the config builds, name by name and shape by shape. Nothing is unpickled.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nestlearn import __version__
-from nestlearn.atomic import fsync_path, sha256_file
+from nestlearn.atomic import atomic_directory, sha256_file
 from nestlearn.errors import NestlearnError, invalid
 from nestlearn.models.config import ClassifierConfig, ModelConfig, config_from_dict
 
@@ -47,48 +45,43 @@ def _is_checkpoint(directory: Path) -> bool:
         return False
 
 
+def write_model_files(model: nn.Module, directory: str | Path) -> None:
+    """Write ``model``'s weights and ``config.json`` into the existing folder ``directory``
+    (not atomic by itself: :func:`save_pretrained` and training checkpoints call it inside
+    ``nestlearn.atomic.atomic_directory``)."""
+    kind = _kind(model)
+    folder = Path(directory)
+    tensors = {name: tensor.detach().to("cpu").contiguous()
+               for name, tensor in model.state_dict().items()}
+    weights = folder / WEIGHTS_FILE
+    save_file(tensors, str(weights), metadata={"format": FORMAT})
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "nestlearn_version": __version__,
+        "kind": kind,
+        "config": model.config.to_dict(),
+        "tensors": {name: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+                    for name, t in tensors.items()},
+        "sha256": sha256_file(weights),
+    }
+    (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
 def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
     """Write ``model`` to ``directory`` atomically; return the directory.
 
     An existing checkpoint there is replaced; an existing non-empty directory that is not a
     nestlearn checkpoint is refused rather than overwritten.
     """
-    kind = _kind(model)
+    _kind(model)
     target = Path(directory)
     if target.exists() and (not target.is_dir()
                             or (any(target.iterdir()) and not _is_checkpoint(target))):
         raise invalid("directory", str(target),
                       "a new path, an empty directory or an existing nestlearn checkpoint")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {name: tensor.detach().to("cpu").contiguous()
-               for name, tensor in model.state_dict().items()}
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        weights = staging / WEIGHTS_FILE
-        save_file(tensors, str(weights), metadata={"format": FORMAT})
-        fsync_path(weights)
-        meta = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "nestlearn_version": __version__,
-            "kind": kind,
-            "config": model.config.to_dict(),
-            "tensors": {name: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
-                        for name, t in tensors.items()},
-            "sha256": sha256_file(weights),
-        }
-        (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        fsync_path(staging / CONFIG_FILE)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.rename(target, old / "previous")
-            os.rename(staging, target)
-            shutil.rmtree(old)
-        else:
-            os.rename(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with atomic_directory(target) as staging:
+        write_model_files(model, staging)
     return target
 
 

@@ -32,9 +32,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from nestlearn.errors import check_optional_int, invalid
+from nestlearn.losses import lm_loss_sum
 from nestlearn.nn.cms import (
     CMSConfig,
     CMSLevelState,
@@ -56,13 +56,6 @@ def map_cms_states(state: Any, fn: Callable[[int, ContinuumMemoryState], Any]) -
     """``state`` with its i-th CMS state (traversal order) replaced by ``fn(i, cms_state)``."""
     counter = iter(range(1 << 62))
     return map_instances(lambda cms: fn(next(counter), cms), state, ContinuumMemoryState)
-
-
-def sum_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Next-token cross entropy summed over batch and tokens (each token's gradient counts
-    once, as in the paper's sum over the chunk, independent of the batch size)."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           reduction="sum")
 
 
 def _check_stream(ids: object, targets: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,23 +101,23 @@ def stream_with_teach_signal(model: Callable[..., tuple[torch.Tensor, Any]], ids
     """Run ``model`` over ``ids [B, T]`` updating its CMS levels with the LM teach signal.
 
     ``targets`` are the next tokens (``[B, T]``) and ``loss_fn(logits, targets) -> scalar``
-    the segment's loss (default: cross entropy summed over tokens and batch, so a level
-    accumulates the sum of per-token gradients of its chunk). ``model`` is called as
-    ``model(ids, state, teach_hook=hook)`` and must pass ``teach_hook`` to its CMS layers.
-    ``state`` is passed to the model as is (None: the model's fresh state); CMS layers with
-    ``teach_signal="lm"`` are found as they run. Returns ``(logits [B, T, V], state)``;
-    chaining calls with the returned state continues the stream. With gradients enabled the
-    returned logits keep the outer graph (for training through the stream); under
-    ``torch.no_grad`` (in-context learning at inference) only the inner gradients are computed
-    and everything returned is detached. CMS layers with the local signal in the same model
-    keep updating themselves inside ``forward``.
+    the segment's loss (default: ``nestlearn.losses.lm_loss_sum``, cross entropy summed over
+    tokens and batch, so a level accumulates the sum of per-token gradients of its chunk).
+    ``model`` is called as ``model(ids, state, teach_hook=hook)`` and must pass ``teach_hook``
+    to its CMS layers. ``state`` is passed to the model as is (None: the model's fresh state);
+    CMS layers with ``teach_signal="lm"`` are found as they run. Returns
+    ``(logits [B, T, V], state)``; chaining calls with the returned state continues the
+    stream. With gradients enabled the returned logits keep the outer graph (for training
+    through the stream); under ``torch.no_grad`` (in-context learning at inference) only the
+    inner gradients are computed and everything returned is detached. CMS layers with the
+    local signal in the same model keep updating themselves inside ``forward``.
     """
     ids, targets = _check_stream(ids, targets)
     if torch.is_inference_mode_enabled():
         raise invalid("torch.inference_mode", "enabled",
                       "torch.no_grad() (the teach signal needs autograd)")
     check_optional_int("segment_len", segment_len)
-    loss_fn = sum_cross_entropy if loss_fn is None else loss_fn
+    loss_fn = lm_loss_sum if loss_fn is None else loss_fn
     found = find_cms_states(state)
     configs = _lm_configs(model, found)
     position = _stream_position(found)

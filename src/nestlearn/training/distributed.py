@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -96,6 +97,41 @@ def wrap_model(model: nn.Module, ctx: DistContext, find_unused_parameters: bool 
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids,
                                    find_unused_parameters=find_unused_parameters)
+
+
+class LossView(nn.Module):
+    """The model as DDP must see it: the memory state it returns is cut from the graph, so
+    that DDP's search for unused parameters starts from the logits (the loss) only."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        logits, state = self.model(ids)
+        detach = getattr(state, "detach", None)
+        return logits, detach() if callable(detach) else state
+
+
+def unused_parameters(model: nn.Module, seq_len: int, device: torch.device) -> list[str]:
+    """Names of trainable parameters that get no gradient from one probe forward/backward
+    (e.g. parts of a memory unused by the LM loss); DDP must be told about them."""
+    model.zero_grad(set_to_none=True)
+    logits, _ = model(torch.zeros(1, seq_len, dtype=torch.long, device=device))
+    logits.float().sum().backward()
+    names = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    model.zero_grad(set_to_none=True)
+    return names
+
+
+def wrap_for_training(model: nn.Module, ctx: DistContext, seq_len: int,
+                      find_unused_parameters: bool) -> nn.Module:
+    """``model`` itself for one process; under torchrun, DDP around its :class:`LossView`,
+    told about unused parameters when a probe pass finds any (or when asked)."""
+    if not ctx.enabled:
+        return model
+    find_unused = find_unused_parameters or bool(unused_parameters(model, seq_len, ctx.device))
+    return wrap_model(LossView(model), ctx, find_unused)
 
 
 def all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:

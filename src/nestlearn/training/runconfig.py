@@ -174,12 +174,6 @@ class RunConfig:
                 raise invalid(section, type(getattr(self, section)).__name__, cls.__name__)
         if not dataclasses.is_dataclass(self.model):
             raise invalid("model", type(self.model).__name__, "a ModelConfig")
-        max_len = getattr(self.model, "max_seq_len", None)
-        if isinstance(max_len, int) and max_len < self.data.seq_len:
-            raise NestlearnError(
-                f"data.seq_len: got {self.data.seq_len}; allowed: at most model.max_seq_len "
-                f"({max_len})"
-            )
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

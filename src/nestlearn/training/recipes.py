@@ -11,7 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from nestlearn.errors import invalid
-from nestlearn.runconfig import DataConfig, OptimConfig, RunConfig, ScheduleConfig, TrainConfig
+from nestlearn.training.runconfig import (
+    DataConfig,
+    OptimConfig,
+    RunConfig,
+    ScheduleConfig,
+    TrainConfig,
+)
 
 # The archs that have recipes (the recipe name holds the arch: tiny-hope, small-titans, ...).
 FAMILIES: tuple[str, ...] = ("transformer", "hope", "hope-attention", "titans")

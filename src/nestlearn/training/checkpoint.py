@@ -2,24 +2,26 @@
 
 A checkpoint is a folder ``RUN/checkpoints/step_00000050/`` holding
 
-- ``model.safetensors``: the model's state dict;
+- ``model.safetensors`` and ``config.json``: the model, as ``save_pretrained`` writes it, so
+  ``nestlearn.models.from_pretrained`` loads a checkpoint folder (the run's only copy of the
+  weights: the final model is the latest checkpoint);
 - ``state.safetensors``: every tensor of the optimizer state, the RNG states and the data
   sampler (flattened by :mod:`nestlearn.treeio`);
 - ``checkpoint.json``: step, run config, the JSON skeletons of those states, the scheduler,
-  counters, the SHA-256 of both tensor files and of the JSON payload itself.
+  counters, the SHA-256 of the other files and of the JSON payload itself.
 
 It is written into a temporary folder beside its final place, flushed to disk and renamed into
-place, so a crash leaves either the old checkpoint or the new one, never half of one. Loading
-verifies the format, every checksum and the tensor files before returning anything, and
-``check_model_tensors`` compares names, shapes and dtypes with the live model before a single
-value is copied: a corrupt or mismatched checkpoint is refused whole.
+place (``nestlearn.atomic.atomic_directory``), so a crash leaves either the old checkpoint or
+the new one, never half of one. Loading verifies the format, every checksum and the tensor
+files before returning anything, and ``check_model_tensors`` compares names, shapes and dtypes
+with the live model before a single value is copied: a corrupt or mismatched checkpoint is
+refused whole.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -30,15 +32,18 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
-from nestlearn.atomic import fsync_path, sha256_file
+from nestlearn.atomic import atomic_directory, remove_staging_leftovers, sha256_file
 from nestlearn.errors import NestlearnError
+from nestlearn.models.io import CONFIG_FILE as MODEL_CONFIG_FILE
+from nestlearn.models.io import WEIGHTS_FILE as MODEL_FILE
+from nestlearn.models.io import write_model_files
 from nestlearn.treeio import flatten, unflatten
 
 FORMAT = "nestlearn.checkpoint"
 VERSION = 1
 MANIFEST = "checkpoint.json"
-MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.safetensors"
 PREFIX = "step_"
 
@@ -107,7 +112,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: str | Path, *, step: int, config: dict[str, Any],
-                    model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
+                    model: nn.Module, optimizer_state: dict[str, Any],
                     scheduler_state: dict[str, Any], sampler_state: Any,
                     rng_state: dict[str, Any], extra: dict[str, Any] | None = None,
                     keep: int | None = None) -> Path:
@@ -115,45 +120,31 @@ def save_checkpoint(run_dir: str | Path, *, step: int, config: dict[str, Any],
     final = checkpoint_dir(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
     # one writer per run (rank 0): leftovers of a writer killed mid-save can go
-    for stale in final.parent.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    for stale in final.parent.glob(".old-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    tmp.mkdir()
-    model_tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in model_state.items()}
+    remove_staging_leftovers(final.parent)
     opt_skeleton, opt_tensors = flatten(optimizer_state, "optimizer/")
     sampler_skeleton, sampler_tensors = flatten(sampler_state, "sampler/")
     rng_skeleton, rng_tensors = flatten(rng_state, "rng/")
-    save_file(model_tensors, str(tmp / MODEL_FILE))
-    save_file({**opt_tensors, **sampler_tensors, **rng_tensors}, str(tmp / STATE_FILE))
-    payload = {
-        "step": step,
-        "config": config,
-        "optimizer": opt_skeleton,
-        "scheduler": scheduler_state,
-        "sampler": sampler_skeleton,
-        "rng": rng_skeleton,
-        "extra": extra or {},
-    }
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "files": {name: sha256_file(tmp / name) for name in (MODEL_FILE, STATE_FILE)},
-        "payload": payload,
-        "payload_sha256": _payload_digest(payload),
-    }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    for name in (MODEL_FILE, STATE_FILE, MANIFEST):
-        fsync_path(tmp / name)
-    if final.exists():
-        old = final.parent / f".old-{final.name}-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-    fsync_path(final.parent)
+    with atomic_directory(final) as tmp:
+        write_model_files(model, tmp)
+        save_file({**opt_tensors, **sampler_tensors, **rng_tensors}, str(tmp / STATE_FILE))
+        payload = {
+            "step": step,
+            "config": config,
+            "optimizer": opt_skeleton,
+            "scheduler": scheduler_state,
+            "sampler": sampler_skeleton,
+            "rng": rng_skeleton,
+            "extra": extra or {},
+        }
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "files": {name: sha256_file(tmp / name)
+                      for name in (MODEL_FILE, MODEL_CONFIG_FILE, STATE_FILE)},
+            "payload": payload,
+            "payload_sha256": _payload_digest(payload),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     if keep is not None:
         for stale in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(stale)
@@ -164,8 +155,9 @@ def _corrupt(path: Path, why: str) -> NestlearnError:
     return NestlearnError(f"checkpoint {path}: refused, {why}")
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read and verify a checkpoint folder (or a run folder: its latest checkpoint)."""
+def read_manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """``(checkpoint folder, payload)`` of a checkpoint folder (or a run folder: its latest
+    checkpoint), after verifying the manifest and the checksum of every file."""
     path = Path(path)
     if not (path / MANIFEST).exists() and (path / "checkpoints").is_dir():
         latest = latest_checkpoint(path)
@@ -188,22 +180,33 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     payload = manifest.get("payload")
     if not isinstance(payload, dict) or _payload_digest(payload) != manifest.get("payload_sha256"):
         raise _corrupt(path, f"checksum mismatch in {MANIFEST} (edited or damaged)")
-    files = manifest.get("files", {})
-    tensors: dict[str, dict[str, torch.Tensor]] = {}
-    for name in (MODEL_FILE, STATE_FILE):
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise _corrupt(path, f"{MANIFEST} lacks its file checksums")
+    # checkpoints written before the model's config.json was added list only the tensor files
+    for name in sorted({MODEL_FILE, STATE_FILE, *files}):
         file = path / name
         if not file.exists():
             raise _corrupt(path, f"{name} is missing")
         if sha256_file(file) != files.get(name):
             raise _corrupt(path, f"checksum mismatch in {name} (truncated or damaged)")
+    missing = {"step", "config", "optimizer", "scheduler", "sampler", "rng"} - set(payload)
+    if missing:
+        raise _corrupt(path, f"{MANIFEST} lacks {sorted(missing)}")
+    return path, payload
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read and verify a checkpoint folder (or a run folder: its latest checkpoint)."""
+    path, payload = read_manifest(path)
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    for name in (MODEL_FILE, STATE_FILE):
+        file = path / name
         try:
             tensors[name] = load_file(str(file))
         except (SafetensorError, OSError) as err:
             raise _corrupt(path, f"{name} cannot be read ({err})") from None
     state = tensors[STATE_FILE]
-    missing = {"step", "config", "optimizer", "scheduler", "sampler", "rng"} - set(payload)
-    if missing:
-        raise _corrupt(path, f"{MANIFEST} lacks {sorted(missing)}")
     return Checkpoint(
         path=path,
         step=int(payload["step"]),

@@ -1,0 +1,169 @@
+"""What the training loop does around the steps, one small object per job.
+
+The loop calls, in list order, ``after_step(trainer, record)`` after every optimizer step,
+``at_end(trainer)`` once training stops (finished or interrupted; not after a NaN/Inf
+stop, which saves its own checkpoint), and ``close(trainer)`` always, last. The default hooks:
+:class:`LogHook` (metrics rows and the progress bar), :class:`EvalHook` (periodic and final
+evaluation), :class:`CheckpointHook` (periodic and final checkpoints). :class:`StopSignals`
+turns SIGINT/SIGTERM into a request the loop checks after each step.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nestlearn.training.metrics_log import plot_loss_curve
+
+if TYPE_CHECKING:
+    from nestlearn.training.trainer import Trainer
+
+
+@dataclass
+class StepRecord:
+    """What one optimizer step did."""
+
+    step: int  # optimizer steps completed, this one included
+    loss: float  # mean loss over the scored targets of the global batch
+    grad_norm: float  # before clipping
+    lr: float
+    tokens: int  # scored targets of the global batch
+    seconds: float  # wall time of the step (evaluation and saving excluded)
+
+
+@dataclass
+class TrainResult:
+    """What a call to :func:`nestlearn.training.train` did."""
+
+    run_dir: Path
+    step: int  # optimizer steps completed in total (including before a resume)
+    status: str  # "completed" or "interrupted"
+    losses: dict[int, float] = field(default_factory=dict)  # step -> train loss, this call
+    evals: dict[int, dict[str, float]] = field(default_factory=dict)
+    checkpoint: Path | None = None
+    rank: int = 0  # under torchrun, only rank 0 reports
+
+
+class Hook:
+    """Does nothing; subclasses override what they need."""
+
+    def after_step(self, trainer: Trainer, record: StepRecord) -> None:
+        pass
+
+    def at_end(self, trainer: Trainer) -> None:
+        pass
+
+    def close(self, trainer: Trainer) -> None:
+        pass
+
+
+class LogHook(Hook):
+    """A metrics row every ``train.log_every`` steps (and at the last step) with the tokens per
+    second of the steps since the previous row; the progress bar (rank 0, when asked and tqdm
+    is installed); at the close, the loss curve and the metric files are finished."""
+
+    def __init__(self, trainer: Trainer, progress: bool) -> None:
+        self.window_tokens = 0
+        self.window_seconds = 0.0
+        self.bar = None
+        cfg = trainer.config.train
+        if progress and trainer.ctx.is_main and trainer.step < cfg.steps:
+            try:
+                from tqdm import tqdm
+            except ImportError:  # optional: the metric files carry the same numbers
+                return
+            self.bar = tqdm(total=cfg.steps, initial=trainer.step, desc=trainer.config.name,
+                            unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def after_step(self, trainer: Trainer, record: StepRecord) -> None:
+        cfg = trainer.config.train
+        self.window_tokens += record.tokens
+        self.window_seconds += record.seconds
+        if record.step % cfg.log_every == 0 or record.step == cfg.steps:
+            tps = self.window_tokens / max(self.window_seconds, 1e-9)
+            self.window_tokens, self.window_seconds = 0, 0.0
+            trainer.metrics.log({
+                "step": record.step, "split": "train", "loss": record.loss,
+                "ppl": math.exp(min(record.loss, 700.0)), "lr": record.lr,
+                "grad_norm": record.grad_norm, "tokens_per_s": round(tps, 1),
+                "tokens": trainer.tokens_seen, "elapsed_s": round(trainer.elapsed, 3),
+            })
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{record.loss:.4f}", tok_s=f"{tps:,.0f}",
+                                     lr=f"{record.lr:.2e}")
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def at_end(self, trainer: Trainer) -> None:
+        self._close_bar()
+
+    def close(self, trainer: Trainer) -> None:
+        self._close_bar()
+        if trainer.ctx.is_main:
+            plot_loss_curve(trainer.run_dir, trainer.config.name)
+        trainer.metrics.close()
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class EvalHook(Hook):
+    """Evaluates every ``train.eval_every`` steps and once at the end of a completed run."""
+
+    def after_step(self, trainer: Trainer, record: StepRecord) -> None:
+        every = trainer.config.train.eval_every
+        if every and record.step % every == 0:
+            trainer.run_eval()
+
+    def at_end(self, trainer: Trainer) -> None:
+        if trainer.result.status == "completed" and trainer.step not in trainer.result.evals:
+            trainer.run_eval()
+
+
+class CheckpointHook(Hook):
+    """A checkpoint every ``train.checkpoint_every`` steps (left to the final one when the run
+    is stopping) and one at the end."""
+
+    def after_step(self, trainer: Trainer, record: StepRecord) -> None:
+        every = trainer.config.train.checkpoint_every
+        if every and record.step % every == 0 and trainer.stop_requested is None:
+            trainer.result.checkpoint = trainer.save()
+
+    def at_end(self, trainer: Trainer) -> None:
+        trainer.result.checkpoint = trainer.save()
+
+
+def default_hooks(trainer: Trainer, progress: bool) -> list[Hook]:
+    """Logging, evaluation, checkpointing: in this order after each step and at the end."""
+    return [LogHook(trainer, progress), EvalHook(), CheckpointHook()]
+
+
+class StopSignals:
+    """Turns SIGINT/SIGTERM into a flag checked after each step (main thread only); a second
+    signal interrupts at once."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # a second signal: stop at once, without saving
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

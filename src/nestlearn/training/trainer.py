@@ -1,0 +1,281 @@
+"""The training loop: from a ``RunConfig`` to a trained, evaluated, checkpointed model.
+
+:class:`Trainer` builds a run from :mod:`nestlearn.training.builders` (data, model, optimizer,
+schedule), restores the latest checkpoint on ``resume=True``, and :meth:`Trainer.run` loops:
+batch -> forward -> NaN/Inf guard -> backward -> clip -> optimizer step -> hooks (metrics,
+evaluation, checkpoints: :mod:`nestlearn.training.hooks`). A resumed run's losses equal an
+uninterrupted run's (same seed, CPU). The run folder is described in this package's README.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nestlearn.atomic import atomic_write_text
+from nestlearn.errors import NestlearnError, NonFiniteError, invalid
+from nestlearn.evaluate.perplexity import EvalResult, evaluate_batches, tokens_per_byte
+from nestlearn.losses import lm_loss_sum, scored_targets
+from nestlearn.training import checkpoint as ckpt
+from nestlearn.training.builders import (
+    autocast_context,
+    build_data,
+    build_optimizer,
+    build_run_model,
+    build_scheduler,
+    resolve_config,
+    seed_everything,
+)
+from nestlearn.training.distributed import (
+    DistContext,
+    all_reduce_sum,
+    any_rank,
+    barrier,
+    init_distributed,
+    shutdown,
+    wrap_for_training,
+)
+from nestlearn.training.hooks import Hook, StepRecord, StopSignals, TrainResult, default_hooks
+from nestlearn.training.metrics_log import MetricsLogger
+from nestlearn.training.nonfinite import NonFiniteGuard, find_nonfinite, nonfinite_gradient
+from nestlearn.training.run_folder import (
+    CONFIG_FILE,
+    check_resume_config,
+    ensure_writable,
+)
+from nestlearn.training.runconfig import RunConfig
+
+EVAL_SEED = 1_000_003  # fixed windows for periodic evaluation, independent of train.seed
+
+
+class Trainer:
+    """Builds everything a run needs; :meth:`run` trains.
+
+    Attributes tests may inspect or wrap: ``model`` (unwrapped), ``optimizer``, ``scheduler``,
+    ``sampler``, ``config`` (resolved), ``run_dir``, ``step``, ``hooks``.
+    """
+
+    def __init__(self, config: RunConfig, *, resume: bool = False, progress: bool = True,
+                 ctx: DistContext | None = None) -> None:
+        self.ctx = ctx or init_distributed(config.train.device)
+        self.run_dir = Path(config.train.out_dir).expanduser()
+        self.stop_requested: str | None = None
+        checkpoint = self._open_run_folder(config, resume)
+        self.data = build_data(config, self.run_dir, self.ctx, reuse=resume)
+        self.config = resolve_config(config, self.data)
+        if checkpoint is not None:
+            check_resume_config(checkpoint.config, self.config, checkpoint.path)
+
+        from nestlearn.data.tokens import WindowSampler
+
+        seed_everything(self.config.train.seed)
+        self.model = build_run_model(self.config, self.ctx.device)
+        self.optimizer = build_optimizer(self.config.optim, self.model, self.config.train.seed)
+        self.scheduler = build_scheduler(self.config, self.optimizer)
+        self.sampler = WindowSampler(self.data.train_file, self.config.data.seq_len,
+                                     self.config.data.batch_size, seed=self.config.train.seed,
+                                     rank=self.ctx.rank, world_size=self.ctx.world_size)
+        self.step = 0
+        self.tokens_seen = 0
+        self.elapsed = 0.0
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        self.ddp_model = wrap_for_training(self.model, self.ctx, self.config.data.seq_len,
+                                           self.config.train.find_unused_parameters)
+        self.autocast = autocast_context(self.config, self.ctx.device)
+        self.guard = NonFiniteGuard(self.save, self.run_dir / "checkpoints")
+        self.metrics = MetricsLogger(self.run_dir, enabled=self.ctx.is_main)
+        if self.ctx.is_main:
+            atomic_write_text(self.run_dir / CONFIG_FILE, self.config.to_json())
+            if checkpoint is None:
+                self.metrics.start_fresh()
+            else:
+                self.metrics.resume_at(self.step)
+        self.result = TrainResult(run_dir=self.run_dir, step=self.step, status="completed",
+                                  rank=self.ctx.rank)
+        self.hooks: list[Hook] = default_hooks(self, progress)
+
+    def _open_run_folder(self, config: RunConfig, resume: bool) -> ckpt.Checkpoint | None:
+        """Check the run folder and the batch split; the checkpoint to resume from, if any."""
+        if self.ctx.is_main:
+            ensure_writable(self.run_dir)
+        barrier(self.ctx)
+        checkpoint = None
+        if resume:
+            if ckpt.latest_checkpoint(self.run_dir) is None:
+                raise NestlearnError(f"--resume: {str(self.run_dir)!r} has no checkpoint")
+            checkpoint = ckpt.load_checkpoint(self.run_dir)
+        elif ckpt.latest_checkpoint(self.run_dir) is not None:
+            raise NestlearnError(
+                f"train.out_dir: {str(self.run_dir)!r} already holds checkpoints; "
+                "allowed: --resume, or a new output folder"
+            )
+        if config.data.batch_size % self.ctx.world_size:
+            raise NestlearnError(
+                f"data.batch_size: got {config.data.batch_size}; allowed: a multiple of the "
+                f"number of processes ({self.ctx.world_size})"
+            )
+        return checkpoint
+
+    # -- checkpoints --
+
+    def _restore(self, checkpoint: ckpt.Checkpoint) -> None:
+        """Apply a verified checkpoint; everything is checked before anything is loaded."""
+        ckpt.check_model_tensors(checkpoint, self.model)
+        ckpt.check_optimizer_state(checkpoint, self.optimizer)
+        try:
+            probe = type(self.sampler)(self.sampler.token_file, self.sampler.seq_len,
+                                       self.sampler.batch_size, seed=self.sampler.seed,
+                                       rank=self.sampler.rank,
+                                       world_size=self.sampler.world_size)
+            probe.load_state_dict(checkpoint.sampler)
+        except NestlearnError as err:
+            raise NestlearnError(f"checkpoint {checkpoint.path}: refused, {err}") from None
+        self.model.load_state_dict(checkpoint.model)
+        self.optimizer.load_state_dict(checkpoint.optimizer)
+        self.scheduler.load_state_dict(checkpoint.scheduler)
+        self.sampler.load_state_dict(checkpoint.sampler)
+        ckpt.restore_rng(checkpoint.rng)
+        self.step = checkpoint.step
+        self.tokens_seen = int(checkpoint.extra.get("tokens", 0))
+        self.elapsed = float(checkpoint.extra.get("elapsed_s", 0.0))
+
+    def save(self, sampler_state: Any = None, rng_state: Any = None) -> Path | None:
+        """Checkpoint the current step on rank 0 (all ranks wait for it)."""
+        path = None
+        if self.ctx.is_main:
+            path = ckpt.save_checkpoint(
+                self.run_dir, step=self.step, config=self.config.to_dict(),
+                model=self.model,
+                optimizer_state=self.optimizer.state_dict(),
+                scheduler_state=self.scheduler.state_dict(),
+                sampler_state=sampler_state if sampler_state is not None
+                else self.sampler.state_dict(),
+                rng_state=rng_state if rng_state is not None else ckpt.capture_rng(),
+                extra={"tokens": self.tokens_seen, "elapsed_s": self.elapsed},
+                keep=self.config.train.keep_checkpoints,
+            )
+        barrier(self.ctx)
+        return path
+
+    # -- evaluation --
+
+    def evaluate(self) -> EvalResult:
+        """Periodic evaluation on fixed random windows of the eval split (rank 0's model)."""
+        from nestlearn.data.tokens import WindowSampler
+
+        data = self.config.data
+        windows = WindowSampler(self.data.eval_file, data.seq_len, data.batch_size,
+                                seed=EVAL_SEED)
+        batches = (windows.next_batch() for _ in range(self.config.train.eval_iters))
+        return evaluate_batches(self.model, batches, tokens_per_byte(self.data.eval_file),
+                                self.ctx.device, autocast=self.autocast)
+
+    def run_eval(self) -> None:
+        """Evaluate on rank 0, log the row and keep it in the result (all ranks wait)."""
+        if self.ctx.is_main:
+            evaluation = self.evaluate()
+            self.metrics.log({"step": self.step, "split": "eval", **evaluation.to_dict()})
+            self.result.evals[self.step] = evaluation.to_dict()
+        barrier(self.ctx)
+
+    # -- one step --
+
+    def train_step(self) -> StepRecord:
+        """One optimizer step: batch -> forward -> guard -> backward -> clip -> step."""
+        start = time.perf_counter()
+        # the last good state, saved by the guard if this step fails
+        sampler_state, rng_state = self.sampler.state_dict(), ckpt.capture_rng()
+        lr = self.scheduler.apply(self.step)
+        inputs, targets = (t.to(self.ctx.device) for t in self.sampler.next_batch())
+        loss_sum, failure = self._forward(inputs, targets)
+        # one all-reduce per step: loss sum, scored targets, ranks that failed
+        local = torch.stack([loss_sum.detach().double(), scored_targets(targets).double(),
+                             torch.tensor(float(failure is not None), dtype=torch.float64,
+                                          device=self.ctx.device)])
+        total_sum, total_count, failed = all_reduce_sum(local, self.ctx).tolist()
+        loss_value = total_sum / max(total_count, 1.0)
+        if failure is None and failed == 0 and not math.isfinite(loss_value):
+            failure = "the loss"
+        if failed > 0 or failure is not None:
+            # a failed forward (here or on another rank) leaves no loss to show
+            failed_forward = failure is None or failure.startswith("the forward")
+            self.guard.stop(self.step, failure or "another rank's forward pass or memory state",
+                            None if failed_forward else loss_value, sampler_state, rng_state)
+        # DDP averages gradients over ranks: scaling by world / global count makes the update
+        # that of the mean loss over the whole global batch.
+        (loss_sum * (self.ctx.world_size / max(total_count, 1.0))).backward()
+        # after DDP's all-reduce every rank holds the same gradients: a local check agrees
+        bad_grad = nonfinite_gradient(self.model)
+        if bad_grad is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.guard.stop(self.step, bad_grad, loss_value, sampler_state, rng_state)
+        norm = self._clip_gradients()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += int(total_count)
+        seconds = time.perf_counter() - start
+        self.elapsed += seconds
+        return StepRecord(step=self.step, loss=loss_value, grad_norm=float(norm), lr=lr,
+                          tokens=int(total_count), seconds=seconds)
+
+    def _forward(self, inputs: torch.Tensor, targets: torch.Tensor
+                 ) -> tuple[torch.Tensor, str | None]:
+        """``(summed loss, where a NaN/Inf showed up, or None)``."""
+        try:
+            with self.autocast:
+                logits, state = self.ddp_model(inputs)
+            return lm_loss_sum(logits, targets), find_nonfinite(state, "memory state")
+        except NonFiniteError as err:
+            # values went bad inside the model (e.g. a NaN gate under nestlearn.debug_checks);
+            # stop as for a NaN loss, naming the place
+            return torch.zeros((), device=self.ctx.device), f"the forward pass ({err})"
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """Clip the global gradient norm to ``train.grad_clip`` (0 = off); the norm before."""
+        clip = self.config.train.grad_clip
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+
+    # -- the loop --
+
+    def run(self, stop_at: int | None = None) -> TrainResult:
+        """Train until ``train.steps`` (or ``stop_at``, as if interrupted there)."""
+        result = self.result
+        try:
+            with StopSignals() as signals:
+                while self.step < self.config.train.steps and self.stop_requested is None:
+                    record = self.train_step()
+                    result.losses[record.step] = record.loss
+                    if any_rank(signals.received is not None, self.ctx):
+                        self.stop_requested = signals.received or "another rank"
+                    elif stop_at is not None and self.step >= stop_at:
+                        self.stop_requested = "stop_at"
+                    for hook in self.hooks:
+                        hook.after_step(self, record)
+            if self.stop_requested is not None:
+                result.status = "interrupted"
+            for hook in self.hooks:
+                hook.at_end(self)
+        finally:
+            for hook in self.hooks:
+                hook.close(self)
+        result.step = self.step
+        return result
+
+
+def train(config: RunConfig, *, resume: bool = False, progress: bool = True,
+          stop_at: int | None = None) -> TrainResult:
+    """Train ``config`` (``torchrun``-aware) and return what happened."""
+    if not isinstance(config, RunConfig):
+        raise invalid("config", type(config).__name__, "a RunConfig (e.g. from get_recipe)")
+    ctx = init_distributed(config.train.device)
+    try:
+        return Trainer(config, resume=resume, progress=progress, ctx=ctx).run(stop_at=stop_at)
+    finally:
+        shutdown(ctx)

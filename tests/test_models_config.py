@@ -112,6 +112,9 @@ def test_a_new_arch_is_one_function_and_one_entry():
             super().__init__()
             self.mlp = SwiGLU(config.dim, config.mlp_width)
 
+        def init_state(self, batch, *, device=None, dtype=None):
+            return None  # stateless: nothing carries over between segments
+
         def forward(self, x, state=None):
             return x + self.mlp(x), state
 

@@ -273,9 +273,11 @@ def test_bad_config_names_the_field(kwargs, field):
 def test_config_normalizes_scalars_and_lists():
     config = CMSConfig(dim=4, chunk_sizes=[2, 8], hidden=16, inner_lr=0.5)
     assert config.chunk_sizes == (2, 8)
-    assert config.hidden == (16, 16)
+    assert config.hidden == 16 and config.level_hidden == (16, 16)
     assert config.inner_lr == (0.5, 0.5)
-    assert config == CMSConfig(dim=4, chunk_sizes=(2, 8), hidden=(16, 16), inner_lr=(0.5, 0.5))
+    assert config == CMSConfig(dim=4, chunk_sizes=(2, 8), hidden=16, inner_lr=(0.5, 0.5))
+    # hidden keeps what was asked for (so a model's width can re-derive it); lists become tuples
+    assert CMSConfig(dim=4, chunk_sizes=(2, 8), hidden=[16, 12]).hidden == (16, 12)
 
 
 def test_bad_input_is_refused():

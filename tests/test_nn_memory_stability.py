@@ -238,7 +238,7 @@ def memory_layers(model):
 def memory_states(block_state):
     """(state weights, initial parameters, name) of every memory in one block's state."""
     found = []
-    for name in ("memory", "inner", "titans"):
+    for name in ("memory", "neural_memory", "inner", "titans"):
         inner = getattr(block_state, name, None)
         if inner is None:
             continue

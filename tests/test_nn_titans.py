@@ -155,7 +155,7 @@ def test_gates_in_range():
     layer = make()
     alpha, eta, theta = layer.gate_values(inputs() * 50)
     assert ((alpha >= 0) & (alpha <= 1)).all()
-    assert ((eta >= 0) & (eta <= layer.config.eta_max)).all()
+    assert ((eta >= 0) & (eta <= layer.config.resolved_eta_max)).all()
     assert ((theta >= 0) & (theta <= 1)).all()
     alpha, _, theta = make(momentum=False, weight_decay=False).gate_values(inputs())
     assert theta is None and bool((alpha == 1).all())

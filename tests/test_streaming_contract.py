@@ -264,10 +264,18 @@ LAYERS = {
     "hope-attention-block": hope_attention_block(),
 }
 
+def largest_chunk(config) -> int:
+    """The longest chunk of any memory in a model (1 without memories)."""
+    chunks = [1]
+    if config.memory is not None:
+        chunks += [config.memory.chunk_size, getattr(config.memory, "inner_chunk_size", 1)]
+    if config.cms is not None:
+        chunks += list(config.cms.chunk_sizes)
+    return max(chunks)
+
+
 MODELS = {
-    f"model-{arch}": Case(lambda arch=arch: tiny_model(arch),
-                          max(tiny_config(arch).chunk_size, tiny_config(arch).inner_chunk_size,
-                              *tiny_config(arch).cms_chunk_sizes),
+    f"model-{arch}": Case(lambda arch=arch: tiny_model(arch), largest_chunk(tiny_config(arch)),
                           tokens=True)
     for arch in ARCHS_WIRED
 }

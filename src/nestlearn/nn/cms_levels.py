@@ -11,10 +11,11 @@ Two kinds (both bias-free, so a Transformer++ MLP can be loaded as a level):
 - ``"gelu"``: weights ``(w_in [H, D], w_out [D, H])``, ``mlp(n) = w_out gelu(w_in n)`` (exact
   erf GELU); with the level's residual this is the paper's residual 2-layer MLP.
 
-``level_grad`` gives the exact gradient, summed over the tokens of a piece, of
-``sum_t 1/2 ||mlp(n_t) - v_t||^2`` given the error ``e_t = mlp(n_t) - v_t``: every per-token
-gradient of a linear map is a rank-1 outer product (error x input), so the sum over the piece is
-one matmul per weight (docs/paper.md section 3: a chunk's tokens have no sequential dependency).
+``level_grad_factors`` with ``outer_sum`` gives the exact gradient, summed over the tokens of
+a piece, of ``sum_t 1/2 ||mlp(n_t) - v_t||^2`` given the error ``e_t = mlp(n_t) - v_t``:
+every per-token gradient of a linear map is a rank-1 outer product (error x input), so the sum
+over the piece is one matmul per weight (docs/paper.md section 3: a chunk's tokens have no
+sequential dependency).
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def level_forward(kind: str, weights: tuple[torch.Tensor, ...],
                   n: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """``mlp(n)`` for ``n [B, P, D]``; also returns the activations ``level_grad`` needs."""
+    """``mlp(n)`` for ``n [B, P, D]``; also returns the activations ``level_grad_factors``
+    needs."""
     if kind == "swiglu":
         w_gate, w_up, w_down = weights
         gate = linear(n, w_gate)
@@ -90,15 +92,6 @@ def level_grad_factors(kind: str, weights: tuple[torch.Tensor, ...], n: torch.Te
     pre, hidden = activations
     d_pre = linear_transpose(error, w_out) * activation_slope(pre, "gelu")
     return (d_pre, n), (error, hidden)
-
-
-def level_grad(kind: str, weights: tuple[torch.Tensor, ...], n: torch.Tensor,
-               activations: tuple[torch.Tensor, ...],
-               error: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Per-batch-element gradient of ``sum_t 1/2 ||mlp(n_t) - v_t||^2`` w.r.t. the weights
-    (``[B, out, in]`` each)."""
-    return tuple(outer_sum(left, right)
-                 for left, right in level_grad_factors(kind, weights, n, activations, error))
 
 
 def linear_transpose(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -16,12 +16,11 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from nestlearn.training.metrics_log import plot_loss_curve
-
-if TYPE_CHECKING:
-    from nestlearn.training.trainer import Trainer
+from nestlearn.training.distributed import DistContext
+from nestlearn.training.metrics_log import MetricsLogger, plot_loss_curve
+from nestlearn.training.runconfig import RunConfig
 
 
 @dataclass
@@ -49,16 +48,36 @@ class TrainResult:
     rank: int = 0  # under torchrun, only rank 0 reports
 
 
+
+class RunningTrainer(Protocol):
+    """What hooks read and call on the running ``nestlearn.training.Trainer`` (a protocol, so
+    this module does not import the loop that imports it)."""
+
+    config: RunConfig
+    ctx: DistContext
+    run_dir: Path
+    metrics: MetricsLogger
+    result: TrainResult
+    step: int
+    tokens_seen: int
+    elapsed: float
+    stop_requested: str | None
+
+    def run_eval(self) -> None: ...
+
+    def save(self) -> Path | None: ...
+
+
 class Hook:
     """Does nothing; subclasses override what they need."""
 
-    def after_step(self, trainer: Trainer, record: StepRecord) -> None:
+    def after_step(self, trainer: RunningTrainer, record: StepRecord) -> None:
         pass
 
-    def at_end(self, trainer: Trainer) -> None:
+    def at_end(self, trainer: RunningTrainer) -> None:
         pass
 
-    def close(self, trainer: Trainer) -> None:
+    def close(self, trainer: RunningTrainer) -> None:
         pass
 
 
@@ -67,7 +86,7 @@ class LogHook(Hook):
     second of the steps since the previous row; the progress bar (rank 0, when asked and tqdm
     is installed); at the close, the loss curve and the metric files are finished."""
 
-    def __init__(self, trainer: Trainer, progress: bool) -> None:
+    def __init__(self, trainer: RunningTrainer, progress: bool) -> None:
         self.window_tokens = 0
         self.window_seconds = 0.0
         self.bar = None
@@ -80,7 +99,7 @@ class LogHook(Hook):
             self.bar = tqdm(total=cfg.steps, initial=trainer.step, desc=trainer.config.name,
                             unit="step", dynamic_ncols=True, file=sys.stderr)
 
-    def after_step(self, trainer: Trainer, record: StepRecord) -> None:
+    def after_step(self, trainer: RunningTrainer, record: StepRecord) -> None:
         cfg = trainer.config.train
         self.window_tokens += record.tokens
         self.window_seconds += record.seconds
@@ -99,10 +118,10 @@ class LogHook(Hook):
         if self.bar is not None:
             self.bar.update(1)
 
-    def at_end(self, trainer: Trainer) -> None:
+    def at_end(self, trainer: RunningTrainer) -> None:
         self._close_bar()
 
-    def close(self, trainer: Trainer) -> None:
+    def close(self, trainer: RunningTrainer) -> None:
         self._close_bar()
         if trainer.ctx.is_main:
             plot_loss_curve(trainer.run_dir, trainer.config.name)
@@ -117,12 +136,12 @@ class LogHook(Hook):
 class EvalHook(Hook):
     """Evaluates every ``train.eval_every`` steps and once at the end of a completed run."""
 
-    def after_step(self, trainer: Trainer, record: StepRecord) -> None:
+    def after_step(self, trainer: RunningTrainer, record: StepRecord) -> None:
         every = trainer.config.train.eval_every
         if every and record.step % every == 0:
             trainer.run_eval()
 
-    def at_end(self, trainer: Trainer) -> None:
+    def at_end(self, trainer: RunningTrainer) -> None:
         if trainer.result.status == "completed" and trainer.step not in trainer.result.evals:
             trainer.run_eval()
 
@@ -131,16 +150,16 @@ class CheckpointHook(Hook):
     """A checkpoint every ``train.checkpoint_every`` steps (left to the final one when the run
     is stopping) and one at the end."""
 
-    def after_step(self, trainer: Trainer, record: StepRecord) -> None:
+    def after_step(self, trainer: RunningTrainer, record: StepRecord) -> None:
         every = trainer.config.train.checkpoint_every
         if every and record.step % every == 0 and trainer.stop_requested is None:
             trainer.result.checkpoint = trainer.save()
 
-    def at_end(self, trainer: Trainer) -> None:
+    def at_end(self, trainer: RunningTrainer) -> None:
         trainer.result.checkpoint = trainer.save()
 
 
-def default_hooks(trainer: Trainer, progress: bool) -> list[Hook]:
+def default_hooks(trainer: RunningTrainer, progress: bool) -> list[Hook]:
     """Logging, evaluation, checkpointing: in this order after each step and at the end."""
     return [LogHook(trainer, progress), EvalHook(), CheckpointHook()]
 

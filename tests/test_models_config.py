@@ -161,3 +161,17 @@ def test_changing_arch_keeps_the_sections_the_new_arch_uses():
     back = apply_overrides(get_recipe("tiny-transformer"),
                            ["model.attention.window=8", "model.arch=hope-attention"]).model
     assert back.attention.window is None  # hope-attention's attention is global
+
+
+@pytest.mark.parametrize(("arch", "sets", "limited"), [
+    ("transformer", [], True),
+    ("transformer", ["model.attention.window=8"], False),
+    ("hope-attention", [], True),
+    ("hope", [], False),
+    ("titans", [], False),
+])
+def test_generation_limits_the_context_of_global_attention_only(arch, sets, limited):
+    from nestlearn.cli.generate import default_context
+
+    config = apply_overrides(get_recipe(f"tiny-{arch}"), sets)
+    assert default_context(config) == (config.data.seq_len if limited else None)

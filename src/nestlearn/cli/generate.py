@@ -12,13 +12,11 @@ from nestlearn.errors import NestlearnError, invalid
 if TYPE_CHECKING:
     from nestlearn.training.runconfig import RunConfig
 
-GLOBAL_ATTENTION_ARCHS = ("transformer", "hope-attention")
-
-
 def default_context(config: RunConfig) -> int | None:
     """The training context for models whose attention sees the whole prompt (positions past
     it were never trained); recurrent and sliding-window models have no such limit."""
-    if config.model.arch in GLOBAL_ATTENTION_ARCHS and config.model.attention.window is None:
+    attention = config.model.attention
+    if attention is not None and attention.window is None:
         return config.data.seq_len
     return None
 

@@ -39,6 +39,8 @@ unless data.corpus is one), checkpoints/ (the latest is the model: nestlearn eva
 generate and nestlearn.models.from_pretrained read it), metrics.jsonl, metrics.csv and
 loss_curve.png. Ctrl-C (SIGINT) or SIGTERM saves a checkpoint and
 stops; --resume continues it with the same losses an uninterrupted run would have had.
+One run at a time writes a folder: while it runs, RUN/train.lock names it (pid, host, start)
+and a second train on the folder is refused.
 """
 
 

@@ -1,10 +1,12 @@
 """The training loop: from a ``RunConfig`` to a trained, evaluated, checkpointed model.
 
 :class:`Trainer` builds a run from :mod:`nestlearn.training.builders` (data, model, optimizer,
-schedule), restores the latest checkpoint on ``resume=True``, and :meth:`Trainer.run` loops:
-batch -> forward -> NaN/Inf guard -> backward -> clip -> optimizer step -> hooks (metrics,
-evaluation, checkpoints: :mod:`nestlearn.training.hooks`). A resumed run's losses equal an
-uninterrupted run's (same seed, CPU). The run folder is described in this package's README.
+schedule) after locking the run folder (:mod:`nestlearn.training.run_lock`, held until
+:meth:`Trainer.run` ends), restores the latest checkpoint on ``resume=True``, and
+:meth:`Trainer.run` loops: batch -> forward -> NaN/Inf guard -> backward -> clip -> optimizer
+step -> hooks (metrics, evaluation, checkpoints: :mod:`nestlearn.training.hooks`). A resumed
+run's losses equal an uninterrupted run's (same seed, CPU). The run folder is described in
+this package's README.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from nestlearn.training.run_folder import (
     check_resume_config,
     ensure_writable,
 )
+from nestlearn.training.run_lock import RunFolderLock
 from nestlearn.training.runconfig import RunConfig
 
 EVAL_SEED = 1_000_003  # fixed windows for periodic evaluation, independent of train.seed
@@ -56,7 +59,8 @@ class Trainer:
     """Builds everything a run needs; :meth:`run` trains.
 
     Attributes tests may inspect or wrap: ``model`` (unwrapped), ``optimizer``, ``scheduler``,
-    ``sampler``, ``config`` (resolved), ``run_dir``, ``step``, ``hooks``.
+    ``sampler``, ``config`` (resolved), ``run_dir``, ``step``, ``hooks``, ``lock`` (the run
+    folder's lock, taken on rank 0 when built and released when :meth:`run` ends).
     """
 
     def __init__(self, config: RunConfig, *, resume: bool = False, progress: bool = True,
@@ -64,7 +68,19 @@ class Trainer:
         self.ctx = ctx or init_distributed(config.train.device)
         self.run_dir = Path(config.train.out_dir).expanduser()
         self.stop_requested: str | None = None
-        checkpoint = self._open_run_folder(config, resume)
+        self.lock = RunFolderLock(self.run_dir)
+        self._lock_run_folder()
+        try:
+            checkpoint = self._open_run_folder(config, resume)
+            self._build(config, checkpoint, progress)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _build(self, config: RunConfig, checkpoint: ckpt.Checkpoint | None, progress: bool
+               ) -> None:
+        """Data, model, optimizer, schedule, sampler, restored state, metrics and hooks."""
+        resume = checkpoint is not None
         self.data = build_data(config, self.run_dir, self.ctx, reuse=resume)
         self.config = resolve_config(config, self.data)
         if checkpoint is not None:
@@ -99,11 +115,22 @@ class Trainer:
                                   rank=self.ctx.rank)
         self.hooks: list[Hook] = default_hooks(self, progress)
 
+    def _lock_run_folder(self) -> None:
+        """Create the run folder and take its lock on rank 0 (the one writer), before anything
+        is written there; held until :meth:`run` ends. A refusal stops every rank."""
+        failure: NestlearnError | None = None
+        if self.ctx.is_main:
+            try:
+                ensure_writable(self.run_dir)
+                self.lock.acquire()
+            except NestlearnError as err:
+                failure = err
+        if any_rank(failure is not None, self.ctx):
+            raise failure or NestlearnError(f"run folder {str(self.run_dir)!r}: rank 0 could "
+                                            "not open it (see rank 0's message)")
+
     def _open_run_folder(self, config: RunConfig, resume: bool) -> ckpt.Checkpoint | None:
         """Check the run folder and the batch split; the checkpoint to resume from, if any."""
-        if self.ctx.is_main:
-            ensure_writable(self.run_dir)
-        barrier(self.ctx)
         checkpoint = None
         if resume:
             if ckpt.latest_checkpoint(self.run_dir) is None:
@@ -263,8 +290,11 @@ class Trainer:
             for hook in self.hooks:
                 hook.at_end(self)
         finally:
-            for hook in self.hooks:
-                hook.close(self)
+            try:
+                for hook in self.hooks:
+                    hook.close(self)
+            finally:
+                self.lock.release()
         result.step = self.step
         return result
 

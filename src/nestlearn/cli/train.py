@@ -94,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
     result = train(config, resume=args.resume, progress=not args.no_progress)
     if result.rank != 0:
         return 130 if result.status == "interrupted" else 0
+    if result.status == "already_complete":
+        print(result.note)
+        return 0
     if result.status == "interrupted":
         print(f"stopped at step {result.step}; checkpoint {result.checkpoint}; continue with: "
               f"nestlearn train --out {result.run_dir} --resume", file=sys.stderr)

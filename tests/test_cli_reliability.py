@@ -1,0 +1,58 @@
+"""Reliability of the run folder seen from the command line (issue: finished runs, file
+modes, read-only folders, option values)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nestlearn.training.metrics_log import read_records
+from trainkit import TINY, write_corpus
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def nestlearn(*args, umask=None):
+    preexec = None if umask is None else (lambda: os.umask(umask))
+    return subprocess.run([sys.executable, "-m", "nestlearn", *args], capture_output=True,
+                          text=True, env=ENV, timeout=300, preexec_fn=preexec)
+
+
+def tiny_sets(*extra):
+    return [arg for field in (*TINY, *extra) for arg in ("--set", field)]
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``folder``: its bytes and modification time."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "verse.txt")
+
+
+@pytest.fixture(scope="module")
+def finished_run(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "done"
+    result = nestlearn("train", "--out", str(out), "--no-progress",
+                       *tiny_sets(f"data.corpus={corpus}", "train.steps=6"))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.mark.parametrize("steps", [3, 6])
+def test_resuming_a_finished_run_changes_nothing(finished_run, steps):
+    before = snapshot(finished_run)
+    rows = read_records(finished_run)
+    result = nestlearn("train", "--out", str(finished_run), "--resume", "--no-progress",
+                       "--set", f"train.steps={steps}")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and "already complete at step 6" in lines[0], result.stdout
+    assert f"train.steps={steps}" in lines[0] and "nothing changed" in lines[0]
+    assert snapshot(finished_run) == before
+    assert read_records(finished_run) == rows

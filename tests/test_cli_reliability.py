@@ -56,3 +56,19 @@ def test_resuming_a_finished_run_changes_nothing(finished_run, steps):
     assert f"train.steps={steps}" in lines[0] and "nothing changed" in lines[0]
     assert snapshot(finished_run) == before
     assert read_records(finished_run) == rows
+
+
+@pytest.mark.parametrize(("umask", "file_mode", "folder_mode"),
+                         [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_run_files_follow_the_umask(corpus, tmp_path, umask, file_mode, folder_mode):
+    out = tmp_path / "run"
+    result = nestlearn("train", "--out", str(out), "--no-progress",
+                       *tiny_sets(f"data.corpus={corpus}", "train.steps=2"), umask=umask)
+    assert result.returncode == 0, result.stderr
+    paths = [out, *out.rglob("*")]
+    assert any(p.name == "config.json" for p in paths)
+    assert any(p.name == "model.safetensors" for p in paths)
+    modes = {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777 for p in paths}
+    expected = {str(p.relative_to(tmp_path)): folder_mode if p.is_dir() else file_mode
+                for p in paths}
+    assert modes == expected

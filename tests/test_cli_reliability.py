@@ -2,6 +2,7 @@
 modes, read-only folders, option values)."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,3 +73,25 @@ def test_run_files_follow_the_umask(corpus, tmp_path, umask, file_mode, folder_m
     expected = {str(p.relative_to(tmp_path)): folder_mode if p.is_dir() else file_mode
                 for p in paths}
     assert modes == expected
+
+
+def test_eval_of_a_read_only_run_prints_the_result_and_says_it_was_not_saved(
+        finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    target = run / "eval_validation.json"
+    if os.geteuid() == 0:
+        # permission bits do not stop root: block the result's path with a folder instead
+        target.mkdir()
+    else:
+        run.chmod(0o555)
+    try:
+        result = nestlearn("eval", str(run), "--max-batches", "1")
+    finally:
+        run.chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    assert f"{run} step 6 | validation: loss" in result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"nestlearn eval: warning: result not saved to {target} (")
+    assert ("Is a directory" if os.geteuid() == 0 else "Permission denied") in lines[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from nestlearn.atomic import atomic_write_text
 from nestlearn.errors import invalid
@@ -28,12 +29,18 @@ def run(args: argparse.Namespace) -> int:
                             max_batches=args.max_batches)
     report = {"run": str(args.run_dir), "step": step, "split": split, "seq_len": seq_len,
               **result.to_dict()}
-    atomic_write_text(args.run_dir / f"eval_{split}.json", json.dumps(report, indent=2))
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(report), flush=True)
     else:
         print(f"{args.run_dir} step {step} | {split}: loss {result.loss:.4f} nats/token, "
-              f"ppl {result.ppl:.2f}, bpb {result.bpb:.4f} ({result.tokens} tokens)")
+              f"ppl {result.ppl:.2f}, bpb {result.bpb:.4f} ({result.tokens} tokens)", flush=True)
+    # printed first: a run folder that cannot be written (read-only, full) still gives the result
+    path = args.run_dir / f"eval_{split}.json"
+    try:
+        atomic_write_text(path, json.dumps(report, indent=2))
+    except OSError as err:
+        print(f"nestlearn eval: warning: result not saved to {path} ({err.strerror or err})",
+              file=sys.stderr)
     return 0
 
 
@@ -43,7 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval", help="evaluate a trained run: loss, perplexity, bits per byte",
         description="Score every token of a split with the run's latest checkpoint "
-                    "(consecutive windows, each target once). Writes RUN_DIR/eval_SPLIT.json.",
+                    "(consecutive windows, each target once). Prints the result, then writes "
+                    "RUN_DIR/eval_SPLIT.json (a run folder that cannot be written gets a "
+                    "warning, and the exit code stays 0).",
     )
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR",
                         help="folder written by `nestlearn train`")

@@ -95,3 +95,25 @@ def test_eval_of_a_read_only_run_prints_the_result_and_says_it_was_not_saved(
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"nestlearn eval: warning: result not saved to {target} (")
     assert ("Is a directory" if os.geteuid() == 0 else "Permission denied") in lines[0]
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["generate", "RUN", "--prompt", "The king", "--max-context", "-5"],
+     "--max-context: got -5; allowed: an integer >= 1 (default: the training context)"),
+    (["generate", "RUN", "--prompt", "The king", "--max-context", "0"],
+     "--max-context: got 0; allowed: an integer >= 1 (default: the training context)"),
+    (["eval", "RUN", "--seq-len", "0"],
+     "--seq-len: got 0; allowed: an integer >= 1 (default: the run's data.seq_len)"),
+    (["train", "--out", "", "--no-progress", "--set", "train.steps=2"],
+     "--out: got ''; allowed: a folder path (not empty)"),
+])
+def test_out_of_range_option_values_are_one_line_and_exit_2(finished_run, corpus, tmp_path,
+                                                            args, expected):
+    args = [str(finished_run) if arg == "RUN" else arg for arg in args]
+    if args[0] == "train":
+        args += tiny_sets(f"data.corpus={corpus}", "train.steps=2")
+    result = subprocess.run([sys.executable, "-m", "nestlearn", *args], capture_output=True,
+                            text=True, env=ENV, timeout=300, cwd=tmp_path)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stderr.strip() == f"nestlearn {args[0]}: error: {expected}"
+    assert list(tmp_path.iterdir()) == []  # nothing was written, nowhere

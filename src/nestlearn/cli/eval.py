@@ -16,14 +16,15 @@ def run(args: argparse.Namespace) -> int:
     from nestlearn.training.distributed import resolve_device
     from nestlearn.training.run_folder import load_run_split
 
+    if args.seq_len is not None and args.seq_len < 1:
+        raise invalid("--seq-len", args.seq_len,
+                      "an integer >= 1 (default: the run's data.seq_len)")
     device = resolve_device(args.device)
     model, config, tokenizer, step = load_trained(args.run_dir, device)
     if args.max_batches is not None and args.max_batches < 1:
         raise invalid("--max-batches", args.max_batches, "an integer >= 1")
     split = args.split or config.data.eval_split
-    seq_len = args.seq_len or config.data.seq_len
-    if seq_len < 1:
-        raise invalid("--seq-len", seq_len, "an integer >= 1")
+    seq_len = args.seq_len if args.seq_len is not None else config.data.seq_len
     token_file = load_run_split(args.run_dir, config, split, tokenizer)
     result = evaluate_split(model, token_file, seq_len, config.data.batch_size, device=device,
                             max_batches=args.max_batches)

@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from nestlearn.errors import NestlearnError
+from nestlearn.errors import NestlearnError, invalid
 
 if TYPE_CHECKING:
     from nestlearn.training.runconfig import RunConfig
@@ -61,6 +61,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     from nestlearn.training.runconfig import apply_overrides
 
     overrides = list(args.overrides)
+    if args.out is not None and not args.out.strip():
+        raise invalid("--out", repr(args.out), "a folder path (not empty)")
     if args.out:
         overrides.append(f"train.out_dir={args.out}")
     if getattr(args, "resume", False) and not args.recipe:

@@ -1,7 +1,9 @@
 """Atomic writes: write to a temporary file or folder beside the target, fsync, then rename.
 
 A reader therefore sees either the old file (folder) or the complete new one, never a
-half-written one, even if the writer is killed in the middle.
+half-written one, even if the writer is killed in the middle. The temporary file (folder) is
+created 0600 (0700) by :mod:`tempfile`; it is given the mode the process umask implies
+(0644 / 0755 under umask 022) before the rename, as ``open`` or ``mkdir`` would have.
 """
 
 from __future__ import annotations
@@ -17,6 +19,18 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def current_umask() -> int:
+    """The process umask, read from ``/proc/self/status`` where Linux shows it (reading it with
+    ``os.umask`` means setting it for a moment, which races with other threads)."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; on success it replaces ``path`` atomically."""
@@ -25,6 +39,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
         prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
     )
     try:
+        os.fchmod(handle, 0o666 & ~current_umask())
         encoding = None if "b" in mode else "utf-8"
         with os.fdopen(handle, mode, encoding=encoding) as stream:
             yield stream
@@ -72,16 +87,21 @@ REPLACED_PREFIX = ".old-"  # the previous folder, between the two renames of a r
 
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield an empty staging folder beside ``path``; on success every file in it is flushed
-    and it is renamed to ``path`` (replacing an existing folder), so ``path`` is always absent,
-    the old folder or the complete new one. On an error the staging folder is removed."""
+    """Yield an empty staging folder beside ``path``; on success every file in it is given the
+    mode the umask implies and flushed, and the folder is renamed to ``path`` (replacing an
+    existing folder), so ``path`` is always absent, the old folder or the complete new one. On
+    an error the staging folder is removed."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{target.name}-", dir=target.parent))
     try:
+        umask = current_umask()
+        os.chmod(staging, 0o777 & ~umask)
         yield staging
         for file in staging.rglob("*"):
             if file.is_file():
+                # writers such as safetensors create their files 0600 whatever the umask
+                os.chmod(file, 0o666 & ~umask)
                 fsync_path(file)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f"{REPLACED_PREFIX}{target.name}-",

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"[1/3] training {args.recipe} for {config.train.steps} steps on {config.data.corpus} "
           f"-> {args.out}" + (" (continuing the previous demo run)" if resume else ""))
     result = train(config, resume=resume, progress=not args.no_progress)
-    if result.status != "completed":
+    if result.status == "interrupted":
         print(f"stopped at step {result.step}; run `nestlearn demo` again to continue")
         return 130
     print("[2/3] evaluating on the whole validation split")

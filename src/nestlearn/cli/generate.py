@@ -31,13 +31,16 @@ def run(args: argparse.Namespace) -> int:
         raise invalid("--temperature", args.temperature, "a number >= 0 (0 = greedy)")
     if args.top_k is not None and args.top_k < 1:
         raise invalid("--top-k", args.top_k, "an integer >= 1")
+    if args.max_context is not None and args.max_context < 1:
+        raise invalid("--max-context", args.max_context,
+                      "an integer >= 1 (default: the training context)")
     from nestlearn.training.distributed import resolve_device
 
     device = resolve_device(args.device)
     model, config, tokenizer, _ = load_trained(args.run_dir, device)
     # A document starts after an end-of-document token: this is how the model saw text.
     ids = [tokenizer.eod_id, *tokenizer.encode(args.prompt)]
-    limit = args.max_context or default_context(config)
+    limit = args.max_context if args.max_context is not None else default_context(config)
     if limit is not None and len(ids) - 1 > limit:
         raise NestlearnError(
             f"--prompt: {len(ids) - 1} tokens; allowed: at most {limit} (the context the "

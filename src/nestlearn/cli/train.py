@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from nestlearn.errors import NestlearnError
+from nestlearn.errors import NestlearnError, invalid
 
 if TYPE_CHECKING:
     from nestlearn.training.runconfig import RunConfig
@@ -63,6 +63,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     from nestlearn.training.runconfig import apply_overrides
 
     overrides = list(args.overrides)
+    if args.out is not None and not args.out.strip():
+        raise invalid("--out", repr(args.out), "a folder path (not empty)")
     if args.out:
         overrides.append(f"train.out_dir={args.out}")
     if getattr(args, "resume", False) and not args.recipe:
@@ -96,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
     result = train(config, resume=args.resume, progress=not args.no_progress)
     if result.rank != 0:
         return 130 if result.status == "interrupted" else 0
+    if result.status == "already_complete":
+        print(result.note)
+        return 0
     if result.status == "interrupted":
         print(f"stopped at step {result.step}; checkpoint {result.checkpoint}; continue with: "
               f"nestlearn train --out {result.run_dir} --resume", file=sys.stderr)

@@ -41,11 +41,12 @@ class TrainResult:
 
     run_dir: Path
     step: int  # optimizer steps completed in total (including before a resume)
-    status: str  # "completed" or "interrupted"
+    status: str  # "completed", "interrupted" or "already_complete" (a resume with nothing to do)
     losses: dict[int, float] = field(default_factory=dict)  # step -> train loss, this call
     evals: dict[int, dict[str, float]] = field(default_factory=dict)
     checkpoint: Path | None = None
     rank: int = 0  # under torchrun, only rank 0 reports
+    note: str = ""  # the one line that says why nothing was trained ("already_complete")
 
 
 

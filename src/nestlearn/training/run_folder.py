@@ -39,6 +39,17 @@ RESUMABLE_FIELDS: frozenset[str] = frozenset({
 })
 
 
+class RunAlreadyComplete(NestlearnError):
+    """A resume of a run whose latest checkpoint has reached ``train.steps``: raised before
+    anything in the run folder is written, so the finished run stays as it was."""
+
+    def __init__(self, run_dir: Path, step: int, steps: int, checkpoint: Path) -> None:
+        super().__init__(f"{run_dir} is already complete at step {step} (train.steps={steps}); "
+                         "nothing changed; raise train.steps to train further")
+        self.step = step
+        self.checkpoint = checkpoint
+
+
 def ensure_writable(run_dir: Path) -> None:
     """Create ``run_dir`` and prove it is writable, or fail with one clear line."""
     try:

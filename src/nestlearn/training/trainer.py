@@ -46,6 +46,7 @@ from nestlearn.training.metrics_log import MetricsLogger
 from nestlearn.training.nonfinite import NonFiniteGuard, find_nonfinite, nonfinite_gradient
 from nestlearn.training.run_folder import (
     CONFIG_FILE,
+    RunAlreadyComplete,
     check_resume_config,
     ensure_writable,
 )
@@ -85,6 +86,9 @@ class Trainer:
         self.config = resolve_config(config, self.data)
         if checkpoint is not None:
             check_resume_config(checkpoint.config, self.config, checkpoint.path)
+            if checkpoint.step >= self.config.train.steps:
+                raise RunAlreadyComplete(self.run_dir, checkpoint.step,
+                                         self.config.train.steps, checkpoint.path)
 
         from nestlearn.data.tokens import WindowSampler
 
@@ -301,11 +305,18 @@ class Trainer:
 
 def train(config: RunConfig, *, resume: bool = False, progress: bool = True,
           stop_at: int | None = None) -> TrainResult:
-    """Train ``config`` (``torchrun``-aware) and return what happened."""
+    """Train ``config`` (``torchrun``-aware) and return what happened; resuming a run that
+    already reached ``train.steps`` writes nothing and returns status ``"already_complete"``."""
     if not isinstance(config, RunConfig):
         raise invalid("config", type(config).__name__, "a RunConfig (e.g. from get_recipe)")
     ctx = init_distributed(config.train.device)
     try:
-        return Trainer(config, resume=resume, progress=progress, ctx=ctx).run(stop_at=stop_at)
+        try:
+            trainer = Trainer(config, resume=resume, progress=progress, ctx=ctx)
+        except RunAlreadyComplete as done:
+            return TrainResult(run_dir=Path(config.train.out_dir).expanduser(), step=done.step,
+                               status="already_complete", checkpoint=done.checkpoint,
+                               rank=ctx.rank, note=str(done))
+        return trainer.run(stop_at=stop_at)
     finally:
         shutdown(ctx)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from nestlearn.training.metrics_log import read_records
-from trainkit import TINY, write_corpus
+from trainkit import tiny_sets, write_corpus
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -19,10 +19,6 @@ def nestlearn(*args, umask=None):
     preexec = None if umask is None else (lambda: os.umask(umask))
     return subprocess.run([sys.executable, "-m", "nestlearn", *args], capture_output=True,
                           text=True, env=ENV, timeout=300, preexec_fn=preexec)
-
-
-def tiny_sets(*extra):
-    return [arg for field in (*TINY, *extra) for arg in ("--set", field)]
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:

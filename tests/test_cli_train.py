@@ -9,7 +9,7 @@ import pytest
 
 from nestlearn.cli import main
 from nestlearn.training.metrics_log import read_records
-from trainkit import TINY, write_corpus
+from trainkit import tiny_sets, write_corpus
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -20,10 +20,6 @@ def nestlearn(*args, check=True, **kwargs):
     if check:
         assert result.returncode == 0, result.stderr
     return result
-
-
-def tiny_sets(*extra):
-    return [arg for field in (*TINY, *extra) for arg in ("--set", field)]
 
 
 @pytest.fixture(scope="module")

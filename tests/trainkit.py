@@ -37,6 +37,11 @@ TINY = [
 ]
 
 
+def tiny_sets(*extra: str) -> list[str]:
+    """``--set`` arguments for a CLI run of ``TINY`` plus ``extra`` assignments."""
+    return [arg for field in (*TINY, *extra) for arg in ("--set", field)]
+
+
 def tiny_config(corpus: Path, out_dir: Path, *extra: str,
                 recipe: str = "tiny-transformer") -> RunConfig:
     """A run of a 2-layer d=32 model on ``corpus`` writing to ``out_dir``."""

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+import sys
+from typing import TYPE_CHECKING, TextIO
 
 import torch
 
+from nestlearn.cli.checkpoint_option import add_checkpoint_argument, resolve_checkpoint
 from nestlearn.errors import NestlearnError, invalid
 
 if TYPE_CHECKING:
@@ -37,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from nestlearn.training.distributed import resolve_device
 
     device = resolve_device(args.device)
-    model, config, tokenizer, _ = load_trained(args.run_dir, device)
+    checkpoint = resolve_checkpoint(args.run_dir, args.checkpoint)
+    model, config, tokenizer, _ = load_trained(args.run_dir, device, checkpoint)
     # A document starts after an end-of-document token: this is how the model saw text.
     ids = [tokenizer.eod_id, *tokenizer.encode(args.prompt)]
     limit = args.max_context if args.max_context is not None else default_context(config)
@@ -47,11 +50,41 @@ def run(args: argparse.Namespace) -> int:
             "model was trained on; --max-context raises it)"
         )
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    out = generate(model, torch.tensor([ids], device=device), args.max_new_tokens,
-                   temperature=args.temperature, top_k=args.top_k, generator=generator)
-    text = tokenizer.decode(out[0, len(ids):].tolist())
-    print(args.prompt + text)
+    printer = TextStream(tokenizer, sys.stdout)
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    generate(model, torch.tensor([ids], device=device), args.max_new_tokens,
+             temperature=args.temperature, top_k=args.top_k, generator=generator,
+             on_token=printer.add)
+    printer.finish()
     return 0
+
+
+class TextStream:
+    """Writes generated text to ``out`` as tokens arrive: the ids not yet shown are decoded
+    together and written once they do not end inside a character (a byte token may hold part
+    of a UTF-8 character, which decodes to U+FFFD until the rest arrives)."""
+
+    def __init__(self, tokenizer: object, out: TextIO) -> None:
+        self.tokenizer = tokenizer
+        self.out = out
+        self.pending: list[int] = []
+
+    def add(self, tokens: torch.Tensor) -> None:
+        self.pending.append(int(tokens[0]))
+        text = self.tokenizer.decode(self.pending)
+        if text and not text.endswith("\ufffd"):
+            self._write(text)
+
+    def finish(self) -> None:
+        self._write(self.tokenizer.decode(self.pending) if self.pending else "")
+        self.out.write("\n")
+        self.out.flush()
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+        self.pending = []
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -59,9 +92,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser(
         "generate", help="sample text from a trained run",
-        description="Continue --prompt with the run's latest checkpoint. Recurrent models "
-                    "(HOPE, Titans) carry their memory state token by token; the Transformer "
-                    "uses a KV cache.",
+        description="Continue --prompt with the run's latest checkpoint (or --checkpoint), "
+                    "writing the text as it is produced. Recurrent models (HOPE, Titans) "
+                    "carry their memory state token by token; the Transformer uses a KV "
+                    "cache; CMS levels taught by the LM signal keep learning.",
     )
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR",
                         help="folder written by `nestlearn train`")
@@ -73,6 +107,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--top-k", type=int, default=None, metavar="K",
                         help="sample among the K most likely tokens (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    add_checkpoint_argument(parser)
     parser.add_argument("--device", default="auto",
                         help="auto (cuda when available), cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--max-context", type=int, default=None, metavar="T",

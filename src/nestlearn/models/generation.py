@@ -3,9 +3,18 @@
 The prompt is read in one pass, then each new token is fed alone with the state: attention
 reuses its KV cache, recurrent blocks (Titans, HOPE) update a memory whose size does not depend
 on the context length, so their cost per token is flat.
+
+CMS levels driven by the LM teach signal (``teach_signal="lm"``, docs/paper.md section 3) keep
+learning while generating, as in training and evaluation: the prompt runs through the
+teach-signal driver (``nestlearn.nn.teach_signal``, segments cut at the smallest CMS chunk),
+then each new token is read one at a time; its loss needs the next token, so the token is
+first read at the levels' current weights to draw the next one, then read again through the
+driver with the drawn token as target (twice the work per token for those models).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -13,6 +22,7 @@ from torch import nn
 from nestlearn.errors import check_int, invalid
 from nestlearn.models.lm import check_ids
 from nestlearn.models.state import LMState
+from nestlearn.models.teaching import scored_forward, uses_lm_teach_signal
 
 
 def _check_options(max_new_tokens: object, temperature: object, top_k: object,
@@ -45,7 +55,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 def generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int,
              temperature: float = 1.0, top_k: int | None = None,
              generator: torch.Generator | None = None, state: LMState | None = None,
-             return_logits: bool = False
+             return_logits: bool = False,
+             on_token: Callable[[torch.Tensor], None] | None = None
              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Continue ``ids [B, T]`` by ``max_new_tokens`` tokens; return ``[B, T + max_new_tokens]``.
 
@@ -53,21 +64,42 @@ def generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int,
     sampling; ``generator`` makes sampling reproducible. ``state`` continues a stream whose
     earlier tokens the model has already read (``ids`` are then only the new prompt tokens).
     With ``return_logits`` also returns the logits ``[B, max_new_tokens, V]`` each new token was
-    drawn from.
+    drawn from. ``on_token(tokens [B])`` is called with each new token as soon as it is drawn
+    (to show text while it is produced). Models with LM-taught CMS levels run under autograd
+    inside (see the module docstring), so call this under ``torch.no_grad``, not
+    ``torch.inference_mode``.
     """
     vocab_size = model.config.vocab_size
     check_ids(ids, vocab_size)
     _check_options(max_new_tokens, temperature, top_k, vocab_size, generator)
     out = ids
     step_logits = []
+    teach = uses_lm_teach_signal(model)
     if max_new_tokens > 0:
-        logits, state = model(ids, state)
+        if teach:
+            # read all but the last prompt token (their targets are known); the last one is
+            # read below like every new token, before its target is drawn
+            if ids.shape[1] > 1:
+                _, state = scored_forward(model, ids[:, :-1], ids[:, 1:], state, teach=True)
+            pending = ids[:, -1:]
+            logits, _ = model(pending, state)
+        else:
+            logits, state = model(ids, state)
         for step in range(max_new_tokens):
             last = logits[:, -1]
             step_logits.append(last)
             token = sample_next(last, temperature, top_k, generator)[:, None]
             out = torch.cat([out, token], dim=1)
-            if step + 1 < max_new_tokens:
+            if on_token is not None:
+                on_token(token[:, 0])
+            if step + 1 == max_new_tokens:
+                break
+            if teach:
+                # the levels learn from the pending token's loss on the token just drawn
+                _, state = scored_forward(model, pending, token, state, teach=True)
+                pending = token
+                logits, _ = model(token, state)
+            else:
                 logits, state = model(token, state)
     if not return_logits:
         return out

@@ -127,16 +127,18 @@ def load_run_split(run_dir: Path, config: RunConfig, split: str, tokenizer: Toke
     return token_file
 
 
-def load_trained(run_dir: str | Path, device: str | torch.device = "cpu"
+def load_trained(run_dir: str | Path, device: str | torch.device = "cpu",
+                 checkpoint: str | Path | None = None
                  ) -> tuple[nn.Module, RunConfig, Tokenizer, int]:
-    """``(model, config, tokenizer, step)`` of a run folder's latest checkpoint, the model
-    loaded with ``nestlearn.models.from_pretrained`` (in eval mode, on ``device``)."""
+    """``(model, config, tokenizer, step)`` of a run folder's latest checkpoint (or of the
+    checkpoint folder ``checkpoint``), the model loaded with
+    ``nestlearn.models.from_pretrained`` (in eval mode, on ``device``)."""
     from nestlearn.models import from_pretrained
 
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
         raise NestlearnError(f"run folder {str(run_dir)!r} does not exist")
-    path, payload = ckpt.read_manifest(run_dir)
+    path, payload = ckpt.read_manifest(run_dir if checkpoint is None else Path(checkpoint))
     config = RunConfig.from_dict(payload["config"])
     if (path / ckpt.MODEL_CONFIG_FILE).is_file():
         model = from_pretrained(path)

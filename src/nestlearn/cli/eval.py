@@ -116,9 +116,18 @@ def save_text(path: Path, text: str) -> None:
               file=sys.stderr)
 
 
+# Options a caller that builds its own Namespace (``nestlearn demo``) may leave out.
+OPTIONAL_DEFAULTS = {"stream": False, "segment_len": None, "buckets": None,
+                     "max_documents": None, "plot": None, "checkpoint": None,
+                     "no_progress": False}
+
+
 def run(args: argparse.Namespace) -> int:
     from nestlearn.evaluate.report import markdown_table, plot_loss_by_position
 
+    args = argparse.Namespace(**{**OPTIONAL_DEFAULTS, **vars(args)})
+    if not hasattr(args, "run_dirs"):
+        args.run_dirs = [args.run_dir]
     check_args(args)
     buckets = parse_buckets(args.buckets)
     results = {}

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from nestlearn.training.distributed import resolve_device
 
     device = resolve_device(args.device)
-    checkpoint = resolve_checkpoint(args.run_dir, args.checkpoint)
+    checkpoint = resolve_checkpoint(args.run_dir, getattr(args, "checkpoint", None))
     model, config, tokenizer, _ = load_trained(args.run_dir, device, checkpoint)
     # A document starts after an end-of-document token: this is how the model saw text.
     ids = [tokenizer.eod_id, *tokenizer.encode(args.prompt)]

@@ -35,6 +35,8 @@ class ProgressBar:
         if self.bar.total != total:
             self.bar.total = total
         self.bar.update(done - self.bar.n)
+        if done >= total:  # tqdm draws at most every 0.1 s: show the end
+            self.bar.refresh()
 
     def close(self) -> None:
         if self.bar is not None:

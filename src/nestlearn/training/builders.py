@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,10 +121,53 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return groups
 
 
+def level_groups(model: nn.Module, groups: list[dict[str, Any]],
+                 levels: list[tuple[str, int]]) -> list[dict[str, Any]]:
+    """``groups`` split by update period: a parameter whose name matches a glob pattern of
+    ``levels`` gets that pattern's period, the others period 1. A pattern that matches no
+    parameter, or a parameter matched by two patterns, is refused by name."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    matched: dict[str, list[str]] = {pattern: [] for pattern, _ in levels}
+    split = []
+    for group in groups:
+        by_period: dict[int, list[torch.Tensor]] = {}
+        for param in group["params"]:
+            name = names[id(param)]
+            hits = [(pattern, period) for pattern, period in levels
+                    if fnmatch.fnmatchcase(name, pattern)]
+            if len(hits) > 1:
+                raise NestlearnError(f"optim.levels: parameter {name!r} matches "
+                                     f"{hits[0][0]!r} and {hits[1][0]!r}; allowed: one pattern "
+                                     "per parameter")
+            for pattern, _ in hits:
+                matched[pattern].append(name)
+            by_period.setdefault(hits[0][1] if hits else 1, []).append(param)
+        split += [{**group, "params": params, "period": period}
+                  for period, params in sorted(by_period.items())]
+    for pattern, found in matched.items():
+        if not found:
+            example = next(iter(names.values()), "none")
+            raise NestlearnError(f"optim.levels: pattern {pattern!r} matches no parameter; "
+                                 f"allowed: glob patterns over parameter names (e.g. "
+                                 f"{example!r})")
+    return split
+
+
 def build_optimizer(config: OptimConfig, model: nn.Module, seed: int = 0
                     ) -> torch.optim.Optimizer:
-    """The optimizer named by ``config.name`` over ``model``'s parameters."""
+    """The optimizer named by ``config.name`` over ``model``'s parameters, wrapped in
+    ``nestlearn.optim.MultiFrequency`` when ``config.levels`` gives update periods."""
     groups = param_groups(model, config.weight_decay)
+    levels = config.level_periods()
+    if not levels:
+        return _base_optimizer(config, groups, seed)
+    from nestlearn.optim import MultiFrequency
+
+    return MultiFrequency(_base_optimizer(config, level_groups(model, groups, levels), seed))
+
+
+def _base_optimizer(config: OptimConfig, groups: list[dict[str, Any]], seed: int
+                    ) -> torch.optim.Optimizer:
     if config.name == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
     if config.name == "sgd":

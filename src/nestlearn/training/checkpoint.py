@@ -243,8 +243,20 @@ def check_model_tensors(checkpoint: Checkpoint, model: torch.nn.Module) -> None:
 
 
 def check_optimizer_state(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer) -> None:
-    """Refuse an optimizer state whose groups or parameters do not match ``optimizer``."""
+    """Refuse an optimizer state whose groups or parameters do not match ``optimizer``
+    (a ``MultiFrequency``'s state holds the wrapped optimizer's state and the periods)."""
+    from nestlearn.optim.levels import MultiFrequency
+
     saved = checkpoint.optimizer
+    if isinstance(optimizer, MultiFrequency):
+        if not isinstance(saved, dict) or "optimizer" not in saved or "periods" not in saved:
+            raise _corrupt(checkpoint.path, "optimizer state has no multi-frequency levels; "
+                           "allowed: a state saved with the same optim.levels")
+        periods = [group["period"] for group in optimizer.param_groups]
+        if list(saved["periods"]) != periods:
+            raise _corrupt(checkpoint.path, f"optimizer level periods {saved['periods']}; "
+                           f"allowed: {periods} (the same optim.levels)")
+        saved, optimizer = saved["optimizer"], optimizer.optimizer
     if not isinstance(saved, dict) or "param_groups" not in saved or "state" not in saved:
         raise _corrupt(checkpoint.path, "optimizer state is malformed")
     groups = optimizer.state_dict()["param_groups"]

@@ -85,9 +85,14 @@ class OptimConfig:
     # nestlearn optimizers give non-matrix parameters (norms, biases; see optim/README.md)
     # an AdamW step with this learning rate; it follows the same schedule as lr
     fallback_lr: float = 3e-3
+    # multi-frequency levels (nestlearn.optim.MultiFrequency): "PATTERN=PERIOD" items; the
+    # parameters whose names match the glob PATTERN step every PERIOD steps with the gradients
+    # summed over the period (docs/paper.md section 3); the others every step
+    levels: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_choice("optim.name", self.name, OPTIMIZERS)
+        self.level_periods()
         check_nonnegative("optim.lr", self.lr)
         check_nonnegative("optim.weight_decay", self.weight_decay)
         if not (isinstance(self.betas, tuple) and len(self.betas) == 2):
@@ -97,6 +102,22 @@ class OptimConfig:
         check_decay("optim.momentum", self.momentum)
         check_number("optim.eps", self.eps, 0, 1, open_low=True)
         check_nonnegative("optim.fallback_lr", self.fallback_lr)
+
+    def level_periods(self) -> list[tuple[str, int]]:
+        """``levels`` as ``(pattern, period)`` pairs, checked (periods >= 1, no pattern twice)."""
+        allowed = "PATTERN=PERIOD items, e.g. 'backbone.blocks.*.cms.*=8' (period >= 1)"
+        if not isinstance(self.levels, tuple):
+            raise invalid("optim.levels", repr(self.levels), allowed)
+        pairs: list[tuple[str, int]] = []
+        for index, item in enumerate(self.levels):
+            pattern, _, period = item.rpartition("=") if isinstance(item, str) else ("", "", "")
+            pattern = pattern.strip()
+            if not pattern or not period.strip().isdigit() or int(period) < 1:
+                raise invalid(f"optim.levels[{index}]", repr(item), allowed)
+            if pattern in (p for p, _ in pairs):
+                raise invalid(f"optim.levels[{index}]", repr(item), "each pattern once")
+            pairs.append((pattern, int(period)))
+        return pairs
 
 
 @dataclass

@@ -115,3 +115,20 @@ def test_labels_and_round_trip(token_file):
     result = evaluate_stream(model, token_file, segment_len=16, batch_size=2, buckets=(4, 40))
     assert StreamEvalResult.from_dict(result.to_dict()) == result
     assert result.buckets[-1].tokens > 0 and result.buckets[-1].end is None
+
+
+def test_length_sorted_windows_score_as_the_document_order_windows(token_file):
+    from nestlearn.data.tokens import EvalWindows
+    from nestlearn.evaluate.perplexity import evaluate_batches, tokens_per_byte
+    from nestlearn.evaluate.windows import LengthSortedWindows
+
+    model = tiny_model("titans", vocab_size=VOCAB)
+    reference = evaluate_batches(model, EvalWindows(token_file, 16, 3),
+                                 tokens_per_byte(token_file))
+    result = evaluate_split(model, token_file, seq_len=16, batch_size=3)
+    assert result.tokens == reference.tokens == token_file.num_tokens - 1
+    assert result.loss == pytest.approx(reference.loss, rel=1e-12)
+    batches = list(LengthSortedWindows(token_file, 16, 3))
+    # full windows together first, then narrower batches of the documents' last windows
+    assert [inputs.shape[1] for inputs, _ in batches] == [16, 16, 15, 6]
+    assert sum(int((t != -100).sum()) for _, t in batches) == result.tokens

@@ -10,7 +10,8 @@ whole documents). Models whose CMS levels learn from the LM teach signal are run
 (``nestlearn.models.teaching.scored_forward``), so those levels learn inside each window as
 they do in training. Columns after a batch's last scored target are dropped before the model
 runs (a batch of short documents is not padded to the full window length; the model is
-causal, so the scores are the same).
+causal, so the scores are the same); ``evaluate_split`` also batches windows of similar length
+together (``windows.LengthSortedWindows``).
 """
 
 from __future__ import annotations
@@ -113,10 +114,12 @@ def tokens_per_byte(token_file: object) -> float:
 def evaluate_split(model: nn.Module, token_file: object, seq_len: int, batch_size: int,
                    device: torch.device | str = "cpu", max_batches: int | None = None,
                    progress: Callable[[int, int], None] | None = None) -> EvalResult:
-    """Evaluate over consecutive windows of a whole split (``EvalWindows``), each target
-    scored once; ``max_batches`` stops early (then bpb uses the split's average ratio)."""
-    from nestlearn.data.tokens import EvalWindows
+    """Evaluate over consecutive windows of a whole split (those of ``EvalWindows``), each
+    target scored once, batched by length (``windows.LengthSortedWindows``: longest first, so
+    ``max_batches`` stops early among the longest windows; bpb then uses the split's average
+    ratio)."""
+    from nestlearn.evaluate.windows import LengthSortedWindows
 
-    windows = EvalWindows(token_file, seq_len, batch_size)
+    windows = LengthSortedWindows(token_file, seq_len, batch_size)
     return evaluate_batches(model, windows, tokens_per_byte(token_file), device, max_batches,
                             progress=progress)

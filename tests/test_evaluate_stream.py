@@ -132,3 +132,32 @@ def test_length_sorted_windows_score_as_the_document_order_windows(token_file):
     # full windows together first, then narrower batches of the documents' last windows
     assert [inputs.shape[1] for inputs, _ in batches] == [16, 16, 15, 6]
     assert sum(int((t != -100).sum()) for _, t in batches) == result.tokens
+
+
+def test_markdown_table_and_plot(tmp_path, monkeypatch):
+    import sys
+
+    from nestlearn.evaluate.report import markdown_table, plot_loss_by_position
+    from nestlearn.evaluate.stream import PositionBucket, StreamEvalResult
+
+    def result(losses, edges):
+        starts, ends = (0, *edges), (*edges, None)
+        buckets = tuple(PositionBucket(s, e, loss, 0 if loss is None else 10)
+                        for s, e, loss in zip(starts, ends, losses, strict=True))
+        return StreamEvalResult(2.0, math.exp(2.0), 1.0, 20, 2, 8, buckets)
+
+    results = {"titans": result([2.5, 1.5, None], (512, 1024)), "hope": result([2.4, 1.6], (512,))}
+    assert markdown_table(results).splitlines() == [
+        "| positions | titans | hope |",
+        "|---|---:|---:|",
+        "| 0-512 | 2.5000 (10) | 2.4000 (10) |",
+        "| 512-1k | 1.5000 (10) |  |",
+        "| 512+ |  | 1.6000 (10) |",
+        "| 1k+ |  |  |",
+        "| all | 2.0000 (20) | 2.0000 (20) |",
+    ]
+    path = plot_loss_by_position(results, tmp_path / "plot.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    with pytest.raises(NestlearnError, match="matplotlib is not installed"):
+        plot_loss_by_position(results, tmp_path / "other.png")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from nestlearn.atomic import atomic_write_text
 from nestlearn.errors import NestlearnError, NonFiniteError, invalid
@@ -41,6 +42,7 @@ from nestlearn.training.distributed import (
     shutdown,
     wrap_for_training,
 )
+from nestlearn.training.failures import as_resource_error
 from nestlearn.training.hooks import Hook, StepRecord, StopSignals, TrainResult, default_hooks
 from nestlearn.training.metrics_log import MetricsLogger
 from nestlearn.training.nonfinite import NonFiniteGuard, find_nonfinite, nonfinite_gradient
@@ -293,14 +295,26 @@ class Trainer:
                 result.status = "interrupted"
             for hook in self.hooks:
                 hook.at_end(self)
-        finally:
-            try:
-                for hook in self.hooks:
-                    hook.close(self)
-            finally:
-                self.lock.release()
+        except BaseException:
+            self._close(quiet=True)
+            raise
+        self._close(quiet=False)
         result.step = self.step
         return result
+
+    def _close(self, quiet: bool) -> None:
+        """Close every hook, then release the lock. ``quiet`` (an error is on its way out)
+        drops the hooks' own errors, so that a full disk failing the loss curve too does not
+        hide the error that stopped the run."""
+        try:
+            for hook in self.hooks:
+                try:
+                    hook.close(self)
+                except Exception:
+                    if not quiet:
+                        raise
+        finally:
+            self.lock.release()
 
 
 def train(config: RunConfig, *, resume: bool = False, progress: bool = True,
@@ -310,6 +324,7 @@ def train(config: RunConfig, *, resume: bool = False, progress: bool = True,
     if not isinstance(config, RunConfig):
         raise invalid("config", type(config).__name__, "a RunConfig (e.g. from get_recipe)")
     ctx = init_distributed(config.train.device)
+    trainer = None
     try:
         try:
             trainer = Trainer(config, resume=resume, progress=progress, ctx=ctx)
@@ -318,5 +333,12 @@ def train(config: RunConfig, *, resume: bool = False, progress: bool = True,
                                status="already_complete", checkpoint=done.checkpoint,
                                rank=ctx.rank, note=str(done))
         return trainer.run(stop_at=stop_at)
+    except (OSError, RuntimeError, MemoryError, SafetensorError) as err:
+        # a full disk, a folder gone read-only, memory run out: one line, last good checkpoint
+        failure = as_resource_error(err, Path(config.train.out_dir).expanduser(),
+                                    None if trainer is None else trainer.step)
+        if failure is None or failure is err:
+            raise
+        raise failure from None
     finally:
         shutdown(ctx)

@@ -35,7 +35,7 @@ LEGACY_TOKENIZER_DIR = "tokenizer"  # RUN/tokenizer/ of run folders from before 
 RESUMABLE_FIELDS: frozenset[str] = frozenset({
     "name", "train.steps", "train.eval_every", "train.eval_iters", "train.checkpoint_every",
     "train.keep_checkpoints", "train.log_every", "train.device", "train.out_dir",
-    "train.find_unused_parameters", "model.checkpoint_segment",
+    "train.find_unused_parameters", "model.checkpoint_segment", "train.memory_check",
 })
 
 

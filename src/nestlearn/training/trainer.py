@@ -44,6 +44,7 @@ from nestlearn.training.distributed import (
 )
 from nestlearn.training.failures import as_resource_error
 from nestlearn.training.hooks import Hook, StepRecord, StopSignals, TrainResult, default_hooks
+from nestlearn.training.memory_budget import check_step_memory
 from nestlearn.training.metrics_log import MetricsLogger
 from nestlearn.training.nonfinite import NonFiniteGuard, find_nonfinite, nonfinite_gradient
 from nestlearn.training.run_folder import (
@@ -98,6 +99,7 @@ class Trainer:
         self.model = build_run_model(self.config, self.ctx.device)
         self.optimizer = build_optimizer(self.config.optim, self.model, self.config.train.seed)
         self.scheduler = build_scheduler(self.config, self.optimizer)
+        self._check_memory()
         self.sampler = WindowSampler(self.data.train_file, self.config.data.seq_len,
                                      self.config.data.batch_size, seed=self.config.train.seed,
                                      rank=self.ctx.rank, world_size=self.ctx.world_size)
@@ -120,6 +122,23 @@ class Trainer:
         self.result = TrainResult(run_dir=self.run_dir, step=self.step, status="completed",
                                   rank=self.ctx.rank)
         self.hooks: list[Hook] = default_hooks(self, progress)
+
+    def _check_memory(self) -> None:
+        """Refuse a step that cannot fit in memory, before the first one (every rank checks
+        its share of the batch; one refusal stops all)."""
+        if not self.config.train.memory_check:
+            return
+        failure: NestlearnError | None = None
+        try:
+            check_step_memory(self.model, self.config.optim.name,
+                              self.config.data.batch_size // self.ctx.world_size,
+                              self.config.data.seq_len,
+                              autocast_context(self.config, self.ctx.device))
+        except NestlearnError as err:
+            failure = err
+        if any_rank(failure is not None, self.ctx):
+            raise failure or NestlearnError("train.memory_check: another rank's step cannot "
+                                            "fit in its memory (see its message)")
 
     def _lock_run_folder(self) -> None:
         """Create the run folder and take its lock on rank 0 (the one writer), before anything

@@ -42,7 +42,7 @@ from nestlearn.training.distributed import (
     shutdown,
     wrap_for_training,
 )
-from nestlearn.training.failures import as_resource_error
+from nestlearn.training.failures import as_resource_error, last_good
 from nestlearn.training.hooks import Hook, StepRecord, StopSignals, TrainResult, default_hooks
 from nestlearn.training.memory_budget import check_step_memory
 from nestlearn.training.metrics_log import MetricsLogger
@@ -300,7 +300,7 @@ class Trainer:
         """Train until ``train.steps`` (or ``stop_at``, as if interrupted there)."""
         result = self.result
         try:
-            with StopSignals() as signals:
+            with StopSignals(self._stopped_at_once) as signals:
                 while self.step < self.config.train.steps and self.stop_requested is None:
                     record = self.train_step()
                     result.losses[record.step] = record.loss
@@ -320,6 +320,12 @@ class Trainer:
         self._close(quiet=False)
         result.step = self.step
         return result
+
+    def _stopped_at_once(self, signal_name: str) -> str:
+        """The line a second SIGINT/SIGTERM prints as it ends the process mid-step."""
+        return (f"nestlearn: a second {signal_name}: stopped at once in step {self.step + 1}, "
+                f"without saving; {last_good(self.run_dir)}; continue with: nestlearn train "
+                f"--out {self.run_dir} --resume")
 
     def _close(self, quiet: bool) -> None:
         """Close every hook, then release the lock. ``quiet`` (an error is on its way out)

@@ -1,5 +1,6 @@
-"""Turn the machine running out of something (disk, write access, memory) into one
-:class:`nestlearn.errors.ResourceError` line that names the last good checkpoint.
+"""What a failed run says and leaves: the machine running out of something (disk, write
+access, memory) becomes one :class:`nestlearn.errors.ResourceError` line that names the last
+good checkpoint, and a run refused before its first step removes the folders it created.
 
 Such a failure leaves the run as it was at its last checkpoint: checkpoints are written
 atomically (a failed save removes its staging folder, :func:`nestlearn.atomic.atomic_directory`)
@@ -9,6 +10,9 @@ and nothing is saved after an out-of-memory step, whose parameters may be half u
 from __future__ import annotations
 
 import errno
+import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -74,3 +78,50 @@ def as_resource_error(err: BaseException, run_dir: Path, step: int | None) -> Re
         return ResourceError(f"training stopped{at}: cannot write{where} ({io_reason(err)}); "
                              f"{last_good(run_dir)}")
     return None
+
+
+@dataclass(frozen=True)
+class FolderBefore:
+    """What existed of a run folder before a run began (see :func:`remove_what_a_run_made`)."""
+
+    created: Path | None  # the outermost folder the run creates (None: the run folder existed)
+    entries: frozenset[str]  # names inside the run folder, if it existed
+
+
+def folder_before(run_dir: Path) -> FolderBefore:
+    """Note what exists of ``run_dir`` (and its parents) before a run writes there."""
+    created = None
+    for folder in (run_dir, *run_dir.parents):
+        if folder.exists():
+            break
+        created = folder
+    entries = frozenset() if created is not None or not run_dir.is_dir() \
+        else frozenset(p.name for p in run_dir.iterdir())
+    return FolderBefore(created, entries)
+
+
+def remove_what_a_run_made(run_dir: Path, before: FolderBefore, keep: str) -> None:
+    """Remove the entries of ``run_dir`` that were not there before (all, in a folder the run
+    created) but ``keep`` (the run's lock file, which its lock removes)."""
+    for entry in list(run_dir.iterdir()) if run_dir.is_dir() else []:
+        if entry.name in before.entries or entry.name == keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def remove_created_folders(run_dir: Path, before: FolderBefore) -> None:
+    """Remove ``run_dir`` and the parents the run created, each only if empty (another run
+    may have started there since), so a refused run leaves no empty run folder behind."""
+    if before.created is None:
+        return
+    for folder in (run_dir, *run_dir.parents):
+        if not folder.is_relative_to(before.created):
+            break
+        try:
+            os.rmdir(folder)
+        except OSError:  # not empty, or already gone
+            if folder.exists():
+                break

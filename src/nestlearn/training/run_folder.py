@@ -27,6 +27,7 @@ from nestlearn.data.tokens import TokenFile
 from nestlearn.errors import NestlearnError
 from nestlearn.training import checkpoint as ckpt
 from nestlearn.training.builders import data_dir, param_dtype
+from nestlearn.training.run_checkpoint import readable_checkpoint
 from nestlearn.training.runconfig import RunConfig, diff
 
 CONFIG_FILE = "config.json"
@@ -129,14 +130,13 @@ def load_run_split(run_dir: Path, config: RunConfig, split: str, tokenizer: Toke
 
 def load_trained(run_dir: str | Path, device: str | torch.device = "cpu"
                  ) -> tuple[nn.Module, RunConfig, Tokenizer, int]:
-    """``(model, config, tokenizer, step)`` of a run folder's latest checkpoint, the model
-    loaded with ``nestlearn.models.from_pretrained`` (in eval mode, on ``device``)."""
+    """``(model, config, tokenizer, step)`` of a run folder's latest checkpoint (the previous
+    good one, with a warning line, when it is damaged), the model loaded with
+    ``nestlearn.models.from_pretrained`` (in eval mode, on ``device``)."""
     from nestlearn.models import from_pretrained
 
     run_dir = Path(run_dir).expanduser()
-    if not run_dir.is_dir():
-        raise NestlearnError(f"run folder {str(run_dir)!r} does not exist")
-    path, payload = ckpt.read_manifest(run_dir)
+    path, payload = readable_checkpoint(run_dir)
     config = RunConfig.from_dict(payload["config"])
     if (path / ckpt.MODEL_CONFIG_FILE).is_file():
         model = from_pretrained(path)

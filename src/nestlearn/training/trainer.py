@@ -42,7 +42,13 @@ from nestlearn.training.distributed import (
     shutdown,
     wrap_for_training,
 )
-from nestlearn.training.failures import as_resource_error, last_good
+from nestlearn.training.failures import (
+    as_resource_error,
+    folder_before,
+    last_good,
+    remove_created_folders,
+    remove_what_a_run_made,
+)
 from nestlearn.training.hooks import Hook, StepRecord, StopSignals, TrainResult, default_hooks
 from nestlearn.training.memory_budget import check_step_memory
 from nestlearn.training.metrics_log import MetricsLogger
@@ -53,7 +59,7 @@ from nestlearn.training.run_folder import (
     check_resume_config,
     ensure_writable,
 )
-from nestlearn.training.run_lock import RunFolderLock
+from nestlearn.training.run_lock import LOCK_FILE, RunFolderLock
 from nestlearn.training.runconfig import RunConfig
 
 EVAL_SEED = 1_000_003  # fixed windows for periodic evaluation, independent of train.seed
@@ -73,12 +79,24 @@ class Trainer:
         self.run_dir = Path(config.train.out_dir).expanduser()
         self.stop_requested: str | None = None
         self.lock = RunFolderLock(self.run_dir)
-        self._lock_run_folder()
+        before = folder_before(self.run_dir) if self.ctx.is_main else None
+        try:
+            self._lock_run_folder()
+        except BaseException:
+            if before is not None:  # the folder may be another run's: only remove it if empty
+                remove_created_folders(self.run_dir, before)
+            raise
         try:
             checkpoint = self._open_run_folder(config, resume)
             self._build(config, checkpoint, progress)
         except BaseException:
+            # a run refused before its first step leaves nothing it made behind: its files go
+            # while it holds the lock, the folders it created once they are empty
+            if before is not None:
+                remove_what_a_run_made(self.run_dir, before, keep=LOCK_FILE)
             self.lock.release()
+            if before is not None:
+                remove_created_folders(self.run_dir, before)
             raise
 
     def _build(self, config: RunConfig, checkpoint: ckpt.Checkpoint | None, progress: bool

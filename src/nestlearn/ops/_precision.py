@@ -47,10 +47,11 @@ def _autocast_device(args: tuple, kwargs: dict) -> str | None:
 def _low_precision_dtype(args: tuple, kwargs: dict) -> torch.dtype | None:
     """The dtype of the floating tensors in the arguments if they all share one bf16/fp16
     dtype, else None."""
-    dtypes = {t.dtype for t in tensors((args, kwargs)) if t.is_floating_point()}
-    if len(dtypes) == 1 and next(iter(dtypes)) in LOW_PRECISION:
-        return dtypes.pop()
-    return None
+    floating = [t for t in tensors((args, kwargs)) if t.is_floating_point()]
+    if not floating or floating[0].dtype not in LOW_PRECISION:
+        return None
+    dtype = floating[0].dtype
+    return dtype if all(t.dtype == dtype for t in floating) else None
 
 
 def _lower_precision(value: Any, dtype: torch.dtype) -> Any:

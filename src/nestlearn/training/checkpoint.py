@@ -115,6 +115,14 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def last_good(run_dir: str | Path) -> str:
+    """``the last good checkpoint is PATH (intact)``, or that there is none yet."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return "no checkpoint had been written yet"
+    return f"the last good checkpoint is {latest} (intact)"
+
+
 def _write_failures_as_resource_errors(save: F) -> F:
     """Decorator of :func:`save_checkpoint`: a write the machine refuses (no space, a file size
     limit, no write access) becomes one :class:`nestlearn.errors.ResourceError` line naming the
@@ -130,7 +138,7 @@ def _write_failures_as_resource_errors(save: F) -> F:
                 raise
             raise ResourceError(f"checkpoint {checkpoint_dir(run_dir, step)}: cannot be written "
                                 f"({failures.io_reason(err)}); "
-                                f"{failures.last_good(Path(run_dir))}") from None
+                                f"{last_good(run_dir)}") from None
 
     return wrapper  # type: ignore[return-value]
 

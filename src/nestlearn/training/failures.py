@@ -25,16 +25,6 @@ WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EACCES,
                           errno.EROFS, errno.EIO})
 
 
-def last_good(run_dir: Path) -> str:
-    """``the last good checkpoint is PATH (intact)``, or that there is none yet."""
-    from nestlearn.training.checkpoint import latest_checkpoint
-
-    latest = latest_checkpoint(run_dir)
-    if latest is None:
-        return "no checkpoint had been written yet"
-    return f"the last good checkpoint is {latest} (intact)"
-
-
 def io_reason(err: BaseException) -> str:
     """The OS's words for a failed write: ``No space left on device``, ``File too large``."""
     if isinstance(err, OSError):
@@ -62,21 +52,24 @@ def is_write_failure(err: BaseException) -> bool:
     return isinstance(err, SafetensorError) and "I/O error" in str(err)
 
 
-def as_resource_error(err: BaseException, run_dir: Path, step: int | None) -> ResourceError | None:
-    """The one-line error for a resource failure during a run, or None for any other error."""
+def as_resource_error(err: BaseException, step: int | None, last_good: str
+                      ) -> ResourceError | None:
+    """The one-line error for a resource failure during a run, or None for any other error;
+    ``last_good`` names the run's last good checkpoint
+    (:func:`nestlearn.training.checkpoint.last_good`)."""
     if isinstance(err, ResourceError):
         return err
     at = "" if step is None else f" after {step} steps"
     if is_out_of_memory(err):
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return ResourceError(
-            f"training stopped{at}: out of memory ({first[:160]}); {last_good(run_dir)}; a "
+            f"training stopped{at}: out of memory ({first[:160]}); {last_good}; a "
             "smaller data.batch_size or data.seq_len needs less memory"
         )
     if is_write_failure(err):
         where = f" {err.filename}" if isinstance(err, OSError) and err.filename else ""
         return ResourceError(f"training stopped{at}: cannot write{where} ({io_reason(err)}); "
-                             f"{last_good(run_dir)}")
+                             f"{last_good}")
     return None
 
 

@@ -45,7 +45,6 @@ from nestlearn.training.distributed import (
 from nestlearn.training.failures import (
     as_resource_error,
     folder_before,
-    last_good,
     remove_created_folders,
     remove_what_a_run_made,
 )
@@ -342,7 +341,7 @@ class Trainer:
     def _stopped_at_once(self, signal_name: str) -> str:
         """The line a second SIGINT/SIGTERM prints as it ends the process mid-step."""
         return (f"nestlearn: a second {signal_name}: stopped at once in step {self.step + 1}, "
-                f"without saving; {last_good(self.run_dir)}; continue with: nestlearn train "
+                f"without saving; {ckpt.last_good(self.run_dir)}; continue with: nestlearn train "
                 f"--out {self.run_dir} --resume")
 
     def _close(self, quiet: bool) -> None:
@@ -378,8 +377,8 @@ def train(config: RunConfig, *, resume: bool = False, progress: bool = True,
         return trainer.run(stop_at=stop_at)
     except (OSError, RuntimeError, MemoryError, SafetensorError) as err:
         # a full disk, a folder gone read-only, memory run out: one line, last good checkpoint
-        failure = as_resource_error(err, Path(config.train.out_dir).expanduser(),
-                                    None if trainer is None else trainer.step)
+        failure = as_resource_error(err, None if trainer is None else trainer.step,
+                                    ckpt.last_good(Path(config.train.out_dir).expanduser()))
         if failure is None or failure is err:
             raise
         raise failure from None

@@ -2,7 +2,8 @@
 
 :class:`Trainer` builds a run from :mod:`nestlearn.training.builders` (data, model, optimizer,
 schedule) after locking the run folder (:mod:`nestlearn.training.run_lock`, held until
-:meth:`Trainer.run` ends), restores the latest checkpoint on ``resume=True``, and
+:meth:`Trainer.run` ends), refuses a step that cannot fit in memory
+(:mod:`nestlearn.training.memory_budget`), restores the latest checkpoint on ``resume=True``, and
 :meth:`Trainer.run` loops: batch -> forward -> NaN/Inf guard -> backward -> clip -> optimizer
 step -> hooks (metrics, evaluation, checkpoints: :mod:`nestlearn.training.hooks`). A resumed
 run's losses equal an uninterrupted run's (same seed, CPU). The run folder is described in

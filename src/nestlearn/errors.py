@@ -1,12 +1,14 @@
 """Errors, and the one set of argument checks every module uses.
 
-Two kinds of failure, kept apart so a caller can tell them apart:
+Three kinds of failure, kept apart so a caller can tell them apart:
 
 * :class:`NestlearnError` (a ``ValueError``): bad input. Its message names the field, the value
   and what is allowed: ``name: got X; allowed: Y`` (:func:`invalid`).
 * :class:`NonFiniteError` (an ``ArithmeticError``, not a ``NestlearnError``): the inputs were
   valid but values computed from them went bad (NaN/Inf). The trainer catches this one to stop
   and keep the last good checkpoint; a ``NestlearnError`` is a bug in the call and propagates.
+* :class:`ResourceError` (a ``RuntimeError``): the machine ran out of disk, memory or write
+  access during a valid run; the message names the last good checkpoint.
 
 The ``check_*`` functions check plain Python values (config fields, op arguments) and never
 touch tensor values, so they cost no device sync.
@@ -35,6 +37,12 @@ class NonFiniteError(ArithmeticError):
     Not a :class:`NestlearnError`: the input was valid, the numbers computed from it were not.
     The trainer stops on it and keeps its last good checkpoint; the CLI prints it as one line.
     """
+
+
+class ResourceError(RuntimeError):
+    """The machine could not give a valid run what it needs: disk space, a writable folder,
+    memory. The message says what ran out and which checkpoint is the last good one; the CLI
+    prints it as one line with exit code 1 (not 2: the input was not at fault)."""
 
 
 def invalid(name: str, got: object, allowed: str) -> NestlearnError:

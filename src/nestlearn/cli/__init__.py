@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from nestlearn import __version__
-from nestlearn.errors import NestlearnError, NonFiniteError
+from nestlearn.errors import NestlearnError, NonFiniteError, ResourceError
 
 # Sub-command modules, in the order `nestlearn --help` lists them.
 COMMANDS: tuple[str, ...] = ("info", "bench", "data", "train", "eval", "generate", "demo")
@@ -41,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (NestlearnError, NonFiniteError) as err:
         print(f"nestlearn {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except ResourceError as err:
+        print(f"nestlearn {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"nestlearn {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -1,7 +1,8 @@
 """``nestlearn demo``: train a tiny model on Shakespeare, evaluate it, sample from it.
 
 The whole path a user takes (recipe -> training with checkpoints -> evaluation -> sampling)
-in a few minutes on a laptop CPU. Running it again continues or reuses the same run folder.
+in a few minutes on a laptop CPU. Each recipe has its own run folder (runs/demo for the
+default, runs/demo-RECIPE for another), which running it again continues or reuses.
 """
 
 from __future__ import annotations
@@ -9,7 +10,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nestlearn.errors import invalid
+from nestlearn.errors import NestlearnError, invalid
+
+DEFAULT_RECIPE = "tiny-transformer"
+
+
+def default_out(recipe: str) -> str:
+    """The run folder of a recipe's demo: one per recipe, so switching recipes starts a new
+    run instead of failing to continue another recipe's."""
+    return "runs/demo" if recipe == DEFAULT_RECIPE else f"runs/demo-{recipe}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -20,7 +29,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.steps is not None and args.steps < 1:
         raise invalid("--steps", args.steps, "an integer >= 1")
+    if args.out is not None and not args.out.strip():
+        raise invalid("--out", repr(args.out), "a folder path (not empty)")
     recipe = get_recipe(args.recipe)
+    args.out = args.out or default_out(args.recipe)
     steps = args.steps or recipe.train.steps
     overrides = [f"train.steps={steps}", f"train.out_dir={args.out}",
                  f"train.eval_every={max(steps // 4, 1)}",
@@ -29,7 +41,13 @@ def run(args: argparse.Namespace) -> int:
     resume = latest_checkpoint(args.out) is not None
     print(f"[1/3] training {args.recipe} for {config.train.steps} steps on {config.data.corpus} "
           f"-> {args.out}" + (" (continuing the previous demo run)" if resume else ""))
-    result = train(config, resume=resume, progress=not args.no_progress)
+    try:
+        result = train(config, resume=resume, progress=not args.no_progress)
+    except NestlearnError as err:
+        if "config mismatch" not in str(err):
+            raise
+        raise NestlearnError(f"{err}; --out {args.out} holds another demo run: give --out a "
+                             "new folder") from None
     if result.status == "interrupted":
         print(f"stopped at step {result.step}; run `nestlearn demo` again to continue")
         return 130
@@ -49,12 +67,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo", help="train a tiny model on Shakespeare, evaluate it, sample from it",
         description=__doc__.split("\n\n")[1].strip(),
     )
-    parser.add_argument("--recipe", default="tiny-transformer",
-                        help="recipe to train (default tiny-transformer; try tiny-hope)")
+    parser.add_argument("--recipe", default=DEFAULT_RECIPE,
+                        help=f"recipe to train (default {DEFAULT_RECIPE}; try tiny-hope, which "
+                             "trains in its own folder runs/demo-tiny-hope)")
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps (default: the recipe's; tiny-transformer's 600 "
                              "take about 3 minutes on 2 CPU cores)")
-    parser.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    parser.add_argument("--out", default=None,
+                        help="run folder (default runs/demo for the default recipe, "
+                             "runs/demo-RECIPE for another)")
     parser.add_argument("--prompt", default="ROMEO:", help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=300, metavar="N",
                         help="tokens to sample (default 300)")

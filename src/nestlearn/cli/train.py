@@ -32,13 +32,17 @@ Fields (--set SECTION.FIELD=VALUE, see `--show-config` for the values of a recip
   schedule.*  kind (cosine, constant), warmup_steps, min_lr_ratio
   train.*     steps, grad_clip, eval_every, eval_iters, checkpoint_every, keep_checkpoints,
               log_every, seed, device (auto, cpu, cuda, cuda:N), dtype (float32, float64),
-              autocast (auto = bf16 on CUDA, bf16, off), out_dir, find_unused_parameters
+              autocast (auto = bf16 on CUDA, bf16, off), out_dir, find_unused_parameters,
+              memory_check (true: refuse a step estimated not to fit in memory)
 
 The run folder gets config.json, data/ (the `nestlearn data tokenize` folder of the corpus,
 unless data.corpus is one), checkpoints/ (the latest is the model: nestlearn eval, nestlearn
 generate and nestlearn.models.from_pretrained read it), metrics.jsonl, metrics.csv and
 loss_curve.png. Ctrl-C (SIGINT) or SIGTERM saves a checkpoint and
-stops; --resume continues it with the same losses an uninterrupted run would have had.
+stops (a second one stops at once, without saving); --resume continues it with the same
+losses an uninterrupted run would have had. A step that cannot fit in memory is refused
+before the first (train.memory_check=false tries anyway); a full disk or running out of
+memory during training ends with one line naming the last good checkpoint (exit code 1).
 One run at a time writes a folder: while it runs, RUN/train.lock names it (pid, host, start)
 and a second train on the folder is refused.
 """

@@ -55,7 +55,19 @@ def load_path(path: Path) -> list[Document]:
             text = read_text_file(file).strip()
             if text:
                 documents.append(Document(key=file.relative_to(path).as_posix(), text=text + "\n"))
+        if not documents:
+            raise NestlearnError(f"corpus: folder {str(path)!r} holds only empty .txt or .md "
+                                 "files; allowed: a folder with some text")
         return documents
     if path.is_file():
-        return [Document(key=part, text=part) for part in split_blank_lines(read_text_file(path))]
+        parts = split_blank_lines(read_text_file(path))
+        if not parts:
+            raise NestlearnError(f"corpus: file {str(path)!r} is empty (no text); allowed: a "
+                                 "UTF-8 text file of blank-line separated documents")
+        return [Document(key=part, text=part) for part in parts]
+    if path.exists():
+        # /dev/null, a pipe, a socket: nothing a corpus can be read from twice
+        raise NestlearnError(f"corpus: {str(path)!r} is not a regular file or folder (a "
+                             "device, pipe or socket); allowed: a text file or a folder of "
+                             ".txt/.md files")
     raise NestlearnError(f"corpus: path {str(path)!r} does not exist")

@@ -4,7 +4,13 @@ An op's state is learned by in-context gradient steps summed over a whole stream
 small steps round away and the chunkwise and per-token forms drift apart. So, under autocast,
 an op runs with autocast off and its bf16/fp16 tensors raised to float32: its state keeps
 the precision of the (float32) parameters it starts from, and the surrounding layers still
-run their projections in bf16. Without autocast nothing is cast.
+run their projections in bf16.
+
+Without autocast, an op called with bf16/fp16 tensors (a model cast with
+``.to(torch.bfloat16)``) also computes in float32 and hands its outputs and state back in the
+dtype it was given: the same reason holds, and some kernels it needs (the triangular solve of
+the delta rule and of the deep memory on CPU) have no bf16/fp16 form at all. Float32 and
+float64 calls, and calls mixing dtypes (refused by the op's own checks), are not cast.
 """
 
 from __future__ import annotations
@@ -38,15 +44,35 @@ def _autocast_device(args: tuple, kwargs: dict) -> str | None:
     return None
 
 
+def _low_precision_dtype(args: tuple, kwargs: dict) -> torch.dtype | None:
+    """The dtype of the floating tensors in the arguments if they all share one bf16/fp16
+    dtype, else None."""
+    floating = [t for t in tensors((args, kwargs)) if t.is_floating_point()]
+    if not floating or floating[0].dtype not in LOW_PRECISION:
+        return None
+    dtype = floating[0].dtype
+    return dtype if all(t.dtype == dtype for t in floating) else None
+
+
+def _lower_precision(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` (outputs, states) with its float32 tensors back in ``dtype``."""
+    return tree_map(lambda t: t.to(dtype) if t.dtype == torch.float32 else t, value)
+
+
 def full_precision(op: F) -> F:
-    """Decorator: under autocast, run ``op`` with autocast off and bf16/fp16 inputs in float32."""
+    """Decorator: under autocast, run ``op`` with autocast off and bf16/fp16 inputs in float32;
+    without autocast, run a call made in bf16/fp16 in float32 and return its results in the
+    dtype it was given."""
 
     @functools.wraps(op)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         device = _autocast_device(args, kwargs)
-        if device is None:
+        if device is not None:
+            with torch.autocast(device_type=device, enabled=False):
+                return op(*_raise_precision(args), **_raise_precision(kwargs))
+        dtype = _low_precision_dtype(args, kwargs)
+        if dtype is None:
             return op(*args, **kwargs)
-        with torch.autocast(device_type=device, enabled=False):
-            return op(*_raise_precision(args), **_raise_precision(kwargs))
+        return _lower_precision(op(*_raise_precision(args), **_raise_precision(kwargs)), dtype)
 
     return wrapper  # type: ignore[return-value]

@@ -20,13 +20,15 @@ refused whole.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -35,10 +37,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nestlearn.atomic import atomic_directory, remove_staging_leftovers, sha256_file
-from nestlearn.errors import NestlearnError
+from nestlearn.errors import NestlearnError, ResourceError
 from nestlearn.models.io import CONFIG_FILE as MODEL_CONFIG_FILE
 from nestlearn.models.io import WEIGHTS_FILE as MODEL_FILE
 from nestlearn.models.io import write_model_files
+from nestlearn.training import failures
 from nestlearn.treeio import flatten, unflatten
 
 FORMAT = "nestlearn.checkpoint"
@@ -46,6 +49,7 @@ VERSION = 1
 MANIFEST = "checkpoint.json"
 STATE_FILE = "state.safetensors"
 PREFIX = "step_"
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @dataclass
@@ -111,6 +115,35 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def last_good(run_dir: str | Path) -> str:
+    """``the last good checkpoint is PATH (intact)``, or that there is none yet."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return "no checkpoint had been written yet"
+    return f"the last good checkpoint is {latest} (intact)"
+
+
+def _write_failures_as_resource_errors(save: F) -> F:
+    """Decorator of :func:`save_checkpoint`: a write the machine refuses (no space, a file size
+    limit, no write access) becomes one :class:`nestlearn.errors.ResourceError` line naming the
+    checkpoint and the last good one; ``atomic_directory`` has removed the staging folder, and
+    the earlier checkpoints are as they were."""
+
+    @functools.wraps(save)
+    def wrapper(run_dir: str | Path, *, step: int, **kwargs: Any) -> Path:
+        try:
+            return save(run_dir, step=step, **kwargs)
+        except (OSError, SafetensorError) as err:
+            if not failures.is_write_failure(err):
+                raise
+            raise ResourceError(f"checkpoint {checkpoint_dir(run_dir, step)}: cannot be written "
+                                f"({failures.io_reason(err)}); "
+                                f"{last_good(run_dir)}") from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@_write_failures_as_resource_errors
 def save_checkpoint(run_dir: str | Path, *, step: int, config: dict[str, Any],
                     model: nn.Module, optimizer_state: dict[str, Any],
                     scheduler_state: dict[str, Any], sampler_state: Any,

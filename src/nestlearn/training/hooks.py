@@ -5,15 +5,18 @@ The loop calls, in list order, ``after_step(trainer, record)`` after every optim
 stop, which saves its own checkpoint), and ``close(trainer)`` always, last. The default hooks:
 :class:`LogHook` (metrics rows and the progress bar), :class:`EvalHook` (periodic and final
 evaluation), :class:`CheckpointHook` (periodic and final checkpoints). :class:`StopSignals`
-turns SIGINT/SIGTERM into a request the loop checks after each step.
+turns SIGINT/SIGTERM into a request the loop checks after each step; a second one stops the
+process at once.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -166,24 +169,70 @@ def default_hooks(trainer: RunningTrainer, progress: bool) -> list[Hook]:
 
 
 class StopSignals:
-    """Turns SIGINT/SIGTERM into a flag checked after each step (main thread only); a second
-    signal interrupts at once."""
+    """Turns SIGINT/SIGTERM into a flag checked after each step (main thread only).
 
-    def __init__(self) -> None:
+    A second signal stops the process at once, even in the middle of a long tensor operation
+    (which holds off Python's own signal handlers until it returns): Python writes each
+    signal's number to a wakeup pipe from its C handler, and a watcher thread reading that pipe
+    prints ``on_second(signal name)`` on stderr and exits with 128 + the signal number,
+    without saving (checkpoints are atomic, so the last one is intact; the lock of a dead
+    process does not block a resume)."""
+
+    def __init__(self, on_second: Callable[[str], str] | None = None) -> None:
         self.received: str | None = None
+        self._on_second = on_second
         self._previous: dict[int, Any] = {}
+        self._previous_wakeup = -1
+        self._pipe: tuple[int, int] | None = None
+        self._watcher: threading.Thread | None = None
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
+            read_end, write_end = os.pipe()
+            os.set_blocking(write_end, False)
+            self._pipe = (read_end, write_end)
+            self._watcher = threading.Thread(target=self._watch, args=(read_end,), daemon=True,
+                                             name="nestlearn-stop-signals")
+            self._watcher.start()
+            self._previous_wakeup = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is not None:  # a second signal: stop at once, without saving
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
+        # the first signal asks the loop to stop after this step; the watcher ends a second
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+
+    def _watch(self, read_end: int) -> None:
+        count = 0
+        while True:
+            try:
+                data = os.read(read_end, 64)
+            except OSError:
+                return
+            if not data:  # the context was left: the write end is closed
+                return
+            for signum in data:
+                if signum not in (signal.SIGINT, signal.SIGTERM):
+                    continue
+                count += 1
+                if count >= 2:
+                    name = signal.Signals(signum).name
+                    line = (self._on_second(name) if self._on_second is not None
+                            else f"second {name}: stopped at once, without saving")
+                    os.write(sys.stderr.fileno(), (line + "\n").encode())
+                    os._exit(128 + signum)
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous.clear()
+        if self._pipe is not None:
+            signal.set_wakeup_fd(self._previous_wakeup)
+            read_end, write_end = self._pipe
+            os.close(write_end)
+            if self._watcher is not None:
+                self._watcher.join(timeout=5)
+            os.close(read_end)
+            self._pipe = self._watcher = None

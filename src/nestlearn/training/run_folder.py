@@ -27,6 +27,7 @@ from nestlearn.data.tokens import TokenFile
 from nestlearn.errors import NestlearnError
 from nestlearn.training import checkpoint as ckpt
 from nestlearn.training.builders import data_dir, param_dtype
+from nestlearn.training.run_checkpoint import readable_checkpoint
 from nestlearn.training.runconfig import RunConfig, diff
 
 CONFIG_FILE = "config.json"
@@ -35,7 +36,7 @@ LEGACY_TOKENIZER_DIR = "tokenizer"  # RUN/tokenizer/ of run folders from before 
 RESUMABLE_FIELDS: frozenset[str] = frozenset({
     "name", "train.steps", "train.eval_every", "train.eval_iters", "train.checkpoint_every",
     "train.keep_checkpoints", "train.log_every", "train.device", "train.out_dir",
-    "train.find_unused_parameters", "model.checkpoint_segment",
+    "train.find_unused_parameters", "model.checkpoint_segment", "train.memory_check",
 })
 
 
@@ -130,15 +131,19 @@ def load_run_split(run_dir: Path, config: RunConfig, split: str, tokenizer: Toke
 def load_trained(run_dir: str | Path, device: str | torch.device = "cpu",
                  checkpoint: str | Path | None = None
                  ) -> tuple[nn.Module, RunConfig, Tokenizer, int]:
-    """``(model, config, tokenizer, step)`` of a run folder's latest checkpoint (or of the
-    checkpoint folder ``checkpoint``), the model loaded with
+    """``(model, config, tokenizer, step)`` of a run folder's latest checkpoint (the previous
+    good one, with a warning line, when it is damaged) or of the checkpoint folder
+    ``checkpoint``, the model loaded with
     ``nestlearn.models.from_pretrained`` (in eval mode, on ``device``)."""
     from nestlearn.models import from_pretrained
 
     run_dir = Path(run_dir).expanduser()
-    if not run_dir.is_dir():
-        raise NestlearnError(f"run folder {str(run_dir)!r} does not exist")
-    path, payload = ckpt.read_manifest(run_dir if checkpoint is None else Path(checkpoint))
+    if checkpoint is None:
+        path, payload = readable_checkpoint(run_dir)
+    else:
+        if not run_dir.is_dir():
+            raise NestlearnError(f"run folder {str(run_dir)!r} does not exist")
+        path, payload = ckpt.read_manifest(Path(checkpoint))
     config = RunConfig.from_dict(payload["config"])
     if (path / ckpt.MODEL_CONFIG_FILE).is_file():
         model = from_pretrained(path)

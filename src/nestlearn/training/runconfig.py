@@ -24,6 +24,7 @@ from typing import Any, Literal, Union
 
 from nestlearn.errors import (
     NestlearnError,
+    check_bool,
     check_choice,
     check_decay,
     check_int,
@@ -152,6 +153,9 @@ class TrainConfig:
     out_dir: str = "runs/default"
     # DDP: parameters without a gradient must be declared; detected by a probe pass when false
     find_unused_parameters: bool = False
+    # estimate a step's memory before the first step and refuse one that cannot fit
+    # (nestlearn.training.memory_budget); false: try anyway
+    memory_check: bool = True
 
     def __post_init__(self) -> None:
         check_int("train.steps", self.steps)
@@ -169,6 +173,7 @@ class TrainConfig:
         check_choice("train.autocast", self.autocast, AUTOCAST)
         if not isinstance(self.out_dir, str) or not self.out_dir.strip():
             raise invalid("train.out_dir", repr(self.out_dir), "a directory path")
+        check_bool("train.memory_check", self.memory_check)
 
 
 def _default_model() -> Any:

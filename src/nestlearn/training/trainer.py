@@ -2,7 +2,8 @@
 
 :class:`Trainer` builds a run from :mod:`nestlearn.training.builders` (data, model, optimizer,
 schedule) after locking the run folder (:mod:`nestlearn.training.run_lock`, held until
-:meth:`Trainer.run` ends), restores the latest checkpoint on ``resume=True``, and
+:meth:`Trainer.run` ends), refuses a step that cannot fit in memory
+(:mod:`nestlearn.training.memory_budget`), restores the latest checkpoint on ``resume=True``, and
 :meth:`Trainer.run` loops: batch -> forward -> NaN/Inf guard -> backward -> clip -> optimizer
 step -> hooks (metrics, evaluation, checkpoints: :mod:`nestlearn.training.hooks`). A resumed
 run's losses equal an uninterrupted run's (same seed, CPU). The run folder is described in
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from nestlearn.atomic import atomic_write_text
 from nestlearn.errors import NestlearnError, NonFiniteError, invalid
@@ -41,7 +43,14 @@ from nestlearn.training.distributed import (
     shutdown,
     wrap_for_training,
 )
+from nestlearn.training.failures import (
+    as_resource_error,
+    folder_before,
+    remove_created_folders,
+    remove_what_a_run_made,
+)
 from nestlearn.training.hooks import Hook, StepRecord, StopSignals, TrainResult, default_hooks
+from nestlearn.training.memory_budget import check_step_memory
 from nestlearn.training.metrics_log import MetricsLogger
 from nestlearn.training.nonfinite import NonFiniteGuard, find_nonfinite, nonfinite_gradient
 from nestlearn.training.run_folder import (
@@ -50,7 +59,7 @@ from nestlearn.training.run_folder import (
     check_resume_config,
     ensure_writable,
 )
-from nestlearn.training.run_lock import RunFolderLock
+from nestlearn.training.run_lock import LOCK_FILE, RunFolderLock
 from nestlearn.training.runconfig import RunConfig
 
 EVAL_SEED = 1_000_003  # fixed windows for periodic evaluation, independent of train.seed
@@ -70,12 +79,24 @@ class Trainer:
         self.run_dir = Path(config.train.out_dir).expanduser()
         self.stop_requested: str | None = None
         self.lock = RunFolderLock(self.run_dir)
-        self._lock_run_folder()
+        before = folder_before(self.run_dir) if self.ctx.is_main else None
+        try:
+            self._lock_run_folder()
+        except BaseException:
+            if before is not None:  # the folder may be another run's: only remove it if empty
+                remove_created_folders(self.run_dir, before)
+            raise
         try:
             checkpoint = self._open_run_folder(config, resume)
             self._build(config, checkpoint, progress)
         except BaseException:
+            # a run refused before its first step leaves nothing it made behind: its files go
+            # while it holds the lock, the folders it created once they are empty
+            if before is not None:
+                remove_what_a_run_made(self.run_dir, before, keep=LOCK_FILE)
             self.lock.release()
+            if before is not None:
+                remove_created_folders(self.run_dir, before)
             raise
 
     def _build(self, config: RunConfig, checkpoint: ckpt.Checkpoint | None, progress: bool
@@ -96,6 +117,7 @@ class Trainer:
         self.model = build_run_model(self.config, self.ctx.device)
         self.optimizer = build_optimizer(self.config.optim, self.model, self.config.train.seed)
         self.scheduler = build_scheduler(self.config, self.optimizer)
+        self._check_memory()
         self.sampler = WindowSampler(self.data.train_file, self.config.data.seq_len,
                                      self.config.data.batch_size, seed=self.config.train.seed,
                                      rank=self.ctx.rank, world_size=self.ctx.world_size)
@@ -118,6 +140,23 @@ class Trainer:
         self.result = TrainResult(run_dir=self.run_dir, step=self.step, status="completed",
                                   rank=self.ctx.rank)
         self.hooks: list[Hook] = default_hooks(self, progress)
+
+    def _check_memory(self) -> None:
+        """Refuse a step that cannot fit in memory, before the first one (every rank checks
+        its share of the batch; one refusal stops all)."""
+        if not self.config.train.memory_check:
+            return
+        failure: NestlearnError | None = None
+        try:
+            check_step_memory(self.model, self.config.optim.name,
+                              self.config.data.batch_size // self.ctx.world_size,
+                              self.config.data.seq_len,
+                              autocast_context(self.config, self.ctx.device))
+        except NestlearnError as err:
+            failure = err
+        if any_rank(failure is not None, self.ctx):
+            raise failure or NestlearnError("train.memory_check: another rank's step cannot "
+                                            "fit in its memory (see its message)")
 
     def _lock_run_folder(self) -> None:
         """Create the run folder and take its lock on rank 0 (the one writer), before anything
@@ -279,7 +318,7 @@ class Trainer:
         """Train until ``train.steps`` (or ``stop_at``, as if interrupted there)."""
         result = self.result
         try:
-            with StopSignals() as signals:
+            with StopSignals(self._stopped_at_once) as signals:
                 while self.step < self.config.train.steps and self.stop_requested is None:
                     record = self.train_step()
                     result.losses[record.step] = record.loss
@@ -293,14 +332,32 @@ class Trainer:
                 result.status = "interrupted"
             for hook in self.hooks:
                 hook.at_end(self)
-        finally:
-            try:
-                for hook in self.hooks:
-                    hook.close(self)
-            finally:
-                self.lock.release()
+        except BaseException:
+            self._close(quiet=True)
+            raise
+        self._close(quiet=False)
         result.step = self.step
         return result
+
+    def _stopped_at_once(self, signal_name: str) -> str:
+        """The line a second SIGINT/SIGTERM prints as it ends the process mid-step."""
+        return (f"nestlearn: a second {signal_name}: stopped at once in step {self.step + 1}, "
+                f"without saving; {ckpt.last_good(self.run_dir)}; continue with: nestlearn train "
+                f"--out {self.run_dir} --resume")
+
+    def _close(self, quiet: bool) -> None:
+        """Close every hook, then release the lock. ``quiet`` (an error is on its way out)
+        drops the hooks' own errors, so that a full disk failing the loss curve too does not
+        hide the error that stopped the run."""
+        try:
+            for hook in self.hooks:
+                try:
+                    hook.close(self)
+                except Exception:
+                    if not quiet:
+                        raise
+        finally:
+            self.lock.release()
 
 
 def train(config: RunConfig, *, resume: bool = False, progress: bool = True,
@@ -310,6 +367,7 @@ def train(config: RunConfig, *, resume: bool = False, progress: bool = True,
     if not isinstance(config, RunConfig):
         raise invalid("config", type(config).__name__, "a RunConfig (e.g. from get_recipe)")
     ctx = init_distributed(config.train.device)
+    trainer = None
     try:
         try:
             trainer = Trainer(config, resume=resume, progress=progress, ctx=ctx)
@@ -318,5 +376,12 @@ def train(config: RunConfig, *, resume: bool = False, progress: bool = True,
                                status="already_complete", checkpoint=done.checkpoint,
                                rank=ctx.rank, note=str(done))
         return trainer.run(stop_at=stop_at)
+    except (OSError, RuntimeError, MemoryError, SafetensorError) as err:
+        # a full disk, a folder gone read-only, memory run out: one line, last good checkpoint
+        failure = as_resource_error(err, None if trainer is None else trainer.step,
+                                    ckpt.last_good(Path(config.train.out_dir).expanduser()))
+        if failure is None or failure is err:
+            raise
+        raise failure from None
     finally:
         shutdown(ctx)

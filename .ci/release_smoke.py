@@ -65,11 +65,26 @@ def check_model() -> None:
               "a saved and reloaded model generates differently")
 
 
+def check_hf_is_optional() -> None:
+    """The wheel without extras brings no transformers, and nestlearn.hf names its extra."""
+    import importlib.util
+
+    check(importlib.util.find_spec("transformers") is None,
+          "transformers is installed by the core dependencies")
+    try:
+        import nestlearn.hf
+    except nestlearn.NestlearnError as err:
+        check("nestlearn[hf]" in str(err), f"unclear error without transformers: {err}")
+    else:
+        check(False, "nestlearn.hf imported without transformers")
+
+
 def main() -> None:
     dist, venv = Path(sys.argv[1]), Path(sys.argv[2])
     check_archives(dist)
     check_installed(venv)
     check_model()
+    check_hf_is_optional()
     print(f"release smoke test: nestlearn {nestlearn.__version__} wheel and sdist OK")
 
 

@@ -198,3 +198,26 @@ def test_the_core_never_imports_transformers():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=False)
     assert result.returncode == 0, result.stderr
+
+
+def test_export_cli_writes_a_run_as_a_hf_folder(tmp_path, capsys):
+    from nestlearn.cli import main
+    from nestlearn.training import load_trained
+    from trainkit import tiny_sets, write_corpus
+
+    corpus = write_corpus(tmp_path / "verse.txt", paragraphs=60)
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", "tiny-hope", "--out", str(run), "--no-progress",
+                 *tiny_sets(f"data.corpus={corpus}", "train.steps=1")]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
+    captured = capsys.readouterr()
+    assert "wrote" in captured.out and "byte tokenizer" in captured.err
+    model, _, tokenizer, _ = load_trained(run)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert loaded.generation_config.eos_token_id is None
+    ids = torch.tensor([[tokenizer.eod_id, *tokenizer.encode("The king")]])
+    assert torch.equal(loaded.generate(ids, max_new_tokens=6, do_sample=False),
+                       generate(model, ids, 6, temperature=0.0))
+    assert main(["export", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err

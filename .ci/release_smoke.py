@@ -5,6 +5,8 @@ Usage: python release_smoke.py DIST_DIR VENV_DIR
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import sys
 import tarfile
 import tempfile
@@ -65,18 +67,19 @@ def check_model() -> None:
               "a saved and reloaded model generates differently")
 
 
-def check_hf_is_optional() -> None:
-    """The wheel without extras brings no transformers, and nestlearn.hf names its extra."""
-    import importlib.util
-
-    check(importlib.util.find_spec("transformers") is None,
-          "transformers is installed by the core dependencies")
-    try:
-        import nestlearn.hf
-    except nestlearn.NestlearnError as err:
-        check("nestlearn[hf]" in str(err), f"unclear error without transformers: {err}")
-    else:
-        check(False, "nestlearn.hf imported without transformers")
+def check_integrations_are_optional() -> None:
+    """The wheel without extras brings neither transformers nor lm-eval, and the packages
+    that need them name their extra."""
+    for module, dependency, extra in (("nestlearn.hf", "transformers", "nestlearn[hf]"),
+                                      ("nestlearn.lmeval", "lm_eval", "nestlearn[eval]")):
+        check(importlib.util.find_spec(dependency) is None,
+              f"{dependency} is installed by the core dependencies")
+        try:
+            importlib.import_module(module)
+        except nestlearn.NestlearnError as err:
+            check(extra in str(err), f"unclear error without {dependency}: {err}")
+        else:
+            check(False, f"{module} imported without {dependency}")
 
 
 def main() -> None:
@@ -84,7 +87,7 @@ def main() -> None:
     check_archives(dist)
     check_installed(venv)
     check_model()
-    check_hf_is_optional()
+    check_integrations_are_optional()
     print(f"release smoke test: nestlearn {nestlearn.__version__} wheel and sdist OK")
 
 

@@ -180,6 +180,8 @@ def test_bad_input_is_one_clear_error():
     assert torch.equal(model.generate(ids, attention_mask=torch.ones_like(ids),
                                       max_new_tokens=2, do_sample=False),
                        model.generate(ids, max_new_tokens=2, do_sample=False))
+    with pytest.raises(NestlearnError, match="num_beams: beam search is not supported"):
+        model.generate(ids, max_new_tokens=3, num_beams=2, do_sample=False)
     with pytest.raises(NestlearnError, match=r"forward: got arguments \['inputs_embeds'\]"):
         model(ids, inputs_embeds=torch.zeros(2, 5, 16))
     config_cls = hf_classes("hope")[0]

@@ -8,6 +8,7 @@ of per-layer key/value tensors); the model tells ``generate`` so
 
 from __future__ import annotations
 
+from nestlearn.errors import NestlearnError
 from nestlearn.models.state import LMState
 
 
@@ -35,6 +36,13 @@ class NestlearnCache:
 
     def update(self, state: LMState) -> None:
         self.state = state
+
+    def reorder_cache(self, beam_idx: object) -> None:
+        """Beam search would gather the state's rows here; a state may hold tensors shared by
+        every row (a CMS level's initial weights before its first update), so this is refused
+        rather than guessed."""
+        raise NestlearnError("num_beams: beam search is not supported by nestlearn models "
+                             "(their state cannot be reordered by beam yet); allowed: 1")
 
     def __repr__(self) -> str:
         return f"NestlearnCache(seen_tokens={self.seen_tokens})"

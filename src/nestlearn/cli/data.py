@@ -87,9 +87,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     tokenizing.add_argument("corpus", metavar="CORPUS", help=f"the corpus: {_CORPUS_HELP}")
     tokenizing.add_argument(
-        "--tokenizer", choices=("byte", "bpe"), default="byte",
+        "--tokenizer", metavar="KIND", default="byte",
         help="'byte': UTF-8 bytes, vocabulary 258, nothing to train (default); 'bpe': "
-        "byte-level BPE trained on the train split with HF tokenizers",
+        "byte-level BPE trained on the train split with HF tokenizers; or the path of a "
+        "pretrained Hugging Face tokenizer.json, used as it is",
     )
     tokenizing.add_argument(
         "--vocab-size", metavar="N", type=int, default=None,

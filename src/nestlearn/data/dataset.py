@@ -23,7 +23,13 @@ from nestlearn.atomic import atomic_write_json
 from nestlearn.data.cache import ensure_writable_dir
 from nestlearn.data.corpora import load_records
 from nestlearn.data.splits import SPLITS, split_of
-from nestlearn.data.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
+from nestlearn.data.tokenizers import (
+    TOKENIZER_CHOICES,
+    Tokenizer,
+    build_tokenizer,
+    is_tokenizer_path,
+    load_tokenizer,
+)
 from nestlearn.data.tokens import TokenFile, write_token_file
 from nestlearn.errors import NestlearnError, invalid
 
@@ -48,10 +54,11 @@ def tokenize_corpus(
     vocab_size: int | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> TokenizedDataset:
-    """Split ``corpus``, build the tokenizer (BPE is trained on the train split only), and
-    write the folder described in the module docstring. Returns it opened."""
-    if tokenizer not in ("byte", "bpe"):
-        raise invalid("tokenizer", repr(tokenizer), "'byte' or 'bpe'")
+    """Split ``corpus``, build the tokenizer (BPE is trained on the train split only; a
+    ``tokenizer.json`` path is loaded as it is), and write the folder described in the module
+    docstring. Returns it opened."""
+    if tokenizer not in ("byte", "bpe") and not is_tokenizer_path(tokenizer):
+        raise invalid("tokenizer", repr(tokenizer), TOKENIZER_CHOICES)
     if tokenizer == "byte" and vocab_size is not None:
         raise invalid("vocab_size", vocab_size, "no value for the byte tokenizer (vocabulary 258)")
     directory = ensure_writable_dir(out, "out")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from nestlearn.data.dataset import DATASET_FILE, open_dataset, tokenize_corpus
-from nestlearn.data.tokenizers import Tokenizer
+from nestlearn.data.tokenizers import TOKENIZER_FILE, Tokenizer
 from nestlearn.data.tokens import TokenFile
 from nestlearn.errors import NestlearnError
 from nestlearn.training.distributed import DistContext, barrier
@@ -83,6 +83,8 @@ def resolve_config(config: RunConfig, data: RunData) -> RunConfig:
     if data.external:
         kind = tokenizer.describe()["type"]
         vocab = tokenizer.vocab_size if kind == "bpe" else data_config.vocab_size
+        if kind == "pretrained":  # data.tokenizer names the folder's copy of the file
+            kind = str(data.directory / TOKENIZER_FILE)
         data_config = dataclasses.replace(data_config, tokenizer=kind, vocab_size=vocab)
     model = config.model
     if model.vocab_size != tokenizer.vocab_size:

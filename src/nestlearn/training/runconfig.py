@@ -22,6 +22,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
+from nestlearn.data.tokenizers import TOKENIZER_CHOICES, is_tokenizer_path
 from nestlearn.errors import (
     NestlearnError,
     check_bool,
@@ -55,7 +56,8 @@ class DataConfig:
     """What text the run reads and how it is cut into batches."""
 
     corpus: str = "shakespeare"  # a name from nestlearn.data.corpora, or a text file / folder
-    tokenizer: str = "byte"  # "byte" (no files) or "bpe" (trained on the train split)
+    # "byte" (no files), "bpe" (trained on the train split) or a pretrained tokenizer.json path
+    tokenizer: str = "byte"
     vocab_size: int = 512  # BPE vocabulary size; the byte tokenizer's is fixed
     seq_len: int = 128  # tokens per training window
     batch_size: int = 16  # global batch: split across ranks under torchrun
@@ -65,7 +67,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.corpus, str) or not self.corpus.strip():
             raise invalid("data.corpus", repr(self.corpus), "a corpus name or a path")
-        check_choice("data.tokenizer", self.tokenizer, TOKENIZERS)
+        if self.tokenizer not in TOKENIZERS and not (
+                isinstance(self.tokenizer, str) and is_tokenizer_path(self.tokenizer)):
+            raise invalid("data.tokenizer", repr(self.tokenizer), TOKENIZER_CHOICES)
         check_int("data.vocab_size", self.vocab_size, 258)
         check_int("data.seq_len", self.seq_len)
         check_int("data.batch_size", self.batch_size)

@@ -107,8 +107,8 @@ class LossView(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        logits, state = self.model(ids)
+    def forward(self, ids: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
+        logits, state = self.model(ids, state)
         detach = getattr(state, "detach", None)
         return logits, detach() if callable(detach) else state
 
@@ -140,6 +140,15 @@ def all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     if ctx.enabled:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+def gather_objects(value: Any, ctx: DistContext) -> list[Any]:
+    """``[value of rank 0, value of rank 1, ...]`` on every rank (``[value]`` alone)."""
+    if not ctx.enabled:
+        return [value]
+    gathered: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def any_rank(flag: bool, ctx: DistContext) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 
 import pytest
@@ -295,3 +296,15 @@ def test_gloo_stream_ranks_agree_with_a_single_process(tmp_path):
     for name, tensor in whole.items():
         torch.testing.assert_close(torch.cat([h[name] for h in halves]), tensor,
                                    rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_checkpoint_written_before_the_stream_fields_resumes(corpus, tmp_path):
+    config = tiny_config(corpus, tmp_path / "run", "train.steps=4")
+    train(config, progress=False, stop_at=2)
+    manifest_path = ckpt.latest_checkpoint(tmp_path / "run") / ckpt.MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    payload = manifest["payload"]
+    del payload["config"]["data"]["sampling"], payload["config"]["train"]["state_reset"]
+    manifest["payload_sha256"] = ckpt._payload_digest(payload)
+    manifest_path.write_text(json.dumps(manifest))
+    assert train(config, resume=True, progress=False).step == 4

@@ -18,6 +18,7 @@ through :func:`nestlearn.nn.teach_signal.stream_with_teach_signal`, so its level
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -67,7 +68,7 @@ from nestlearn.training.run_folder import (
     ensure_writable,
 )
 from nestlearn.training.run_lock import RunFolderLock
-from nestlearn.training.runconfig import RunConfig, reset_interval
+from nestlearn.training.runconfig import DataConfig, RunConfig, TrainConfig, reset_interval
 
 EVAL_SEED = 1_000_003  # fixed windows for periodic evaluation, independent of train.seed
 
@@ -101,7 +102,8 @@ class Trainer:
         self.data = build_data(config, self.run_dir, self.ctx, reuse=resume)
         self.config = resolve_config(config, self.data)
         if checkpoint is not None:
-            check_resume_config(checkpoint.config, self.config, checkpoint.path)
+            check_resume_config(_with_new_defaults(checkpoint.config), self.config,
+                                checkpoint.path)
             if checkpoint.step >= self.config.train.steps:
                 raise RunAlreadyComplete(self.run_dir, checkpoint.step,
                                          self.config.train.steps, checkpoint.path)
@@ -403,6 +405,18 @@ class Trainer:
                 self.lock.release()
         result.step = self.step
         return result
+
+
+def _with_new_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved run config with the data and train fields added since it was written
+    (``data.sampling``, ``train.state_reset``) at their defaults, which reproduce how it ran."""
+    out = dict(saved)
+    for section, cls in (("data", DataConfig), ("train", TrainConfig)):
+        if isinstance(out.get(section), dict):
+            defaults = {f.name: f.default for f in dataclasses.fields(cls)
+                        if isinstance(f.default, (str, int, float, bool))}
+            out[section] = {**defaults, **out[section]}
+    return out
 
 
 def _lm_teach_signal(model: torch.nn.Module) -> bool:

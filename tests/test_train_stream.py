@@ -308,3 +308,16 @@ def test_a_checkpoint_written_before_the_stream_fields_resumes(corpus, tmp_path)
     manifest["payload_sha256"] = ckpt._payload_digest(payload)
     manifest_path.write_text(json.dumps(manifest))
     assert train(config, resume=True, progress=False).step == 4
+
+
+def test_lm_teach_signal_under_torchrun_is_refused(corpus, tmp_path):
+    from nestlearn.training.distributed import DistContext
+
+    config = tiny_config(corpus, tmp_path / "run", "model.arch=hope",
+                         "model.cms.teach_signal=lm")
+    trainer = Trainer.__new__(Trainer)  # the check alone: no process group in this test
+    trainer.config, trainer.stream, trainer.teach_signal = config, False, True
+    trainer.ctx = DistContext(rank=0, world_size=2, backend="gloo")
+    with pytest.raises(NestlearnError, match=r"model\.cms\.teach_signal: 'lm' is not supported "
+                                             "under torchrun"):
+        trainer._check_modes()

@@ -310,14 +310,19 @@ def test_a_checkpoint_written_before_the_stream_fields_resumes(corpus, tmp_path)
     assert train(config, resume=True, progress=False).step == 4
 
 
-def test_lm_teach_signal_under_torchrun_is_refused(corpus, tmp_path):
-    from nestlearn.training.distributed import DistContext
+@pytest.mark.slow
+def test_gloo_lm_teach_signal_ranks_agree_with_a_single_process(tmp_path):
+    import torch.multiprocessing as mp
 
-    config = tiny_config(corpus, tmp_path / "run", "model.arch=hope",
-                         "model.cms.teach_signal=lm")
-    trainer = Trainer.__new__(Trainer)  # the check alone: no process group in this test
-    trainer.config, trainer.stream, trainer.teach_signal = config, False, True
-    trainer.ctx = DistContext(rank=0, world_size=2, backend="gloo")
-    with pytest.raises(NestlearnError, match=r"model\.cms\.teach_signal: 'lm' is not supported "
-                                             "under torchrun"):
-        trainer._check_modes()
+    corpus = write_corpus(tmp_path / "verse.txt", paragraphs=40)
+    sets = ("model.arch=hope", "model.cms.teach_signal=lm", "model.cms.chunk_sizes=[8, 16]",
+            "model.cms.inner_lr=0.05", *STREAM, "train.steps=3", "data.batch_size=4")
+    train(tiny_config(corpus, tmp_path / "single", *sets), progress=False)
+    ddp = tiny_config(corpus, tmp_path / "ddp", *sets)
+    mp.spawn(spawned_rank, args=(2, free_port(), ddp.to_dict()), nprocs=2, join=True)
+    assert _losses(tmp_path / "ddp") == pytest.approx(_losses(tmp_path / "single"),
+                                                      rel=1e-5, abs=1e-5)
+    a = ckpt.load_checkpoint(tmp_path / "single").model
+    b = ckpt.load_checkpoint(tmp_path / "ddp").model
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)

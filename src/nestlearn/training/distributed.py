@@ -151,6 +151,23 @@ def gather_objects(value: Any, ctx: DistContext) -> list[Any]:
     return gathered
 
 
+def average_gradients(model: nn.Module, ctx: DistContext) -> None:
+    """Replace every gradient by its mean over ranks, as DDP does, for a model that ran
+    outside DDP (the CMS teach-signal driver calls the model itself); one all-reduce."""
+    if not ctx.enabled:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= ctx.world_size
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
+
+
 def any_rank(flag: bool, ctx: DistContext) -> bool:
     """True when ``flag`` is true on at least one rank (all ranks get the same answer)."""
     if not ctx.enabled:

@@ -52,6 +52,7 @@ from nestlearn.training.distributed import (
     DistContext,
     all_reduce_sum,
     any_rank,
+    average_gradients,
     barrier,
     gather_objects,
     init_distributed,
@@ -123,8 +124,10 @@ class Trainer:
         self.elapsed = 0.0
         if checkpoint is not None:
             self._restore(checkpoint)
-        self.ddp_model = wrap_for_training(self.model, self.ctx, self.config.data.seq_len,
-                                           self.config.train.find_unused_parameters)
+        # the teach-signal driver calls the model itself: its gradients are averaged by hand
+        self.ddp_model = self.model if self.teach_signal else wrap_for_training(
+            self.model, self.ctx, self.config.data.seq_len,
+            self.config.train.find_unused_parameters)
         self.autocast = autocast_context(self.config, self.ctx.device)
         self.guard = NonFiniteGuard(self.save, self.run_dir / "checkpoints")
         self.metrics = MetricsLogger(self.run_dir, enabled=self.ctx.is_main)
@@ -163,10 +166,6 @@ class Trainer:
                 reset_rows(state, lambda batch: self.model.init_state(batch,
                                                                      device=self.ctx.device),
                            torch.ones(1, dtype=torch.bool, device=self.ctx.device))
-        if self.teach_signal and self.ctx.enabled:
-            raise NestlearnError(
-                "model.cms.teach_signal: 'lm' is not supported under torchrun yet (the driver "
-                "runs the model outside DDP); allowed: 'lm' in one process, or 'local'")
 
     def _lock_run_folder(self) -> None:
         """Create the run folder and take its lock on rank 0 (the one writer), before anything
@@ -318,6 +317,8 @@ class Trainer:
         # DDP averages gradients over ranks: scaling by world / global count makes the update
         # that of the mean loss over the whole global batch.
         (loss_sum * (self.ctx.world_size / max(total_count, 1.0))).backward()
+        if self.teach_signal:
+            average_gradients(self.model, self.ctx)
         # after DDP's all-reduce every rank holds the same gradients: a local check agrees
         bad_grad = nonfinite_gradient(self.model)
         if bad_grad is not None:

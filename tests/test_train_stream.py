@@ -326,3 +326,18 @@ def test_gloo_lm_teach_signal_ranks_agree_with_a_single_process(tmp_path):
     b = ckpt.load_checkpoint(tmp_path / "ddp").model
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["hope-attention",
+                                  pytest.param("titans-mag", marks=pytest.mark.slow)])
+def test_attention_archs_train_in_stream_mode_with_memories_carried(corpus, tmp_path, arch):
+    window = ["model.attention.window=16"] if arch == "titans-mag" else []
+    config = tiny_config(corpus, tmp_path / "run", *window, f"model.arch={arch}", *STREAM,
+                         "train.steps=2")
+    trainer = Trainer(config, progress=False)
+    result = trainer.run()
+    assert result.step == 2 and all(math.isfinite(x) for x in result.losses.values())
+    caches = [t for name, t in named_tensors(trainer.carried).items() if "attention" in name]
+    assert caches and all(t.shape[2] == 0 for t in caches)  # KV caches are not carried
+    memories = [name for name in named_tensors(trainer.carried) if "attention" not in name]
+    assert memories  # the CMS levels / neural memory are

@@ -163,7 +163,7 @@ class Trainer:
                 ids = torch.zeros(1, self.config.data.seq_len, dtype=torch.long,
                                   device=self.ctx.device)
                 _, state = self.model(ids)
-                reset_rows(state, lambda batch: self.model.init_state(batch,
+                reset_rows(drop_attention_caches(state), lambda batch: self.model.init_state(batch,
                                                                      device=self.ctx.device),
                            torch.ones(1, dtype=torch.bool, device=self.ctx.device))
 

@@ -341,3 +341,16 @@ def test_attention_archs_train_in_stream_mode_with_memories_carried(corpus, tmp_
     assert caches and all(t.shape[2] == 0 for t in caches)  # KV caches are not carried
     memories = [name for name in named_tensors(trainer.carried) if "attention" not in name]
     assert memories  # the CMS levels / neural memory are
+
+
+def test_titans_recipes_train_in_stream_mode_by_default(corpus, tmp_path):
+    from nestlearn.training.recipes import get_recipe
+    from nestlearn.training.runconfig import apply_overrides
+
+    for scale in ("tiny", "small", "base"):
+        assert get_recipe(f"{scale}-titans").data.sampling == "stream"
+        assert get_recipe(f"{scale}-transformer").data.sampling == "windows"
+    config = apply_overrides(get_recipe("tiny-titans"), [
+        f"data.corpus={corpus}", f"train.out_dir={tmp_path / 'run'}", "train.steps=1",
+        "data.batch_size=4", "train.eval_iters=1", "train.device=cpu"])
+    assert train(config, progress=False).step == 1

@@ -5,8 +5,9 @@ A checkpoint is a folder ``RUN/checkpoints/step_00000050/`` holding
 - ``model.safetensors`` and ``config.json``: the model, as ``save_pretrained`` writes it, so
   ``nestlearn.models.from_pretrained`` loads a checkpoint folder (the run's only copy of the
   weights: the final model is the latest checkpoint);
-- ``state.safetensors``: every tensor of the optimizer state, the RNG states and the data
-  sampler (flattened by :mod:`nestlearn.treeio`);
+- ``state.safetensors``: every tensor of the optimizer state, the RNG states, the data
+  sampler and, in stream training, the model state carried into the next step (one per
+  process; flattened by :mod:`nestlearn.treeio`);
 - ``checkpoint.json``: step, run config, the JSON skeletons of those states, the scheduler,
   counters, the SHA-256 of the other files and of the JSON payload itself.
 
@@ -65,6 +66,7 @@ class Checkpoint:
     sampler: Any
     rng: dict[str, Any]
     extra: dict[str, Any]
+    carried: Any = None  # stream training's carried states (plain trees), else None
 
 
 def capture_rng() -> dict[str, Any]:
@@ -148,8 +150,9 @@ def save_checkpoint(run_dir: str | Path, *, step: int, config: dict[str, Any],
                     model: nn.Module, optimizer_state: dict[str, Any],
                     scheduler_state: dict[str, Any], sampler_state: Any,
                     rng_state: dict[str, Any], extra: dict[str, Any] | None = None,
-                    keep: int | None = None) -> Path:
-    """Write a checkpoint atomically and return its folder; keep only the newest ``keep``."""
+                    keep: int | None = None, carried_state: Any = None) -> Path:
+    """Write a checkpoint atomically and return its folder; keep only the newest ``keep``.
+    ``carried_state``: a tree of dicts, tuples and tensors (None: nothing carried)."""
     final = checkpoint_dir(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
     # one writer per run (rank 0): leftovers of a writer killed mid-save can go
@@ -157,9 +160,11 @@ def save_checkpoint(run_dir: str | Path, *, step: int, config: dict[str, Any],
     opt_skeleton, opt_tensors = flatten(optimizer_state, "optimizer/")
     sampler_skeleton, sampler_tensors = flatten(sampler_state, "sampler/")
     rng_skeleton, rng_tensors = flatten(rng_state, "rng/")
+    carried_skeleton, carried_tensors = flatten(carried_state, "carried/")
     with atomic_directory(final) as tmp:
         write_model_files(model, tmp)
-        save_file({**opt_tensors, **sampler_tensors, **rng_tensors}, str(tmp / STATE_FILE))
+        save_file({**opt_tensors, **sampler_tensors, **rng_tensors, **carried_tensors},
+                  str(tmp / STATE_FILE))
         payload = {
             "step": step,
             "config": config,
@@ -169,6 +174,8 @@ def save_checkpoint(run_dir: str | Path, *, step: int, config: dict[str, Any],
             "rng": rng_skeleton,
             "extra": extra or {},
         }
+        if carried_state is not None:
+            payload["carried"] = carried_skeleton
         manifest = {
             "format": FORMAT,
             "version": VERSION,
@@ -250,6 +257,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         sampler=unflatten(payload["sampler"], state),
         rng=unflatten(payload["rng"], state),
         extra=payload.get("extra", {}),
+        carried=unflatten(payload.get("carried"), state),
     )
 
 

@@ -107,8 +107,8 @@ class LossView(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        logits, state = self.model(ids)
+    def forward(self, ids: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
+        logits, state = self.model(ids, state)
         detach = getattr(state, "detach", None)
         return logits, detach() if callable(detach) else state
 
@@ -140,6 +140,32 @@ def all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     if ctx.enabled:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+def gather_objects(value: Any, ctx: DistContext) -> list[Any]:
+    """``[value of rank 0, value of rank 1, ...]`` on every rank (``[value]`` alone)."""
+    if not ctx.enabled:
+        return [value]
+    gathered: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def average_gradients(model: nn.Module, ctx: DistContext) -> None:
+    """Replace every gradient by its mean over ranks, as DDP does, for a model that ran
+    outside DDP (the CMS teach-signal driver calls the model itself); one all-reduce."""
+    if not ctx.enabled:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= ctx.world_size
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
 
 
 def any_rank(flag: bool, ctx: DistContext) -> bool:

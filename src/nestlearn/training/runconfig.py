@@ -49,6 +49,7 @@ TOKENIZERS: tuple[str, ...] = ("byte", "bpe")
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 DTYPES: tuple[str, ...] = ("float32", "float64")
 AUTOCAST: tuple[str, ...] = ("auto", "bf16", "off")
+SAMPLINGS: tuple[str, ...] = ("windows", "stream")
 
 
 @dataclass
@@ -63,6 +64,9 @@ class DataConfig:
     batch_size: int = 16  # global batch: split across ranks under torchrun
     train_split: str = "train"
     eval_split: str = "validation"
+    # "windows": random windows, each from a fresh state; "stream": every batch row reads its
+    # documents in order and the state is carried between steps (see train.state_reset)
+    sampling: str = "windows"
 
     def __post_init__(self) -> None:
         if not isinstance(self.corpus, str) or not self.corpus.strip():
@@ -75,6 +79,7 @@ class DataConfig:
         check_int("data.batch_size", self.batch_size)
         check_choice("data.train_split", self.train_split, SPLITS)
         check_choice("data.eval_split", self.eval_split, SPLITS)
+        check_choice("data.sampling", self.sampling, SAMPLINGS)
 
 
 @dataclass
@@ -139,6 +144,18 @@ class ScheduleConfig:
         check_unit("schedule.min_lr_ratio", self.min_lr_ratio)
 
 
+def reset_interval(state_reset: object) -> int | None:
+    """Segments between resets of ``train.state_reset="every:N"`` (N), None for the other
+    policies; anything else is refused."""
+    if state_reset in ("document", "never"):
+        return None
+    head, _, count = str(state_reset).partition(":")
+    if head != "every" or not count.isdigit() or int(count) < 1:
+        raise invalid("train.state_reset", repr(state_reset),
+                      "document, never or every:N with N >= 1 (e.g. every:8)")
+    return int(count)
+
+
 @dataclass
 class TrainConfig:
     """Loop length, evaluation, checkpoints, seed and device."""
@@ -160,6 +177,9 @@ class TrainConfig:
     # estimate a step's memory before the first step and refuse one that cannot fit
     # (nestlearn.training.memory_budget); false: try anyway
     memory_check: bool = True
+    # data.sampling="stream": when a row's carried state restarts from the fresh state:
+    # "document" (at each new document), "never", "every:N" (all rows every N segments)
+    state_reset: str = "document"
 
     def __post_init__(self) -> None:
         check_int("train.steps", self.steps)
@@ -178,6 +198,7 @@ class TrainConfig:
         if not isinstance(self.out_dir, str) or not self.out_dir.strip():
             raise invalid("train.out_dir", repr(self.out_dir), "a directory path")
         check_bool("train.memory_check", self.memory_check)
+        reset_interval(self.state_reset)
 
 
 def _default_model() -> Any:

@@ -8,10 +8,18 @@ schedule) after locking the run folder (:mod:`nestlearn.training.run_lock`, held
 step -> hooks (metrics, evaluation, checkpoints: :mod:`nestlearn.training.hooks`). A resumed
 run's losses equal an uninterrupted run's (same seed, CPU). The run folder is described in
 this package's README.
+
+``data.sampling="stream"`` reads each batch row's documents in order
+(:class:`nestlearn.data.streams.StreamSampler`) and carries the model's detached state into
+the next step (truncated backprop through time), resetting rows by ``train.state_reset``
+(:mod:`nestlearn.training.carried_state`); the carried state is checkpointed with the rest.
+A model with CMS layers driven by the LM teach signal (``teach_signal="lm"``) runs its forward
+through :func:`nestlearn.nn.teach_signal.stream_with_teach_signal`, so its levels learn.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -24,6 +32,9 @@ from nestlearn.atomic import atomic_write_text
 from nestlearn.errors import NestlearnError, NonFiniteError, invalid
 from nestlearn.evaluate.perplexity import EvalResult, evaluate_batches, tokens_per_byte
 from nestlearn.losses import lm_loss_sum, scored_targets
+from nestlearn.models.teaching import uses_lm_teach_signal
+from nestlearn.nn.teach_signal import stream_with_teach_signal
+from nestlearn.state import detach, to
 from nestlearn.training import checkpoint as ckpt
 from nestlearn.training.builders import (
     autocast_context,
@@ -34,11 +45,19 @@ from nestlearn.training.builders import (
     resolve_config,
     seed_everything,
 )
+from nestlearn.training.carried_state import (
+    drop_attention_caches,
+    reset_rows,
+    state_to_tree,
+    tree_from_state_tree,
+)
 from nestlearn.training.distributed import (
     DistContext,
     all_reduce_sum,
     any_rank,
+    average_gradients,
     barrier,
+    gather_objects,
     init_distributed,
     shutdown,
     wrap_for_training,
@@ -60,7 +79,7 @@ from nestlearn.training.run_folder import (
     ensure_writable,
 )
 from nestlearn.training.run_lock import LOCK_FILE, RunFolderLock
-from nestlearn.training.runconfig import RunConfig
+from nestlearn.training.runconfig import DataConfig, RunConfig, TrainConfig, reset_interval
 
 EVAL_SEED = 1_000_003  # fixed windows for periodic evaluation, independent of train.seed
 
@@ -106,28 +125,32 @@ class Trainer:
         self.data = build_data(config, self.run_dir, self.ctx, reuse=resume)
         self.config = resolve_config(config, self.data)
         if checkpoint is not None:
-            check_resume_config(checkpoint.config, self.config, checkpoint.path)
+            check_resume_config(_with_new_defaults(checkpoint.config), self.config,
+                                checkpoint.path)
             if checkpoint.step >= self.config.train.steps:
                 raise RunAlreadyComplete(self.run_dir, checkpoint.step,
                                          self.config.train.steps, checkpoint.path)
-
-        from nestlearn.data.tokens import WindowSampler
 
         seed_everything(self.config.train.seed)
         self.model = build_run_model(self.config, self.ctx.device)
         self.optimizer = build_optimizer(self.config.optim, self.model, self.config.train.seed)
         self.scheduler = build_scheduler(self.config, self.optimizer)
         self._check_memory()
-        self.sampler = WindowSampler(self.data.train_file, self.config.data.seq_len,
-                                     self.config.data.batch_size, seed=self.config.train.seed,
-                                     rank=self.ctx.rank, world_size=self.ctx.world_size)
+        self.stream = self.config.data.sampling == "stream"
+        self.teach_signal = uses_lm_teach_signal(self.model)
+        self._check_modes()
+        self.sampler = self._make_sampler()
+        # stream training: the detached state the next step starts from (None: fresh)
+        self.carried: Any = None
         self.step = 0
         self.tokens_seen = 0
         self.elapsed = 0.0
         if checkpoint is not None:
             self._restore(checkpoint)
-        self.ddp_model = wrap_for_training(self.model, self.ctx, self.config.data.seq_len,
-                                           self.config.train.find_unused_parameters)
+        # the teach-signal driver calls the model itself: its gradients are averaged by hand
+        self.ddp_model = self.model if self.teach_signal else wrap_for_training(
+            self.model, self.ctx, self.config.data.seq_len,
+            self.config.train.find_unused_parameters)
         self.autocast = autocast_context(self.config, self.ctx.device)
         self.guard = NonFiniteGuard(self.save, self.run_dir / "checkpoints")
         self.metrics = MetricsLogger(self.run_dir, enabled=self.ctx.is_main)
@@ -157,6 +180,32 @@ class Trainer:
         if any_rank(failure is not None, self.ctx):
             raise failure or NestlearnError("train.memory_check: another rank's step cannot "
                                             "fit in its memory (see its message)")
+
+    def _make_sampler(self) -> Any:
+        from nestlearn.data.streams import StreamSampler
+        from nestlearn.data.tokens import WindowSampler
+
+        kind = StreamSampler if self.stream else WindowSampler
+        return kind(self.data.train_file, self.config.data.seq_len, self.config.data.batch_size,
+                    seed=self.config.train.seed, rank=self.ctx.rank,
+                    world_size=self.ctx.world_size)
+
+    def _check_modes(self) -> None:
+        """Refuse combinations of sampling, state reset and teach signal that cannot run."""
+        if not self.stream and self.config.train.state_reset != "document":
+            raise NestlearnError(
+                f"train.state_reset: got {self.config.train.state_reset!r}; allowed: the "
+                "default 'document' with data.sampling='windows' (every window starts from a "
+                "fresh state), or data.sampling='stream'")
+        if self.stream and self.config.train.state_reset != "never":
+            # one probe segment: a carried state whose rows cannot be reset fails here, at once
+            with torch.no_grad():
+                ids = torch.zeros(1, self.config.data.seq_len, dtype=torch.long,
+                                  device=self.ctx.device)
+                _, state = self.model(ids)
+                reset_rows(drop_attention_caches(state), lambda batch: self.model.init_state(batch,
+                                                                     device=self.ctx.device),
+                           torch.ones(1, dtype=torch.bool, device=self.ctx.device))
 
     def _lock_run_folder(self) -> None:
         """Create the run folder and take its lock on rank 0 (the one writer), before anything
@@ -198,25 +247,51 @@ class Trainer:
         ckpt.check_model_tensors(checkpoint, self.model)
         ckpt.check_optimizer_state(checkpoint, self.optimizer)
         try:
-            probe = type(self.sampler)(self.sampler.token_file, self.sampler.seq_len,
-                                       self.sampler.batch_size, seed=self.sampler.seed,
-                                       rank=self.sampler.rank,
-                                       world_size=self.sampler.world_size)
-            probe.load_state_dict(checkpoint.sampler)
+            self._make_sampler().load_state_dict(checkpoint.sampler)
         except NestlearnError as err:
             raise NestlearnError(f"checkpoint {checkpoint.path}: refused, {err}") from None
+        carried = self._restored_carried(checkpoint)
         self.model.load_state_dict(checkpoint.model)
         self.optimizer.load_state_dict(checkpoint.optimizer)
         self.scheduler.load_state_dict(checkpoint.scheduler)
         self.sampler.load_state_dict(checkpoint.sampler)
         ckpt.restore_rng(checkpoint.rng)
+        self.carried = carried
         self.step = checkpoint.step
         self.tokens_seen = int(checkpoint.extra.get("tokens", 0))
         self.elapsed = float(checkpoint.extra.get("elapsed_s", 0.0))
 
+    def _restored_carried(self, checkpoint: ckpt.Checkpoint) -> Any:
+        """This rank's carried state from ``checkpoint`` (stream training), checked."""
+        if not self.stream:
+            return None
+        saved = checkpoint.carried
+        if not isinstance(saved, list) or len(saved) != self.ctx.world_size:
+            got = len(saved) if isinstance(saved, list) else "no"
+            raise NestlearnError(
+                f"checkpoint {checkpoint.path}: refused, it holds {got} carried stream states; "
+                f"allowed: one per process ({self.ctx.world_size}; resume a stream run with "
+                "the number of processes it was saved with)")
+        state = tree_from_state_tree(saved[self.ctx.rank])
+        if state is not None:
+            state = to(state, device=self.ctx.device)
+            fingerprint = getattr(state, "fingerprint", None)
+            if fingerprint != self.model.fingerprint:
+                raise NestlearnError(f"checkpoint {checkpoint.path}: refused, its carried state "
+                                     "belongs to another model config")
+        return state
+
+    def _carried_trees(self) -> list[Any] | None:
+        """Every rank's carried state as a plain tree (on rank 0; all ranks take part)."""
+        if not self.stream:
+            return None
+        tree = None if self.carried is None else state_to_tree(to(self.carried, "cpu"))
+        return gather_objects(tree, self.ctx)
+
     def save(self, sampler_state: Any = None, rng_state: Any = None) -> Path | None:
         """Checkpoint the current step on rank 0 (all ranks wait for it)."""
         path = None
+        carried = self._carried_trees()
         if self.ctx.is_main:
             path = ckpt.save_checkpoint(
                 self.run_dir, step=self.step, config=self.config.to_dict(),
@@ -228,6 +303,7 @@ class Trainer:
                 rng_state=rng_state if rng_state is not None else ckpt.capture_rng(),
                 extra={"tokens": self.tokens_seen, "elapsed_s": self.elapsed},
                 keep=self.config.train.keep_checkpoints,
+                carried_state=carried,
             )
         barrier(self.ctx)
         return path
@@ -261,8 +337,10 @@ class Trainer:
         # the last good state, saved by the guard if this step fails
         sampler_state, rng_state = self.sampler.state_dict(), ckpt.capture_rng()
         lr = self.scheduler.apply(self.step)
-        inputs, targets = (t.to(self.ctx.device) for t in self.sampler.next_batch())
-        loss_sum, failure = self._forward(inputs, targets)
+        batch = self.sampler.next_batch()
+        inputs, targets = (t.to(self.ctx.device) for t in batch[:2])
+        state = self._segment_state(batch[2]) if self.stream else None
+        loss_sum, failure, state = self._forward(inputs, targets, state)
         # one all-reduce per step: loss sum, scored targets, ranks that failed
         local = torch.stack([loss_sum.detach().double(), scored_targets(targets).double(),
                              torch.tensor(float(failure is not None), dtype=torch.float64,
@@ -279,6 +357,8 @@ class Trainer:
         # DDP averages gradients over ranks: scaling by world / global count makes the update
         # that of the mean loss over the whole global batch.
         (loss_sum * (self.ctx.world_size / max(total_count, 1.0))).backward()
+        if self.teach_signal:
+            average_gradients(self.model, self.ctx)
         # after DDP's all-reduce every rank holds the same gradients: a local check agrees
         bad_grad = nonfinite_gradient(self.model)
         if bad_grad is not None:
@@ -287,6 +367,8 @@ class Trainer:
         norm = self._clip_gradients()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.stream:
+            self.carried = drop_attention_caches(detach(state))
         self.step += 1
         self.tokens_seen += int(total_count)
         seconds = time.perf_counter() - start
@@ -294,17 +376,41 @@ class Trainer:
         return StepRecord(step=self.step, loss=loss_value, grad_norm=float(norm), lr=lr,
                           tokens=int(total_count), seconds=seconds)
 
-    def _forward(self, inputs: torch.Tensor, targets: torch.Tensor
-                 ) -> tuple[torch.Tensor, str | None]:
-        """``(summed loss, where a NaN/Inf showed up, or None)``."""
+    def _segment_state(self, new_document: torch.Tensor) -> Any:
+        """The state this step starts from: the carried one with rows reset by
+        ``train.state_reset`` (None before the first step: the model's fresh state)."""
+        if self.carried is None:
+            return None
+        policy = self.config.train.state_reset
+        if policy == "document":
+            reset = new_document
+        else:
+            every = reset_interval(policy)
+            due = every is not None and self.step % every == 0
+            reset = torch.full_like(new_document, due)
+        device = self.ctx.device
+        return reset_rows(self.carried,
+                          lambda batch: self.model.init_state(batch, device=device),
+                          reset.to(device))
+
+    def _forward(self, inputs: torch.Tensor, targets: torch.Tensor, state: Any = None
+                 ) -> tuple[torch.Tensor, str | None, Any]:
+        """``(summed loss, where a NaN/Inf showed up or None, the model's new state)``."""
         try:
             with self.autocast:
-                logits, state = self.ddp_model(inputs)
-            return lm_loss_sum(logits, targets), find_nonfinite(state, "memory state")
+                if self.teach_signal:
+                    # the CMS levels learn from the LM loss (nestlearn.nn.teach_signal)
+                    logits, state = stream_with_teach_signal(self.model, inputs, targets,
+                                                             state)
+                else:
+                    logits, state = self.ddp_model(inputs, state)
+            return (lm_loss_sum(logits, targets), find_nonfinite(state, "memory state"),
+                    state)
         except NonFiniteError as err:
             # values went bad inside the model (e.g. a NaN gate under nestlearn.debug_checks);
             # stop as for a NaN loss, naming the place
-            return torch.zeros((), device=self.ctx.device), f"the forward pass ({err})"
+            return (torch.zeros((), device=self.ctx.device), f"the forward pass ({err})",
+                    None)
 
     def _clip_gradients(self) -> torch.Tensor:
         """Clip the global gradient norm to ``train.grad_clip`` (0 = off); the norm before."""
@@ -358,6 +464,18 @@ class Trainer:
                         raise
         finally:
             self.lock.release()
+
+
+def _with_new_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved run config with the data and train fields added since it was written
+    (``data.sampling``, ``train.state_reset``) at their defaults, which reproduce how it ran."""
+    out = dict(saved)
+    for section, cls in (("data", DataConfig), ("train", TrainConfig)):
+        if isinstance(out.get(section), dict):
+            defaults = {f.name: f.default for f in dataclasses.fields(cls)
+                        if isinstance(f.default, (str, int, float, bool))}
+            out[section] = {**defaults, **out[section]}
+    return out
 
 
 def train(config: RunConfig, *, resume: bool = False, progress: bool = True,

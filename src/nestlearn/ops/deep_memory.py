@@ -23,6 +23,7 @@ import torch
 
 from nestlearn.errors import invalid
 from nestlearn.ops._chunking import num_chunks, segment_products
+from nestlearn.ops._compile import compiled_step
 from nestlearn.ops._deep_memory_common import (
     ACTIVATIONS,
     DeepMemoryState,
@@ -236,6 +237,10 @@ def _chunk(weights: list[torch.Tensor], momentum: list[torch.Tensor] | None,
     return out, new_weights, new_momentum
 
 
+# The chunk step as the ops run it: compiled under nestlearn.ops.set_compile(True).
+_chunk_step = compiled_step(_chunk)
+
+
 def _subtract_outer(target: torch.Tensor, errors: torch.Tensor, inputs: torch.Tensor) -> None:
     """``target -= errors^T @ inputs`` in place, as one batched gemm (no product temporary).
 
@@ -380,7 +385,7 @@ def deep_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.
     outputs = []
     for index, (q_c, k_c, v_c, alpha_c, eta_c, theta_c) in enumerate(parts):
         need_state = output_final_state or index < count - 1
-        out, new_weights, new_momentum = _chunk(
+        out, new_weights, new_momentum = _chunk_step(
             weights, momentum, q_c, k_c, v_c, alpha_c, eta_c, theta_c, objective, activation,
             dgd, need_state, coefficients[index])
         outputs.append(out)
@@ -408,7 +413,7 @@ def deep_memory_update(state: DeepMemoryState, k: torch.Tensor, v: torch.Tensor,
     check_deep_memory_args(k, k, v, alpha, eta, theta, state, objective, activation, None,
                            state_name="state", check_values=check_values)
     weights, momentum = batched_state(state, k.shape[0], theta is not None)
-    _, new_weights, new_momentum = _chunk(
+    _, new_weights, new_momentum = _chunk_step(
         weights, momentum, None, _heads_first(k), _heads_first(v), _heads_first(alpha),
         _heads_first(eta), _heads_first(theta) if theta is not None else None, objective,
         activation, dgd, True)

@@ -3,9 +3,9 @@
 On a GPU every ``.item()``, ``bool(tensor)``, ``float(tensor)``, ``.tolist()`` ... waits for the
 device to finish; inside a layer that runs per chunk it stalls the stream once per chunk. On CPU
 nothing stalls, so these tests count the calls instead: every Tensor method that hands a value
-to Python is wrapped while a tiny model of each architecture runs forward and backward. The
-one read allowed is the model's own boundary check of the token ids (once per call).
-Value checks inside layers run only under ``nestlearn.debug_checks``; those tests are below.
+to Python is wrapped while a tiny model of each architecture runs forward and backward: none
+is allowed. Value checks (the token ids' range, the gates inside layers) run only under
+``nestlearn.debug_checks``; those tests are below.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import nestlearn
-from model_cases import ARCHS_WIRED, random_ids, tiny_model
+from model_cases import ARCHS_WIRED, VOCAB, random_ids, tiny_model
 from nestlearn.errors import NestlearnError, NonFiniteError
 from nestlearn.nn.titans import NeuralMemory, NeuralMemoryConfig
 from nestlearn.ops import deep_memory, gated_delta_rule, init_deep_memory_weights
@@ -26,7 +26,7 @@ from nestlearn.ops.deep_memory import DeepMemoryState
 # Tensor methods that copy a value to the host (a device sync on a GPU).
 HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__",
               "__index__", "nonzero")
-BOUNDARY = "check_ids"  # the model's one check of its input, once per call
+BOUNDARY = "check_ids"  # the model's range check of its input ids, under the debug switch
 
 
 class SyncCounter:
@@ -77,8 +77,7 @@ def run_two_steps(counter_patch, arch: str, segment: int | None) -> SyncCounter:
 def test_forward_and_backward_do_not_sync(arch, segment, monkeypatch):
     with nestlearn.debug_checks(False):
         counter = run_two_steps(monkeypatch, arch, segment)
-    assert counter.outside(BOUNDARY) == {}
-    assert counter.inside(BOUNDARY) == 2  # one per call
+    assert dict(counter.calls) == {}
 
 
 def test_debug_switch_reads_gates_inside_layers(monkeypatch):
@@ -86,6 +85,19 @@ def test_debug_switch_reads_gates_inside_layers(monkeypatch):
     with nestlearn.debug_checks():
         counter = run_two_steps(monkeypatch, "titans", None)
     assert set(counter.outside(BOUNDARY)) == {"tolist in check_gate_values (_validate.py)"}
+    assert counter.inside(BOUNDARY) == 2  # the ids' range, once per call
+
+
+def test_ids_out_of_range_are_named_under_the_debug_switch():
+    model = tiny_model("titans", dtype=torch.float32)
+    ids = random_ids(1, 6)
+    ids[0, 3] = VOCAB
+    with nestlearn.debug_checks(), pytest.raises(
+            NestlearnError, match=rf"^ids: got values in \[\d+, {VOCAB}\]; "
+                                  rf"allowed: values in \[0, {VOCAB - 1}\]$"):
+        model(ids)
+    with pytest.raises(IndexError):  # unchecked, the embedding lookup refuses it
+        model(ids)
 
 
 def test_counter_sees_a_sync(monkeypatch):

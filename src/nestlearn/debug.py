@@ -1,8 +1,9 @@
 """Value checks inside layers, off by default: each one is a device sync.
 
 An op called directly checks its gates' values (finite, in range) once per call. A layer calls
-its ops once per chunk or segment and skips those checks, since on a GPU each ``.item()``
-stalls the stream. Turn them on to find where values go bad:
+its ops once per chunk or segment and skips those checks, and a model's forward skips the range
+check of its token ids, since on a GPU each ``.item()`` stalls the stream: a training step then
+reads nothing on the host. Turn them on to find where values go bad:
 
     nestlearn.debug_checks(True)          # from now on (None: back to the environment's)
     with nestlearn.debug_checks():        # inside the block only

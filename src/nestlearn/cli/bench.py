@@ -7,7 +7,7 @@ import importlib
 
 # Benchmark name -> module in nestlearn.benchmarks exposing add_arguments(parser) and run(args).
 BENCHMARKS: dict[str, str] = {"ops": "ops", "optim": "optim", "layers": "layers",
-                              "recall": "recall"}
+                              "recall": "recall", "ops-count": "opcount"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

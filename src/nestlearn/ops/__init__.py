@@ -3,9 +3,11 @@
 Every rule has one contract, ``rule(q, k, v, *gates, initial_state=None,
 output_final_state=False, chunk_size=64) -> (o, final_state or None)`` with tensors
 ``[B, T, H, D]`` and gates ``[B, T, H]``, a fast chunkwise form and a token-by-token ``_naive``
-reference with the same signature. Derivations: ``ops/README.md``.
+reference with the same signature. Derivations: ``ops/README.md``. ``set_compile(True)``
+runs the deep memory's chunk step under ``torch.compile`` (``ops/_compile.py``).
 """
 
+from nestlearn.ops._compile import compile_enabled, set_compile
 from nestlearn.ops.deep_memory import (
     DeepMemoryState,
     deep_memory,
@@ -21,6 +23,7 @@ from nestlearn.ops.titans_linear import TitansLinearState, titans_linear, titans
 __all__ = [
     "DeepMemoryState",
     "TitansLinearState",
+    "compile_enabled",
     "deep_memory",
     "deep_memory_apply",
     "deep_memory_naive",
@@ -30,6 +33,7 @@ __all__ = [
     "gated_linear_attention",
     "gated_linear_attention_naive",
     "init_deep_memory_weights",
+    "set_compile",
     "titans_linear",
     "titans_linear_naive",
 ]

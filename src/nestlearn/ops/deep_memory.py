@@ -23,6 +23,7 @@ import torch
 
 from nestlearn.errors import invalid
 from nestlearn.ops._chunking import num_chunks, segment_products
+from nestlearn.ops._compile import compiled_step
 from nestlearn.ops._deep_memory_common import (
     ACTIVATIONS,
     DeepMemoryState,
@@ -87,6 +88,31 @@ class _ChunkCoefficients:
         if previous:
             self.prev_coef = (self.prev_decay @ self.momentum_decay) * eta_cols
             self.prev_carry = (self.prev_decay @ self.theta_scale[..., None])[..., 0]
+
+    def per_chunk(self, last_size: int) -> list[_ChunkCoefficients]:
+        """Coefficients computed for all N chunks at once (gates ``[B, H, N, C]``) as one
+        object per chunk; the last chunk's cropped to its ``last_size`` real tokens.
+
+        Computing them batched costs a fixed number of ops instead of some thirty per chunk.
+        Cropping is exact: the last chunk's gates were padded at its end, and row t of every
+        coefficient only involves tokens <= t (every matrix is lower triangular)."""
+        parts = {name: value.unbind(2) for name, value in vars(self).items()
+                 if value is not None}
+        count = len(next(iter(parts.values())))
+        chunks = []
+        for index in range(count):
+            chunk = object.__new__(_ChunkCoefficients)
+            for name in vars(self):
+                setattr(chunk, name, parts[name][index] if name in parts else None)
+            chunks.append(chunk)
+        if last_size < self.decay.shape[-1]:
+            last = chunks[-1]
+            for name, value in parts.items():
+                cropped = value[-1][..., :last_size]
+                if cropped.dim() == 4:  # a [B, H, C, C] matrix
+                    cropped = cropped[..., :last_size, :]
+                setattr(last, name, cropped)
+        return chunks
 
 
 def _apply_weight(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -156,13 +182,16 @@ def _chunk(weights: list[torch.Tensor], momentum: list[torch.Tensor] | None,
            queries: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,
            alpha: torch.Tensor, eta: torch.Tensor, theta: torch.Tensor | None, objective: str,
            activation: str, dgd: bool, need_state: bool,
+           coeffs: _ChunkCoefficients | None = None,
            ) -> tuple[torch.Tensor | None, list[torch.Tensor] | None, list[torch.Tensor] | None]:
     """One chunk: outputs M_t(q_t) for its tokens and (if asked) the chunk-end state.
 
-    Token tensors ``[B, H, C, D]``, gates ``[B, H, C]``, weights ``[B, H, out, in]``.
+    Token tensors ``[B, H, C, D]``, gates ``[B, H, C]``, weights ``[B, H, out, in]``;
+    ``coeffs``: the chunk's gate coefficients if computed already (else from the gates).
     """
     inputs, errors, first_pre = _key_pass(weights, keys, values, objective, activation)
-    coeffs = _ChunkCoefficients(alpha, eta, theta, previous=dgd)
+    if coeffs is None:
+        coeffs = _ChunkCoefficients(alpha, eta, theta, previous=dgd)
     pseudo = None
     if dgd:
         pseudo = _delta_pseudo_values(momentum, keys, first_pre, errors[0], coeffs)
@@ -206,6 +235,10 @@ def _chunk(weights: list[torch.Tensor], momentum: list[torch.Tensor] | None,
         new_weights.append(new_w)
         new_momentum.append(new_m)
     return out, new_weights, new_momentum
+
+
+# The chunk step as the ops run it: compiled under nestlearn.ops.set_compile(True).
+_chunk_step = compiled_step(_chunk)
 
 
 def _subtract_outer(target: torch.Tensor, errors: torch.Tensor, inputs: torch.Tensor) -> None:
@@ -280,6 +313,25 @@ class _MomentumStateStep(torch.autograd.Function):
         return tuple(grads)
 
 
+def _all_coefficients(alpha: torch.Tensor, eta: torch.Tensor, theta: torch.Tensor | None,
+                      chunk_size: int, dgd: bool) -> list[_ChunkCoefficients]:
+    """Every chunk's gate coefficients from one batched computation (gates ``[B, T, H]``).
+
+    The gates are padded to whole chunks as the chunkwise linear rules pad them (alpha and
+    theta with 1, eta with 0); ``per_chunk`` crops the last chunk back to its real tokens."""
+    length = alpha.shape[1]
+    count = num_chunks(length, chunk_size)
+    pad = count * chunk_size - length
+
+    def chunked(gate: torch.Tensor, value: float) -> torch.Tensor:
+        gate = torch.nn.functional.pad(gate.transpose(1, 2), (0, pad), value=value)
+        return gate.unflatten(-1, (count, chunk_size))  # [B, H, N, C]
+
+    coeffs = _ChunkCoefficients(chunked(alpha, 1.0), chunked(eta, 0.0),
+                                None if theta is None else chunked(theta, 1.0), previous=dgd)
+    return coeffs.per_chunk(length - (count - 1) * chunk_size)
+
+
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
     """``[B, T, H, ...]`` -> ``[B, H, T, ...]``, contiguous so each chunk's matmuls run on it
     without copying (copies would also be kept for the backward pass)."""
@@ -329,12 +381,13 @@ def deep_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.
         return list(torch.split(_heads_first(x), chunk_size, dim=2))
 
     parts = zip(*(chunks(x) for x in (q, k, v, alpha, eta, theta)), strict=True)
+    coefficients = _all_coefficients(alpha, eta, theta, chunk_size, dgd)
     outputs = []
     for index, (q_c, k_c, v_c, alpha_c, eta_c, theta_c) in enumerate(parts):
         need_state = output_final_state or index < count - 1
-        out, new_weights, new_momentum = _chunk(
+        out, new_weights, new_momentum = _chunk_step(
             weights, momentum, q_c, k_c, v_c, alpha_c, eta_c, theta_c, objective, activation,
-            dgd, need_state)
+            dgd, need_state, coefficients[index])
         outputs.append(out)
         if need_state:
             weights, momentum = new_weights, new_momentum
@@ -360,7 +413,7 @@ def deep_memory_update(state: DeepMemoryState, k: torch.Tensor, v: torch.Tensor,
     check_deep_memory_args(k, k, v, alpha, eta, theta, state, objective, activation, None,
                            state_name="state", check_values=check_values)
     weights, momentum = batched_state(state, k.shape[0], theta is not None)
-    _, new_weights, new_momentum = _chunk(
+    _, new_weights, new_momentum = _chunk_step(
         weights, momentum, None, _heads_first(k), _heads_first(v), _heads_first(alpha),
         _heads_first(eta), _heads_first(theta) if theta is not None else None, objective,
         activation, dgd, True)

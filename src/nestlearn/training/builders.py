@@ -101,9 +101,14 @@ def param_dtype(config: RunConfig) -> torch.dtype:
 
 def build_run_model(config: RunConfig, device: torch.device) -> nn.Module:
     """The model of ``config`` in the run's dtype on ``device`` (seed first for the same
-    initial weights on every rank)."""
+    initial weights on every rank). ``train.compile`` switches the memory ops' compiled chunk
+    step on for this process (``nestlearn.ops.set_compile``; false leaves the switch as it is,
+    by default ``NESTLEARN_COMPILE``'s)."""
     from nestlearn.models import build_model
+    from nestlearn.ops import set_compile
 
+    if config.train.compile:
+        set_compile(True)
     return build_model(config.model).to(device, dtype=param_dtype(config))
 
 

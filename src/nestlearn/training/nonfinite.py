@@ -10,18 +10,42 @@ from typing import Any, NoReturn
 import torch
 
 from nestlearn.errors import NonFiniteError
-from nestlearn.state import find_nonfinite
+from nestlearn.state import named_tensors
 
-__all__ = ["NonFiniteError", "NonFiniteGuard", "find_nonfinite", "nonfinite_gradient"]
+__all__ = ["NonFiniteError", "NonFiniteGuard", "find_nonfinite", "first_nonfinite",
+           "nonfinite_gradient"]
 
+
+def first_nonfinite(named: dict[str, torch.Tensor]) -> str | None:
+    """Name of the first floating tensor in ``named`` holding a NaN or Inf (None: all finite).
+
+    One flag per tensor, computed on its device and stacked: a single host read (one device
+    sync) for the whole set, where a read per tensor would stall a GPU's stream once each."""
+    checked = [(name, tensor) for name, tensor in named.items()
+               if tensor.is_floating_point() or tensor.is_complex()]
+    if not checked:
+        return None
+    device = checked[0][1].device
+    flags = torch.stack([torch.isfinite(tensor.detach()).all().to(device)
+                         for _, tensor in checked])
+    for (name, _), finite in zip(checked, flags.tolist(), strict=True):
+        if not finite:
+            return name
+    return None
+
+
+def find_nonfinite(tree: Any, name: str = "state") -> str | None:
+    """Path of the first floating tensor of a state tree holding a NaN or Inf (None if all are
+    finite), e.g. ``state.blocks[1].memory.chunk_start.weights[0]``; one host read."""
+    return first_nonfinite(named_tensors(tree, name))
 
 
 def nonfinite_gradient(model: torch.nn.Module) -> str | None:
-    """Name of the first parameter whose gradient holds a NaN or Inf."""
-    for param_name, param in model.named_parameters():
-        if param.grad is not None and not bool(torch.isfinite(param.grad).all()):
-            return f"gradient of {param_name}"
-    return None
+    """Name of the first parameter whose gradient holds a NaN or Inf; one host read."""
+    found = first_nonfinite({param_name: param.grad
+                             for param_name, param in model.named_parameters()
+                             if param.grad is not None})
+    return None if found is None else f"gradient of {found}"
 
 
 class NonFiniteGuard:

@@ -171,6 +171,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:N"
     dtype: str = "float32"  # parameter dtype
     autocast: str = "auto"  # "auto": bf16 autocast on CUDA only; "bf16"; "off"
+    compile: bool = False  # torch.compile the memory ops' chunk steps (eager if that fails)
     out_dir: str = "runs/default"
     # DDP: parameters without a gradient must be declared; detected by a probe pass when false
     find_unused_parameters: bool = False
@@ -195,6 +196,7 @@ class TrainConfig:
             raise invalid("train.device", repr(self.device), "auto, cpu, cuda, cuda:N")
         check_choice("train.dtype", self.dtype, DTYPES)
         check_choice("train.autocast", self.autocast, AUTOCAST)
+        check_bool("train.compile", self.compile)
         if not isinstance(self.out_dir, str) or not self.out_dir.strip():
             raise invalid("train.out_dir", repr(self.out_dir), "a directory path")
         check_bool("train.memory_check", self.memory_check)

@@ -1,0 +1,282 @@
+"""Op budget and roofline: torch ops, host syncs and FLOPs per training step of each arch.
+
+For every arch at about the parameter count of the reference Transformer (the same matching
+as ``bench layers``), one training step (forward, next-token loss, backward) runs under a
+dispatch mode that records every aten op it issues, the backward's included. Reported:
+
+- ``ops/step``: aten ops per step, and ``kernels/step``: those that compute (views, reshapes
+  and detaches only relabel memory). On a GPU each computing op is (at least) one kernel
+  launch, so this is the launch count a step pays for, counted deterministically on CPU.
+- ``syncs/step``: reads of a tensor's value on the host (``.item()``, ``bool()``,
+  ``.tolist()``, ``nonzero`` ...): each stalls a GPU's stream until the device has caught up.
+- ``param GFLOP/tok`` (analytical): 6 x the weights every token is multiplied by (2 for the
+  forward, 4 for the backward), i.e. every 2-D parameter except the embedding table (a lookup;
+  it counts when the head is tied to it), persistent tokens and the memories' meta-learned
+  initial states, which act in context.
+- ``in-context GFLOP/tok``: matmul FLOPs of the step counted with the formulas of
+  ``torch.utils.flop_counter`` (attention without its causal mask's savings) minus the
+  parametric part: attention and the in-context memories' reads and updates, the CMS levels'
+  updates. CMS levels' weights count as parametric: every token is multiplied by them.
+
+With ``--timing`` (off by default: it needs a quiet machine) it also times the step and this
+machine's fp32 matmul rate, and reports the fraction of that rate the step achieves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import (
+    flop_registry,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+    shape_wrapper,
+)
+
+from nestlearn.benchmarks.common import progress, time_call, write_report
+from nestlearn.errors import invalid
+from nestlearn.models import ARCHS, ModelConfig, build_model
+
+# aten ops that hand a value (or a data-dependent size) to the host: a device sync each.
+SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2",
+                      "unique_consecutive", "unique_dim", "bincount", "repeat_interleave"})
+# Tensor methods that copy to the host without an aten op on CPU (on a GPU: a copy and a sync).
+SYNC_METHODS = ("tolist", "numpy", "__array__")
+# Parameters that are not multiplied with every token (see the module doc).
+NON_PARAMETRIC = ("embed.", "persistent", "memory_weights", "inner_weights")
+# Ops that only relabel memory (no kernel on a GPU) besides those whose schema says "view".
+METADATA_OPS = frozenset({"_unsafe_view", "lift_fresh"})
+
+COLUMNS = ["arch", "params", "T", "ops/step", "kernels/step", "syncs/step", "kernels/token",
+           "param GFLOP/tok", "in-context GFLOP/tok"]
+TIMING_COLUMNS = ["tok/s", "GFLOP/s", "fraction of matmul rate"]
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops issued while active (by name), the host syncs among them and their
+    matmul FLOPs (torch's FLOP formulas, without its module tracking, which is slow).
+
+    ``.tolist()``/``.numpy()`` read CPU memory directly (no aten op), so the tensor methods in
+    ``SYNC_METHODS`` are wrapped while the counter is active as well."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+        self.kernels: Counter[str] = Counter()
+        self.syncs: Counter[str] = Counter()
+        self.flops = 0
+        self._saved: dict[str, Callable] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.ops[name] += 1
+        if not func.is_view and name not in METADATA_OPS:
+            self.kernels[name] += 1
+        if name in SYNC_OPS:
+            self.syncs[name] += 1
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = FLOP_FORMULAS.get(func.overloadpacket)
+        if formula is not None:
+            self.flops += formula(*args, **kwargs, out_val=out)
+        return out
+
+    def __enter__(self) -> OpCounter:
+        for method in SYNC_METHODS:
+            original = getattr(torch.Tensor, method)
+            self._saved[method] = original
+            setattr(torch.Tensor, method, self._counted(method, original))
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            for method, original in self._saved.items():
+                setattr(torch.Tensor, method, original)
+            self._saved.clear()
+
+    def _counted(self, method: str, original: Callable) -> Callable:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.syncs[method] += 1
+            return original(*args, **kwargs)
+
+        return counted
+
+    @property
+    def total_ops(self) -> int:
+        return sum(self.ops.values())
+
+    @property
+    def total_kernels(self) -> int:
+        return sum(self.kernels.values())
+
+    @property
+    def total_syncs(self) -> int:
+        return sum(self.syncs.values())
+
+
+def _cpu_sdpa_flop(query, key, value, *args: Any, out_shape=None, **kwargs: Any) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_sdpa_backward_flop(grad_out, query, key, value, *args: Any, out_shape=None,
+                            **kwargs: Any) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# torch's formulas plus the CPU's fused attention, which they leave out (its GPU kernels not).
+FLOP_FORMULAS = {
+    **flop_registry,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: shape_wrapper(_cpu_sdpa_flop),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        shape_wrapper(_cpu_sdpa_backward_flop),
+}
+
+
+def parametric_weights(model: nn.Module) -> int:
+    """Weights every token is multiplied by once in the forward (see the module doc)."""
+    tied_head = getattr(model, "head", 0) is None  # the head reuses the embedding table
+
+    def per_token(name: str, param: nn.Parameter) -> bool:
+        if tied_head and name.endswith("embed.weight"):
+            return True
+        return param.dim() >= 2 and not any(marker in name for marker in NON_PARAMETRIC)
+
+    return sum(p.numel() for name, p in model.named_parameters() if per_token(name, p))
+
+
+def make_step(model: nn.Module, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """One training step's forward and backward (no optimizer), as the trainer runs it."""
+
+    def step() -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        logits, _ = model(ids[:, :-1])
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
+def count_step(config: ModelConfig, length: int, batch: int, seed: int = 0) -> dict[str, Any]:
+    """Ops, syncs and FLOPs of one training step of ``config`` at ``batch`` x ``length``."""
+    torch.manual_seed(seed)
+    model = build_model(config)
+    ids = torch.randint(0, config.vocab_size, (batch, length + 1),
+                        generator=torch.Generator().manual_seed(seed))
+    step = make_step(model, ids)
+    with OpCounter() as ops:
+        step()
+    tokens = batch * length
+    param_flops = 6 * parametric_weights(model)
+    total_flops = ops.flops
+    return {"arch": config.arch, "dim": config.dim, "layers": config.layers,
+            "params": sum(p.numel() for p in model.parameters()), "T": length, "B": batch,
+            "ops/step": ops.total_ops, "kernels/step": ops.total_kernels,
+            "syncs/step": ops.total_syncs, "kernels/token": ops.total_kernels / tokens,
+            "param GFLOP/tok": param_flops / 1e9,
+            "in-context GFLOP/tok": (total_flops / tokens - param_flops) / 1e9,
+            "matmul GFLOP/step": total_flops / 1e9,
+            "syncs by op": dict(ops.syncs),
+            "top kernels": dict(ops.kernels.most_common(20))}
+
+
+def matmul_rate(size: int = 1024, repeats: int = 5) -> float:
+    """This machine's fp32 matmul rate in FLOP/s (median of ``repeats`` square matmuls)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return 2 * size**3 / time_call(lambda: a @ b, repeats=repeats, warmup=2)
+
+
+def time_step(config: ModelConfig, length: int, batch: int, repeats: int) -> float:
+    """Median seconds of one training step (forward and backward)."""
+    torch.manual_seed(0)
+    model = build_model(config)
+    ids = torch.randint(0, config.vocab_size, (batch, length + 1))
+    return time_call(make_step(model, ids), repeats=repeats, warmup=1)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--archs", nargs="+", default=list(ARCHS),
+                        help=f"models to count, from {', '.join(ARCHS)} (default: all)")
+    parser.add_argument("--length", type=int, default=2048,
+                        help="sequence length T (default: 2048)")
+    parser.add_argument("--batch", type=int, default=1, help="batch size B (default: 1)")
+    parser.add_argument("--model-dim", type=int, default=256,
+                        help="width of the reference Transformer (default: 256)")
+    parser.add_argument("--model-layers", type=int, default=4,
+                        help="blocks of every model (default: 4)")
+    parser.add_argument("--heads", type=int, default=4, help="heads (default: 4)")
+    parser.add_argument("--chunk-size", type=int, default=64,
+                        help="memory chunk size (default: 64)")
+    parser.add_argument("--cms-chunk-sizes", type=int, nargs="+", default=[64, 512],
+                        help="CMS level chunk sizes (default: 64 512)")
+    parser.add_argument("--window", type=int, default=512,
+                        help="sliding window of titans-mag's attention (default: 512)")
+    parser.add_argument("--vocab-size", type=int, default=256, help="vocabulary (default: 256)")
+    parser.add_argument("--timing", action="store_true",
+                        help="also time each step and the fp32 matmul rate (needs a quiet "
+                             "machine; counts alone are deterministic)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs per arch with --timing, median reported (default: 3)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's current setting)")
+    parser.add_argument("--out", default="results/bench",
+                        help="folder for the JSON report (default: results/bench)")
+
+
+def model_configs(args: argparse.Namespace) -> dict[str, ModelConfig]:
+    """Each arch at about the Transformer's parameter count, as ``bench layers`` builds them."""
+    from nestlearn.benchmarks.layers import matched_config
+
+    base = ModelConfig(arch="transformer", vocab_size=args.vocab_size, dim=args.model_dim,
+                       layers=args.model_layers, heads=args.heads)
+    sections = {"memory": {"chunk_size": args.chunk_size, "inner_chunk_size": args.chunk_size},
+                "cms": {"chunk_sizes": tuple(args.cms_chunk_sizes)}}
+    return {arch: base if arch == "transformer"
+            else matched_config(arch, base, args.window, sections)
+            for arch in args.archs}
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in args.archs:
+        if name not in ARCHS:
+            raise invalid("--archs", repr(name), f"names from {', '.join(ARCHS)}")
+    for name in ("length", "batch", "model_dim", "model_layers", "heads", "chunk_size",
+                 "cms_chunk_sizes", "window", "vocab_size", "repeats", "threads"):
+        value = getattr(args, name)
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None and item < 1:
+                raise invalid(f"--{name.replace('_', '-')}", item, "integers >= 1")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_args(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    configs = model_configs(args)
+    rate = matmul_rate() if args.timing else None
+    rows = []
+    for arch, config in configs.items():
+        progress(f"ops-count {arch} T={args.length}")
+        row = count_step(config, args.length, args.batch)
+        row["threads"] = torch.get_num_threads()
+        if rate is not None:
+            seconds = time_step(config, args.length, args.batch, args.repeats)
+            achieved = row["matmul GFLOP/step"] * 1e9 / seconds
+            row.update({"tok/s": args.batch * args.length / seconds,
+                        "GFLOP/s": achieved / 1e9, "fraction of matmul rate": achieved / rate,
+                        "matmul GFLOP/s": rate / 1e9})
+        rows.append(row)
+    write_report("ops-count", rows, COLUMNS + (TIMING_COLUMNS if rate is not None else []),
+                 args.out)
+    print(f"done in {time.perf_counter() - started:.1f} s")
+    return 0

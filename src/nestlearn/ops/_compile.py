@@ -1,0 +1,78 @@
+"""The compiled path: ``torch.compile`` of the ops' chunk steps, with an eager fallback.
+
+Off by default. ``nestlearn.ops.set_compile(True)`` (or ``NESTLEARN_COMPILE=1`` in the
+environment, or ``train.compile: true`` in a run config) compiles each chunk step the first
+time it runs; the compiled step is exact (the float64 parity tests run on it too). A step
+that cannot be compiled (no C++ compiler for the CPU backend, an unsupported platform or
+op) warns once and runs eagerly from then on, in this process. ``backend`` picks the
+``torch.compile`` backend ("inductor", the default, generates fused kernels; "aot_eager" only
+traces, which checks a graph quickly).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+from nestlearn.errors import NestlearnError, NonFiniteError, check_choice, invalid
+
+ENV_VAR = "NESTLEARN_COMPILE"
+BACKENDS = ("inductor", "aot_eager", "eager")
+
+_enabled: bool | None = None  # None: the environment variable decides
+_backend = "inductor"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def set_compile(enabled: bool | None = True, backend: str = "inductor") -> None:
+    """Compile the ops' chunk steps from now on (False: eager; None: as the environment says)."""
+    global _enabled, _backend
+    if enabled is not None and not isinstance(enabled, bool):
+        raise invalid("enabled", repr(enabled), "None, true or false")
+    check_choice("backend", backend, BACKENDS)
+    _enabled, _backend = enabled, backend
+
+
+def compile_enabled() -> bool:
+    """Whether the chunk steps run compiled."""
+    if _enabled is not None:
+        return _enabled
+    return os.environ.get(ENV_VAR, "").strip().lower() not in ("", "0", "false", "off")
+
+
+class _CompiledStep:
+    """``fn`` that runs compiled while the switch is on, eagerly after a failure to compile."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.compiled: dict[str, Callable[..., Any]] = {}
+        self.failed = False
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.failed or not compile_enabled():
+            return self.fn(*args, **kwargs)
+        step = self.compiled.get(_backend)
+        if step is None:
+            step = self.compiled[_backend] = torch.compile(self.fn, backend=_backend)
+        try:
+            return step(*args, **kwargs)
+        except (NestlearnError, NonFiniteError):
+            raise
+        except Exception as err:  # any compiler failure: fall back, say so once
+            self.failed = True
+            warnings.warn(f"torch.compile of {self.fn.__qualname__} failed, running it eagerly "
+                          f"from now on ({type(err).__name__}: {str(err).splitlines()[0]})",
+                          RuntimeWarning, stacklevel=2)
+            return self.fn(*args, **kwargs)
+
+
+def compiled_step(fn: F) -> F:
+    """Decorate a chunk step: compiled under ``set_compile(True)``, eager otherwise."""
+    return _CompiledStep(fn)  # type: ignore[return-value]

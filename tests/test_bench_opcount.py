@@ -1,0 +1,87 @@
+"""``nestlearn bench ops-count``: op, sync and FLOP counts of a training step, deterministic."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from model_cases import tiny_config
+from nestlearn.benchmarks.opcount import OpCounter, count_step, parametric_weights
+from nestlearn.cli import main
+
+
+def test_the_counter_counts_each_kind_of_host_read():
+    x = torch.ones(3)
+    with OpCounter() as counter:
+        x.sum().item()
+        bool(x.any())
+        x.tolist()
+        torch.nonzero(x)
+    assert counter.total_syncs == 4
+    assert counter.syncs["tolist"] == 1
+    assert counter.syncs["_local_scalar_dense"] == 2
+    x.tolist()  # outside: the method is restored
+    assert counter.total_syncs == 4
+    assert torch.Tensor.tolist is not None and "counted" not in torch.Tensor.tolist.__name__
+
+
+def test_views_are_ops_but_not_kernels():
+    x = torch.ones(4, 4)
+    with OpCounter() as counter:
+        (x.t().reshape(16) * 2).view(4, 4).transpose(0, 1).contiguous()
+    assert counter.ops["t"] == 1 and counter.ops["mul"] == 1
+    assert "t" not in counter.kernels and "transpose" not in counter.kernels
+    assert counter.kernels["mul"] == 1
+    assert counter.total_kernels < counter.total_ops
+
+
+def test_counts_include_the_backward_and_a_linear_model_is_all_parametric():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16, bias=False),
+                                torch.nn.Linear(16, 4, bias=False))
+    x = torch.randn(5, 8, requires_grad=True)
+    with OpCounter() as ops:
+        model(x).sum().backward()
+    assert ops.ops["mm"] == 2 + 4  # forward: 2; backward: input and weight gradients
+    assert ops.flops == 5 * 6 * parametric_weights(model)
+
+
+def test_cpu_attention_flops_are_counted():
+    q = torch.randn(1, 2, 8, 4, requires_grad=True)
+    with OpCounter() as ops:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+    forward = 2 * (2 * 2 * 8 * 8 * 4)  # scores and their product with v, per head
+    assert ops.flops == forward + 2.5 * forward  # torch's backward formula: 5 such products
+
+
+@pytest.mark.parametrize("arch", ["transformer", "titans"])
+def test_a_step_count_is_deterministic_and_sync_free(arch):
+    config = tiny_config(arch)
+    first = count_step(config, length=12, batch=2)
+    second = count_step(config, length=12, batch=2, seed=3)  # other values, same ops
+    assert first["ops/step"] == second["ops/step"] > first["kernels/step"] > 0
+    assert first["top kernels"] == second["top kernels"]
+    assert first["syncs/step"] == 0
+    assert first["param GFLOP/tok"] > 0 and first["in-context GFLOP/tok"] > 0
+
+
+def test_cli_writes_a_table_and_json(tmp_path, capsys):
+    code = main(["bench", "ops-count", "--archs", "transformer", "titans", "--length", "16",
+                 "--model-dim", "16", "--model-layers", "1", "--heads", "2", "--chunk-size",
+                 "8", "--cms-chunk-sizes", "4", "8", "--vocab-size", "32", "--out",
+                 str(tmp_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| arch | params | T | ops/step | kernels/step | syncs/step" in out
+    rows = json.loads((tmp_path / "ops-count.json").read_text())["rows"]
+    assert [row["arch"] for row in rows] == ["transformer", "titans"]
+    assert all(row["syncs/step"] == 0 and row["ops/step"] > 0 for row in rows)
+    assert "tok/s" not in rows[0]  # timing only with --timing
+
+
+def test_cli_refuses_unknown_archs_and_bad_sizes(capsys):
+    assert main(["bench", "ops-count", "--archs", "lstm"]) == 2
+    assert "--archs: got 'lstm'" in capsys.readouterr().err
+    assert main(["bench", "ops-count", "--length", "0"]) == 2
+    assert "--length: got 0" in capsys.readouterr().err

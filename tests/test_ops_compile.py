@@ -1,0 +1,123 @@
+"""The compiled chunk step (``nestlearn.ops.set_compile``) against the eager one, in float64,
+and its eager fallback. The fast tests trace with the "aot_eager" backend (the graph that
+inductor would compile, in seconds); the inductor test is slow (minutes of C++ compiling)."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import pytest
+import torch
+
+import nestlearn.ops
+from nestlearn.errors import NestlearnError
+from nestlearn.ops import set_compile
+from nestlearn.ops.deep_memory import DeepMemoryState, deep_memory, deep_memory_update
+from nestlearn.training.builders import build_run_model
+from nestlearn.training.runconfig import RunConfig, TrainConfig
+from test_ops_deep_memory import make_case
+
+deep_memory_module = sys.modules["nestlearn.ops.deep_memory"]
+
+
+@pytest.fixture(autouse=True)
+def eager_afterwards():
+    yield
+    set_compile(None)
+    torch._dynamo.reset()
+
+
+def outputs_and_grads(case, with_update=True, **options):
+    leaves = [case[name] for name in ("q", "k", "v")] + list(case["weights"])
+    leaves = [leaf.detach().requires_grad_() for leaf in leaves]
+    q, k, v, *weights = leaves
+    momentum = case["momentum"]
+    state = DeepMemoryState(tuple(weights), momentum)
+    out, final = deep_memory(q, k, v, case["alpha"], case["eta"], case["theta"],
+                             initial_state=state, output_final_state=True, **options)
+    loss = out.square().sum() + sum(w.sum() for w in final.weights)
+    if with_update:
+        update = deep_memory_update(state, k, v, case["alpha"], case["eta"], case["theta"],
+                                    dgd=options.get("dgd", False))
+        loss = loss + sum(w.square().sum() for w in update.weights)
+    return [out.detach(), *[w.detach() for w in final.weights],
+            *torch.autograd.grad(loss, leaves)]
+
+
+def assert_equal_to_eager(backend, length, with_update, **options):
+    case = make_case(length=length, momentum=True, seed=3)
+    eager = outputs_and_grads(case, with_update, **options)
+    set_compile(True, backend=backend)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = outputs_and_grads(case, with_update, **options)
+    assert not [w for w in caught if "running it eagerly" in str(w.message)]
+    assert not deep_memory_module._chunk_step.failed
+    assert backend in deep_memory_module._chunk_step.compiled
+    for got, want in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_traced_chunk_step_equals_eager():
+    # whole chunks only: one shape, one trace (each new shape is traced again)
+    assert_equal_to_eager("aot_eager", length=8, with_update=False, chunk_size=4, dgd=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dgd", [False, True])
+def test_traced_chunk_step_equals_eager_on_a_short_last_chunk_and_the_update(dgd):
+    assert_equal_to_eager("aot_eager", length=11, with_update=True, chunk_size=4, dgd=dgd)
+
+
+@pytest.mark.slow
+def test_inductor_chunk_step_equals_eager():
+    assert_equal_to_eager("inductor", length=11, with_update=True, chunk_size=4, dgd=True)
+
+
+def test_a_failing_compile_warns_once_and_runs_eagerly(monkeypatch):
+    case = make_case(length=7, momentum=False, seed=1)
+    eager = outputs_and_grads(case, chunk_size=3)
+    step = deep_memory_module._chunk_step
+    calls = []
+
+    def broken(fn, **kwargs):
+        def fails(*args, **kw):
+            calls.append(1)
+            raise RuntimeError("no C++ compiler found\nmore detail")
+        return fails
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(step, "compiled", {})
+    monkeypatch.setattr(step, "failed", False)
+    set_compile(True)
+    with pytest.warns(RuntimeWarning, match=r"torch.compile of _chunk failed, running it "
+                                            r"eagerly from now on \(RuntimeError: no C\+\+ "
+                                            r"compiler found\)$") as caught:
+        fallback = outputs_and_grads(case, chunk_size=3)
+    assert len(caught) == 1 and len(calls) == 1  # tried once, then eager for every chunk
+    for got, want in zip(fallback, eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_switch_from_the_environment_and_its_bad_values(monkeypatch):
+    monkeypatch.setenv("NESTLEARN_COMPILE", "1")
+    assert nestlearn.ops.compile_enabled()
+    set_compile(False)  # the switch wins over the environment
+    assert not nestlearn.ops.compile_enabled()
+    monkeypatch.setenv("NESTLEARN_COMPILE", "0")
+    set_compile(None)
+    assert not nestlearn.ops.compile_enabled()
+    with pytest.raises(NestlearnError, match=r"^enabled: got 1; allowed: None, true or false"):
+        set_compile(1)
+    with pytest.raises(NestlearnError, match=r"^backend: got 'tvm'"):
+        set_compile(True, backend="tvm")
+
+
+def test_run_config_switches_compiling_on():
+    with pytest.raises(NestlearnError, match=r"^train\.compile: got 'yes'"):
+        TrainConfig(compile="yes")
+    config = RunConfig(train=TrainConfig(compile=True))
+    assert not nestlearn.ops.compile_enabled()
+    build_run_model(config, torch.device("cpu"))
+    assert nestlearn.ops.compile_enabled()

@@ -1,0 +1,73 @@
+"""The fewer-op forms inside the chunkwise ops against their direct definitions, in float64:
+segment products (tril + constant upper ones) and the deep memory's gate coefficients computed
+for all chunks at once (then cropped for a short last chunk)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from nestlearn.ops._chunking import segment_products
+
+deep_memory_module = sys.modules["nestlearn.ops.deep_memory"]
+
+
+def segment_products_by_definition(gate: torch.Tensor) -> torch.Tensor:
+    """P[p, s] = prod_{s <= j < p} gate[j] for s <= p, 0 above the diagonal, entry by entry."""
+    size = gate.shape[-1] + 1
+    rows = []
+    for p in range(size):
+        row = []
+        for s in range(size):
+            if s > p:
+                row.append(torch.zeros_like(gate[..., 0]))
+            else:
+                row.append(torch.prod(gate[..., s:p], dim=-1))
+        rows.append(torch.stack(row, dim=-1))
+    return torch.stack(rows, dim=-2)
+
+
+def test_segment_products_match_their_definition_with_gradients():
+    torch.manual_seed(0)
+    gate = torch.rand(2, 3, 5, dtype=torch.float64)
+    gate[0, 1, 2] = 0.0  # an exact zero keeps finite, exact gradients
+    gate[1, 0, 4] = 1.0
+    gate.requires_grad_()
+    fast, slow = segment_products(gate), segment_products_by_definition(gate)
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-15)
+    weights = torch.randn_like(fast)
+    (fast_grad,) = torch.autograd.grad((fast * weights).sum(), gate)
+    (slow_grad,) = torch.autograd.grad((slow * weights).sum(), gate)
+    assert torch.isfinite(fast_grad).all()
+    torch.testing.assert_close(fast_grad, slow_grad, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(("length", "chunk", "momentum", "dgd"),
+                         [(11, 4, True, True), (8, 4, False, True), (5, 8, True, False),
+                          (6, 1, True, True)])
+def test_batched_coefficients_equal_per_chunk_ones(length, chunk, momentum, dgd):
+    torch.manual_seed(length + chunk)
+    batch, heads = 2, 3
+    alpha = torch.rand(batch, length, heads, dtype=torch.float64)
+    eta = torch.rand(batch, length, heads, dtype=torch.float64)
+    theta = torch.rand(batch, length, heads, dtype=torch.float64) if momentum else None
+    batched = deep_memory_module._all_coefficients(alpha, eta, theta, chunk, dgd)
+    assert len(batched) == -(-length // chunk)
+    for index, coeffs in enumerate(batched):
+        part = slice(index * chunk, (index + 1) * chunk)
+
+        def heads_first(gate, part=part):
+            return None if gate is None else gate[:, part].transpose(1, 2)
+
+        direct = deep_memory_module._ChunkCoefficients(
+            heads_first(alpha), heads_first(eta), heads_first(theta), previous=dgd)
+        assert set(vars(coeffs)) == set(vars(direct))
+        for name, want in vars(direct).items():
+            got = getattr(coeffs, name)
+            if want is None:
+                assert got is None, name
+            else:
+                assert got.shape == want.shape, name
+                torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15, msg=name)

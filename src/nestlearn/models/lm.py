@@ -24,7 +24,8 @@ def check_ids(ids: object, vocab_size: int, check_values: bool = True) -> torch.
 
     The range check reads the ids on the host (a device sync): it runs if ``check_values`` or
     under ``nestlearn.debug_checks``. The model's forward passes False, so a training step
-    syncs nowhere; an id out of range then fails in the embedding lookup instead."""
+    syncs nowhere; an id out of range then fails in the embedding lookup, where
+    :func:`embed_ids` turns torch's error into this one."""
     if not isinstance(ids, torch.Tensor):
         raise invalid("ids", type(ids).__name__, "a torch.LongTensor of shape [B, T]")
     if ids.dtype != torch.long:
@@ -40,6 +41,16 @@ def check_ids(ids: object, vocab_size: int, check_values: bool = True) -> torch.
     if low < 0 or high >= vocab_size:
         raise invalid("ids", f"values in [{low}, {high}]", f"values in [0, {vocab_size - 1}]")
     return ids
+
+
+def embed_ids(embed: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    """``embed(ids)``; an id out of range (unchecked on the sync-free path, see
+    :func:`check_ids`) is reported by name instead of torch's ``IndexError``."""
+    try:
+        return embed(ids)
+    except IndexError:
+        check_ids(ids, embed.num_embeddings)  # raises the clear error (the error path may sync)
+        raise
 
 
 def run_blocks(blocks: Sequence[nn.Module], hidden: torch.Tensor, states: Sequence[Any],
@@ -123,7 +134,7 @@ class Backbone(nn.Module):
         if state is None:
             state = self.init_state(batch)
         check_state(state, self.fingerprint, batch, len(self.blocks))
-        hidden = self.embed(ids)
+        hidden = embed_ids(self.embed, ids)
         if _checkpointing(self.config, teach_hook):
             hidden, block_states = run_blocks_checkpointed(
                 self.blocks, hidden, state.blocks, self.config.checkpoint_segment)

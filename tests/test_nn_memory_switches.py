@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from nestlearn.errors import NestlearnError
 from nestlearn.models import ModelConfig, build_model
+from nestlearn.models.archs import PAPER_HOPE_MEMORY
 from nestlearn.nn.memory_common import derived_eta_max
 from nestlearn.nn.self_modifying import (
     INNER_STEP_MARGIN,
@@ -19,6 +20,7 @@ from nestlearn.nn.self_modifying import (
 )
 from nestlearn.nn.titans import NeuralMemory, NeuralMemoryConfig
 from nestlearn.ops.deep_memory import deep_memory_apply
+from nestlearn.training.recipes import get_recipe
 from nestlearn.training.runconfig import RunConfig, apply_overrides
 
 DIM = 8
@@ -178,3 +180,19 @@ def test_bad_switches_name_the_field(fields, name):
 def test_titans_readout_switch_is_validated():
     with pytest.raises(NestlearnError, match="readout"):
         NeuralMemoryConfig(dim=8, readout="late")
+
+
+def test_the_paper_preset_is_a_recipe_whose_model_runs():
+    config = get_recipe("tiny-hope-paper")
+    for name, value in PAPER_HOPE_MEMORY.items():
+        assert getattr(config.model.memory, name) == value, name
+    small = apply_overrides(config, ["model.dim=16", "model.heads=2", "model.layers=1"])
+    assert small.model.memory.readout == "chunk_start" and not small.model.memory.momentum
+    torch.manual_seed(0)
+    model = build_model(small.model)
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    logits, _ = model(ids)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -120,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_args(args: argparse.Namespace) -> None:
     for name in ("head_dims", "associations", "repetitions", "chunk_sizes", "worst_keys",
-                 "worst_length", "heads", "threads"):
+                 "worst_length", "heads", "threads", "layer_dim", "layer_heads"):
         value = getattr(args, name)
         for item in value if isinstance(value, list) else [value]:
             if item is not None and item < 1:
@@ -135,7 +135,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.activation not in ACTIVATIONS:
         raise invalid("--activation", repr(args.activation), ", ".join(ACTIVATIONS))
     for count in args.associations:
-        for chunk in args.chunk_sizes:
+        for chunk in [] if args.layers_only else args.chunk_sizes:
             if count % chunk:
                 # Recall is read at the end of each repetition; a repetition that ended inside
                 # a chunk would leave that chunk's tokens unapplied in the layer's semantics.

@@ -13,8 +13,10 @@ L(M_*; k_t, v_hat_{*,t}) = 1/2 ||M_*(k_t) - v_hat_{*,t}||^2, all gradients at th
 state (the dual form). The main memory runs over the sequence with its own ``chunk_size`` on
 (q_t, k_t, v_t, alpha_t, eta_t): o_t = M_memory,t(q_t), q_t = normalize(x_t W_q) the only
 non-adaptive projection. Each memory is a residual MLP whose initial state is a parameter
-(meta-learned). The four inner memories run as one stacked memory of 4H heads. See
-MEMORY_LAYERS.md for the choices where the paper leaves room.
+(meta-learned). The four inner memories run as one stacked memory of 4H heads. Switches
+(``memory_target``, ``adaptive_q`` / ``adaptive_k`` / ``adaptive_v``, ``readout``, ``dgd``,
+``momentum``, ``weight_decay``) and the per-memory learning-rate ceilings: see
+MEMORY_LAYERS.md, with the choices where the paper leaves room.
 """
 
 from __future__ import annotations

@@ -21,9 +21,23 @@ TOKENS = 50_000
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["randn", "repeated"])
-@pytest.mark.parametrize("arch", ["titans", "hope"])
+@pytest.mark.parametrize(("arch", "kind"), [("titans", "randn"), ("titans", "repeated"),
+                                            ("hope", "randn")])
 def test_memory_layer_at_its_caps_stays_bounded_over_50k_tokens(arch, kind):
+    check_soak(arch, kind)
+
+
+@pytest.mark.slow
+def test_known_limit_hope_at_its_caps_overflows_on_repeated_input():
+    # Known limit (MEMORY_LAYERS.md, "Known limits"): with every gate held at its cap on four
+    # repeated vectors the hope layer's output goes non-finite after about 5,000-6,000 tokens,
+    # with this change's defaults and with the previous ones (chunk 64, v targets) alike; the
+    # 4,096-token tests did not reach it. When a fix lands this test fails: move the case up.
+    with pytest.raises(AssertionError, match="non-finite"):
+        check_soak("hope", "repeated")
+
+
+def check_soak(arch, kind):
     torch.manual_seed(0)
     config = ModelConfig(arch=arch, dim=64, heads=4).memory
     if arch == "titans":

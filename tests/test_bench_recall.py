@@ -56,3 +56,27 @@ def test_bench_recall_refuses_pairs_that_end_inside_a_chunk(capsys):
 def test_bench_recall_refuses_an_unknown_activation(capsys):
     assert main(["bench", "recall", "--activation", "sigmoid"]) == 2
     assert "--activation" in capsys.readouterr().err
+
+
+def test_bench_recall_measures_the_memory_layers_the_models_build(tmp_path, capsys):
+    code = main(["bench", "recall", "--layers-only", "--layer-archs", "titans", "hope",
+                 "--layer-dim", "16", "--layer-heads", "2", "--associations", "32",
+                 "--repetitions", "3", "--layer-memory", "chunk_size=8", "eta_init=0.8",
+                 "--no-plot", "--out", str(tmp_path)])
+    assert code == 0
+    rows = json.loads((tmp_path / "recall-layers.json").read_text())["rows"]
+    assert [row["arch"] for row in rows] == ["titans", "hope"]
+    for row in rows:
+        assert row["chunk_size"] == 8 and row["memory"] == "chunk_size=8 eta_init=0.8"
+        assert row["eta ceiling"] == derived_eta_max(1.0, 8, 4, 0.9)
+        assert len(row["errors"]) == 4 and row["finite"]
+        assert row["errors"][-1] < row["errors"][0]  # the memory stores the repeated pairs
+        assert 0.6 < row["eta / ceiling"] < 1.0  # the initial gates the layer chose
+    assert rows[1]["inner growth"] is not None
+    assert not (tmp_path / "recall.json").exists()  # --layers-only skips the op tables
+
+
+def test_bench_recall_refuses_a_malformed_layer_field(capsys):
+    assert main(["bench", "recall", "--layers-only", "--layer-archs", "titans",
+                 "--layer-memory", "chunk_size"]) == 2
+    assert "--layer-memory" in capsys.readouterr().err

@@ -89,7 +89,11 @@ def test_boundary_states_hold_only_their_own_values(arch):
     # the input, a KV cache sliced from the fused q/k/v projection); kept at every segment
     # boundary they would keep those buffers alive, so the checkpointed pass stores copies.
     # Two segments of 11 tokens: each leaves a few pending tokens sliced from a longer buffer.
-    plain, checkpointed = tiny_model(arch), tiny_model(arch, checkpoint_segment=11)
+    # HOPE's main memory with self targets (its default) stores fresh per-chunk values, so
+    # the v target keeps a sliced view in its state for this check to catch.
+    memory = {"memory": {"memory_target": "v"}} if arch == "hope" else {}
+    plain = tiny_model(arch, **memory)
+    checkpointed = tiny_model(arch, checkpoint_segment=11, **memory)
     ids = random_ids(2, 22)
 
     def oversized(model):

@@ -5,6 +5,7 @@ every arch (and a classifier) with the logits each produced on fixed ids, and a 
 config. Loaded today they must build the same models: same parameters, same logits.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -38,7 +39,11 @@ def test_migrated_sections_hold_the_0_1_options():
     config = ModelConfig.from_dict(saved)
     assert config.memory.inner_chunk_size == 3 and config.memory.chunk_size == 4
     assert config.memory.eta_init == 0.3 and config.memory.dgd  # None meant on for hope
+    # Defaults changed since 0.1 are pinned: v targets, one ceiling from the larger chunk.
+    assert config.memory.memory_target == "v"
+    assert config.memory.eta_max == 1.0 * (1 - 0.9) / (4 * 4)
     assert config.cms.variant == "nested" and config.cms.chunk_sizes == (2, 6)
+    assert config.cms.chunk_step is None
     assert config.attention is None
     mag = ModelConfig.from_dict(
         json.loads((FIXTURES / "titans-mag" / "config.json").read_text())["config"])
@@ -53,10 +58,16 @@ def test_a_0_1_run_config_loads_as_the_same_run():
     old = json.loads((FIXTURES / "run_config_tiny_hope.json").read_text())
     migrated = RunConfig.from_dict(old)
     recipe = get_recipe("tiny-hope")
-    assert migrated.model.to_dict() | {"mlp_hidden": None} == recipe.model.to_dict() | {
+    # What 0.1 computed where today's defaults differ (nestlearn.models.migrate).
+    pinned = {"memory_target": "v", "eta_max": 1.0 * (1 - 0.9) / (64 * 4), "chunk_size": 64,
+              "eta_init": 0.5, "theta_init": 0.5, "forget_init": 1e-4}
+    expected = recipe.model.to_dict()
+    expected["memory"] |= pinned
+    assert migrated.model.to_dict() | {"mlp_hidden": None} == expected | {
         "mlp_hidden": None, "cms": migrated.model.to_dict()["cms"]}
     assert migrated.model.mlp_width == recipe.model.mlp_width
-    assert migrated.model.cms_layer_config() == recipe.model.cms_layer_config()
+    assert migrated.model.cms_layer_config() == dataclasses.replace(
+        recipe.model.cms_layer_config(), chunk_step=None)  # 0.1 CMS steps had no ceiling
     assert RunConfig.from_dict(json.loads(migrated.to_json())) == migrated
 
 

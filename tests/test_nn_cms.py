@@ -18,6 +18,9 @@ VARIANTS = ("sequential", "nested", "independent")
 def make_layer(variant: str = "sequential", mlp: str = "swiglu", chunk_sizes=(2, 3, 6),
                inner_lr=(0.05, 0.03, 0.02), seed: int = 0, **kwargs) -> ContinuumMemory:
     torch.manual_seed(seed)
+    # The fixed-rate rule these tests spell out: no step ceiling unless asked for (the ceiling
+    # is tested in test_nn_cms_step_ceiling.py).
+    kwargs = {"chunk_step": None, **kwargs}
     config = CMSConfig(dim=DIM, chunk_sizes=chunk_sizes, hidden=HIDDEN, mlp=mlp,
                        variant=variant, inner_lr=inner_lr, init_std=0.3, **kwargs)
     layer = ContinuumMemory(config).double()

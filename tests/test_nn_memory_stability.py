@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from nestlearn.errors import NestlearnError
 from nestlearn.models import ModelConfig, build_model
+from nestlearn.nn.memory_common import derived_eta_max
 from nestlearn.nn.self_modifying import SelfModifyingTitans, SelfModifyingTitansConfig
 from nestlearn.nn.titans import NeuralMemory, NeuralMemoryConfig
 
@@ -97,7 +98,9 @@ def test_derived_eta_ceiling_and_initial_gates():
     smt = SelfModifyingTitansConfig(dim=16, heads=2, chunk_size=8, inner_chunk_size=32,
                                     expansion=2, inner_expansion=4)
     assert smt.eta_max is None
-    assert smt.resolved_eta_max == pytest.approx((1 - 0.9) / (32 * 4))
+    # Each memory is capped at the chunk size and expansion it runs at.
+    assert smt.resolved_eta_max == pytest.approx((1 - 0.9) / (8 * 2))
+    assert smt.resolved_inner_eta_max == pytest.approx((1 - 0.9) / (32 * 4) / 4)
     model = ModelConfig(arch="hope", dim=16, heads=2,
                         memory={"chunk_size": 8, "inner_chunk_size": 4, "chunk_step": 0.5})
     layer = SelfModifyingTitans(SelfModifyingTitansConfig(dim=16, heads=2, theta_init=0.3))
@@ -106,6 +109,7 @@ def test_derived_eta_ceiling_and_initial_gates():
                                    torch.full((1, 2), 0.3))
     block = build_model(model).backbone.blocks[0].titans
     assert block.config.resolved_eta_max == pytest.approx(0.5 * (1 - 0.9) / (8 * 4))
+    assert block.config.resolved_inner_eta_max == pytest.approx(0.5 * (1 - 0.9) / (4 * 4) / 4)
     assert block.config.normalize_values
 
 
@@ -192,10 +196,9 @@ def test_the_earlier_parameterization_fails_this_check():
         assert_bounded(state.memory.chunk_start.weights, list(layer.memory_weights), "memory")
 
 
-# Every input, gate setting and value normalization, but one: the known limit tested below.
+# Every input, gate setting and value normalization.
 SELF_MODIFYING_CASES = [
-    (kind, forced, unit) for kind in INPUTS for forced in (False, True) for unit in (False, True)
-    if not (kind == "repeated" and forced and not unit)]
+    (kind, forced, unit) for kind in INPUTS for forced in (False, True) for unit in (False, True)]
 
 
 @pytest.mark.parametrize(("kind", "forced", "normalize_values"), SELF_MODIFYING_CASES)
@@ -203,19 +206,21 @@ def test_self_modifying_titans_stays_bounded_over_4096_tokens(kind, forced, norm
     check_self_modifying(kind, forced, normalize_values)
 
 
-def test_raw_self_generated_targets_overflow_on_repeated_keys_at_max_gates():
-    # The layer's default (raw v, the paper's literal reading) is bounded at initialization
-    # and on random streams, but with the gates held at their maxima on repeated keys the
-    # self-generated targets M_*(v) feed the v memory's gain back to every memory and the eta
-    # memory overflows after ~3,800 tokens: the reason the models use unit-norm values.
+def test_raw_self_generated_targets_overflow_without_the_inner_margin():
+    # With raw v (the layer's default, the paper's literal reading) and the gates held at
+    # their maxima on repeated keys, the self-generated targets M_*(v) feed the v memory's
+    # gain back to every memory: at the inner memories' margin-free ceiling (chunk 64) the eta
+    # memory overflows after ~3,800 tokens; INNER_STEP_MARGIN keeps it bounded (above).
+    margin_free = derived_eta_max(1.0, 64, 4, 0.9)
     with pytest.raises((AssertionError, NestlearnError)):
-        check_self_modifying("repeated", True, False)
+        check_self_modifying("repeated", True, False, eta_max=margin_free)
 
 
-def check_self_modifying(kind, forced, normalize_values):
+def check_self_modifying(kind, forced, normalize_values, **overrides):
     torch.manual_seed(0)
     layer = SelfModifyingTitans(SelfModifyingTitansConfig(
-        dim=64, heads=4, chunk_size=64, inner_chunk_size=64, normalize_values=normalize_values))
+        dim=64, heads=4, chunk_size=64, inner_chunk_size=64, normalize_values=normalize_values,
+        **overrides))
     if forced:
         force_self_modifying_gates(layer)
     largest, state = run_in_segments(layer, stream(64, 4096, kind))

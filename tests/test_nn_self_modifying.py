@@ -163,7 +163,7 @@ def test_inner_update_regresses_each_memory_on_its_own_targets():
                for i, weights in enumerate(per_memory)]
     k = torch.nn.functional.normalize(outputs[0], dim=-1)
     v = outputs[1]
-    eta = layer.config.resolved_eta_max * torch.sigmoid(
+    eta = layer.config.resolved_inner_eta_max * torch.sigmoid(
         (outputs[2] * layer.eta_readout).sum(-1) + layer.eta_bias)
     alpha = torch.sigmoid((outputs[3] * layer.alpha_readout).sum(-1) + layer.alpha_bias)
     theta = torch.sigmoid(layer.theta(x))

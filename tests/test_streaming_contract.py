@@ -258,6 +258,12 @@ LAYERS = {
     "self-modifying-chunk-1": self_modifying(chunk_size=1, inner_chunk_size=1, heads=1),
     "self-modifying-uneven-chunks": self_modifying(chunk_size=3, inner_chunk_size=5, depth=3),
     "self-modifying-self-target": self_modifying(memory_target="self", chunk_size=3),
+    "self-modifying-v-target": self_modifying(memory_target="v"),
+    "self-modifying-adaptive-q": self_modifying(adaptive_q=True, input_projection=False),
+    "self-modifying-fixed-k-v": self_modifying(adaptive_k=False, adaptive_v=False),
+    "self-modifying-chunk-start-readout": self_modifying(readout="chunk_start", chunk_size=3),
+    "neural-memory-chunk-start-readout": neural_memory(readout="chunk_start",
+                                                       persistent_tokens=2),
     **{f"cms-{variant}-{mlp}": continuum_memory(variant, mlp)
        for variant in ("sequential", "nested", "independent") for mlp in ("swiglu", "gelu")},
     "hope-block": hope_block(),

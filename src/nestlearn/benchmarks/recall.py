@@ -14,12 +14,20 @@ Depth, expansion, theta_max and (unless ``--activation`` says otherwise) the act
 A second table is the worst case the cap is derived for: a stream of one repeated key (every
 chunk holds identical keys) or of a few keys in random order, gates at their maxima, reporting
 whether the weights stay finite and how much they grow. Everything is seeded.
+
+A third table (``--layer-archs``) runs the memory layers themselves as the models build them
+(``ModelConfig(arch=...).memory``, at initialization, no outer training): a random input
+sequence of N tokens repeated R times; after each repetition the main memory's recall error
+over the keys and values the layer generated in that repetition, with the gates it chose (mean
+eta / ceiling, theta, 1 - alpha) and the growth of its memories' weights.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +37,8 @@ import torch.nn.functional as F
 from nestlearn.benchmarks.common import format_table, progress, write_report
 from nestlearn.errors import invalid
 from nestlearn.nn.memory_common import ACTIVATIONS, derived_eta_max
-from nestlearn.nn.titans import NeuralMemoryConfig
+from nestlearn.nn.self_modifying import SelfModifyingTitans
+from nestlearn.nn.titans import NeuralMemory, NeuralMemoryConfig
 from nestlearn.ops.deep_memory import (
     DeepMemoryState,
     deep_memory,
@@ -52,6 +61,8 @@ WORST_SEGMENT = 256
 
 RECALL_BASE_COLUMNS = ["D", "N", "chunk", "gates", "chunk_step", "eta_max"]
 RECALL_TAIL_COLUMNS = ["weight growth", "max |w|", "status"]
+LAYER_COLUMNS = ["arch", "dim", "heads", "N", "memory", "err r0", "err r1", "err final",
+                 "eta / ceiling", "theta", "forget", "weight growth", "inner growth", "status"]
 WORST_COLUMNS = ["D", "chunk", "keys", "tokens", "chunk_step", "eta_max", "final error",
                  "weight growth", "max |w|", "non-finite after", "status"]
 
@@ -86,6 +97,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(default: {ACTIVATION}, the layer's)")
     parser.add_argument("--heads", type=int, default=2,
                         help="independent memories (heads) per run, averaged (default: 2)")
+    parser.add_argument("--layer-archs", nargs="*", default=[],
+                        help="memory archs whose layers (model defaults) are measured too, "
+                             "e.g. titans hope (default: none)")
+    parser.add_argument("--layer-dim", type=int, default=64,
+                        help="model width of the measured layers (default: 64)")
+    parser.add_argument("--layer-heads", type=int, default=4,
+                        help="heads of the measured layers (default: 4)")
+    parser.add_argument("--layer-memory", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="memory fields set on every measured layer, as JSON values "
+                             "(e.g. chunk_size=16 eta_init=0.9)")
+    parser.add_argument("--layers-only", action="store_true",
+                        help="measure only the layers (skip the op tables)")
     parser.add_argument("--seed", type=int, default=0, help="seed of keys, values and weights")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's current setting)")
@@ -97,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_args(args: argparse.Namespace) -> None:
     for name in ("head_dims", "associations", "repetitions", "chunk_sizes", "worst_keys",
-                 "worst_length", "heads", "threads"):
+                 "worst_length", "heads", "threads", "layer_dim", "layer_heads"):
         value = getattr(args, name)
         for item in value if isinstance(value, list) else [value]:
             if item is not None and item < 1:
@@ -112,7 +135,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.activation not in ACTIVATIONS:
         raise invalid("--activation", repr(args.activation), ", ".join(ACTIVATIONS))
     for count in args.associations:
-        for chunk in args.chunk_sizes:
+        for chunk in [] if args.layers_only else args.chunk_sizes:
             if count % chunk:
                 # Recall is read at the end of each repetition; a repetition that ended inside
                 # a chunk would leave that chunk's tokens unapplied in the layer's semantics.
@@ -254,6 +277,72 @@ def worst_rows(dim: int, chunk: int, distinct: int, length: int, steps: list[flo
     return rows
 
 
+def parse_memory_fields(items: list[str]) -> dict[str, Any]:
+    """``FIELD=VALUE`` pairs (values as JSON, else strings) as a dict of memory fields."""
+    fields: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise invalid("--layer-memory", repr(item), "FIELD=VALUE pairs")
+        try:
+            fields[name] = json.loads(text)
+        except json.JSONDecodeError:
+            fields[name] = text
+    return fields
+
+
+def _growth(weights: tuple[torch.Tensor, ...], initial: tuple[torch.Tensor, ...]) -> float:
+    return float(_largest_norm(weights).max()) / _initial_norm(initial)
+
+
+def layer_rows(arch: str, dim: int, heads: int, count: int, repetitions: int, seed: int,
+               fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The main memory of ``arch``'s layer (the model's memory config with ``fields`` set) at
+    initialization, reading N random input vectors repeated R times (see the module doc)."""
+    from nestlearn.models import ModelConfig
+
+    config = ModelConfig(arch=arch, dim=dim, heads=heads, memory=dict(fields)).memory
+    if config is None:
+        raise invalid("--layer-archs", arch, "archs with a memory (titans, titans-mag, hope)")
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    layer = (NeuralMemory if isinstance(config, NeuralMemoryConfig) else SelfModifyingTitans)(
+        config)
+    x = torch.randn(1, count, dim, generator=generator)
+    state = layer.init_state(1)
+    initial = tuple(state.memory.chunk_start.weights)
+    inner_initial = tuple(state.inner.chunk_start.weights) if hasattr(state, "inner") else None
+    errors: list[float] = []
+    for _ in range(repetitions + 1):
+        if isinstance(layer, NeuralMemory):
+            inputs, _ = layer.memory_inputs(x, state.conv_tail)
+        else:
+            inputs, _, _ = layer.memory_inputs(x, state)
+        # Recall of this repetition's pairs by the memory before it reads them again.
+        errors.append(float(_recall_error(state.memory.chunk_start.weights, inputs.k, inputs.v,
+                                          config.activation).mean()))
+        _, state = layer(x, state)
+    ceiling = config.resolved_eta_max
+    weights = state.memory.chunk_start.weights
+    finite = all(bool(torch.isfinite(w).all()) for w in weights)
+    growth = _growth(weights, initial)
+    row = {
+        "arch": arch, "dim": dim, "heads": heads, "N": count, "repetitions": repetitions,
+        "memory": " ".join(f"{k}={v}" for k, v in fields.items()) or "defaults",
+        "chunk_size": config.chunk_size, "eta ceiling": ceiling, "errors": errors,
+        "err r0": errors[0], "err r1": errors[1], "err final": errors[-1],
+        "eta / ceiling": float(inputs.eta.mean()) / ceiling,
+        "theta": float(inputs.theta.mean()) if inputs.theta is not None else 0.0,
+        "forget": float(1 - inputs.alpha.mean()),
+        "weight growth": growth, "inner growth": None, "finite": finite,
+    }
+    if inner_initial is not None:
+        row["inner growth"] = _growth(state.inner.chunk_start.weights, inner_initial)
+        row["inner eta ceiling"] = config.resolved_inner_eta_max
+    row["status"] = _status(finite, growth)
+    return row
+
+
 def checkpoints(repetitions: int) -> list[int]:
     """The repetitions shown in the table: 0 (before), 1, R/4, R/2, R."""
     return sorted({0, 1, repetitions // 4, repetitions // 2, repetitions})
@@ -320,8 +409,15 @@ def run(args: argparse.Namespace) -> int:
     fractions = sorted(set(args.gate_fractions), reverse=True)
     rows: list[dict[str, Any]] = []
     worst: list[dict[str, Any]] = []
+    layers: list[dict[str, Any]] = []
+    fields = parse_memory_fields(args.layer_memory)
     with torch.no_grad():
-        for dim in args.head_dims:
+        for arch in args.layer_archs:
+            for count in sorted(set(args.associations)):
+                progress(f"layer {arch} N={count}")
+                layers.append(layer_rows(arch, args.layer_dim, args.layer_heads, count,
+                                         args.repetitions, args.seed, fields))
+        for dim in [] if args.layers_only else args.head_dims:
             for count in sorted(set(args.associations)):
                 for chunk in args.chunk_sizes:
                     progress(f"recall D={dim} N={count} chunk={chunk}")
@@ -333,6 +429,10 @@ def run(args: argparse.Namespace) -> int:
                     worst += worst_rows(dim, chunk, distinct, args.worst_length,
                                         sorted(set(args.worst_chunk_steps)), args.heads,
                                         args.seed, args.activation)
+    if layers:
+        write_report("recall-layers", layers, LAYER_COLUMNS, out)
+    if args.layers_only:
+        return 0
     shown = checkpoints(args.repetitions)
     for row in rows:
         for rep in shown:

@@ -17,6 +17,31 @@ from nestlearn.nn.self_modifying import SelfModifyingTitansConfig
 from nestlearn.nn.titans import NeuralMemoryConfig
 from nestlearn.nn.transformer import TransformerBlock
 
+# The models' memories start with the gates near their caps, forget little and run at chunk 16,
+# chosen with `nestlearn bench recall --layer-archs` (MEMORY_LAYERS.md, "Defaults, measured"):
+# recall error after 16 repetitions of 128 random inputs (2 = nothing stored) falls from 1.86
+# to 0.97 (titans) and from 1.89 to 1.10 (hope). The caps, which carry the stability bound,
+# are unchanged.
+MEMORY_GATE_DEFAULTS = {"chunk_size": 16, "eta_init": 0.9, "theta_init": 0.8,
+                        "forget_init": 1e-5}
+
+# The `paper` preset of HOPE's self-modifying memory: the equations of docs/paper.md section 5
+# taken literally wherever they are explicit (each difference from the defaults is listed in
+# MEMORY_LAYERS.md, "The paper preset"). Recipe `tiny-hope-paper`, or any hope config with
+# `memory=PAPER_HOPE_MEMORY`.
+PAPER_HOPE_MEMORY = {
+    "memory_target": "self",        # Eq. 83/88: every memory, the main one too, regresses M(v)
+    "readout": "chunk_start",       # Eq. 90: o_t from the memory at the start of t's chunk
+    "momentum": False,              # (5.3): a DGD step with weight decay, no momentum
+    "dgd": True,
+    "weight_decay": True,
+    "input_projection": False,      # (5.1): k_t = M_k(x_t), the memories read x itself
+    "normalize_inputs": False,      # only q and k are L2-normalized
+    "normalize_values": False,      # v_t = M_v(x_t), raw
+    "adaptive_q": False,            # q is "the only non-adaptive projection"
+    "output_gate": False,           # (5.5): y = CMS(o), no output gate
+}
+
 
 def transformer_block(config: ModelConfig) -> nn.Module:
     return TransformerBlock(config.dim, config.heads, config.mlp_width,
@@ -43,14 +68,15 @@ register_arch(ArchSpec(
     memory=SelfModifyingTitansConfig, cms=True,
     # Models read out unit-norm values and run the inner memories at a shorter chunk than the
     # main memory (MEMORY_LAYERS.md, "Stability").
-    memory_defaults={"inner_chunk_size": 16, "normalize_values": True}))
+    memory_defaults={**MEMORY_GATE_DEFAULTS, "inner_chunk_size": 16,
+                     "normalize_values": True}))
 register_arch(ArchSpec(
     "hope-attention", hope_attention_block, "HOPE-attention: global softmax attention + CMS",
     attention="global", cms=True))
 register_arch(ArchSpec(
     "titans", MemoryBlock, "Titans LMM: neural memory as a layer + SwiGLU",
-    memory=NeuralMemoryConfig))
+    memory=NeuralMemoryConfig, memory_defaults=MEMORY_GATE_DEFAULTS))
 register_arch(ArchSpec(
     "titans-mag", GatedMemoryBlock,
     "Titans MAG: sliding-window attention gated by neural memory + SwiGLU",
-    attention="windowed", memory=NeuralMemoryConfig))
+    attention="windowed", memory=NeuralMemoryConfig, memory_defaults=MEMORY_GATE_DEFAULTS))

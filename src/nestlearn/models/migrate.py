@@ -4,6 +4,12 @@
 ``cms_chunk_sizes``, ``window``, ...). Each maps to one field of one section; an option of a
 section the arch does not have did nothing in 0.1 and is dropped. ``memory_dgd=None`` meant
 "the arch's default", which is the section's default now, so it is dropped too.
+
+Where a default changed after 0.1, the migrated section pins the 0.1 behaviour
+(``pin_0_1_memory``): a 0.1 HOPE memory regressed v (``memory_target="v"``) and capped every
+memory's learning rate with one ceiling derived from the larger chunk size and expansion; the
+models' chunk size and initial gates (``MEMORY_GATE_DEFAULTS`` in ``nestlearn.models.archs``)
+were 64, 0.5, 0.5 and 1e-4; a CMS level's step had no ceiling (``chunk_step=None``).
 """
 
 from __future__ import annotations
@@ -11,6 +17,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+# The memory fields whose model defaults changed after 0.1, at their 0.1 values.
+MEMORY_0_1_DEFAULTS: dict[str, Any] = {"chunk_size": 64, "eta_init": 0.5, "theta_init": 0.5,
+                                       "forget_init": 1e-4}
 # 0.1 field -> (section, field in that section's layer config).
 FLAT_FIELDS: dict[str, tuple[str, str]] = {
     "window": ("attention", "window"),
@@ -65,10 +74,33 @@ def migrate_flat_model_dict(data: Mapping[str, Any], archs: Mapping[str, Any]
         if section == "memory" and name not in _memory_fields(spec.memory):
             continue  # e.g. inner_chunk_size of a Titans memory: unused in 0.1
         sections[section][name] = value
+    if present["cms"]:
+        sections["cms"].setdefault("chunk_step", None)  # 0.1 CMS levels had no step ceiling
+    if present["memory"]:
+        for name, value in MEMORY_0_1_DEFAULTS.items():
+            sections["memory"].setdefault(name, value)
+    if present["memory"] and "inner_chunk_size" in _memory_fields(spec.memory):
+        pin_0_1_memory(sections["memory"], spec.memory_defaults)
     for section, fields in sections.items():
         if present[section]:
             nested[section] = fields
     return nested
+
+
+def pin_0_1_memory(fields: dict[str, Any], arch_defaults: Mapping[str, Any]) -> None:
+    """Pin a migrated self-modifying memory section to what 0.1 computed (see the module doc)."""
+    fields.setdefault("memory_target", "v")
+    if fields.get("eta_max") is not None:
+        return
+    # 0.1's fields and defaults: chunks 64, expansions 4, chunk_step 1, theta_max 0.9; the
+    # arch set inner_chunk_size 16.
+    def get(name: str, default: Any) -> Any:
+        return fields.get(name, arch_defaults.get(name, default))
+
+    chunk = max(get("chunk_size", 64), get("inner_chunk_size", 16))
+    expansion = max(get("expansion", 4), 4)
+    gain = 1.0 / (1.0 - get("theta_max", 0.9)) if get("momentum", True) else 1.0
+    fields["eta_max"] = get("chunk_step", 1.0) / (chunk * expansion * gain)
 
 
 def _memory_fields(cls: type) -> set[str]:

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nestlearn.errors import (
@@ -48,6 +49,7 @@ from nestlearn.nn.cms_levels import (
     weight_shapes,
 )
 from nestlearn.nn.transformer import RMSNorm
+from nestlearn.ops._deep_memory_common import activation_slope
 from nestlearn.state import TreeState, state_dataclass, static_field
 
 VARIANTS = ("sequential", "nested", "independent")
@@ -86,6 +88,10 @@ class CMSConfig:
     ``inner_lr``: eta^(l) >= 0, one float for all levels or one per level; it multiplies a
     *sum* of per-token gradients over the chunk, so scale it down with the chunk size.
     ``frozen``: no in-context change at all (a plain MLP chain), whatever ``inner_lr`` says.
+    ``chunk_step``: with the local teach signal, token t's step is
+    ``min(inner_lr, chunk_step / (C^(l) kappa_t))``, kappa_t a bound on the curvature of its
+    loss (``token_curvature``), so a whole chunk's step has curvature at most ``chunk_step``
+    (< 2 cannot overshoot, as for the memories: CMS.md, "Step ceiling"). None: no ceiling.
     ``norm_eps``: epsilon of each level's RMSNorm. ``init_std`` / ``out_init_std``: std of the
     initial input-side / output-side weights (``out_init_std`` defaults to ``init_std``).
     """
@@ -98,6 +104,7 @@ class CMSConfig:
     teach_signal: str = "local"
     inner_lr: float | tuple[float, ...] = 1e-3
     frozen: bool = False
+    chunk_step: float | None = 1.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
     out_init_std: float | None = None
@@ -131,6 +138,8 @@ class CMSConfig:
         object.__setattr__(self, "inner_lr",
                            tuple(check_nonnegative("inner_lr", rate) for rate in rates))
         check_bool("frozen", self.frozen)
+        if self.chunk_step is not None:
+            check_positive("chunk_step", self.chunk_step)
         for name in ("norm_eps", "init_std"):
             check_positive(name, getattr(self, name))
         if self.out_init_std is not None:
@@ -179,6 +188,38 @@ class ContinuumMemoryState(TreeState):
 
 
 Factors = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+
+def token_curvature(kind: str, weights: tuple[torch.Tensor, ...], n: torch.Tensor,
+                    activations: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """``[B, P]``: per token, a bound on the largest eigenvalue of the Gauss-Newton matrix
+    J^T J of ``1/2 ||mlp(n_t) - target||^2`` in all of the level's weights (CMS.md, "Step
+    ceiling"): ||J||^2 <= sum over weights of ||J_w||^2, with ||J_down||^2 = ||hidden||^2 and,
+    for an input-side weight, ||J_w||^2 <= ||n||^2 sum_i ||w_down[:, i]||^2 d_i^2 (d_i the
+    hidden unit's derivative with respect to that weight's output i)."""
+    out_weight = weights[-1]
+    columns = out_weight.square().sum(-2)  # ||w_down[:, i]||^2: [H] or [B, H]
+    if columns.dim() == 2:
+        columns = columns[:, None, :]
+    if kind == "swiglu":
+        gate, up, hidden = activations
+        slopes = F.silu(gate).square() + (up * activation_slope(gate, "silu")).square()
+    else:
+        pre, hidden = activations
+        slopes = activation_slope(pre, "gelu").square()
+    return hidden.square().sum(-1) + n.square().sum(-1) * (slopes * columns).sum(-1)
+
+
+def step_gate(config: CMSConfig, index: int, weights: tuple[torch.Tensor, ...],
+              n: torch.Tensor, activations: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    """``[B, P, 1]``: the factor in (0, 1] on each token's gradient that caps its step at
+    ``chunk_step / (C kappa_t)`` (None without a ceiling)."""
+    if config.chunk_step is None:
+        return None
+    kappa = token_curvature(config.mlp, weights, n, activations)
+    budget = config.chunk_step / (config.inner_lr[index] * config.chunk_sizes[index])
+    return torch.clamp(budget / kappa.clamp_min(torch.finfo(kappa.dtype).tiny), max=1.0)[
+        ..., None]
 
 
 def _changes_at(config: CMSConfig, index: int, position: int) -> bool:
@@ -405,6 +446,9 @@ class ContinuumMemory(nn.Module):
             out, activations = level_forward(config.mlp, level.weights, n)
             if local and config.level_learns(index):
                 error = self._level_error(index, n, out)
+                gate = step_gate(config, index, level.weights, n, activations)
+                if gate is not None:
+                    error = error * gate
                 factors[index] = level_grad_factors(config.mlp, level.weights, n, activations,
                                                     error)
             if config.variant == "independent":
@@ -488,7 +532,15 @@ class ContinuumMemory(nn.Module):
                     out = _naive_mlp(config.mlp, used, n)
                     if learn:
                         target = n @ self.local_targets[str(index)].transpose(0, 1)
-                        loss = 0.5 * (out - target).pow(2).sum()
+                        squared = (out - target).pow(2)
+                        # The step ceiling, from the weights without the probe zeros.
+                        _, activations = level_forward(config.mlp, tuple(weights[index]),
+                                                       n[:, None])
+                        gate = step_gate(config, index, tuple(weights[index]), n[:, None],
+                                         activations)
+                        if gate is not None:
+                            squared = squared * gate[:, 0]
+                        loss = 0.5 * squared.sum()
                         grads = torch.autograd.grad(loss, zeros, create_graph=True)
                         accs[index] = list(grads) if accs[index] is None else [
                             a + g for a, g in zip(accs[index], grads, strict=True)]

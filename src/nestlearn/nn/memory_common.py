@@ -6,7 +6,7 @@ output norm and the conv-tail check of a stream state. See MEMORY_LAYERS.md.
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -14,10 +14,28 @@ from torch import nn
 
 from nestlearn.errors import check_fraction, check_int, check_positive, invalid
 from nestlearn.nn.conv import CausalDepthwiseConv
+from nestlearn.nn.memory_stream import ChunkedMemoryState, MemoryOp, ValueMap, run_chunked_memory
 from nestlearn.nn.transformer import RMSNorm
+from nestlearn.ops.deep_memory import deep_memory_apply
 
 OBJECTIVES = ("l2", "dot")
 ACTIVATIONS = ("gelu", "silu", "relu", "tanh")
+# When a token reads the memory: after its own update, o_t = M_t(q_t) (the ops' convention), or
+# with the memory as it was at the start of the token's chunk, o_t = M_{t'}(q_t) (the
+# dual-form reading of "the state at the end of the previous chunk", Eq. 90; docs/paper.md 5).
+READOUTS = ("after_update", "chunk_start")
+
+
+class MemoryInputs(NamedTuple):
+    """What a memory layer hands its main memory: queries, keys, values ``[B, T, H, D]`` and
+    the gates ``[B, T, H]`` (retention alpha, learning rate eta, momentum theta or None)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    alpha: torch.Tensor
+    eta: torch.Tensor
+    theta: torch.Tensor | None
 
 
 class GateOptions(Protocol):
@@ -124,3 +142,33 @@ def check_tail(tail: torch.Tensor | None, conv: CausalDepthwiseConv | None, batc
     if not isinstance(tail, torch.Tensor) or tuple(tail.shape) != shape:
         got = tuple(tail.shape) if isinstance(tail, torch.Tensor) else type(tail).__name__
         raise invalid("state.conv_tail.shape", got, f"{shape}")
+
+
+def run_memory(op: MemoryOp, state: ChunkedMemoryState, q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor, alpha: torch.Tensor, eta: torch.Tensor,
+               theta: torch.Tensor | None, *, chunk_size: int, readout: str, activation: str,
+               value_map: ValueMap | None = None, **op_kwargs: object
+               ) -> tuple[torch.Tensor, ChunkedMemoryState]:
+    """``run_chunked_memory`` with the read-out time ``readout`` (``READOUTS``).
+
+    ``"chunk_start"`` reads each token with the memory at the start of its chunk (Eq. 90):
+    the stream is cut at chunk boundaries, each piece is read by ``deep_memory_apply`` from
+    the piece's chunk-start weights and written by ``op`` (whose own outputs are dropped), so
+    the memory's trajectory is the same as with ``"after_update"``.
+    """
+    if readout == "after_update":
+        return run_chunked_memory(op, state, q, k, v, alpha, eta, theta, chunk_size=chunk_size,
+                                  value_map=value_map, activation=activation, **op_kwargs)
+    outputs = []
+    start = 0
+    while start < k.shape[1]:
+        stop = min(k.shape[1], start + chunk_size - state.pending)
+        piece = slice(start, stop)
+        outputs.append(deep_memory_apply(state.chunk_start.weights, q[:, piece],
+                                         activation=activation))
+        _, state = run_chunked_memory(
+            op, state, q[:, piece], k[:, piece], v[:, piece], alpha[:, piece], eta[:, piece],
+            None if theta is None else theta[:, piece], chunk_size=chunk_size,
+            value_map=value_map, activation=activation, **op_kwargs)
+        start = stop
+    return torch.cat(outputs, 1), state

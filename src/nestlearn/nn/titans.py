@@ -21,7 +21,9 @@ from nestlearn.nn.conv import CausalDepthwiseConv
 from nestlearn.nn.memory_common import (
     ACTIVATIONS,
     OBJECTIVES,
+    READOUTS,
     HeadRMSNorm,
+    MemoryInputs,
     capped_logit,
     capped_logit_inverse,
     check_gate_options,
@@ -29,8 +31,9 @@ from nestlearn.nn.memory_common import (
     derived_eta_max,
     logit,
     resolve_head_dim,
+    run_memory,
 )
-from nestlearn.nn.memory_stream import ChunkedMemoryState, empty_chunked_state, run_chunked_memory
+from nestlearn.nn.memory_stream import ChunkedMemoryState, empty_chunked_state
 from nestlearn.nn.transformer import check_input
 from nestlearn.ops.deep_memory import (
     DeepMemoryState,
@@ -74,6 +77,8 @@ class NeuralMemoryConfig:
         eta_init, theta_init, forget_init: the gates' values at initialization (as fractions:
             eta_t / eta_max, theta_t, forget_t = 1 - alpha_t), set through the biases.
         dgd: delta gradient descent (the (alpha I - eta k k^T) factor of HOPE) in the update.
+        readout: ``"after_update"`` (default) o_t = M_t(q_t), after token t's own update;
+            ``"chunk_start"`` o_t = M_{t'}(q_t), the memory at the start of t's chunk (Eq. 90).
         use_naive: run the per-token reference op instead of the chunkwise one (for tests).
     """
 
@@ -98,11 +103,13 @@ class NeuralMemoryConfig:
     theta_init: float = 0.5
     forget_init: float = 0.0001
     dgd: bool = False
+    readout: str = "after_update"
     use_naive: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "head_dim",
                            resolve_head_dim(self.dim, self.heads, self.head_dim))
+        check_choice("readout", self.readout, READOUTS)
         check_int("depth", self.depth, 2)
         check_int("expansion", self.expansion, 1)
         check_int("chunk_size", self.chunk_size, 1)
@@ -201,6 +208,22 @@ class NeuralMemory(nn.Module):
         alpha = torch.sigmoid(-logits[..., 2, :]) if c.weight_decay else torch.ones_like(eta)
         return alpha, eta, theta
 
+    def memory_inputs(self, stream: torch.Tensor, tail: torch.Tensor | None
+                      ) -> tuple[MemoryInputs, torch.Tensor | None]:
+        """What the memory reads and learns from ``stream`` [B, T, D] (persistent tokens
+        included), and the conv tail after it."""
+        c = self.config
+        projected = self.qkv(stream)
+        if self.conv is not None:
+            projected, tail = self.conv(projected, tail)
+        q, k, v = F.silu(projected).unflatten(-1, (3, c.heads, c.head_dim)).unbind(2)
+        q = F.normalize(q, dim=-1)
+        k = F.normalize(k, dim=-1)
+        if c.normalize_values:
+            v = F.normalize(v, dim=-1)
+        alpha, eta, theta = self.gate_values(stream)
+        return MemoryInputs(q, k, v, alpha, eta, theta), tail
+
     def forward(self, x: torch.Tensor, state: NeuralMemoryState | None = None
                 ) -> tuple[torch.Tensor, NeuralMemoryState]:
         c = self.config
@@ -218,22 +241,14 @@ class NeuralMemory(nn.Module):
             # Persistent memory: learnable tokens the memory reads once, before the stream.
             prefix = self.persistent.to(x.dtype).unsqueeze(0).expand(batch, -1, -1)
             stream = torch.cat([prefix, x], 1)
-        projected = self.qkv(stream)
-        tail = state.conv_tail
-        if self.conv is not None:
-            projected, tail = self.conv(projected, tail)
-        q, k, v = F.silu(projected).unflatten(-1, (3, c.heads, c.head_dim)).unbind(2)
-        q = F.normalize(q, dim=-1)
-        k = F.normalize(k, dim=-1)
-        if c.normalize_values:
-            v = F.normalize(v, dim=-1)
-        alpha, eta, theta = self.gate_values(stream)
+        (q, k, v, alpha, eta, theta), tail = self.memory_inputs(stream, state.conv_tail)
         op = deep_memory_naive if c.use_naive else deep_memory
         # The gates are in range by construction (sigmoids): reading them back would cost a
         # device sync per chunk, so only nestlearn.debug_checks does.
-        o, memory = run_chunked_memory(op, state.memory, q, k, v, alpha, eta, theta,
-                                       chunk_size=c.chunk_size, objective=c.objective,
-                                       activation=c.activation, dgd=c.dgd, check_values=False)
+        o, memory = run_memory(op, state.memory, q, k, v, alpha, eta, theta,
+                               chunk_size=c.chunk_size, readout=c.readout,
+                               objective=c.objective, activation=c.activation, dgd=c.dgd,
+                               check_values=False)
         o = self.norm(o[:, o.shape[1] - length:]).flatten(2)
         y = self.out(o * F.silu(self.out_gate(x)))
         return y, NeuralMemoryState(memory, tail, state.position + length)

@@ -120,7 +120,25 @@ def _registry() -> dict[str, Recipe]:
     return recipes
 
 
+def tiny_hope_paper() -> RunConfig:
+    """tiny-hope with the self-modifying memory's `paper` preset (models/archs.py)."""
+    import dataclasses
+
+    from nestlearn.models.archs import PAPER_HOPE_MEMORY
+
+    config = tiny("hope")
+    return dataclasses.replace(
+        config, name="tiny-hope-paper",
+        model=_model("hope", **TINY_SIZES["hope"], memory=dict(PAPER_HOPE_MEMORY)),
+        train=dataclasses.replace(config.train, out_dir="runs/tiny-hope-paper"))
+
+
 RECIPES: dict[str, Recipe] = _registry()
+RECIPES["tiny-hope-paper"] = Recipe(
+    "tiny-hope-paper",
+    "hope LM, CPU, minutes: tiny-hope with the memory following the paper's equations "
+    "literally (nn/MEMORY_LAYERS.md, \"The paper preset\")",
+    tiny_hope_paper)
 
 
 def list_recipes() -> list[Recipe]:

@@ -82,7 +82,7 @@ def test_initial_weights_get_gradients_from_rows_that_were_not_reset():
 
 
 def test_reset_refuses_pending_tokens_a_row_cannot_drop():
-    model = _model("titans")
+    model = _model("titans", memory={"chunk_size": 64})
     _, carried = model(torch.randint(0, 32, (2, 40)))  # 40 of a 64-token memory chunk
     with pytest.raises(NestlearnError, match=r"memory\.keys: carried shape \(2, 40"):
         reset_rows(detach(carried), model.init_state, torch.tensor([True, False]))
@@ -112,7 +112,8 @@ def test_state_reset_option_is_validated(corpus, tmp_path):
     with pytest.raises(NestlearnError, match=r"train\.state_reset: got 'never'; allowed: the "
                                              r"default 'document' with data\.sampling="):
         Trainer(config, progress=False)
-    config = tiny_config(corpus, tmp_path / "run2", "model.arch=titans", "data.sampling=stream")
+    config = tiny_config(corpus, tmp_path / "run2", "model.arch=titans", "data.sampling=stream",
+                         "model.memory.chunk_size=64")
     with pytest.raises(NestlearnError, match=r"data\.seq_len a multiple of every memory chunk"):
         Trainer(config, progress=False)  # seq_len 32, memory chunks of 64
 

@@ -15,7 +15,8 @@ from nestlearn import __version__
 from nestlearn.errors import NestlearnError, NonFiniteError
 
 # Sub-command modules, in the order `nestlearn --help` lists them.
-COMMANDS: tuple[str, ...] = ("info", "bench", "data", "train", "eval", "generate", "demo")
+COMMANDS: tuple[str, ...] = ("info", "bench", "data", "train", "eval", "generate", "demo",
+                             "tasks")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -52,8 +52,8 @@ class NeedleKind:
 
 KINDS: dict[str, NeedleKind] = {kind.name: kind for kind in (
     NeedleKind("s-niah-1", "pass key", real_text=False),
-    NeedleKind("s-niah-2", "special magic number", real_text=True),
-    NeedleKind("s-niah-3", "special magic uuid", real_text=True),
+    NeedleKind("s-niah-2", "magic number", real_text=True),
+    NeedleKind("s-niah-3", "magic uuid", real_text=True),
 )}
 
 

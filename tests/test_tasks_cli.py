@@ -39,6 +39,9 @@ def test_tasks_run_writes_json_markdown_plots_and_reuses_runs(tmp_path, capsys):
     assert "nestlearn tasks run parity --archs transformer titans --seeds 0 1 --steps 2" in text
     assert "| 1-16 (train) |" in text
     assert (folder / "accuracy-by-string-length.png").stat().st_size > 0
+    gates = results["runs"][2]["gates"]  # titans: its memories' gates; the transformer has none
+    assert [g["chunk_size"] for g in gates] == [8, 8] and "gates" not in results["runs"][0]
+    assert "## memory gates" in text
     capsys.readouterr()
 
     # same settings: every run is reused; a third seed of one arch joins the report

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from nestlearn.errors import NestlearnError
+from nestlearn.models import build_model
 from nestlearn.tasks import mqar
+from nestlearn.tasks.gates import memory_gate_stats
 from nestlearn.tasks.models import base_config, task_model_configs
 from nestlearn.tasks.registry import TASK_NAMES, expand, task_spec
 from nestlearn.tasks.scoring import AnswerScores, bucket, score_answers, table_values
@@ -142,3 +144,21 @@ def test_every_task_builds_and_its_examples_fit_its_vocabulary():
         task_spec("mqar", corpus="wiki")
     with pytest.raises(NestlearnError, match="--corpus"):
         task_spec("s-niah-2", corpus="elsewhere")
+
+
+def test_gate_stats_read_the_titans_gates_at_their_initial_values():
+    rng = random.Random(0)
+    examples = [mqar.mqar_example(rng, n, vocab=VOCAB) for n in (2, 5)]
+    torch.manual_seed(0)
+    titans = build_model(base_config("titans", VOCAB.size))
+    stats = memory_gate_stats(titans, examples, mqar.PAD)
+    memory = base_config("titans", VOCAB.size).memory
+    assert [s["layer"] for s in stats] == [0, 1]
+    for s in stats:
+        assert s["chunk_size"] == 16 and s["eta_max"] == memory.resolved_eta_max
+        # small random weights: the gates sit near the values their biases set
+        assert abs(s["eta_fraction"] - memory.eta_init) < 0.05
+        assert abs(s["theta"] - memory.theta_init) < 0.05
+        assert s["forget"] < 10 * memory.forget_init
+    assert memory_gate_stats(build_model(base_config("transformer", VOCAB.size)), examples,
+                             mqar.PAD) == []

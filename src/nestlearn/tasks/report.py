@@ -84,6 +84,7 @@ def markdown(spec: TaskSpec, summary: list[dict[str, Any]], runs: Sequence[dict[
         for run in failed:
             lines.append(f"| {arch} | - | {run['seed']} | failed: {run['failed']} |")
     lines.append("")
+    lines += _gate_lines(runs)
     for table in summary:
         chance = f" (chance {table['chance']:.3f})" if table["chance"] is not None else ""
         lines += [f"## {table['title']}{chance}", "",
@@ -95,3 +96,19 @@ def markdown(spec: TaskSpec, summary: list[dict[str, Any]], runs: Sequence[dict[
             lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _gate_lines(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """The Titans memories' gates (``nestlearn.tasks.gates``), one row per run and layer."""
+    rows = [(run, gate) for run in runs for gate in run.get("gates") or ()]
+    if not rows:
+        return []
+    lines = ["## memory gates (mean over evaluation tokens)", "",
+             "| arch | seed | layer | chunk | eta_max | eta / eta_max | theta | forget |",
+             "|---|---|---|---|---|---|---|---|"]
+    for run, gate in rows:
+        theta = "-" if gate["theta"] is None else f"{gate['theta']:.3f}"
+        lines.append(f"| {run['arch']} | {run['seed']} | {gate['layer']} | "
+                     f"{gate['chunk_size']} | {gate['eta_max']:.2e} | "
+                     f"{gate['eta_fraction']:.3f} | {theta} | {gate['forget']:.2e} |")
+    return [*lines, ""]

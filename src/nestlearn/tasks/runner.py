@@ -21,6 +21,7 @@ from typing import Any
 
 from nestlearn.atomic import atomic_write_text
 from nestlearn.errors import NestlearnError, NonFiniteError, check_int, invalid
+from nestlearn.tasks.gates import memory_gate_stats
 from nestlearn.tasks.models import TASK_ARCHS, task_model_configs
 from nestlearn.tasks.niah import KINDS
 from nestlearn.tasks.plots import plot_summary
@@ -32,6 +33,8 @@ from nestlearn.tasks.training import eval_rng, train_model
 
 # The share of the last steps whose mean training loss is reported as the final one.
 FINAL_SHARE = 0.1
+# Evaluation examples (spread over the set) on which the memories' gates are read.
+GATE_EXAMPLES = 64
 
 
 def progress_line(message: str) -> None:
@@ -105,9 +108,12 @@ def train_and_score(spec: TaskSpec, config: Any, seed: int, examples: list,
                             for key, value in table_values(scores, table).items()]
               for table in spec.tables}
     tail = losses[-max(1, round(FINAL_SHARE * len(losses))):]
-    return {"arch": config.arch, "seed": seed,
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "final_loss": sum(tail) / len(tail), "losses": losses, "tables": tables}
+    gates = memory_gate_stats(model, examples[::max(1, len(examples) // GATE_EXAMPLES)],
+                              spec.pad_id)
+    run = {"arch": config.arch, "seed": seed,
+           "parameters": sum(p.numel() for p in model.parameters()),
+           "final_loss": sum(tail) / len(tail), "losses": losses, "tables": tables}
+    return {**run, "gates": gates} if gates else run
 
 
 def stored_runs(folder: Path, wanted: Callable[[str], dict[str, Any] | None]
@@ -170,7 +176,8 @@ def run_task(request: TaskRun, name: str) -> Path:
     runs = stored_runs(runs_dir, wanted)
     summary = summarize(spec, runs)
     command = request.command(name)
-    brief = [{key: run[key] for key in ("arch", "seed", "parameters", "final_loss", "failed")
+    brief = [{key: run[key] for key in ("arch", "seed", "parameters", "final_loss", "gates",
+                                     "failed")
               if key in run} for run in runs]
     atomic_write_text(folder / "results.json", json.dumps(
         {"task": name, "description": spec.description, "command": command,

@@ -47,6 +47,14 @@ def test_tasks_run_writes_json_markdown_plots_and_reuses_runs(tmp_path, capsys):
     # same settings: every run is reused; a third seed of one arch joins the report
     assert main([*RUN, "--set", "memory.chunk_size=8", "--out", str(out)]) == 0
     assert capsys.readouterr().err.count("reusing") == 4
+    first = json.loads((folder / "runs" / "transformer-seed0.json").read_text())
+    assert main(["tasks", "run", "parity", "--quick", "--steps", "2", "--archs", "transformer",
+                 "titans", "--seeds", "0", "--set", "memory.chunk_size=8", "--retrain",
+                 "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "reusing" not in err and "[parity] transformer seed 0: step 2/2" in err
+    again = json.loads((folder / "runs" / "transformer-seed0.json").read_text())
+    assert again["losses"] == first["losses"]  # the same seed trains the same model
     assert main(["tasks", "run", "parity", "--quick", "--steps", "2", "--archs", "titans",
                  "--seeds", "2", "--set", "memory.chunk_size=8", "--out", str(out)]) == 0
     results = json.loads((folder / "results.json").read_text())

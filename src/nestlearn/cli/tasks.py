@@ -23,7 +23,7 @@ def list_tasks(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     request = TaskRun(args.name, tuple(args.archs), tuple(args.seeds), args.steps,
-                      Path(args.out), args.quick, tuple(args.set), args.corpus)
+                      Path(args.out), args.quick, tuple(args.set), args.corpus, args.retrain)
     for folder in run_tasks(request):
         print(folder / "results.md")
     return 0
@@ -58,4 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "memory.chunk_size=8 or dim=64 (repeatable)")
     runner.add_argument("--corpus", default=None,
                         help="haystack text of s-niah-2/3: shakespeare (default) or wiki")
+    runner.add_argument("--retrain", action="store_true",
+                        help="train the asked runs again even where OUT holds runs with the "
+                             "same settings (after a change of the code)")
     runner.set_defaults(func=run)

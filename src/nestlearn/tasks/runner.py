@@ -5,7 +5,9 @@ losses and table values), ``results.json`` (every run and the summary across see
 ``results.md`` and one PNG per table. A run file whose settings (task, budget, model config)
 equal the ones asked for is reused rather than trained again, and the report covers every run
 in the folder with the current settings, so archs and seeds can be added by later commands
-(e.g. more seeds for the fast archs) and a stopped command resumes where it was.
+(e.g. more seeds for the fast archs) and a stopped command resumes where it was. The settings
+cannot see a change of the code itself (a new default that is not a config field): after one,
+``retrain`` (``--retrain``) trains the asked runs again, or use a new folder.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class TaskRun:
     quick: bool = False
     sets: tuple[str, ...] = ()
     corpus: str | None = None
+    retrain: bool = False
 
     def __post_init__(self) -> None:
         if not self.archs:
@@ -147,7 +150,7 @@ def run_task(request: TaskRun, name: str) -> Path:
         for seed in request.seeds:
             path = runs_dir / f"{arch}-seed{seed}.json"
             label = f"[{name}] {arch} seed {seed}"
-            if path.exists() and _settings_of(path) == settings:
+            if not request.retrain and path.exists() and _settings_of(path) == settings:
                 progress_line(f"{label}: reusing {path}")
                 continue
             if examples is None:

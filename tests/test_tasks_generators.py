@@ -100,6 +100,17 @@ def test_formal_negatives_of_counting_languages_are_not_told_by_length_alone():
     assert any(t.count("a") == t.count("b") for t in texts)
 
 
+def test_abab_star_non_members_are_not_told_by_length_mod_4_alone():
+    rng = random.Random(6)
+    lengths = []
+    for _ in range(400):
+        example = formal.formal_example(rng, "abab-star", 1, 32)
+        if example.tags["member"] == (0,):
+            lengths.append(example.tags["length"][0])
+    share = sum(n % 4 == 0 for n in lengths) / len(lengths)
+    assert 0.35 < share < 0.65, share
+
+
 def test_formal_refuses_a_range_without_members():
     with pytest.raises(NestlearnError, match="length range"):
         formal.draw_string(random.Random(0), formal.language("abab-star"), 5, 7, True)

@@ -101,11 +101,13 @@ def _aa_star(rng: random.Random, low: int, high: int, member: bool) -> str:
 
 
 def _abab_star(rng: random.Random, low: int, high: int, member: bool) -> str:
-    if member:
-        return "abab" * (_random_length(rng, low, high, 4) // 4)
-    length = rng.randint(max(low, 1), high)
-    prefix = ("abab" * (length // 4 + 1))[:length]
-    return prefix if length % 4 else _near_miss(rng, prefix, "ab")
+    """Non-members: half are a member with one symbol changed or two swapped (a length that
+    is a multiple of 4), half a cut prefix of one, so "length divisible by 4" scores 3/4."""
+    if member or rng.random() < 0.5:
+        text = "abab" * (_random_length(rng, low, high, 4) // 4)
+        return text if member else _near_miss(rng, text, "ab")
+    length = rng.choice([n for n in range(max(low, 1), high + 1) if n % 4] or [low])
+    return ("abab" * (length // 4 + 1))[:length]
 
 
 def _blocks(rng: random.Random, low: int, high: int, member: bool, letters: str) -> str:

@@ -44,9 +44,10 @@ def plot_heatmaps(plt: Any, table: dict[str, Any], task: str, path: Path) -> Non
     archs = _archs(table)
     rows = sorted({row["key"][0] for row in table["rows"]})
     cols = sorted({row["key"][1] for row in table["rows"]})
-    fig, axes = plt.subplots(1, len(archs), figsize=(3.2 * len(archs), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(archs), figsize=(3.4 * len(archs) + 0.8, 3.4),
+                             squeeze=False, constrained_layout=True)
     vmax = 1.0 if table["metric"] != "loss" else None
-    for ax, arch in zip(axes[0], archs, strict=True):
+    for index, (ax, arch) in enumerate(zip(axes[0], archs, strict=True)):
         grid = [[float("nan")] * len(cols) for _ in rows]
         for row in table["rows"]:
             if arch in row["archs"]:
@@ -60,11 +61,12 @@ def plot_heatmaps(plt: Any, table: dict[str, Any], task: str, path: Path) -> Non
         ax.set_xticks(range(len(cols)), [str(c) for c in cols])
         ax.set_yticks(range(len(rows)), [str(r) for r in rows])
         ax.set_xlabel(table["tags"][1])
-        ax.set_ylabel(table["tags"][0])
+        if index == 0:
+            ax.set_ylabel(table["tags"][0])
         ax.set_title(arch, fontsize=10)
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
     fig.suptitle(f"{task}: {table['title']}", fontsize=10)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

@@ -66,7 +66,9 @@ def markdown(spec: TaskSpec, summary: list[dict[str, Any]], runs: Sequence[dict[
     """The report: what ran (budget, models, seeds, final training loss) and every table."""
     archs = list(dict.fromkeys(run["arch"] for run in runs))
     lines = [f"# {spec.name}", "", spec.description + ".", "",
-             f"Command: `{command}`", "",
+             f"Last command: `{command}` (the report covers every run in the folder with "
+             "these settings, listed below; runs of other archs or seeds came from earlier "
+             "commands that differ only in `--archs` / `--seeds`)", "",
              f"Budget: {spec.budget.steps} steps of {spec.budget.batch_size} examples, "
              f"AdamW lr {spec.budget.lr} (warmup, cosine), loss on answer tokens only. "
              f"Settings: {spec.settings}.", "",

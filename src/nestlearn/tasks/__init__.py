@@ -1,0 +1,1 @@
+"""Synthetic in-context tasks: generators, a training harness and reports. See README.md."""

@@ -20,6 +20,7 @@ from nestlearn.hf.cache import NestlearnCache
 from nestlearn.hf.config import NestlearnConfig
 from nestlearn.hf.convert import from_hf, load_hf_folder, save_hf_folder, to_hf
 from nestlearn.hf.modeling import NestlearnForCausalLM, hf_classes, register_auto_classes
+from nestlearn.hf.stacking import stack_levels_from_hf, transformer_from_llama
 
 register_auto_classes()
 
@@ -32,5 +33,7 @@ __all__ = [
     "load_hf_folder",
     "register_auto_classes",
     "save_hf_folder",
+    "stack_levels_from_hf",
     "to_hf",
+    "transformer_from_llama",
 ]

@@ -5,8 +5,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama import modeling_llama
 
+from nestlearn.cli import main
 from nestlearn.errors import NestlearnError
-from nestlearn.hf import stack_levels_from_hf, transformer_from_llama
+from nestlearn.hf import load_hf_folder, stack_levels_from_hf, transformer_from_llama
 from nestlearn.models import generate
 from nestlearn.nn.cms import ContinuumMemoryState
 
@@ -162,3 +163,23 @@ def test_gpt2_and_other_models_are_refused():
         stack_levels_from_hf(torch.nn.Linear(2, 2))
     with pytest.raises(NestlearnError, match="arch"):
         stack_levels_from_hf(_llama(dtype=torch.float32), arch="titans")
+
+
+def test_stack_command_writes_a_hope_folder_equal_to_the_llama(llama_in_float64, tmp_path,
+                                                              capsys):
+    source = _llama()
+    source.save_pretrained(tmp_path / "llama")
+    argv = ["stack", "--from-hf", str(tmp_path / "llama"), "--out", str(tmp_path / "hope"),
+            "--cms-chunk-sizes", "2,6", "--mlp-level", "0"]
+    assert main(argv) == 0
+    stacked = load_hf_folder(tmp_path / "hope")
+    assert stacked.config.arch == "hope-attention"
+    assert stacked.config.cms.chunk_sizes == (2, 6)
+    ids = _ids()
+    with torch.no_grad():
+        expected = source(ids).logits
+    got, _ = stacked(ids)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+    assert main(["stack", "--from-hf", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+    assert "from_hf" in capsys.readouterr().err

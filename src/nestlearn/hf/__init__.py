@@ -20,7 +20,11 @@ from nestlearn.hf.cache import NestlearnCache
 from nestlearn.hf.config import NestlearnConfig
 from nestlearn.hf.convert import from_hf, load_hf_folder, save_hf_folder, to_hf
 from nestlearn.hf.modeling import NestlearnForCausalLM, hf_classes, register_auto_classes
-from nestlearn.hf.stacking import stack_levels_from_hf, transformer_from_llama
+from nestlearn.hf.stacking import (
+    stack_hf_folder,
+    stack_levels_from_hf,
+    transformer_from_llama,
+)
 
 register_auto_classes()
 
@@ -33,6 +37,7 @@ __all__ = [
     "load_hf_folder",
     "register_auto_classes",
     "save_hf_folder",
+    "stack_hf_folder",
     "stack_levels_from_hf",
     "to_hf",
     "transformer_from_llama",

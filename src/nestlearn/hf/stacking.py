@@ -18,6 +18,8 @@ counterpart in a nestlearn block or CMS level (the levels are bias-free RMSNorm 
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -130,3 +132,25 @@ def stack_levels_from_hf(hf_model: Any, *, arch: str = "hope-attention",
         raise invalid("arch", repr(arch), f"one of {list(STACK_ARCHS)}")
     return hope_from_transformer(transformer_from_llama(hf_model), arch=arch,
                                  **stacking_options)
+
+
+def stack_hf_folder(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
+                    arch: str = "hope-attention", **stacking_options: Any) -> Path:
+    """Read a Llama folder written by ``save_pretrained`` (in its saved dtype), stack its MLPs
+    into CMS levels (:func:`stack_levels_from_hf`) and write the result as a Hugging Face
+    folder (``nestlearn.hf.load_hf_folder`` and ``AutoModelForCausalLM`` read it), with the
+    source's tokenizer when the folder has one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nestlearn.hf.convert import save_hf_folder
+
+    source_dir = Path(source)
+    if not (source_dir / "config.json").is_file():
+        raise invalid("from_hf", str(source_dir), "a folder with config.json written by "
+                      "save_pretrained")
+    hf_model = AutoModelForCausalLM.from_pretrained(str(source_dir), dtype="auto")
+    model = stack_levels_from_hf(hf_model, arch=arch, **stacking_options)
+    target = save_hf_folder(model, out)
+    if (source_dir / "tokenizer_config.json").is_file():
+        AutoTokenizer.from_pretrained(str(source_dir)).save_pretrained(str(target))
+    return target

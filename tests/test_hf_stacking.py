@@ -2,7 +2,16 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from transformers import (
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 from transformers.models.llama import modeling_llama
 
 from nestlearn.cli import main
@@ -96,7 +105,7 @@ def test_float32_llama_matches_its_own_float32_computation():
     with torch.no_grad():
         expected = source(ids).logits
     got, _ = stacked(ids)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-5)
 
 
 def test_positive_inner_rate_levels_learn_from_the_llama_start(llama_in_float64):
@@ -169,12 +178,17 @@ def test_stack_command_writes_a_hope_folder_equal_to_the_llama(llama_in_float64,
                                                               capsys):
     source = _llama()
     source.save_pretrained(tmp_path / "llama")
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="w0")), eos_token="w1")
+    tokenizer.save_pretrained(tmp_path / "llama")
     argv = ["stack", "--from-hf", str(tmp_path / "llama"), "--out", str(tmp_path / "hope"),
             "--cms-chunk-sizes", "2,6", "--mlp-level", "0"]
     assert main(argv) == 0
     stacked = load_hf_folder(tmp_path / "hope")
     assert stacked.config.arch == "hope-attention"
     assert stacked.config.cms.chunk_sizes == (2, 6)
+    assert AutoTokenizer.from_pretrained(tmp_path / "hope").get_vocab() == vocab
     ids = _ids()
     with torch.no_grad():
         expected = source(ids).logits

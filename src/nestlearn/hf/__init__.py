@@ -2,8 +2,9 @@
 
 Every nestlearn arch gets a ``PretrainedConfig`` and a ``PreTrainedModel`` + ``GenerationMixin``
 class, registered with ``AutoConfig`` and ``AutoModelForCausalLM`` when this package is
-imported; :class:`NestlearnCache` carries nestlearn's state through ``generate``. The core of
-nestlearn never imports ``transformers``. See ``HF.md`` beside this file.
+imported; :class:`NestlearnCache` carries nestlearn's state through ``generate``;
+:func:`stack_levels_from_hf` builds a HOPE model whose CMS levels start from a Llama model's
+MLPs. The core of nestlearn never imports ``transformers``. See ``HF.md`` beside this file.
 """
 
 from nestlearn.errors import NestlearnError

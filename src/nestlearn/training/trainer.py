@@ -80,6 +80,7 @@ from nestlearn.training.run_folder import (
 )
 from nestlearn.training.run_lock import LOCK_FILE, RunFolderLock
 from nestlearn.training.runconfig import DataConfig, RunConfig, TrainConfig, reset_interval
+from nestlearn.training.wandb_sink import WandbSink
 
 EVAL_SEED = 1_000_003  # fixed windows for periodic evaluation, independent of train.seed
 
@@ -153,7 +154,8 @@ class Trainer:
             self.config.train.find_unused_parameters)
         self.autocast = autocast_context(self.config, self.ctx.device)
         self.guard = NonFiniteGuard(self.save, self.run_dir / "checkpoints")
-        self.metrics = MetricsLogger(self.run_dir, enabled=self.ctx.is_main)
+        self.metrics = MetricsLogger(self.run_dir, enabled=self.ctx.is_main,
+                                     wandb=self._wandb_sink())
         if self.ctx.is_main:
             atomic_write_text(self.run_dir / CONFIG_FILE, self.config.to_json())
             if checkpoint is None:
@@ -163,6 +165,13 @@ class Trainer:
         self.result = TrainResult(run_dir=self.run_dir, step=self.step, status="completed",
                                   rank=self.ctx.rank)
         self.hooks: list[Hook] = default_hooks(self, progress)
+
+    def _wandb_sink(self) -> WandbSink | None:
+        """The W&B sink when ``train.wandb_project`` is set (rank 0 only: it logs the rows)."""
+        cfg = self.config.train
+        if cfg.wandb_project is None or not self.ctx.is_main:
+            return None
+        return WandbSink(self.run_dir, cfg.wandb_project, cfg.wandb_mode, self.config.to_dict())
 
     def _check_memory(self) -> None:
         """Refuse a step that cannot fit in memory, before the first one (every rank checks

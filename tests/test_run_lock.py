@@ -101,7 +101,9 @@ def test_a_second_train_on_one_folder_is_refused(corpus, tmp_path):
         second = subprocess.run(
             [sys.executable, "-m", "nestlearn", "train", "--out", str(run), "--no-progress",
              *sets], env=ENV, capture_output=True, text=True, timeout=120)
-        assert second.returncode == 2
+        if second.returncode != 2:  # show why the first run let go of its lock
+            first.send_signal(signal.SIGKILL)
+            raise AssertionError((second.returncode, second.stderr, first.communicate(timeout=60)))
         lines = second.stderr.strip().splitlines()
         assert len(lines) == 1, second.stderr
         assert f"is in use by pid {first.pid} on host {socket.gethostname()} since" in lines[0]

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from nestlearn.data.tokens import TokenFile, _check_ranks, _window_tensors
+from nestlearn.data.tokens import TokenFile, _window_tensors, set_sampler_fields
 from nestlearn.errors import NestlearnError, check_int, invalid
 
 
@@ -52,16 +52,7 @@ class StreamSampler:
 
     def __init__(self, token_file: TokenFile, seq_len: int, batch_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1) -> None:
-        if not isinstance(token_file, TokenFile):
-            raise invalid("token_file", type(token_file).__name__, "a TokenFile")
-        self.token_file = token_file
-        self.seq_len = check_int("seq_len", seq_len, 1)
-        self.batch_size = check_int("batch_size", batch_size, 1)
-        self.seed = check_int("seed", seed, 0)
-        _check_ranks(batch_size, rank, world_size)
-        self.rank = rank
-        self.world_size = world_size
-        self.local_batch_size = batch_size // world_size
+        set_sampler_fields(self, token_file, seq_len, batch_size, seed, rank, world_size)
         if token_file.num_documents < batch_size:
             documents = token_file.num_documents
             raise NestlearnError(

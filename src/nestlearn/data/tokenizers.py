@@ -97,7 +97,51 @@ class ByteTokenizer:
         return "ByteTokenizer()"
 
 
-class BPETokenizer:
+class _HFBackedTokenizer:
+    """What the tokenizers backed by a HF ``tokenizers.Tokenizer`` (``self._tokenizer``) share:
+    encoding without the tokenizer's own special tokens, checked decoding, the JSON form and
+    the description that identifies a vocabulary. Subclasses set ``kind``, ``eod_id``,
+    ``pad_id`` and ``vocab_size``."""
+
+    kind: str
+    eod_id: int
+    pad_id: int
+    _tokenizer: Any
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(_check_text(text), add_special_tokens=False).ids)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        texts = [_check_text(text, f"texts[{i}]") for i, text in enumerate(texts)]
+        return [list(e.ids) for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        ids = [int(token) for token in ids]
+        for token in ids:
+            if not 0 <= token < self.vocab_size:
+                raise invalid("token id", token, f"0 to {self.vocab_size - 1}")
+        return self._tokenizer.decode(ids, skip_special_tokens=skip_special)
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(self._tokenizer.to_str())
+
+    def describe(self) -> dict[str, Any]:
+        serialized = json.dumps(self.to_json(), sort_keys=True).encode("utf-8")
+        return {"type": self.kind, "vocab_size": self.vocab_size, "eod_id": self.eod_id,
+                "pad_id": self.pad_id, "sha256": hashlib.sha256(serialized).hexdigest()}
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self.describe() == other.describe()
+
+    def __hash__(self) -> int:
+        return hash(self.describe()["sha256"])
+
+
+class BPETokenizer(_HFBackedTokenizer):
     """Byte-level BPE (as in GPT-2) trained offline with HF ``tokenizers``.
 
     Build one with :meth:`train` or :func:`load_tokenizer`. No normalisation and no added
@@ -150,40 +194,12 @@ class BPETokenizer:
     def vocab_size(self) -> int:
         return int(self._tokenizer.get_vocab_size(with_added_tokens=True))
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._tokenizer.encode(_check_text(text), add_special_tokens=False).ids)
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        texts = [_check_text(text, f"texts[{i}]") for i, text in enumerate(texts)]
-        return [list(e.ids) for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
-
-    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
-        ids = [int(token) for token in ids]
-        for token in ids:
-            if not 0 <= token < self.vocab_size:
-                raise invalid("token id", token, f"0 to {self.vocab_size - 1}")
-        return self._tokenizer.decode(ids, skip_special_tokens=skip_special)
-
-    def to_json(self) -> dict[str, Any]:
-        return json.loads(self._tokenizer.to_str())
-
-    def describe(self) -> dict[str, Any]:
-        serialized = json.dumps(self.to_json(), sort_keys=True).encode("utf-8")
-        return {"type": self.kind, "vocab_size": self.vocab_size, "eod_id": self.eod_id,
-                "pad_id": self.pad_id, "sha256": hashlib.sha256(serialized).hexdigest()}
-
     def save(self, directory: str | os.PathLike[str]) -> Path:
         path = _prepare_dir(directory) / TOKENIZER_FILE
         atomic_write_json(
             path, {"format_version": _FORMAT_VERSION, "type": self.kind, "bpe": self.to_json()}
         )
         return path
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, BPETokenizer) and self.describe() == other.describe()
-
-    def __hash__(self) -> int:
-        return hash(self.describe()["sha256"])
 
     def __repr__(self) -> str:
         return f"BPETokenizer(vocab_size={self.vocab_size})"
@@ -194,7 +210,7 @@ EOD_CANDIDATES: tuple[str, ...] = (EOD_TOKEN, "</s>", "<|end_of_text|>", "<eos>"
 PAD_CANDIDATES: tuple[str, ...] = (PAD_TOKEN, "<pad>", "[PAD]", "<|padding|>")
 
 
-class PretrainedTokenizer:
+class PretrainedTokenizer(_HFBackedTokenizer):
     """A Hugging Face ``tokenizer.json`` used as it is (any model: BPE, WordPiece, Unigram).
 
     Text is encoded without the tokenizer's own BOS/EOS post-processing (nestlearn puts the
@@ -234,40 +250,12 @@ class PretrainedTokenizer:
         vocab = self._tokenizer.get_vocab(with_added_tokens=True)
         return max(vocab.values()) + 1 if vocab else 0
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._tokenizer.encode(_check_text(text), add_special_tokens=False).ids)
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        texts = [_check_text(text, f"texts[{i}]") for i, text in enumerate(texts)]
-        return [list(e.ids) for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
-
-    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
-        ids = [int(token) for token in ids]
-        for token in ids:
-            if not 0 <= token < self.vocab_size:
-                raise invalid("token id", token, f"0 to {self.vocab_size - 1}")
-        return self._tokenizer.decode(ids, skip_special_tokens=skip_special)
-
-    def to_json(self) -> dict[str, Any]:
-        return json.loads(self._tokenizer.to_str())
-
-    def describe(self) -> dict[str, Any]:
-        serialized = json.dumps(self.to_json(), sort_keys=True).encode("utf-8")
-        return {"type": self.kind, "vocab_size": self.vocab_size, "eod_id": self.eod_id,
-                "pad_id": self.pad_id, "sha256": hashlib.sha256(serialized).hexdigest()}
-
     def save(self, directory: str | os.PathLike[str]) -> Path:
         path = _prepare_dir(directory) / TOKENIZER_FILE
         atomic_write_json(path, {"format_version": _FORMAT_VERSION, "type": self.kind,
                                  "eod_id": self.eod_id, "pad_id": self.pad_id,
                                  "tokenizer": self.to_json()})
         return path
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, PretrainedTokenizer) and self.describe() == other.describe()
-
-    def __hash__(self) -> int:
-        return hash(self.describe()["sha256"])
 
     def __repr__(self) -> str:
         return (f"PretrainedTokenizer(vocab_size={self.vocab_size}, eod_id={self.eod_id}, "

@@ -275,6 +275,22 @@ def _window_tensors(
     return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(targets)
 
 
+def set_sampler_fields(sampler: Any, token_file: TokenFile, seq_len: int, batch_size: int,
+                       seed: int, rank: int, world_size: int) -> None:
+    """Check and set what every training sampler holds: ``token_file``, ``seq_len``,
+    ``batch_size`` (global), ``seed``, ``rank``, ``world_size`` and ``local_batch_size``."""
+    if not isinstance(token_file, TokenFile):
+        raise invalid("token_file", type(token_file).__name__, "a TokenFile")
+    sampler.token_file = token_file
+    sampler.seq_len = check_int("seq_len", seq_len, 1)
+    sampler.batch_size = check_int("batch_size", batch_size, 1)
+    sampler.seed = check_int("seed", seed, 0)
+    _check_ranks(batch_size, rank, world_size)
+    sampler.rank = rank
+    sampler.world_size = world_size
+    sampler.local_batch_size = batch_size // world_size
+
+
 class WindowSampler:
     """Random training windows that never cross a document boundary.
 
@@ -297,16 +313,7 @@ class WindowSampler:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        if not isinstance(token_file, TokenFile):
-            raise invalid("token_file", type(token_file).__name__, "a TokenFile")
-        self.token_file = token_file
-        self.seq_len = check_int("seq_len", seq_len, 1)
-        self.batch_size = check_int("batch_size", batch_size, 1)
-        self.seed = check_int("seed", seed, 0)
-        _check_ranks(batch_size, rank, world_size)
-        self.rank = rank
-        self.world_size = world_size
-        self.local_batch_size = batch_size // world_size
+        set_sampler_fields(self, token_file, seq_len, batch_size, seed, rank, world_size)
         self.step = 0
         if token_file.num_documents == 0:
             raise NestlearnError(f"token file {str(token_file.bin_path)!r} has no documents")

@@ -52,11 +52,11 @@ TINY_BATCH: dict[str, int] = {"hope": 8}
 TINY_STEPS: dict[str, int] = {"hope": 300}
 
 # data.sampling per family (all scales; default "windows"). Chosen by measurement at the tiny
-# scale (training/README.md, "Stream training"): 300 steps of tiny-titans, seed 0, scored on 16
-# whole validation scenes with the state carried: windows 2.158 nats/token, stream 2.100
-# (random-window evaluation from a fresh state: windows 2.071, stream 2.131). hope-attention
-# in stream mode overflowed its slow CMS level at step 87 (its CMS levels are not bounded over
-# long streams), so the CMS families keep windows.
+# scale (docs/results/long-context.md): 300 steps of tiny-titans, seed 0, every validation
+# scene read whole with the state carried: windows 2.458 nats/token, stream 2.106 (random
+# windows from a fresh state: windows 2.061, stream 2.131). hope-attention in stream mode
+# overflowed its slow CMS level at step 87 before the CMS step cap existed and has not been
+# measured since, so the CMS families keep windows.
 SAMPLING: dict[str, str] = {"titans": "stream"}
 
 

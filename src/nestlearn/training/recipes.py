@@ -54,9 +54,9 @@ TINY_STEPS: dict[str, int] = {"hope": 300}
 # data.sampling per family (all scales; default "windows"). Chosen by measurement at the tiny
 # scale (docs/results/long-context.md): 300 steps of tiny-titans, seed 0, every validation
 # scene read whole with the state carried: windows 2.458 nats/token, stream 2.106 (random
-# windows from a fresh state: windows 2.061, stream 2.131). hope-attention in stream mode
-# overflowed its slow CMS level at step 87 before the CMS step cap existed and has not been
-# measured since, so the CMS families keep windows.
+# windows from a fresh state: windows 2.061, stream 2.131). The CMS families keep windows:
+# hope gains as much over whole documents (2.182 vs 2.724) but pays 0.155 on fresh windows,
+# and hope-attention trains worse on streams (2.933 vs 2.119 on fresh windows).
 SAMPLING: dict[str, str] = {"titans": "stream"}
 
 

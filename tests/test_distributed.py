@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from nestlearn.training.checkpoint import MODEL_FILE, latest_checkpoint
 from nestlearn.training.metrics_log import read_records
-from trainkit import TINY, free_port, spawned_rank, write_corpus
+from trainkit import TINY, single_and_gloo_rows, write_corpus
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -51,20 +51,9 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
 @pytest.mark.parametrize("arch", ["hope", pytest.param("transformer", marks=pytest.mark.slow)])
 def test_gloo_ranks_agree_with_a_single_process(tmp_path, arch):
     # HOPE: parameters the LM loss does not reach, and a memory state in the outputs
-    import torch.multiprocessing as mp
-
-    from nestlearn.training import train
-    from trainkit import tiny_config
-
     corpus = write_corpus(tmp_path / "verse.txt", paragraphs=60)
-    sets = ("train.steps=3", "data.batch_size=4", f"model.arch={arch}")
-    single = tiny_config(corpus, tmp_path / "single", *sets)
-    train(single, progress=False)
-    ddp = tiny_config(corpus, tmp_path / "ddp", *sets)
-    mp.spawn(spawned_rank, args=(2, free_port(), ddp.to_dict()), nprocs=2, join=True)
-
-    rows = {run: [r for r in read_records(tmp_path / run) if r["split"] == "train"]
-            for run in ("single", "ddp")}
+    rows = single_and_gloo_rows(corpus, tmp_path, "train.steps=3", "data.batch_size=4",
+                                f"model.arch={arch}")
     assert [r["tokens"] for r in rows["ddp"]] == [r["tokens"] for r in rows["single"]]
     assert [r["loss"] for r in rows["ddp"]] == pytest.approx(
         [r["loss"] for r in rows["single"]], rel=1e-5, abs=1e-5)

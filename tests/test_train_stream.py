@@ -27,7 +27,7 @@ from nestlearn.training.carried_state import (
 )
 from nestlearn.training.metrics_log import read_records
 from nestlearn.training.runconfig import TrainConfig
-from trainkit import free_port, spawned_rank, tiny_config, write_corpus
+from trainkit import single_and_gloo_rows, tiny_config, write_corpus
 
 STREAM = ("data.sampling=stream", "data.seq_len=64", "optim.lr=0.01")
 
@@ -276,16 +276,9 @@ def test_lm_teach_signal_levels_are_carried_in_stream_training(corpus, tmp_path)
 
 @pytest.mark.slow
 def test_gloo_stream_ranks_agree_with_a_single_process(tmp_path):
-    import torch.multiprocessing as mp
-
     corpus = write_corpus(tmp_path / "verse.txt", paragraphs=40)
-    sets = ("model.arch=titans", *STREAM, "train.steps=3", "data.batch_size=4")
-    single = tiny_config(corpus, tmp_path / "single", *sets)
-    train(single, progress=False)
-    ddp = tiny_config(corpus, tmp_path / "ddp", *sets)
-    mp.spawn(spawned_rank, args=(2, free_port(), ddp.to_dict()), nprocs=2, join=True)
-    rows = {run: [r for r in read_records(tmp_path / run) if r["split"] == "train"]
-            for run in ("single", "ddp")}
+    rows = single_and_gloo_rows(corpus, tmp_path, "model.arch=titans", *STREAM,
+                                "train.steps=3", "data.batch_size=4")
     assert [r["tokens"] for r in rows["ddp"]] == [r["tokens"] for r in rows["single"]]
     assert [r["loss"] for r in rows["ddp"]] == pytest.approx(
         [r["loss"] for r in rows["single"]], rel=1e-5, abs=1e-5)
@@ -313,16 +306,12 @@ def test_a_checkpoint_written_before_the_stream_fields_resumes(corpus, tmp_path)
 
 @pytest.mark.slow
 def test_gloo_lm_teach_signal_ranks_agree_with_a_single_process(tmp_path):
-    import torch.multiprocessing as mp
-
     corpus = write_corpus(tmp_path / "verse.txt", paragraphs=40)
-    sets = ("model.arch=hope", "model.cms.teach_signal=lm", "model.cms.chunk_sizes=[8, 16]",
-            "model.cms.inner_lr=0.05", *STREAM, "train.steps=3", "data.batch_size=4")
-    train(tiny_config(corpus, tmp_path / "single", *sets), progress=False)
-    ddp = tiny_config(corpus, tmp_path / "ddp", *sets)
-    mp.spawn(spawned_rank, args=(2, free_port(), ddp.to_dict()), nprocs=2, join=True)
-    assert _losses(tmp_path / "ddp") == pytest.approx(_losses(tmp_path / "single"),
-                                                      rel=1e-5, abs=1e-5)
+    rows = single_and_gloo_rows(corpus, tmp_path, "model.arch=hope", "model.cms.teach_signal=lm",
+                                "model.cms.chunk_sizes=[8, 16]", "model.cms.inner_lr=0.05",
+                                *STREAM, "train.steps=3", "data.batch_size=4")
+    assert [r["loss"] for r in rows["ddp"]] == pytest.approx(
+        [r["loss"] for r in rows["single"]], rel=1e-5, abs=1e-5)
     a = ckpt.load_checkpoint(tmp_path / "single").model
     b = ckpt.load_checkpoint(tmp_path / "ddp").model
     for name in a:

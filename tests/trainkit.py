@@ -61,6 +61,22 @@ def spawned_rank(rank: int, world_size: int, port: int, config_dict: dict[str, A
     train(RunConfig.from_dict(config_dict), progress=False)
 
 
+def single_and_gloo_rows(corpus: Path, tmp_path: Path, *sets: str
+                         ) -> dict[str, list[dict[str, Any]]]:
+    """Train ``sets`` once in this process (``tmp_path/single``) and once on two gloo ranks
+    (``tmp_path/ddp``); each run's train rows of ``metrics.jsonl``."""
+    import torch.multiprocessing as mp
+
+    from nestlearn.training import train
+    from nestlearn.training.metrics_log import read_records
+
+    train(tiny_config(corpus, tmp_path / "single", *sets), progress=False)
+    ddp = tiny_config(corpus, tmp_path / "ddp", *sets)
+    mp.spawn(spawned_rank, args=(2, free_port(), ddp.to_dict()), nprocs=2, join=True)
+    return {run: [r for r in read_records(tmp_path / run) if r["split"] == "train"]
+            for run in ("single", "ddp")}
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as sock:

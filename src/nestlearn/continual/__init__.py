@@ -1,0 +1,1 @@
+"""Continual learning: streams of tasks, methods, metrics over R[i, j], monitors and reports."""

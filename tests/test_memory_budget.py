@@ -136,3 +136,46 @@ def test_the_trainer_checks_before_the_first_step_unless_told_not_to(tmp_path, m
     result = train(tiny_config(corpus, tmp_path / "forced", "train.steps=1",
                                "train.memory_check=false"), progress=False)
     assert result.status == "completed" and result.step == 1
+
+
+def _fake_proc(tmp_path, meminfo_kb: int, files: dict[str, str]):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(f"MemTotal: 99999999 kB\nMemAvailable: {meminfo_kb} kB\n")
+    cgroup = tmp_path / "cgroup"
+    for name, text in files.items():
+        (cgroup / name).parent.mkdir(parents=True, exist_ok=True)
+        (cgroup / name).write_text(text)
+    return meminfo, cgroup
+
+
+def test_cgroup_v2_room_subtracts_inactive_page_cache(tmp_path):
+    from nestlearn.training.memory_budget import _cpu_available
+
+    gib = 1 << 30
+    meminfo, cgroup = _fake_proc(tmp_path, 20 * gib // 1024, {
+        "memory.max": f"{8 * gib}\n", "memory.current": f"{7 * gib}\n",
+        "memory.stat": f"anon {2 * gib}\nfile {5 * gib}\ninactive_file {4 * gib}\n"})
+    # working set 7 - 4 = 3 GiB of an 8 GiB limit: 5 GiB free, not the 1 GiB usage suggests
+    assert _cpu_available(meminfo, cgroup) == 5 * gib
+
+
+def test_cgroup_v1_and_meminfo_take_the_smaller(tmp_path):
+    from nestlearn.training.memory_budget import _cpu_available
+
+    gib = 1 << 30
+    meminfo, cgroup = _fake_proc(tmp_path, 2 * gib // 1024, {
+        "memory/memory.limit_in_bytes": f"{8 * gib}\n",
+        "memory/memory.usage_in_bytes": f"{6 * gib}\n",
+        "memory/memory.stat": f"cache {3 * gib}\ntotal_inactive_file {gib}\n"})
+    assert _cpu_available(meminfo, cgroup) == 2 * gib  # MemAvailable is smaller than 3 GiB
+    (cgroup / "memory/memory.stat").unlink()  # no stat file: the usage as it is
+    meminfo.write_text(f"MemAvailable: {20 * gib // 1024} kB\n")
+    assert _cpu_available(meminfo, cgroup) == 2 * gib
+
+
+def test_unlimited_cgroup_leaves_meminfo(tmp_path):
+    from nestlearn.training.memory_budget import _cpu_available
+
+    meminfo, cgroup = _fake_proc(tmp_path, 1024, {"memory.max": "max\n",
+                                                  "memory.current": "5\n"})
+    assert _cpu_available(meminfo, cgroup) == 1024 * 1024

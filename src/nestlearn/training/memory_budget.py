@@ -120,20 +120,39 @@ def _read_int(path: Path) -> int | None:
         return None
 
 
-def _cpu_available() -> int | None:
-    """``MemAvailable`` of ``/proc/meminfo``, or less if the process's cgroup allows less."""
+def _stat_value(path: Path, key: str) -> int:
+    """The value of ``key`` in a cgroup ``memory.stat`` file (0 where absent)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    return 0
+
+
+# (limit file, usage file, stat file, reclaimable page-cache key) for cgroup v2, then v1.
+_CGROUP_FILES = (("memory.max", "memory.current", "memory.stat", "inactive_file"),
+                 ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes",
+                  "memory/memory.stat", "total_inactive_file"))
+
+
+def _cpu_available(meminfo: Path = Path("/proc/meminfo"),
+                   cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo``, or less if the process's cgroup allows less.
+
+    A cgroup's usage counts its page cache; the inactive part is reclaimed before the
+    cgroup runs out, so it is subtracted, as the kernel's own working-set figure does (a
+    machine that just read a large corpus would otherwise look full)."""
     found = None
     with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in meminfo.read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 found = int(line.split()[1]) * 1024
-    cgroup = Path("/sys/fs/cgroup")
-    for limit_file, usage_file in (("memory.max", "memory.current"),
-                                   ("memory/memory.limit_in_bytes",
-                                    "memory/memory.usage_in_bytes")):
+    for limit_file, usage_file, stat_file, cache_key in _CGROUP_FILES:
         limit, usage = _read_int(cgroup / limit_file), _read_int(cgroup / usage_file)
         if limit is not None and usage is not None and limit < 1 << 60:
-            room = max(limit - usage, 0)
+            working_set = max(usage - _stat_value(cgroup / stat_file, cache_key), 0)
+            room = max(limit - working_set, 0)
             found = room if found is None else min(found, room)
     return found
 

@@ -397,17 +397,19 @@ def _plot_monitor(plt: Any, results: dict[str, Any], path: Path) -> bool:
                 if points:
                     name = f"{row['method']}/{row['arch']} s{row['seed']}"
                     ax.plot(*zip(*points, strict=True), linewidth=1,
-                            label=f"{name} {level}".strip())
-        for record in records:
-            if record.get("event"):
-                for ax in axes[:, 0]:
-                    ax.axvline(record["step"], color="red", linestyle=":", linewidth=0.8)
-                axes[0, 0].annotate(str(record["event"]), (record["step"], 1.0), fontsize=6,
-                                    xycoords=("data", "axes fraction"), rotation=90, va="top")
+                            label=f"{name} level {level}" if level else name)
+        events = dict.fromkeys((r["step"], str(r["event"])) for r in records if r.get("event"))
+        for step, event in events:
+            for ax in axes[:, 0]:
+                ax.axvline(step, color="red", linestyle=":", linewidth=0.8)
+            axes[0, 0].annotate(event, (step, 0.98), fontsize=6, xycoords=("data", "axes fraction"),
+                                rotation=90, va="top", ha="right")
     for ax, field in zip(axes[:, 0], MONITOR_FIELDS, strict=True):
         ax.set_ylabel(field, fontsize=8)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6, loc="upper right")
+        else:
+            ax.text(0.5, 0.5, "no values", transform=ax.transAxes, ha="center", color="grey")
     axes[-1, 0].set_xlabel("step (red dotted: monitor events)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -11,8 +11,9 @@ Scores (``lower_is_better=False``, the default; e.g. accuracy, higher is better)
 - ``forward_transfer`` (Lopez-Paz & Ranzato, 2017): ``mean_{j>=1} R[j-1, j] - baseline[j]``,
   ``baseline[j]`` being the untrained model's score on task ``j``. Positive = training on the
   earlier tasks helped task ``j`` before it was seen.
-- ``forgetting`` (Chaudhry et al., 2018): ``mean_{j<T-1} max_{i<T-1} R[i, j] - R[T-1, j]``.
-  Positive = the best score ever reached on a task was lost (>= 0 up to rows before the task).
+- ``forgetting`` (Chaudhry et al., 2018): ``mean_{j<T-1} max_{j<=i<T-1} R[i, j] - R[T-1, j]``.
+  Positive = the best score reached on a task since it was trained was lost. Stages before
+  task ``j`` was trained are left out (nothing of it can be lost there yet).
 - ``average_incremental_accuracy`` (Rebuffi et al., 2017): ``mean_i mean_{j<=i} R[i, j]``.
 
 Losses (``lower_is_better=True``; e.g. cross-entropy or MAE, lower is better). The formulas for
@@ -22,7 +23,7 @@ other way round; forgetting is turned so that positive still means "forgot":
 - average / average incremental: mean loss (lower = better).
 - backward transfer: ``mean_{j<T-1} L[T-1, j] - L[j, j]``; **positive = old tasks got worse**.
 - forward transfer: ``mean_{j>=1} L[j-1, j] - baseline[j]``; **negative = earlier tasks helped**.
-- forgetting: ``mean_{j<T-1} L[T-1, j] - min_{i<T-1} L[i, j]``; **positive = forgot**.
+- forgetting: ``mean_{j<T-1} L[T-1, j] - min_{j<=i<T-1} L[i, j]``; **positive = forgot**.
 
 With one task (``T = 1``) backward transfer, forward transfer and forgetting have nothing to
 average over and are ``nan`` (not 0, which would claim "measured, no change").
@@ -118,9 +119,10 @@ def forward_transfer(R: Any, baseline: Any) -> float:
 
 
 def forgetting(R: Any, *, lower_is_better: bool = False) -> float:
-    """Chaudhry et al.: for scores ``mean_{j<T-1} max_{i<T-1} R[i, j] - R[T-1, j]``; for losses
-    ``mean_{j<T-1} R[T-1, j] - min_{i<T-1} R[i, j]``. Positive = forgot, in both cases; ``nan``
-    for one task. Only rows ``i >= j`` count (before training on ``j`` nothing can be lost)."""
+    """Chaudhry et al.: for scores ``mean_{j<T-1} max_{j<=i<T-1} R[i, j] - R[T-1, j]``; for
+    losses ``mean_{j<T-1} R[T-1, j] - min_{j<=i<T-1} R[i, j]``. Positive = forgot, in both
+    cases; ``nan`` for one task. Only rows ``i >= j`` count (before training on ``j`` nothing
+    can be lost)."""
     matrix = as_matrix(R)
     T = matrix.shape[0]
     if T == 1:

@@ -109,3 +109,10 @@ def test_bad_baselines_and_loss_shapes() -> None:
         metrics.forward_transfer(R2, [0.1, math.nan])
     with pytest.raises(NestlearnError, match="R_loss: got 3 tasks"):
         metrics.summarize(R2, R_loss=R3)
+
+
+def test_forgetting_ignores_stages_before_the_task_was_trained() -> None:
+    R = [[0.5, 0.95, 0.1],  # task 1 scored high by chance before it was trained
+         [0.4, 0.9, 0.1],
+         [0.3, 0.7, 0.8]]
+    assert metrics.forgetting(R) == pytest.approx(((0.5 - 0.3) + (0.9 - 0.7)) / 2)

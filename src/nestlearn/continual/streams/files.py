@@ -15,11 +15,12 @@ file (blank-line separated documents) or a folder of ``.txt``/``.md`` files (one
 each), read with nestlearn.data.userfiles. ``kind = "classification"``: each path is a folder
 with one sub-folder per class; a sub-folder's name is its class across the whole stream, so
 two tasks that share a name share the class. Every document keeps the split of its key
-(nestlearn.data.splits; keys are file paths as written in the stream file, or a paragraph's
-text for a single file). When that leaves a task's split empty, a deterministic cut is used
-instead and recorded in ``meta["fallback"]``: for "lm" the task's tokens (documents in order)
-are cut 80 / 10 / 10; for "classification" each class with an empty split sends its last file
-(by path) to test and the one before to validation.
+(nestlearn.data.splits; keys are file paths relative to the stream file's folder, absolute
+for files outside it, or a paragraph's text for a single text file). When that leaves a
+task's split empty, a deterministic cut is used instead and recorded in ``meta["fallback"]``:
+for "lm" the task's tokens (documents in order) are cut 80 / 10 / 10; for "classification"
+each class with an empty split sends its last file (by path) to test and the one before to
+validation.
 
 The whole file and every path are checked before any text is read.
 """
@@ -178,19 +179,24 @@ def _validate(file: Path, spec: Any) -> tuple[str, str, int, str, list[tuple[str
     return name, kind, seq_len, description, plan
 
 
-def _read_documents(file: Path, task: str, written: str, path: Path) -> list[Document]:
+def _read_documents(file: Path, task: str, path: Path) -> list[Document]:
     try:
         documents = load_path(path)
     except NestlearnError as err:
         raise _fail(file, str(err), task) from None
-    if path.is_dir():
-        return [Document(key=f"{written.rstrip('/')}/{d.key}", text=d.text) for d in documents]
-    return documents
+    if not path.is_dir():
+        return documents
+    # keys relative to the stream file's folder, so splits survive moving the whole project
+    try:
+        base = path.resolve().relative_to(file.parent.resolve()).as_posix()
+    except ValueError:
+        base = path.resolve().as_posix()
+    return [Document(key=f"{base}/{d.key}", text=d.text) for d in documents]
 
 
 def _lm_task(file: Path, name: str, paths: list, fallback: dict) -> Task:
-    documents = [doc for written, path in paths
-                 for doc in _read_documents(file, name, written, path)]
+    documents = [doc for _, path in paths
+                 for doc in _read_documents(file, name, path)]
     by_split = {split: [d for d in documents if split_of(d.key) == split] for split in SPLITS}
 
     def joined(docs: list[Document]) -> list[int]:
@@ -216,10 +222,10 @@ def _lm_task(file: Path, name: str, paths: list, fallback: dict) -> Task:
 def _class_task(file: Path, name: str, paths: list, class_ids: dict[str, int], seq_len: int,
                 fallback: dict) -> Task:
     by_class: dict[int, list[Document]] = {}
-    for written, path in paths:
+    for _, path in paths:
         for folder in _class_folders(path):
             cid = class_ids.setdefault(folder.name, len(class_ids))
-            docs = _read_documents(file, name, f"{written.rstrip('/')}/{folder.name}", folder)
+            docs = _read_documents(file, name, folder)
             by_class.setdefault(cid, []).extend(docs)
     rows: dict[str, tuple[list[str], list[int]]] = {split: ([], []) for split in SPLITS}
     for cid, docs in sorted(by_class.items()):

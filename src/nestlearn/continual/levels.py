@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from nestlearn.errors import invalid
 from nestlearn.models.state import LMState
@@ -399,7 +400,7 @@ def freeze(model: nn.Module, level_names: Iterable[str | Level],
         elif level.name not in frozen.state:
             frozen.state[level.name] = (level, _copy(level.read_state(model, state)))
     if not _HOOK:
-        _HOOK.append(torch.optim.optimizer.register_optimizer_step_post_hook(_restore_frozen))
+        _HOOK.append(register_optimizer_step_post_hook(_restore_frozen))
 
 
 def unfreeze(model: nn.Module, level_names: Iterable[str | Level]) -> None:

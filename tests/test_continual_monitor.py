@@ -281,16 +281,26 @@ def test_records_are_written_as_json_lines_and_plotted(tmp_path):
 def test_drift_is_measured_from_the_last_accepted_snapshot():
     model = tiny("hope", layers=1)
     monitor = StreamMonitor(model, batch(7), every=1, snapshot_every=3)
-    state = run_stream(model, monitor, steps=4)
-    io = [r for r in monitor.records if r["level"] == "io"]
-    assert [r["event"] for r in io] == ["snapshot", None, None, "snapshot"]
-    # drift accumulates from the step-0 snapshot; update norm is one step's move
-    assert io[1]["drift"] < io[2]["drift"]
-    assert io[2]["update_norm"] < io[2]["drift"] * 2 + 1.0
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    io = next(lv for lv in model_levels(model) if lv.name == "io")
+    state, seen = None, []
+    for step in range(4):
+        state, loss = train_step(model, optimizer, state, seed=100 + step)
+        state = monitor.observe(step, model, state, loss)
+        seen.append(torch.cat([p.detach().flatten() for p in io.parameters(model).values()]))
+    rows = [r for r in monitor.records if r["level"] == "io"]
+    assert [r["event"] for r in rows] == ["snapshot", None, None, "snapshot"]
+    for step in (1, 2, 3):  # drift from the step-0 snapshot, update norm from the step before
+        drift = float((seen[step].double() - seen[0].double()).norm() / seen[0].double().norm())
+        update = float((seen[step].double() - seen[step - 1].double()).norm())
+        assert rows[step]["drift"] == pytest.approx(drift, rel=1e-9)
+        assert rows[step]["update_norm"] == pytest.approx(update, rel=1e-9)
+    assert rows[1]["drift"] < rows[2]["drift"]
     monitor.take_snapshot(state, step=3)
     again = monitor.observe(4, model, state, None)
     assert again is state
-    assert all(r["drift"] == 0.0 for r in monitor.records if r["step"] == 4)
+    assert all(r["drift"] == 0.0 and r["update_norm"] == 0.0
+               for r in monitor.records if r["step"] == 4)
 
 
 def test_a_guard_loss_rise_rolls_the_parameters_back_and_is_logged():

@@ -251,6 +251,8 @@ class StreamMonitor:
         if self._last_step is not None and step - self._last_step < self.every:
             return state
         self._last_step = step
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach()
         surprise = None if loss is None else float(loss)
         guard = self.guard()
         first = self.snapshot is None

@@ -133,7 +133,7 @@ def test_set_reaches_every_section_and_refuses_what_the_model_sets():
     config = get_recipe("tiny-hope")
     config = apply_overrides(config, ["model.cms.inner_lr=0.01", "model.memory.chunk_size=32",
                                       "model.memory.memory_target=self", "model.dim=64"])
-    assert config.model.cms.inner_lr == (0.01, 0.01)
+    assert config.model.cms.inner_lr == 0.01 and config.model.cms.level_inner_lr == (0.01, 0.01)
     assert config.model.memory.chunk_size == 32 and config.model.memory.memory_target == "self"
     assert config.model.memory.dim == 64 and config.model.cms.dim == 64
     assert RunConfig.from_dict(json.loads(config.to_json())) == config

@@ -277,7 +277,7 @@ def test_config_normalizes_scalars_and_lists():
     config = CMSConfig(dim=4, chunk_sizes=[2, 8], hidden=16, inner_lr=0.5)
     assert config.chunk_sizes == (2, 8)
     assert config.hidden == 16 and config.level_hidden == (16, 16)
-    assert config.inner_lr == (0.5, 0.5)
+    assert config.inner_lr == 0.5 and config.level_inner_lr == (0.5, 0.5)  # one shared rate
     assert config == CMSConfig(dim=4, chunk_sizes=(2, 8), hidden=16, inner_lr=(0.5, 0.5))
     # hidden keeps what was asked for (so a model's width can re-derive it); lists become tuples
     assert CMSConfig(dim=4, chunk_sizes=(2, 8), hidden=[16, 12]).hidden == (16, 12)
@@ -467,3 +467,17 @@ def test_teach_signal_driver_refuses_bad_states():
     with pytest.raises(NestlearnError, match="segment_len"):
         stream_with_teach_signal(model, ids, targets, segment_len=0)
     assert len(find_cms_states(model.init_state(2))) == 1
+
+
+def test_one_inner_rate_lets_set_change_the_number_of_levels():
+    from nestlearn.tasks.models import task_model_configs
+
+    config = task_model_configs(["hope"], 32, ["cms.chunk_sizes=16,64,256"])["hope"].cms
+    assert config.chunk_sizes == (16, 64, 256) and config.level_inner_lr == (1e-3,) * 3
+    config = task_model_configs(["hope"], 32, ["cms.chunk_sizes=[16]"])["hope"].cms
+    assert config.num_levels == 1 and config.level_inner_lr == (1e-3,)
+    per_level = CMSConfig(dim=8, chunk_sizes=(2, 4), inner_lr=[0.1, 0.2])
+    assert per_level.inner_lr == (0.1, 0.2) and per_level.level_inner_lr == (0.1, 0.2)
+    # a run config saved when every rate was stored per level still equals today's
+    assert CMSConfig(dim=8, chunk_sizes=(2, 4), inner_lr=(1e-3, 1e-3)) == \
+        CMSConfig(dim=8, chunk_sizes=(2, 4))

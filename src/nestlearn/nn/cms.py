@@ -135,8 +135,12 @@ class CMSConfig:
                           "one width for all levels with variant='nested' (levels share weights)")
         check_choice("teach_signal", self.teach_signal, TEACH_SIGNALS)
         rates = _per_level("inner_lr", self.inner_lr, levels)
+        for rate in rates:
+            check_nonnegative("inner_lr", rate)
+        # Canonical form: one value when every level shares it (so ``--set
+        # cms.chunk_sizes=...`` can change the number of levels), else one per level.
         object.__setattr__(self, "inner_lr",
-                           tuple(check_nonnegative("inner_lr", rate) for rate in rates))
+                           rates[0] if len(set(rates)) == 1 else tuple(rates))
         check_bool("frozen", self.frozen)
         if self.chunk_step is not None:
             check_positive("chunk_step", self.chunk_step)
@@ -152,16 +156,21 @@ class CMSConfig:
                           len(self.chunk_sizes))
 
     @property
+    def level_inner_lr(self) -> tuple[float, ...]:
+        """The inner learning rate eta^(l) of every level (``inner_lr`` resolved)."""
+        return _per_level("inner_lr", self.inner_lr, len(self.chunk_sizes))
+
+    @property
     def num_levels(self) -> int:
         return len(self.chunk_sizes)
 
     @property
     def learns_in_context(self) -> bool:
         """True when some level's weights can change inside a sequence."""
-        return not self.frozen and any(rate > 0 for rate in self.inner_lr)
+        return not self.frozen and any(rate > 0 for rate in self.level_inner_lr)
 
     def level_learns(self, level: int) -> bool:
-        return not self.frozen and self.inner_lr[level] > 0
+        return not self.frozen and self.level_inner_lr[level] > 0
 
 
 @state_dataclass
@@ -217,7 +226,7 @@ def step_gate(config: CMSConfig, index: int, weights: tuple[torch.Tensor, ...],
     if config.chunk_step is None:
         return None
     kappa = token_curvature(config.mlp, weights, n, activations)
-    budget = config.chunk_step / (config.inner_lr[index] * config.chunk_sizes[index])
+    budget = config.chunk_step / (config.level_inner_lr[index] * config.chunk_sizes[index])
     return torch.clamp(budget / kappa.clamp_min(torch.finfo(kappa.dtype).tiny), max=1.0)[
         ..., None]
 
@@ -269,7 +278,7 @@ def apply_boundaries(config: CMSConfig, levels: tuple[CMSLevelState, ...],
         size = config.chunk_sizes[index]
         if position % size or not config.level_learns(index) or level.accumulator is None:
             continue
-        rate = config.inner_lr[index]
+        rate = config.level_inner_lr[index]
         weights = tuple(torch.add(w, acc, alpha=-rate)
                         for w, acc in zip(level.weights, level.accumulator, strict=True))
         result[index] = CMSLevelState(weights, None)
@@ -554,7 +563,7 @@ class ContinuumMemory(nn.Module):
                     continue
                 for index in range(config.num_levels):
                     if position % config.chunk_sizes[index] == 0 and accs[index] is not None:
-                        rate = config.inner_lr[index]
+                        rate = config.level_inner_lr[index]
                         weights[index] = [w - rate * a
                                           for w, a in zip(weights[index], accs[index],
                                                           strict=True)]

@@ -97,6 +97,7 @@ class Method:
         self.options = method_options(self.name, options)
         self.seed = 0
         self.steps_per_task = 1
+        self.extra_tokens = 0  # tokens read beyond the current batch (replay), for resources
 
     def setup(self, seed: int, steps_per_task: int) -> None:
         self.seed = seed
@@ -290,6 +291,7 @@ class Replay(Method):
         if self.buffer is None or not len(self.buffer):
             return None
         old = self.buffer.sample(self.replay_batch or learner.batch_size)
+        self.extra_tokens += learner.tokens(old)
         old_logits, _ = learner.forward(old, None)
         return learner.loss(old_logits, old)
 

@@ -51,6 +51,7 @@ ROW_ARCHS: tuple[str, ...] = (*ARCHS, "hope-stacked")
 # the default model: tiny, as the synthetic tasks' (nestlearn/tasks/models.py)
 MODEL_SIZES: dict[str, Any] = {"dim": 32, "layers": 2, "heads": 2, "mlp_hidden": 64}
 MEMORY_CHUNK = 16
+POOLING = "mean"  # the classifier read-out (ClassifierConfig.pooling)
 MAG_WINDOW = 32
 STACK_CHUNKS = (16, 64)
 STACK_INNER_LR = 1e-3
@@ -170,7 +171,7 @@ def _with_lm_teach_signal(config: ModelConfig) -> ModelConfig:
 
 def build_row_model(stream: Stream, config: ModelConfig) -> nn.Module:
     if stream.kind == "classification":
-        return build_classifier(ClassifierConfig(config, stream.num_classes))
+        return build_classifier(ClassifierConfig(config, stream.num_classes, POOLING))
     return build_model(config)
 
 
@@ -255,7 +256,8 @@ def train_stream(stream: Stream, spec: RowSpec, callbacks: Sequence[StepCallback
             if hasattr(learner, "batch_scores"):
                 task_online.append(learner.batch_scores(logits, batch))
             if on_tokens is not None:
-                on_tokens(learner.tokens(batch))
+                on_tokens(learner.tokens(batch) + method.extra_tokens)
+            method.extra_tokens = 0
             data_loss = float(loss.detach())
             window.append(data_loss)
             for callback in callbacks:

@@ -108,6 +108,21 @@ def test_killed_and_resumed_fsdp_run_equals_an_uninterrupted_one_bitwise(corpus,
     assert evals == [r["loss"] for r in read_records(straight) if r["split"] == "eval"]
 
 
+@pytest.mark.slow
+def test_fsdp_windows_run_resumes_on_another_number_of_ranks(corpus, tmp_path):
+    # torch.distributed.checkpoint reshards the model and optimizer state from 2 ranks to 3
+    sets = ("train.steps=4", "data.batch_size=6", "optim.lr=0.01", FSDP)
+    straight = tmp_path / "straight"
+    train_on_gloo_ranks(tiny_config(corpus, straight, *sets))
+    resumed = tmp_path / "resumed"
+    config = tiny_config(corpus, resumed, *sets)
+    train_on_gloo_ranks(config, stop_at=2)
+    train_on_gloo_ranks(config, world_size=3, resume=True)
+    saved = json.loads((ckpt.latest_checkpoint(resumed) / ckpt.MANIFEST).read_text())
+    assert saved["payload"]["sharded"]["world_size"] == 3
+    assert _rows(resumed) == pytest.approx(_rows(straight), rel=1e-5, abs=1e-5)
+
+
 def test_fsdp_in_one_process_is_refused_and_leaves_nothing(corpus, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(NestlearnError, match=r"train.parallel: got 'fsdp' in a single "
@@ -117,7 +132,8 @@ def test_fsdp_in_one_process_is_refused_and_leaves_nothing(corpus, tmp_path):
 
 
 def test_unknown_parallel_mode_is_refused():
-    with pytest.raises(NestlearnError, match=r"train.parallel: got 'zero'; allowed: one of 'ddp', 'fsdp'"):
+    with pytest.raises(NestlearnError,
+                       match=r"train.parallel: got 'zero'; allowed: one of 'ddp', 'fsdp'"):
         apply_overrides(tiny_config("corpus.txt", "out"), ["train.parallel=zero"])
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,10 @@ def shard_model(model: nn.Module, ctx: DistContext, whole: bool) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # FSDP2 warns when a unit returns a view (an in-place change of it would skip a hook);
+    # the trainer never changes a model's outputs in place
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view",
+                            category=UserWarning)
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     if not whole:
         for name, module in model.named_modules():

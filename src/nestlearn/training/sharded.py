@@ -60,7 +60,8 @@ def check_sharding(config: Any, ctx: DistContext, teach_signal: bool,
     """Refuse what FSDP cannot run: one process, the CMS LM teach signal (its driver calls
     the model outside FSDP's hooks and rewrites gradients by hand), ``optim.levels``
     (``MultiFrequency`` keeps its own gradient sums, which ``torch.distributed.checkpoint``
-    cannot shard), the matrix optimizers (their updates need the whole matrix) and, for a
+    cannot shard), the matrix optimizers (their updates are written for whole matrices, not
+    for ``DTensor`` shards, and are not tested on them) and, for a
     model whose state holds parameters, rows reset between stream segments."""
     if ctx.world_size < 2:
         raise NestlearnError(
@@ -92,10 +93,10 @@ def state_holds_parameters(model: nn.Module) -> bool:
     init_state = getattr(model, "init_state", None)
     if not callable(init_state):
         return False
-    owned = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    owned = {p.untyped_storage().data_ptr() for p in model.parameters() if p.numel()}
     with torch.no_grad():
         state = init_state(1)
-    return any(t.untyped_storage().data_ptr() in owned for t in tensors(state))
+    return any(t.untyped_storage().data_ptr() in owned for t in tensors(state) if t.numel())
 
 
 def shard_model(model: nn.Module, ctx: DistContext, whole: bool) -> None:

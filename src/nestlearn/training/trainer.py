@@ -169,6 +169,7 @@ class Trainer:
         # stream training: the detached state the next step starts from (None: fresh)
         self.carried: Any = None
         self.step = 0
+        self.eval_steps: set[int] = set()
         self.tokens_seen = 0
         self.elapsed = 0.0
         if checkpoint is not None:
@@ -376,6 +377,7 @@ class Trainer:
         """Evaluate on rank 0 (every rank runs a sharded model's forward passes), log the
         row and keep it in the result (all ranks wait)."""
         evaluation = self.evaluate() if self.ctx.is_main or self.sharded else None
+        self.eval_steps.add(self.step)
         if evaluation is not None and self.ctx.is_main:
             self.metrics.log({"step": self.step, "split": "eval", **evaluation.to_dict()})
             self.result.evals[self.step] = evaluation.to_dict()

@@ -223,18 +223,22 @@ def _complete(tmp: Path, model: nn.Module, full: dict[str, torch.Tensor], *, ste
     ckpt.write_manifest(tmp, payload, names)
 
 
-def read_sharded_metadata(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """``{key: (shape, dtype)}`` of the tensors in a checkpoint's ``sharded/`` folder."""
+def _read_metadata(path: Path) -> Any:
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     try:
-        metadata = FileSystemReader(str(path / SHARDED_DIR)).read_metadata()
+        return FileSystemReader(str(path / SHARDED_DIR)).read_metadata()
     except Exception as err:  # torch raises several kinds for a damaged .metadata
         raise NestlearnError(f"checkpoint {path}: refused, {SHARDED_DIR}/.metadata cannot be "
                              f"read ({type(err).__name__})") from None
+
+
+def read_sharded_metadata(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """``{key: (shape, dtype)}`` of the tensors in a checkpoint's ``sharded/`` folder."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     return {key: (tuple(item.size), item.properties.dtype)
-            for key, item in metadata.state_dict_metadata.items()
+            for key, item in _read_metadata(path).state_dict_metadata.items()
             if isinstance(item, TensorStorageMetadata)}
 
 
@@ -268,9 +272,17 @@ def load_sharded_state(checkpoint: ckpt.Checkpoint, model: nn.Module,
     its ``optimizer`` (all ranks; ``torch.distributed.checkpoint`` reshards when the run
     was saved by another number of ranks)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+    # get_state_dict gives every parameter an optimizer state (a step with zero gradients at
+    # lr 0); a parameter that had none when saved (it never got a gradient) keeps none
     state = _sharded_state(model, optimizer)
+    prefix = "optimizer.state."
+    saved = {key[len(prefix):].rpartition(".")[0]
+             for key in _read_metadata(checkpoint.path).state_dict_metadata
+             if key.startswith(prefix)}
+    for name in [name for name in state["optimizer"]["state"] if name not in saved]:
+        del state["optimizer"]["state"][name]
     failure: str | None = None
     try:
         dcp.load(state, checkpoint_id=str(checkpoint.path / SHARDED_DIR))
@@ -280,5 +292,8 @@ def load_sharded_state(checkpoint: ckpt.Checkpoint, model: nn.Module,
         raise NestlearnError(f"checkpoint {checkpoint.path}: refused, its sharded state cannot "
                              f"be loaded ({failure or 'on another rank'}); allowed: a "
                              "checkpoint of the same model and optimizer")
+    # not strict: the parameters without a saved optimizer state (the model's names, shapes
+    # and dtypes were checked before, by check_sharded_model)
     set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optimizer"])
+                   optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(strict=False))

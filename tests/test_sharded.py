@@ -84,6 +84,13 @@ def test_fsdp_hope_as_one_unit_matches_one_process(corpus, tmp_path):
 
 
 @pytest.mark.slow
+def test_fsdp_stream_training_carries_each_ranks_state_as_one_process_does(corpus, tmp_path):
+    single, sharded = _single_and_sharded(corpus, tmp_path, "train.steps=3",
+                                          "data.sampling=stream", "train.state_reset=document")
+    _assert_same_training(single, sharded)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["transformer", "hope"])
 def test_killed_and_resumed_fsdp_run_equals_an_uninterrupted_one_bitwise(corpus, tmp_path, arch):
     sets = ("train.steps=6", "train.checkpoint_every=3", "train.eval_every=3",
@@ -145,8 +152,8 @@ TWO_RANKS = DistContext(rank=0, world_size=2)
      "CMS layers driven by the LM teach signal"),
     (("optim.levels=backbone.embed.*=4",), False, False, "optim.levels"),
     (("optim.name=muon",), False, False, "optim.name='muon'"),
-    (("model.arch=hope", "data.sampling=stream", "train.state_reset=document"), False, True,
-     "train.state_reset='document' and a hope model"),
+    (("model.arch=hope", "data.sampling=stream", "train.state_reset=never"), False, True,
+     "data.sampling='stream' and a hope model"),
 ])
 def test_combinations_fsdp_cannot_run_are_refused(sets, teach, holds, named):
     config = tiny_config("corpus.txt", "out", *sets, FSDP)
@@ -155,8 +162,6 @@ def test_combinations_fsdp_cannot_run_are_refused(sets, teach, holds, named):
     assert named in str(err.value)
 
 
-def test_fsdp_streams_with_state_reset_never_and_transformer_resets_are_allowed():
-    for sets, holds in ((("model.arch=hope", "data.sampling=stream", "train.state_reset=never"),
-                         True),
-                        (("data.sampling=stream",), False)):
+def test_fsdp_allows_windows_for_memory_models_and_streams_for_the_transformer():
+    for sets, holds in ((("model.arch=hope",), True), (("data.sampling=stream",), False)):
         check_sharding(tiny_config("corpus.txt", "out", *sets, FSDP), TWO_RANKS, False, holds)

@@ -13,8 +13,9 @@ those parameters as inputs of the block and reduce-scatter its gradients before 
 (they were lost: 20 parameters of a 2-layer HOPE got no gradient). As one unit its weights are
 gathered for the whole step and its gradients reduce-scattered once, at the end of the
 backward pass; at rest parameters, gradients and optimizer states stay sharded. For the same
-reason such a model trains on streams only with ``train.state_reset="never"``: a row reset
-between segments would start from a fresh state built outside the forward pass.
+reason such a model does not train on streams here: the carried state of every step passes
+gradients to the initial memories (``carried_state.reset_rows``), from outside the forward
+pass; it is refused.
 
 Checkpoints keep the folder of :mod:`nestlearn.training.checkpoint` and add ``sharded/``:
 the model and optimizer state written by ``torch.distributed.checkpoint`` (one ``.distcp``
@@ -61,8 +62,8 @@ def check_sharding(config: Any, ctx: DistContext, teach_signal: bool,
     the model outside FSDP's hooks and rewrites gradients by hand), ``optim.levels``
     (``MultiFrequency`` keeps its own gradient sums, which ``torch.distributed.checkpoint``
     cannot shard), the matrix optimizers (their updates are written for whole matrices, not
-    for ``DTensor`` shards, and are not tested on them) and, for a
-    model whose state holds parameters, rows reset between stream segments."""
+    for ``DTensor`` shards, and are not tested on them) and stream training of a model whose
+    state holds parameters."""
     if ctx.world_size < 2:
         raise NestlearnError(
             "train.parallel: got 'fsdp' in a single process; allowed: 'ddp' (the default) for "
@@ -79,13 +80,11 @@ def check_sharding(config: Any, ctx: DistContext, teach_signal: bool,
         raise NestlearnError(
             f"train.parallel: got 'fsdp' with optim.name={config.optim.name!r}; allowed: "
             f"{', '.join(SHARDED_OPTIMIZERS)} (or train.parallel='ddp' for {config.optim.name})")
-    if (holds_parameters and config.data.sampling == "stream"
-            and config.train.state_reset != "never"):
+    if holds_parameters and config.data.sampling == "stream":
         raise NestlearnError(
-            f"train.parallel: got 'fsdp' with data.sampling='stream', train.state_reset="
-            f"{config.train.state_reset!r} and a {config.model.arch} model (its fresh state "
-            "holds parameters); allowed: train.state_reset='never', data.sampling='windows' "
-            "or train.parallel='ddp'")
+            f"train.parallel: got 'fsdp' with data.sampling='stream' and a {config.model.arch} "
+            "model (its fresh state holds parameters, which the carried state passes "
+            "gradients to); allowed: data.sampling='windows', or train.parallel='ddp'")
 
 
 def state_holds_parameters(model: nn.Module) -> bool:

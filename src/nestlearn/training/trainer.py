@@ -34,7 +34,7 @@ from nestlearn.evaluate.perplexity import EvalResult, evaluate_batches, tokens_p
 from nestlearn.losses import lm_loss_sum, scored_targets
 from nestlearn.models.teaching import uses_lm_teach_signal
 from nestlearn.nn.teach_signal import stream_with_teach_signal
-from nestlearn.state import detach, to, tree_map
+from nestlearn.state import detach, to
 from nestlearn.training import checkpoint as ckpt
 from nestlearn.training.builders import (
     autocast_context,
@@ -395,11 +395,6 @@ class Trainer:
         inputs, targets = (t.to(self.ctx.device) for t in batch[:2])
         state = self._segment_state(batch[2]) if self.stream else None
         loss_sum, failure, state = self._forward(inputs, targets, state)
-        # the state carried into the next step; a sharded model's gathered weights, which a
-        # state may still hold, are freed after the backward pass: copy it now
-        carried = drop_attention_caches(detach(state)) if self.stream else None
-        if self.whole_unit and carried is not None:
-            carried = tree_map(torch.clone, carried)
         # one all-reduce per step: loss sum, scored targets, ranks that failed
         local = torch.stack([loss_sum.detach().double(), scored_targets(targets).double(),
                              torch.tensor(float(failure is not None), dtype=torch.float64,
@@ -426,7 +421,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.stream:
-            self.carried = carried
+            self.carried = drop_attention_caches(detach(state))
         self.step += 1
         self.tokens_seen += int(total_count)
         seconds = time.perf_counter() - start
@@ -440,8 +435,6 @@ class Trainer:
         if self.carried is None:
             return None
         policy = self.config.train.state_reset
-        if self.sharded and policy == "never":
-            return self.carried  # no fresh rows: nothing built outside the forward pass
         if policy == "document":
             reset = new_document
         else:

@@ -103,9 +103,10 @@ EVAL_SEED = 1_000_003  # fixed windows for periodic evaluation, independent of t
 class Trainer:
     """Builds everything a run needs; :meth:`run` trains.
 
-    Attributes tests may inspect or wrap: ``model`` (unwrapped), ``optimizer``, ``scheduler``,
-    ``sampler``, ``config`` (resolved), ``run_dir``, ``step``, ``hooks``, ``lock`` (the run
-    folder's lock, taken on rank 0 when built and released when :meth:`run` ends).
+    Attributes tests may inspect or wrap: ``model`` (not wrapped by DDP; sharded in place
+    under ``train.parallel="fsdp"``), ``optimizer``, ``scheduler``, ``sampler``, ``config``
+    (resolved), ``run_dir``, ``step``, ``hooks``, ``lock`` (the run folder's lock, taken on
+    rank 0 when built and released when :meth:`run` ends).
     """
 
     def __init__(self, config: RunConfig, *, resume: bool = False, progress: bool = True,

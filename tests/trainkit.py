@@ -51,28 +51,36 @@ def tiny_config(corpus: Path, out_dir: Path, *extra: str,
     )
 
 
-def spawned_rank(rank: int, world_size: int, port: int, config_dict: dict[str, Any]) -> None:
-    """One rank of a gloo run started by ``torch.multiprocessing.spawn``: trains the config."""
+def spawned_rank(rank: int, world_size: int, port: int, config_dict: dict[str, Any],
+                 resume: bool = False, stop_at: int | None = None) -> None:
+    """One rank of a gloo run started by ``torch.multiprocessing.spawn``: trains the config
+    (``resume`` and ``stop_at`` as for ``train``)."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from nestlearn.training import train
 
-    train(RunConfig.from_dict(config_dict), progress=False)
+    train(RunConfig.from_dict(config_dict), progress=False, resume=resume, stop_at=stop_at)
+
+
+def train_on_gloo_ranks(config: RunConfig, world_size: int = 2, resume: bool = False,
+                        stop_at: int | None = None) -> None:
+    """Train ``config`` on ``world_size`` gloo ranks spawned from this process."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(spawned_rank, args=(world_size, free_port(), config.to_dict(), resume, stop_at),
+             nprocs=world_size, join=True)
 
 
 def single_and_gloo_rows(corpus: Path, tmp_path: Path, *sets: str
                          ) -> dict[str, list[dict[str, Any]]]:
     """Train ``sets`` once in this process (``tmp_path/single``) and once on two gloo ranks
     (``tmp_path/ddp``); each run's train rows of ``metrics.jsonl``."""
-    import torch.multiprocessing as mp
-
     from nestlearn.training import train
     from nestlearn.training.metrics_log import read_records
 
     train(tiny_config(corpus, tmp_path / "single", *sets), progress=False)
-    ddp = tiny_config(corpus, tmp_path / "ddp", *sets)
-    mp.spawn(spawned_rank, args=(2, free_port(), ddp.to_dict()), nprocs=2, join=True)
+    train_on_gloo_ranks(tiny_config(corpus, tmp_path / "ddp", *sets))
     return {run: [r for r in read_records(tmp_path / run) if r["split"] == "train"]
             for run in ("single", "ddp")}
 

@@ -95,26 +95,37 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{target.name}-", dir=target.parent))
     try:
-        umask = current_umask()
-        os.chmod(staging, 0o777 & ~umask)
         yield staging
-        for file in staging.rglob("*"):
-            if file.is_file():
-                # writers such as safetensors create their files 0600 whatever the umask
-                os.chmod(file, 0o666 & ~umask)
-                fsync_path(file)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f"{REPLACED_PREFIX}{target.name}-",
-                                        dir=target.parent))
-            os.rename(target, old / target.name)
-            os.rename(staging, target)
-            shutil.rmtree(old)
-        else:
-            os.rename(staging, target)
-        fsync_path(target.parent)
+        publish_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def publish_directory(staging: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+    """The end of :func:`atomic_directory` for a staging folder written by other means (the
+    ranks of a sharded checkpoint): give every file (in subfolders too) and folder the modes
+    the umask implies, flush them, and rename ``staging`` to ``path`` (replacing an existing
+    folder). The caller removes ``staging`` if this fails."""
+    staging, target = Path(staging), Path(path)
+    umask = current_umask()
+    os.chmod(staging, 0o777 & ~umask)
+    for item in staging.rglob("*"):
+        if item.is_dir():
+            os.chmod(item, 0o777 & ~umask)
+        elif item.is_file():
+            # writers such as safetensors create their files 0600 whatever the umask
+            os.chmod(item, 0o666 & ~umask)
+            fsync_path(item)
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f"{REPLACED_PREFIX}{target.name}-",
+                                    dir=target.parent))
+        os.rename(target, old / target.name)
+        os.rename(staging, target)
+        shutil.rmtree(old)
+    else:
+        os.rename(staging, target)
+    fsync_path(target.parent)
 
 
 def remove_staging_leftovers(folder: str | os.PathLike[str]) -> None:

@@ -45,14 +45,16 @@ def _is_checkpoint(directory: Path) -> bool:
         return False
 
 
-def write_model_files(model: nn.Module, directory: str | Path) -> None:
+def write_model_files(model: nn.Module, directory: str | Path,
+                      state: dict[str, torch.Tensor] | None = None) -> None:
     """Write ``model``'s weights and ``config.json`` into the existing folder ``directory``
     (not atomic by itself: :func:`save_pretrained` and training checkpoints call it inside
-    ``nestlearn.atomic.atomic_directory``)."""
+    ``nestlearn.atomic.atomic_directory``). ``state``: the weights to write instead of
+    ``model.state_dict()`` (a sharded model's, gathered whole)."""
     kind = _kind(model)
     folder = Path(directory)
     tensors = {name: tensor.detach().to("cpu").contiguous()
-               for name, tensor in model.state_dict().items()}
+               for name, tensor in (model.state_dict() if state is None else state).items()}
     weights = folder / WEIGHTS_FILE
     save_file(tensors, str(weights), metadata={"format": FORMAT})
     meta = {

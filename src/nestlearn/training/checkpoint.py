@@ -67,6 +67,10 @@ class Checkpoint:
     rng: dict[str, Any]
     extra: dict[str, Any]
     carried: Any = None  # stream training's carried states (plain trees), else None
+    # a sharded run's checkpoint: {"folder": "sharded", "world_size": N}; its model and
+    # optimizer state are in that torch.distributed.checkpoint folder (model and optimizer
+    # above are then empty: nestlearn.training.sharded loads them)
+    sharded: dict[str, Any] | None = None
 
 
 def capture_rng() -> dict[str, Any]:
@@ -176,19 +180,24 @@ def save_checkpoint(run_dir: str | Path, *, step: int, config: dict[str, Any],
         }
         if carried_state is not None:
             payload["carried"] = carried_skeleton
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "files": {name: sha256_file(tmp / name)
-                      for name in (MODEL_FILE, MODEL_CONFIG_FILE, STATE_FILE)},
-            "payload": payload,
-            "payload_sha256": _payload_digest(payload),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        write_manifest(tmp, payload, [MODEL_FILE, MODEL_CONFIG_FILE, STATE_FILE])
     if keep is not None:
         for stale in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(stale)
     return final
+
+
+def write_manifest(folder: Path, payload: dict[str, Any], files: list[str]) -> None:
+    """``checkpoint.json`` of a checkpoint being written in ``folder``: ``payload`` and the
+    SHA-256 of each of ``files`` (paths relative to ``folder``) and of the payload."""
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "files": {name: sha256_file(folder / name) for name in files},
+        "payload": payload,
+        "payload_sha256": _payload_digest(payload),
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
 
 
 def _corrupt(path: Path, why: str) -> NestlearnError:
@@ -237,10 +246,14 @@ def read_manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read and verify a checkpoint folder (or a run folder: its latest checkpoint)."""
+    """Read and verify a checkpoint folder (or a run folder: its latest checkpoint). A sharded
+    run's checkpoint is read without its model and optimizer tensors (``Checkpoint.sharded``)."""
     path, payload = read_manifest(path)
-    tensors: dict[str, dict[str, torch.Tensor]] = {}
-    for name in (MODEL_FILE, STATE_FILE):
+    sharded = payload.get("sharded")
+    if sharded is not None and not isinstance(sharded, dict):
+        raise _corrupt(path, f"{MANIFEST} has a malformed 'sharded' entry")
+    tensors: dict[str, dict[str, torch.Tensor]] = {MODEL_FILE: {}}
+    for name in (STATE_FILE,) if sharded else (MODEL_FILE, STATE_FILE):
         file = path / name
         try:
             tensors[name] = load_file(str(file))
@@ -252,12 +265,13 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         step=int(payload["step"]),
         config=payload["config"],
         model=tensors[MODEL_FILE],
-        optimizer=unflatten(payload["optimizer"], state),
+        optimizer={} if sharded else unflatten(payload["optimizer"], state),
         scheduler=payload["scheduler"],
         sampler=unflatten(payload["sampler"], state),
         rng=unflatten(payload["rng"], state),
         extra=payload.get("extra", {}),
         carried=unflatten(payload.get("carried"), state),
+        sharded=sharded,
     )
 
 

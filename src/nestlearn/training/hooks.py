@@ -66,6 +66,7 @@ class RunningTrainer(Protocol):
     tokens_seen: int
     elapsed: float
     stop_requested: str | None
+    eval_steps: set[int]  # steps evaluated so far, the same on every rank
 
     def run_eval(self) -> None: ...
 
@@ -146,7 +147,9 @@ class EvalHook(Hook):
             trainer.run_eval()
 
     def at_end(self, trainer: RunningTrainer) -> None:
-        if trainer.result.status == "completed" and trainer.step not in trainer.result.evals:
+        # every rank decides alike (result.evals is rank 0's): an evaluation of a sharded
+        # model is collective
+        if trainer.result.status == "completed" and trainer.step not in trainer.eval_steps:
             trainer.run_eval()
 
 

@@ -51,6 +51,7 @@ SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 DTYPES: tuple[str, ...] = ("float32", "float64")
 AUTOCAST: tuple[str, ...] = ("auto", "bf16", "off")
 SAMPLINGS: tuple[str, ...] = ("windows", "stream")
+PARALLEL: tuple[str, ...] = ("ddp", "fsdp")
 
 
 @dataclass
@@ -176,6 +177,9 @@ class TrainConfig:
     out_dir: str = "runs/default"
     # DDP: parameters without a gradient must be declared; detected by a probe pass when false
     find_unused_parameters: bool = False
+    # how torchrun's processes share the model: "ddp" (a whole copy on every rank) or "fsdp"
+    # (FSDP2: parameters, gradients and optimizer states sharded; nestlearn.training.sharded)
+    parallel: str = "ddp"
     # estimate a step's memory before the first step and refuse one that cannot fit
     # (nestlearn.training.memory_budget); false: try anyway
     memory_check: bool = True
@@ -205,6 +209,7 @@ class TrainConfig:
         if not isinstance(self.out_dir, str) or not self.out_dir.strip():
             raise invalid("train.out_dir", repr(self.out_dir), "a directory path")
         check_bool("train.memory_check", self.memory_check)
+        check_choice("train.parallel", self.parallel, PARALLEL)
         reset_interval(self.state_reset)
         if self.wandb_project is not None and (not isinstance(self.wandb_project, str)
                                                or not self.wandb_project.strip()):

@@ -71,7 +71,12 @@ from nestlearn.training.failures import (
 from nestlearn.training.hooks import Hook, StepRecord, StopSignals, TrainResult, default_hooks
 from nestlearn.training.memory_budget import check_step_memory
 from nestlearn.training.metrics_log import MetricsLogger
-from nestlearn.training.nonfinite import NonFiniteGuard, find_nonfinite, nonfinite_gradient
+from nestlearn.training.nonfinite import (
+    NonFiniteGuard,
+    find_nonfinite,
+    first_nonfinite,
+    nonfinite_gradient,
+)
 from nestlearn.training.run_folder import (
     CONFIG_FILE,
     RunAlreadyComplete,
@@ -80,6 +85,16 @@ from nestlearn.training.run_folder import (
 )
 from nestlearn.training.run_lock import LOCK_FILE, RunFolderLock
 from nestlearn.training.runconfig import DataConfig, RunConfig, TrainConfig, reset_interval
+from nestlearn.training.sharded import (
+    check_sharded_model,
+    check_sharding,
+    full_value,
+    load_sharded_state,
+    local_gradients,
+    save_sharded_checkpoint,
+    shard_model,
+    state_holds_parameters,
+)
 from nestlearn.training.wandb_sink import WandbSink
 
 EVAL_SEED = 1_000_003  # fixed windows for periodic evaluation, independent of train.seed
@@ -88,9 +103,10 @@ EVAL_SEED = 1_000_003  # fixed windows for periodic evaluation, independent of t
 class Trainer:
     """Builds everything a run needs; :meth:`run` trains.
 
-    Attributes tests may inspect or wrap: ``model`` (unwrapped), ``optimizer``, ``scheduler``,
-    ``sampler``, ``config`` (resolved), ``run_dir``, ``step``, ``hooks``, ``lock`` (the run
-    folder's lock, taken on rank 0 when built and released when :meth:`run` ends).
+    Attributes tests may inspect or wrap: ``model`` (not wrapped by DDP; sharded in place
+    under ``train.parallel="fsdp"``), ``optimizer``, ``scheduler``, ``sampler``, ``config``
+    (resolved), ``run_dir``, ``step``, ``hooks``, ``lock`` (the run folder's lock, taken on
+    rank 0 when built and released when :meth:`run` ends).
     """
 
     def __init__(self, config: RunConfig, *, resume: bool = False, progress: bool = True,
@@ -133,23 +149,35 @@ class Trainer:
                                          self.config.train.steps, checkpoint.path)
 
         seed_everything(self.config.train.seed)
-        self.model = build_run_model(self.config, self.ctx.device)
+        self.sharded = self.config.train.parallel == "fsdp"
+        self.stream = self.config.data.sampling == "stream"
+        # sharded: FSDP moves each block to the device as it shards it, so the whole model
+        # is built in host memory only
+        self.model = build_run_model(self.config, torch.device("cpu") if self.sharded
+                                     else self.ctx.device)
+        self.teach_signal = uses_lm_teach_signal(self.model)
+        # sharded: True when the model is one unit, gathered for the whole step (sharded.py)
+        self.whole_unit = False
+        if self.sharded:
+            self.whole_unit = state_holds_parameters(self.model)
+            check_sharding(self.config, self.ctx, self.teach_signal, self.whole_unit)
+            shard_model(self.model, self.ctx, whole=self.whole_unit)
         self.optimizer = build_optimizer(self.config.optim, self.model, self.config.train.seed)
         self.scheduler = build_scheduler(self.config, self.optimizer)
         self._check_memory()
-        self.stream = self.config.data.sampling == "stream"
-        self.teach_signal = uses_lm_teach_signal(self.model)
         self._check_modes()
         self.sampler = self._make_sampler()
         # stream training: the detached state the next step starts from (None: fresh)
         self.carried: Any = None
         self.step = 0
+        self.eval_steps: set[int] = set()
         self.tokens_seen = 0
         self.elapsed = 0.0
         if checkpoint is not None:
             self._restore(checkpoint)
-        # the teach-signal driver calls the model itself: its gradients are averaged by hand
-        self.ddp_model = self.model if self.teach_signal else wrap_for_training(
+        # the teach-signal driver calls the model itself: its gradients are averaged by hand;
+        # a sharded model is its own wrapper
+        self.ddp_model = self.model if self.teach_signal or self.sharded else wrap_for_training(
             self.model, self.ctx, self.config.data.seq_len,
             self.config.train.find_unused_parameters)
         self.autocast = autocast_context(self.config, self.ctx.device)
@@ -253,15 +281,21 @@ class Trainer:
 
     def _restore(self, checkpoint: ckpt.Checkpoint) -> None:
         """Apply a verified checkpoint; everything is checked before anything is loaded."""
-        ckpt.check_model_tensors(checkpoint, self.model)
-        ckpt.check_optimizer_state(checkpoint, self.optimizer)
+        if self.sharded:
+            check_sharded_model(checkpoint, self.model)
+        else:
+            ckpt.check_model_tensors(checkpoint, self.model)
+            ckpt.check_optimizer_state(checkpoint, self.optimizer)
         try:
             self._make_sampler().load_state_dict(checkpoint.sampler)
         except NestlearnError as err:
             raise NestlearnError(f"checkpoint {checkpoint.path}: refused, {err}") from None
         carried = self._restored_carried(checkpoint)
-        self.model.load_state_dict(checkpoint.model)
-        self.optimizer.load_state_dict(checkpoint.optimizer)
+        if self.sharded:
+            load_sharded_state(checkpoint, self.model, self.optimizer, self.ctx)
+        else:
+            self.model.load_state_dict(checkpoint.model)
+            self.optimizer.load_state_dict(checkpoint.optimizer)
         self.scheduler.load_state_dict(checkpoint.scheduler)
         self.sampler.load_state_dict(checkpoint.sampler)
         ckpt.restore_rng(checkpoint.rng)
@@ -301,6 +335,16 @@ class Trainer:
         """Checkpoint the current step on rank 0 (all ranks wait for it)."""
         path = None
         carried = self._carried_trees()
+        if self.sharded:
+            return save_sharded_checkpoint(
+                self.run_dir, self.ctx, step=self.step, config=self.config.to_dict(),
+                model=self.model, optimizer=self.optimizer,
+                scheduler_state=self.scheduler.state_dict(),
+                sampler_state=sampler_state if sampler_state is not None
+                else self.sampler.state_dict(),
+                rng_state=rng_state if rng_state is not None else ckpt.capture_rng(),
+                extra={"tokens": self.tokens_seen, "elapsed_s": self.elapsed},
+                keep=self.config.train.keep_checkpoints, carried_state=carried)
         if self.ctx.is_main:
             path = ckpt.save_checkpoint(
                 self.run_dir, step=self.step, config=self.config.to_dict(),
@@ -331,9 +375,11 @@ class Trainer:
                                 self.ctx.device, autocast=self.autocast)
 
     def run_eval(self) -> None:
-        """Evaluate on rank 0, log the row and keep it in the result (all ranks wait)."""
-        if self.ctx.is_main:
-            evaluation = self.evaluate()
+        """Evaluate on rank 0 (every rank runs a sharded model's forward passes), log the
+        row and keep it in the result (all ranks wait)."""
+        evaluation = self.evaluate() if self.ctx.is_main or self.sharded else None
+        self.eval_steps.add(self.step)
+        if evaluation is not None and self.ctx.is_main:
             self.metrics.log({"step": self.step, "split": "eval", **evaluation.to_dict()})
             self.result.evals[self.step] = evaluation.to_dict()
         barrier(self.ctx)
@@ -368,8 +414,7 @@ class Trainer:
         (loss_sum * (self.ctx.world_size / max(total_count, 1.0))).backward()
         if self.teach_signal:
             average_gradients(self.model, self.ctx)
-        # after DDP's all-reduce every rank holds the same gradients: a local check agrees
-        bad_grad = nonfinite_gradient(self.model)
+        bad_grad = self._nonfinite_gradient()
         if bad_grad is not None:
             self.optimizer.zero_grad(set_to_none=True)
             self.guard.stop(self.step, bad_grad, loss_value, sampler_state, rng_state)
@@ -421,11 +466,22 @@ class Trainer:
             return (torch.zeros((), device=self.ctx.device), f"the forward pass ({err})",
                     None)
 
+    def _nonfinite_gradient(self) -> str | None:
+        """Where a gradient holds a NaN/Inf (the same answer on every rank), or None."""
+        if not self.sharded:
+            # after DDP's all-reduce every rank holds the same gradients: a local check agrees
+            return nonfinite_gradient(self.model)
+        found = first_nonfinite(local_gradients(self.model))  # this rank's shards
+        if not any_rank(found is not None, self.ctx):
+            return None
+        return next(f"gradient of {name}" for name in gather_objects(found, self.ctx) if name)
+
     def _clip_gradients(self) -> torch.Tensor:
-        """Clip the global gradient norm to ``train.grad_clip`` (0 = off); the norm before."""
+        """Clip the global gradient norm to ``train.grad_clip`` (0 = off); the norm before
+        (over every rank's shards for a sharded model)."""
         clip = self.config.train.grad_clip
         params = [p for p in self.model.parameters() if p.grad is not None]
-        return torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+        return full_value(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf))
 
     # -- the loop --
 

@@ -262,6 +262,16 @@ LAYERS = {
     "self-modifying-adaptive-q": self_modifying(adaptive_q=True, input_projection=False),
     "self-modifying-fixed-k-v": self_modifying(adaptive_k=False, adaptive_v=False),
     "self-modifying-chunk-start-readout": self_modifying(readout="chunk_start", chunk_size=3),
+    # equal chunks and shapes: whole chunks run with all memories stacked in one call
+    "self-modifying-stacked": self_modifying(inner_chunk_size=4),
+    "self-modifying-stacked-plain": self_modifying(inner_chunk_size=4, momentum=False,
+                                                   weight_decay=False, dgd=False, conv=False),
+    "self-modifying-stacked-v-target": self_modifying(inner_chunk_size=4, memory_target="v",
+                                                      normalize_values=True),
+    "self-modifying-stacked-adaptive-q": self_modifying(inner_chunk_size=4, adaptive_q=True,
+                                                        input_projection=False),
+    "self-modifying-stacked-fixed-k-v": self_modifying(inner_chunk_size=4, adaptive_k=False,
+                                                       adaptive_v=False, activation="tanh"),
     "neural-memory-chunk-start-readout": neural_memory(readout="chunk_start",
                                                        persistent_tokens=2),
     **{f"cms-{variant}-{mlp}": continuum_memory(variant, mlp)

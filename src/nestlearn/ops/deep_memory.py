@@ -42,6 +42,7 @@ __all__ = [
     "DeepMemoryState",
     "deep_memory",
     "deep_memory_apply",
+    "deep_memory_chunk_step",
     "deep_memory_naive",
     "deep_memory_update",
     "init_deep_memory_weights",
@@ -419,6 +420,23 @@ def deep_memory_update(state: DeepMemoryState, k: torch.Tensor, v: torch.Tensor,
         activation, dgd, True)
     return DeepMemoryState(tuple(new_weights),
                            tuple(new_momentum) if new_momentum is not None else None)
+
+
+def deep_memory_chunk_step(weights: list[torch.Tensor], momentum: list[torch.Tensor] | None,
+                           q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           alpha: torch.Tensor, eta: torch.Tensor, theta: torch.Tensor | None,
+                           *, objective: str = "l2", activation: str = "gelu", dgd: bool = False,
+                           ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor] | None]:
+    """One chunk of :func:`deep_memory`: the outputs M_t(q_t) of its tokens and the state after
+    it, every gradient taken at ``weights`` (and ``momentum``, None without theta).
+
+    For layers that drive the chunk loop themselves: tensors are heads-first (tokens
+    ``[B, H, C, D]``, gates ``[B, H, C]``, weights ``[B, H, out, in]``) and nothing is checked
+    (the caller has checked the shapes once; gate values as with ``check_values=False``).
+    """
+    out, new_weights, new_momentum = _chunk_step(
+        weights, momentum, q, k, v, alpha, eta, theta, objective, activation, dgd, True)
+    return out, new_weights, new_momentum
 
 
 @full_precision

@@ -533,8 +533,8 @@ def _stacked_chunks(config: SelfModifyingTitansConfig, weights: list[torch.Tenso
     main memory's heads read q in the same call; that output is not used), k, v and the gates
     follow as in ``_run_inner``, every memory maps v to its target (the main memory's own
     v_hat with ``memory_target="self"``) and all heads take the chunk's steps in one
-    ``deep_memory_chunk_step`` (the inner heads' queries are their keys; only the main heads'
-    outputs are kept). Runs in full precision under autocast, as the separate ops do."""
+    ``deep_memory_chunk_step`` (only the main heads are read out). Runs in full precision
+    under autocast, as the separate ops do."""
     c = config
     heads, size = c.heads, c.chunk_size
     count = len(c.inner_memories)
@@ -564,10 +564,9 @@ def _stacked_chunks(config: SelfModifyingTitansConfig, weights: list[torch.Tenso
         if c.memory_target != "self":
             targets = torch.cat([targets[:, :count * heads], v], 1)
         out, weights, momentum = deep_memory_chunk_step(
-            weights, momentum, torch.cat([k.repeat(1, count, 1, 1), q_c], 1),
-            k.repeat(1, count + 1, 1, 1), targets, alpha.repeat(1, count + 1, 1),
-            gate.repeat(1, count + 1, 1) * gate_scale, theta_c, objective="l2",
-            activation=c.activation, dgd=c.dgd)
+            weights, momentum, q_c, k.repeat(1, count + 1, 1, 1), targets,
+            alpha.repeat(1, count + 1, 1), gate.repeat(1, count + 1, 1) * gate_scale, theta_c,
+            objective="l2", activation=c.activation, dgd=c.dgd, read_heads=heads)
         outputs.append(out)
-    o = torch.cat(outputs, 2)[:, count * heads:].transpose(1, 2)
+    o = torch.cat(outputs, 2).transpose(1, 2)
     return o, weights, momentum

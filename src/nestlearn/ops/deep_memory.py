@@ -183,12 +183,13 @@ def _chunk(weights: list[torch.Tensor], momentum: list[torch.Tensor] | None,
            queries: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,
            alpha: torch.Tensor, eta: torch.Tensor, theta: torch.Tensor | None, objective: str,
            activation: str, dgd: bool, need_state: bool,
-           coeffs: _ChunkCoefficients | None = None,
+           coeffs: _ChunkCoefficients | None = None, read_heads: int | None = None,
            ) -> tuple[torch.Tensor | None, list[torch.Tensor] | None, list[torch.Tensor] | None]:
     """One chunk: outputs M_t(q_t) for its tokens and (if asked) the chunk-end state.
 
     Token tensors ``[B, H, C, D]``, gates ``[B, H, C]``, weights ``[B, H, out, in]``;
-    ``coeffs``: the chunk's gate coefficients if computed already (else from the gates).
+    ``coeffs``: the chunk's gate coefficients if computed already (else from the gates);
+    ``read_heads``: queries (and outputs) only for that many last heads (None: every head).
     """
     inputs, errors, first_pre = _key_pass(weights, keys, values, objective, activation)
     if coeffs is None:
@@ -198,16 +199,20 @@ def _chunk(weights: list[torch.Tensor], momentum: list[torch.Tensor] | None,
         pseudo = _delta_pseudo_values(momentum, keys, first_pre, errors[0], coeffs)
     out = None
     if queries is not None:
+        def read(x: torch.Tensor) -> torch.Tensor:
+            return x if read_heads is None else x[:, x.shape[1] - read_heads:]
+
         act = ACTIVATIONS[activation][0]
         hidden = queries
         for index, weight in enumerate(weights):
-            scores = hidden @ inputs[index].transpose(-1, -2)  # (a_i . x_t), [B, H, C, C]
-            pre = _row_scaled_product(coeffs.scale, hidden, weight)
-            pre = pre - (coeffs.coef * scores) @ errors[index]
+            scores = hidden @ read(inputs[index]).transpose(-1, -2)  # (a_i . x_t), [B, H, C, C]
+            pre = _row_scaled_product(read(coeffs.scale), hidden, read(weight))
+            pre = pre - (read(coeffs.coef) * scores) @ read(errors[index])
             if momentum is not None:
-                pre = pre + _row_scaled_product(coeffs.carry, hidden, momentum[index])
+                pre = pre + _row_scaled_product(read(coeffs.carry), hidden,
+                                                read(momentum[index]))
             if pseudo is not None and index == 0:
-                pre = pre - (coeffs.eta_decay * scores) @ pseudo
+                pre = pre - (read(coeffs.eta_decay) * scores) @ read(pseudo)
             hidden = act(pre) if index < len(weights) - 1 else pre
         out = queries + hidden
     if not need_state:
@@ -426,6 +431,7 @@ def deep_memory_chunk_step(weights: list[torch.Tensor], momentum: list[torch.Ten
                            q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            alpha: torch.Tensor, eta: torch.Tensor, theta: torch.Tensor | None,
                            *, objective: str = "l2", activation: str = "gelu", dgd: bool = False,
+                           read_heads: int | None = None,
                            ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor] | None]:
     """One chunk of :func:`deep_memory`: the outputs M_t(q_t) of its tokens and the state after
     it, every gradient taken at ``weights`` (and ``momentum``, None without theta).
@@ -433,9 +439,12 @@ def deep_memory_chunk_step(weights: list[torch.Tensor], momentum: list[torch.Ten
     For layers that drive the chunk loop themselves: tensors are heads-first (tokens
     ``[B, H, C, D]``, gates ``[B, H, C]``, weights ``[B, H, out, in]``) and nothing is checked
     (the caller has checked the shapes once; gate values as with ``check_values=False``).
+    ``read_heads``: ``q`` holds queries for that many last heads only, and only they are read
+    (a stack of memories of which only some are read out); None: every head.
     """
     out, new_weights, new_momentum = _chunk_step(
-        weights, momentum, q, k, v, alpha, eta, theta, objective, activation, dgd, True)
+        weights, momentum, q, k, v, alpha, eta, theta, objective, activation, dgd, True, None,
+        read_heads)
     return out, new_weights, new_momentum
 
 

@@ -10,7 +10,6 @@ import torch
 from model_cases import tiny_config
 from nestlearn.benchmarks.opcount import OpCounter, count_step, parametric_weights
 from nestlearn.cli import main
-from nestlearn.errors import NestlearnError
 
 
 def test_the_counter_counts_each_kind_of_host_read():
@@ -103,5 +102,6 @@ def test_decode_counts_are_per_token_and_sync_free(tmp_path, capsys):
 
 
 def test_negative_decode_tokens_is_refused(capsys):
-    with pytest.raises(NestlearnError, match="--decode-tokens"):
-        main(["bench", "ops-count", "--archs", "transformer", "--decode-tokens", "-1"])
+    code = main(["bench", "ops-count", "--archs", "transformer", "--decode-tokens", "-1"])
+    captured = capsys.readouterr()
+    assert code != 0 and "--decode-tokens" in captured.err + captured.out

@@ -418,7 +418,8 @@ class SelfModifyingTitans(nn.Module):
             if index == 1:
                 o, inner, memory = self._run_stacked(*part, inner, memory)
             else:
-                o, inner, memory = self._run_separate(*part, inner, memory)
+                o, inner, memory = self._run_separate(*part, inner, memory,
+                                                      token_step=length == 1)
             outputs.append(o)
         o = self.norm(outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)).flatten(2)
         if self.out_gate is not None:
@@ -443,10 +444,12 @@ class SelfModifyingTitans(nn.Module):
 
     def _run_separate(self, q: torch.Tensor | None, reads: torch.Tensor,
                       theta: torch.Tensor | None, inner: ChunkedMemoryState,
-                      memory: ChunkedMemoryState
+                      memory: ChunkedMemoryState, token_step: bool = True
                       ) -> tuple[torch.Tensor, ChunkedMemoryState, ChunkedMemoryState]:
         """Main memory outputs ``[B, T, H, Dh]`` and both states: the inner memories over their
-        chunks, then the main memory over the whole piece (each its own op calls)."""
+        chunks, then the main memory over the whole piece (each its own op calls).
+        ``token_step``: a one-token piece is the whole segment (decoding: the main memory
+        steps from its current state, ``run_chunked_memory``)."""
         c = self.config
         k, v, alpha, gate, adaptive_q, inner = self._run_inner(reads, theta, inner)
         op = deep_memory_naive if c.use_naive else deep_memory
@@ -454,8 +457,8 @@ class SelfModifyingTitans(nn.Module):
         o, memory = run_memory(op, memory, adaptive_q if adaptive_q is not None else q, k, v,
                                alpha, c.resolved_eta_max * gate, theta,
                                chunk_size=c.chunk_size, readout=c.readout, value_map=value_map,
-                               objective="l2", activation=c.activation, dgd=c.dgd,
-                               check_values=False)
+                               token_step=token_step, objective="l2", activation=c.activation,
+                               dgd=c.dgd, check_values=False)
         return o, inner, memory
 
     def _run_stacked(self, q: torch.Tensor | None, reads: torch.Tensor,

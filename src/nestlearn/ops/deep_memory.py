@@ -44,6 +44,7 @@ __all__ = [
     "deep_memory_apply",
     "deep_memory_chunk_step",
     "deep_memory_naive",
+    "deep_memory_token_step",
     "deep_memory_update",
     "init_deep_memory_weights",
 ]
@@ -446,6 +447,49 @@ def deep_memory_chunk_step(weights: list[torch.Tensor], momentum: list[torch.Ten
         weights, momentum, q, k, v, alpha, eta, theta, objective, activation, dgd, True, None,
         read_heads)
     return out, new_weights, new_momentum
+
+
+@full_precision
+def deep_memory_token_step(chunk_start: DeepMemoryState, current: DeepMemoryState,
+                           q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
+                           eta: torch.Tensor, theta: torch.Tensor | None = None, *,
+                           objective: str = "l2", activation: str = "gelu", dgd: bool = False,
+                           ) -> tuple[torch.Tensor, DeepMemoryState]:
+    """One token of :func:`deep_memory` without the chunk machinery: ``o [B, 1, H, D]`` and the
+    memory after the token.
+
+    ``chunk_start`` is the memory at the start of the token's chunk (where its gradient is
+    taken), ``current`` the memory after the chunk's earlier tokens (``chunk_start`` itself
+    for a chunk's first token); ``q, k, v`` ``[B, 1, H, D]``, gates ``[B, 1, H]``. The step is
+    the per-token recurrence of :func:`deep_memory_naive`, whose chunk-end state and outputs
+    the chunkwise form equals: G = e a^T per layer from the hand-written key pass at
+    ``chunk_start``, S <- theta S - eta G, W <- alpha W + S (with ``dgd``,
+    W_1 <- W_1 (alpha I - eta k k^T) + S_1), o = M_W(q). Nothing is checked (decoding
+    layers check their state once per call)."""
+    batch = q.shape[0]
+    start, _ = batched_state(chunk_start, batch, False)
+    weights, momentum = batched_state(current, batch, theta is not None)
+    key, query = _heads_first(k), _heads_first(q)
+    inputs, errors, _ = _key_pass(start, key, _heads_first(v), objective, activation)
+
+    def scalar(gate: torch.Tensor) -> torch.Tensor:
+        return gate.transpose(1, 2)[..., None]  # [B, 1, H] -> [B, H, 1, 1]
+
+    rate, decay = scalar(eta), scalar(alpha)
+    new_weights, new_momentum = [], []
+    for index, (weight, layer_input, error) in enumerate(zip(weights, inputs, errors,
+                                                             strict=True)):
+        step = -rate * (error.transpose(-1, -2) @ layer_input)
+        if momentum is not None:
+            step = scalar(theta) * momentum[index] + step
+            new_momentum.append(step)
+        decayed = decay * weight
+        if dgd and index == 0:
+            decayed = decayed - rate * ((weight @ key.transpose(-1, -2)) @ key)
+        new_weights.append(decayed + step)
+    out = mlp_forward(tuple(new_weights), query, activation).transpose(1, 2)
+    return out, DeepMemoryState(tuple(new_weights),
+                                tuple(new_momentum) if momentum is not None else None)
 
 
 @full_precision

@@ -538,14 +538,20 @@ class ContinuumMemory(nn.Module):
         for index, level in enumerate(levels):
             size = config.chunk_sizes[index]
             learns = config.level_learns(index)
-            source = x if config.variant == "independent" else h
+            pieces = list(boundary_pieces(position, x.shape[1], (size,)))
+            # The norm and the local target map are fixed within the segment (parameters, per
+            # token): computed once for the whole segment, cut with one split each.
+            normed = self.norms[index](x if config.variant == "independent" else h)
+            targets = (normed @ self.local_targets[str(index)].transpose(0, 1)
+                       if learns else normed)
+            sizes = [stop - start for start, stop in pieces]
             outputs, pending = [], []
-            for start, stop in boundary_pieces(position, x.shape[1], (size,)):
-                n = self.norms[index](source[:, start - position:stop - position])
+            for (_, stop), n, target in zip(pieces, normed.split(sizes, 1),
+                                            targets.split(sizes, 1), strict=True):
                 out, activations = level_forward(config.mlp, level.weights, n)
                 outputs.append(out)
                 if learns:
-                    error = self._level_error(index, n, out)
+                    error = out - target  # the local objective's error (_level_error)
                     gate = step_gate(config, index, level.weights, n, activations)
                     if gate is not None:
                         error = error * gate

@@ -213,6 +213,7 @@ def count_decode(config: ModelConfig, length: int, batch: int, tokens: int,
     return {"decode tokens": tokens, "decode ops/token": ops.total_ops / tokens,
             "decode kernels/token": ops.total_kernels / tokens,
             "decode syncs/token": ops.total_syncs / tokens,
+            "decode matmul MFLOP/token": ops.flops / tokens / 1e6,
             "decode top kernels": dict(ops.kernels.most_common(20))}
 
 

@@ -45,6 +45,7 @@ from nestlearn.nn.memory_common import (
 )
 from nestlearn.nn.memory_stream import ChunkedMemoryState, empty_chunked_state
 from nestlearn.nn.transformer import check_input
+from nestlearn.ops._chunking import segment_products
 from nestlearn.ops._deep_memory_common import batched_state, mlp_forward
 from nestlearn.ops._precision import full_precision
 from nestlearn.ops.deep_memory import (
@@ -546,10 +547,15 @@ def _stacked_chunks(config: SelfModifyingTitansConfig, weights: list[torch.Tenso
     chunks = inputs.shape[2] // size
     queries_main = ([None] * chunks if q is None
                     else list(q.transpose(1, 2).contiguous().split(size, 2)))
-    thetas = ([None] * chunks if theta is None
-              else list(theta.transpose(1, 2).repeat(1, count + 1, 1).split(size, 2)))
+    thetas, products = [None] * chunks, [None] * chunks
+    if theta is not None:
+        stacked_theta = theta.transpose(1, 2).repeat(1, count + 1, 1)
+        thetas = list(stacked_theta.split(size, 2))
+        # theta comes from a plain projection: its segment products for every chunk at once
+        products = list(segment_products(stacked_theta.unflatten(-1, (chunks, size))).unbind(2))
     outputs = []
-    for read_in, q_c, theta_c in zip(inputs.split(size, 2), queries_main, thetas, strict=True):
+    for read_in, q_c, theta_c, products_c in zip(inputs.split(size, 2), queries_main, thetas,
+                                                 products, strict=True):
         read = mlp_forward(tuple(weights), read_in, c.activation).split(heads, 1)
         k = F.normalize(read[0] if c.adaptive_k else read_in[:, :heads], dim=-1)
         v = read[1] if c.adaptive_v else read_in[:, heads:2 * heads]
@@ -569,7 +575,8 @@ def _stacked_chunks(config: SelfModifyingTitansConfig, weights: list[torch.Tenso
         out, weights, momentum = deep_memory_chunk_step(
             weights, momentum, q_c, k.repeat(1, count + 1, 1, 1), targets,
             alpha.repeat(1, count + 1, 1), gate.repeat(1, count + 1, 1) * gate_scale, theta_c,
-            objective="l2", activation=c.activation, dgd=c.dgd, read_heads=heads)
+            objective="l2", activation=c.activation, dgd=c.dgd, read_heads=heads,
+            momentum_products=products_c)
         outputs.append(out)
     o = torch.cat(outputs, 2).transpose(1, 2)
     return o, weights, momentum

@@ -67,7 +67,7 @@ class _ChunkCoefficients:
     """
 
     def __init__(self, alpha: torch.Tensor, eta: torch.Tensor, theta: torch.Tensor | None,
-                 previous: bool) -> None:
+                 previous: bool, momentum_products: torch.Tensor | None = None) -> None:
         products = segment_products(alpha)  # [..., C + 1, C + 1], indexed by positions
         eta_cols = eta[..., None, :]
         self.decay = products[..., 1:, 1:]
@@ -82,7 +82,8 @@ class _ChunkCoefficients:
             if previous:
                 self.prev_coef, self.prev_carry = self.prev_eta_decay, None
             return
-        momentum_products = segment_products(theta)
+        if momentum_products is None:
+            momentum_products = segment_products(theta)
         self.momentum_decay = momentum_products[..., 1:, 1:]
         self.theta_scale = momentum_products[..., 1:, 0]
         self.coef = (self.decay @ self.momentum_decay) * eta_cols
@@ -433,6 +434,7 @@ def deep_memory_chunk_step(weights: list[torch.Tensor], momentum: list[torch.Ten
                            alpha: torch.Tensor, eta: torch.Tensor, theta: torch.Tensor | None,
                            *, objective: str = "l2", activation: str = "gelu", dgd: bool = False,
                            read_heads: int | None = None,
+                           momentum_products: torch.Tensor | None = None,
                            ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor] | None]:
     """One chunk of :func:`deep_memory`: the outputs M_t(q_t) of its tokens and the state after
     it, every gradient taken at ``weights`` (and ``momentum``, None without theta).
@@ -442,9 +444,15 @@ def deep_memory_chunk_step(weights: list[torch.Tensor], momentum: list[torch.Ten
     (the caller has checked the shapes once; gate values as with ``check_values=False``).
     ``read_heads``: ``q`` holds queries for that many last heads only, and only they are read
     (a stack of memories of which only some are read out); None: every head.
+    ``momentum_products``: theta's segment products ``[B, H, C + 1, C + 1]`` if the caller has
+    them already (``segment_products`` of every chunk's theta in one batched call: theta does
+    not depend on the memory, unlike the other gates of a self-modifying layer).
     """
+    coeffs = None
+    if momentum_products is not None:
+        coeffs = _ChunkCoefficients(alpha, eta, theta, dgd, momentum_products)
     out, new_weights, new_momentum = _chunk_step(
-        weights, momentum, q, k, v, alpha, eta, theta, objective, activation, dgd, True, None,
+        weights, momentum, q, k, v, alpha, eta, theta, objective, activation, dgd, True, coeffs,
         read_heads)
     return out, new_weights, new_momentum
 

@@ -85,3 +85,23 @@ def test_cli_refuses_unknown_archs_and_bad_sizes(capsys):
     assert "--archs: got 'lstm'" in capsys.readouterr().err
     assert main(["bench", "ops-count", "--length", "0"]) == 2
     assert "--length: got 0" in capsys.readouterr().err
+
+
+def test_decode_counts_are_per_token_and_sync_free(tmp_path, capsys):
+    code = main(["bench", "ops-count", "--archs", "transformer", "hope", "--length", "6",
+                 "--model-dim", "16", "--model-layers", "1", "--heads", "2", "--chunk-size",
+                 "4", "--cms-chunk-sizes", "2", "4", "--vocab-size", "32", "--decode-tokens",
+                 "5", "--out", str(tmp_path)])
+    assert code == 0
+    assert "decode kernels/token" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "ops-count.json").read_text())["rows"]
+    for row in rows:
+        # one host read per generate call: its check of the prompt's ids, none per token
+        assert row["decode tokens"] == 5 and row["decode syncs/token"] * 5 == 1
+        assert 0 < row["decode kernels/token"] < row["kernels/step"]
+
+
+def test_negative_decode_tokens_is_refused(capsys):
+    code = main(["bench", "ops-count", "--archs", "transformer", "--decode-tokens", "-1"])
+    captured = capsys.readouterr()
+    assert code != 0 and "--decode-tokens" in captured.err + captured.out

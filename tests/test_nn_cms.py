@@ -481,3 +481,35 @@ def test_one_inner_rate_lets_set_change_the_number_of_levels():
     # a run config saved when every rate was stored per level still equals today's
     assert CMSConfig(dim=8, chunk_sizes=(2, 4), inner_lr=(1e-3, 1e-3)) == \
         CMSConfig(dim=8, chunk_sizes=(2, 4))
+
+
+@pytest.mark.parametrize("variant", ["sequential", "independent"])
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
+@pytest.mark.parametrize("lengths", [(13,), (1, 5, 7), (6, 6)])
+def test_level_by_level_equals_every_boundary_pieces(variant, mlp, lengths, monkeypatch):
+    # The sequential and independent variants run one level at a time, each cut only at its
+    # own boundaries; cutting every level at every boundary (the nested variant's path) gives
+    # the same outputs, states and gradients in float64, the step ceiling included.
+    layer = make_layer(variant, mlp, chunk_step=1.0)
+    reference = make_layer(variant, mlp, chunk_step=1.0)
+    monkeypatch.setattr(reference, "_run_levels", reference._run_pieces)
+    calls = []
+    monkeypatch.setattr(layer, "_run_pieces", lambda *args: calls.append(args))
+
+    def run(module):
+        x = random_input(sum(lengths)).requires_grad_()
+        outputs, state, start = [], None, 0
+        for size in lengths:
+            y, state = module(x[:, start:start + size], state)
+            outputs.append(y)
+            start += size
+        y = torch.cat(outputs, 1)
+        return y, state, torch.autograd.grad(y.pow(2).sum(), [x, *module.parameters()])
+
+    y, state, grads = run(layer)
+    y_ref, state_ref, grads_ref = run(reference)
+    assert not calls
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    assert_states_close(state, state_ref)
+    for got, want in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

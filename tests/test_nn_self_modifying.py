@@ -191,3 +191,69 @@ def test_self_target_main_memory_learns_its_own_output_of_v():
     expected = deep_memory_apply(chunk_start.weights, v)
     torch.testing.assert_close(state.memory.values, expected, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(state.memory.values, v)
+
+
+def run_with_grads(layer, x, lengths):
+    """Outputs, final state and gradients (input, every parameter, final state's tensors
+    reached through a probe loss) of ``layer`` over ``x`` cut into ``lengths``."""
+    x = x.clone().requires_grad_()
+    outputs, state, start = [], None, 0
+    for size in lengths:
+        y, state = layer(x[:, start:start + size], state)
+        outputs.append(y)
+        start += size
+    y = torch.cat(outputs, 1)
+    leaves = [t for t in (*state.inner.chunk_start.weights, *state.memory.chunk_start.weights,
+                          *(state.inner.chunk_start.momentum or ()),
+                          *(state.memory.chunk_start.momentum or ()))]
+    loss = y.pow(2).sum() + sum((t * t.detach().sin()).sum() for t in leaves)
+    grads = torch.autograd.grad(loss, [x, *layer.parameters()])
+    return y, state, grads
+
+
+def separate_only(layer, monkeypatch):
+    """The layer with its stacked path switched off (every token through the separate ops)."""
+    monkeypatch.setattr(layer, "_stacked_span", lambda inner, memory, length: (0, 0, length))
+    return layer
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"momentum": False, "weight_decay": False, "dgd": False},
+    {"memory_target": "v", "normalize_values": True},
+    {"adaptive_q": True},
+    {"adaptive_k": False, "adaptive_v": False, "activation": "silu", "depth": 3,
+     "inner_depth": 3},
+])
+@pytest.mark.parametrize("lengths", [(13,), (2, 9, 2), (4, 8)])
+def test_stacked_memories_equal_separate_ops(overrides, lengths, monkeypatch):
+    # equal chunks and shapes: whole chunks run as one stacked memory; the separate per-memory
+    # path must give the same outputs, state and gradients (float64)
+    options = {"inner_chunk_size": 4, **overrides}
+    stacked = make(**options)
+    separate = separate_only(make(**options), monkeypatch)
+    assert stacked._stacked_span(stacked.init_state(2).inner, stacked.init_state(2).memory,
+                                 13)[1] == 12
+    x = inputs(length=sum(lengths))
+    y, state, grads = run_with_grads(stacked, x, lengths)
+    y_ref, state_ref, grads_ref = run_with_grads(separate, x, lengths)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    for got, want in zip(torch.utils._pytree.tree_leaves(state),
+                         torch.utils._pytree.tree_leaves(state_ref), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    names = ["input", *(name for name, _ in stacked.named_parameters())]
+    for name, got, want in zip(names, grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_stacked_path_only_where_chunks_and_shapes_agree():
+    state = make().init_state(1)
+    assert make()._stacked_span(state.inner, state.memory, 12) == (0, 0, 12)  # chunks 4 and 3
+    assert make(inner_chunk_size=4, expansion=3)._stacked_span(
+        state.inner, state.memory, 12) == (0, 0, 12)
+    assert make(inner_chunk_size=4, readout="chunk_start")._stacked_span(
+        state.inner, state.memory, 12) == (0, 0, 12)
+    layer = make(inner_chunk_size=4)
+    _, partial = layer(inputs(batch=1, length=3))
+    assert layer._stacked_span(partial.inner, partial.memory, 10) == (1, 8, 1)
+    assert layer._stacked_span(partial.inner, partial.memory, 2) == (1, 0, 1)

@@ -12,6 +12,7 @@ from nestlearn.ops.deep_memory import (
     DeepMemoryState,
     deep_memory,
     deep_memory_apply,
+    deep_memory_chunk_step,
     deep_memory_naive,
     deep_memory_update,
     init_deep_memory_weights,
@@ -370,3 +371,30 @@ def test_update_and_apply_reject_bad_input():
         deep_memory_apply(case["weights"], case["q"][0])
     with pytest.raises(NestlearnError, match=r"^weights\[0\]"):
         deep_memory_apply((case["weights"][0][..., :2], case["weights"][1]), case["q"])
+
+
+@pytest.mark.parametrize("dgd", [True, False])
+def test_chunk_step_is_one_chunk_of_the_op_and_reads_only_the_last_heads(dgd):
+    # the layer-driven chunk step on heads-first tensors equals deep_memory over one chunk;
+    # read_heads=1 reads out only the last head, given theta's segment products or not
+    from nestlearn.ops._chunking import segment_products
+
+    case = make_case(length=5, heads=3, batched_weights=True)
+    out_ref, state_ref = run(deep_memory, case, chunk_size=5, dgd=dgd)
+
+    def first(x):
+        return x.transpose(1, 2).contiguous()
+
+    gates = [first(case[name]) for name in ("alpha", "eta", "theta")]
+    for read_heads, products in ((None, None), (1, segment_products(gates[2]))):
+        queries = first(case["q"]) if read_heads is None else first(case["q"])[:, -1:]
+        out, weights, momentum = deep_memory_chunk_step(
+            list(case["weights"]), list(case["momentum"]), queries, first(case["k"]),
+            first(case["v"]), *gates, dgd=dgd, read_heads=read_heads,
+            momentum_products=products)
+        want = out_ref.transpose(1, 2)
+        want = want if read_heads is None else want[:, -1:]
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+        for got, ref in zip([*weights, *momentum], [*state_ref.weights, *state_ref.momentum],
+                            strict=True):
+            torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)

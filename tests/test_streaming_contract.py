@@ -262,6 +262,16 @@ LAYERS = {
     "self-modifying-adaptive-q": self_modifying(adaptive_q=True, input_projection=False),
     "self-modifying-fixed-k-v": self_modifying(adaptive_k=False, adaptive_v=False),
     "self-modifying-chunk-start-readout": self_modifying(readout="chunk_start", chunk_size=3),
+    # equal chunks and shapes: whole chunks run with all memories stacked in one call
+    "self-modifying-stacked": self_modifying(inner_chunk_size=4),
+    "self-modifying-stacked-plain": self_modifying(inner_chunk_size=4, momentum=False,
+                                                   weight_decay=False, dgd=False, conv=False),
+    "self-modifying-stacked-v-target": self_modifying(inner_chunk_size=4, memory_target="v",
+                                                      normalize_values=True),
+    "self-modifying-stacked-adaptive-q": self_modifying(inner_chunk_size=4, adaptive_q=True,
+                                                        input_projection=False),
+    "self-modifying-stacked-fixed-k-v": self_modifying(inner_chunk_size=4, adaptive_k=False,
+                                                       adaptive_v=False, activation="tanh"),
     "neural-memory-chunk-start-readout": neural_memory(readout="chunk_start",
                                                        persistent_tokens=2),
     **{f"cms-{variant}-{mlp}": continuum_memory(variant, mlp)
@@ -400,15 +410,23 @@ def test_gradients_reach_the_state_a_segment_starts_from(name):
     initial = initial_memories(module)
     assert bool(initial) == (name not in WITHOUT_INITIAL_MEMORIES), sorted(initial)
 
-    # Every tensor of the passed state shapes the next segment's loss.
+    # Every tensor of the passed state shapes the next segment's loss: the memory after the
+    # pending tokens (".current") that of a one-token segment, the only kind that reads it
+    # (longer ones replay the pending tokens from the chunk start; with the chunk-start
+    # read-out it reaches the one-token segment's state, not its output), the rest a longer
+    # one's.
     leaf_state = map_tensors(state, lambda t: t.detach().requires_grad_(t.is_floating_point()))
-    y, _ = module(second_input, leaf_state)
     state_leaves = [(path, t) for path, t in leaves(leaf_state)
                     if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
-    grads = torch.autograd.grad(probe_loss(y, None), [t for _, t in state_leaves],
-                                allow_unused=True)
-    for (path, _), grad in zip(state_leaves, grads, strict=True):
-        assert grad is not None and grad.abs().max() > 0, path
+    for single in (False, True):
+        read = [(path, t) for path, t in state_leaves if (".current" in path) == single]
+        if not read:
+            continue
+        y, after = module(second_input[:, :1] if single else second_input, leaf_state)
+        grads = torch.autograd.grad(probe_loss(y, after if single else None),
+                                    [t for _, t in read], allow_unused=True)
+        for (path, _), grad in zip(read, grads, strict=True):
+            assert grad is not None and grad.abs().max() > 0, path
 
     # Through the state, the second segment's loss reaches the first segment's input and the
     # meta-learned initial memories; cut the state and it reaches neither.

@@ -18,6 +18,12 @@ dispatch mode that records every aten op it issues, the backward's included. Rep
   parametric part: attention and the in-context memories' reads and updates, the CMS levels'
   updates. CMS levels' weights count as parametric: every token is multiplied by them.
 
+With ``--decode-tokens N`` it also counts generation: after reading a prompt of T tokens,
+``nestlearn.models.generate`` (greedy) reads the prompt's last token and N - 1 new ones, one
+forward each, with the state carried: ``decode kernels/token`` is that count over N (forward
+only, no backward), ``decode syncs/token`` the host reads among them (generate reads the
+prompt's id range once per call: 1/N).
+
 With ``--timing`` (off by default: it needs a quiet machine) it also times the step and this
 machine's fp32 matmul rate, and reports the fraction of that rate the step achieves.
 """
@@ -56,6 +62,7 @@ METADATA_OPS = frozenset({"_unsafe_view", "lift_fresh"})
 
 COLUMNS = ["arch", "params", "T", "ops/step", "kernels/step", "syncs/step", "kernels/token",
            "param GFLOP/tok", "in-context GFLOP/tok"]
+DECODE_COLUMNS = ["decode kernels/token", "decode syncs/token"]
 TIMING_COLUMNS = ["tok/s", "GFLOP/s", "fraction of matmul rate"]
 
 
@@ -189,6 +196,27 @@ def count_step(config: ModelConfig, length: int, batch: int, seed: int = 0) -> d
             "top kernels": dict(ops.kernels.most_common(20))}
 
 
+def count_decode(config: ModelConfig, length: int, batch: int, tokens: int,
+                 seed: int = 0) -> dict[str, Any]:
+    """Kernels and syncs per token of greedy generation after a prompt of ``length`` tokens
+    (see the module doc): ``tokens`` forwards of one token each, the state carried."""
+    from nestlearn.models.generation import generate
+
+    torch.manual_seed(seed)
+    model = build_model(config).eval()
+    ids = torch.randint(0, config.vocab_size, (batch, length),
+                        generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        state = model(ids[:, :-1])[1] if length > 1 else None
+        with OpCounter() as ops:
+            generate(model, ids[:, -1:], tokens, temperature=0, state=state)
+    return {"decode tokens": tokens, "decode ops/token": ops.total_ops / tokens,
+            "decode kernels/token": ops.total_kernels / tokens,
+            "decode syncs/token": ops.total_syncs / tokens,
+            "decode matmul MFLOP/token": ops.flops / tokens / 1e6,
+            "decode top kernels": dict(ops.kernels.most_common(20))}
+
+
 def matmul_rate(size: int = 1024, repeats: int = 5) -> float:
     """This machine's fp32 matmul rate in FLOP/s (median of ``repeats`` square matmuls)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
@@ -221,6 +249,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=int, default=512,
                         help="sliding window of titans-mag's attention (default: 512)")
     parser.add_argument("--vocab-size", type=int, default=256, help="vocabulary (default: 256)")
+    parser.add_argument("--decode-tokens", type=int, default=0,
+                        help="also count greedy generation of this many tokens after a "
+                             "prompt of --length tokens, per token (default: 0, off)")
     parser.add_argument("--timing", action="store_true",
                         help="also time each step and the fp32 matmul rate (needs a quiet "
                              "machine; counts alone are deterministic)")
@@ -249,6 +280,8 @@ def _check_args(args: argparse.Namespace) -> None:
     for name in args.archs:
         if name not in ARCHS:
             raise invalid("--archs", repr(name), f"names from {', '.join(ARCHS)}")
+    if isinstance(args.decode_tokens, bool) or args.decode_tokens < 0:
+        raise invalid("--decode-tokens", args.decode_tokens, "an integer >= 0 (0 = off)")
     for name in ("length", "batch", "model_dim", "model_layers", "heads", "chunk_size",
                  "cms_chunk_sizes", "window", "vocab_size", "repeats", "threads"):
         value = getattr(args, name)
@@ -269,6 +302,8 @@ def run(args: argparse.Namespace) -> int:
         progress(f"ops-count {arch} T={args.length}")
         row = count_step(config, args.length, args.batch)
         row["threads"] = torch.get_num_threads()
+        if args.decode_tokens:
+            row.update(count_decode(config, args.length, args.batch, args.decode_tokens))
         if rate is not None:
             seconds = time_step(config, args.length, args.batch, args.repeats)
             achieved = row["matmul GFLOP/step"] * 1e9 / seconds
@@ -276,7 +311,8 @@ def run(args: argparse.Namespace) -> int:
                         "GFLOP/s": achieved / 1e9, "fraction of matmul rate": achieved / rate,
                         "matmul GFLOP/s": rate / 1e9})
         rows.append(row)
-    write_report("ops-count", rows, COLUMNS + (TIMING_COLUMNS if rate is not None else []),
-                 args.out)
+    columns = (COLUMNS + (DECODE_COLUMNS if args.decode_tokens else [])
+               + (TIMING_COLUMNS if rate is not None else []))
+    write_report("ops-count", rows, columns, args.out)
     print(f"done in {time.perf_counter() - started:.1f} s")
     return 0

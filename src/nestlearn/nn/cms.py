@@ -256,6 +256,23 @@ def _flush(levels: tuple[CMSLevelState, ...], pending: list[list[Factors]],
     return tuple(result)
 
 
+def _flush_one(level: CMSLevelState, pieces: list[Factors]) -> CMSLevelState:
+    """``_flush`` of one level: its pending pieces' gradient factors added to its
+    accumulator."""
+    return _flush((level,), [pieces], (0,))[0]
+
+
+def _level_step(config: CMSConfig, index: int, level: CMSLevelState) -> CMSLevelState:
+    """What ``apply_boundaries`` does to level ``index`` (not nested) at one of its chunk
+    ends: the step ``theta <- theta - eta * accumulator``, the accumulator cleared."""
+    if config.frozen or not config.level_learns(index) or level.accumulator is None:
+        return level
+    rate = config.level_inner_lr[index]
+    return CMSLevelState(tuple(torch.add(w, acc, alpha=-rate)
+                               for w, acc in zip(level.weights, level.accumulator, strict=True)),
+                         None)
+
+
 def _accumulate(level: CMSLevelState, grads: tuple[torch.Tensor, ...]) -> CMSLevelState:
     total = grads if level.accumulator is None else tuple(
         acc + grad for acc, grad in zip(level.accumulator, grads, strict=True))
@@ -485,12 +502,23 @@ class ContinuumMemory(nn.Module):
             y, _ = self._run_piece(x, levels, local=False)
             return y, ContinuumMemoryState(config, state.position + x.shape[1],
                                            state.batch_size, levels)
+        run = self._run_pieces if config.variant == "nested" else self._run_levels
+        y, levels = run(x, levels, state.position)
+        return y, ContinuumMemoryState(config, state.position + x.shape[1], state.batch_size,
+                                       levels)
+
+    def _run_pieces(self, x: torch.Tensor, levels: tuple[CMSLevelState, ...], position: int
+                    ) -> tuple[torch.Tensor, tuple[CMSLevelState, ...]]:
+        """The local-signal forward cut at every level's chunk boundaries, all levels per
+        piece (what the nested variant needs: a level restarts from a slower level's new
+        weights)."""
+        config = self.config
         outputs = []
         # Gradient factors of the pieces since each level's last boundary: summed in one
         # matmul per weight when the level changes (or at the end of the segment).
         pending: list[list[Factors]] = [[] for _ in levels]
-        for start, stop in boundary_pieces(state.position, x.shape[1], config.chunk_sizes):
-            piece = x[:, start - state.position:stop - state.position]
+        for start, stop in boundary_pieces(position, x.shape[1], config.chunk_sizes):
+            piece = x[:, start - position:stop - position]
             y, factors = self._run_piece(piece, levels, local=True)
             outputs.append(y)
             for index, piece_factors in enumerate(factors):
@@ -501,9 +529,54 @@ class ContinuumMemory(nn.Module):
             levels = _flush(levels, pending, changing)
             levels = apply_boundaries(config, levels, stop)
         levels = _flush(levels, pending, range(config.num_levels))
-        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-        return y, ContinuumMemoryState(config, state.position + x.shape[1], state.batch_size,
-                                       levels)
+        return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), levels
+
+    def _run_levels(self, x: torch.Tensor, levels: tuple[CMSLevelState, ...], position: int
+                    ) -> tuple[torch.Tensor, tuple[CMSLevelState, ...]]:
+        """The local-signal forward of the sequential and independent variants, one level at
+        a time over the whole segment, each cut only at its own chunk boundaries.
+
+        No level reads a slower level (each reads x or the faster levels' sum) and, outside
+        the nested variant, none takes another's weights, so a level's inputs over the whole
+        segment are known before it runs: the same pieces' outputs and updates as cutting
+        every level at every level's boundaries, with one call per chunk of each level
+        instead of one per chunk of the fastest."""
+        config = self.config
+        result = list(levels)
+        h, mixed = x, None
+        for index, level in enumerate(levels):
+            size = config.chunk_sizes[index]
+            learns = config.level_learns(index)
+            pieces = list(boundary_pieces(position, x.shape[1], (size,)))
+            # The norm and the local target map are fixed within the segment (parameters, per
+            # token): computed once for the whole segment, cut with one split each.
+            normed = self.norms[index](x if config.variant == "independent" else h)
+            targets = (normed @ self.local_targets[str(index)].transpose(0, 1)
+                       if learns else normed)
+            sizes = [stop - start for start, stop in pieces]
+            outputs, pending = [], []
+            for (_, stop), n, target in zip(pieces, normed.split(sizes, 1),
+                                            targets.split(sizes, 1), strict=True):
+                out, activations = level_forward(config.mlp, level.weights, n)
+                outputs.append(out)
+                if learns:
+                    error = out - target  # the local objective's error (_level_error)
+                    gate = step_gate(config, index, level.weights, n, activations)
+                    if gate is not None:
+                        error = error * gate
+                    pending.append(level_grad_factors(config.mlp, level.weights, n,
+                                                      activations, error))
+                if stop % size == 0:
+                    level = _level_step(config, index, _flush_one(level, pending))
+                    pending = []
+            result[index] = _flush_one(level, pending)
+            out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+            if config.variant == "independent":
+                term = self.mix[index] * out
+                mixed = term if mixed is None else mixed + term
+            else:
+                h = h + out
+        return (x + mixed if config.variant == "independent" else h), tuple(result)
 
     def forward_naive(self, x: torch.Tensor, state: ContinuumMemoryState | None = None, *,
                       teach_hook: TeachHook | None = None

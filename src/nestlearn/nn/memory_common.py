@@ -147,18 +147,21 @@ def check_tail(tail: torch.Tensor | None, conv: CausalDepthwiseConv | None, batc
 def run_memory(op: MemoryOp, state: ChunkedMemoryState, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor, alpha: torch.Tensor, eta: torch.Tensor,
                theta: torch.Tensor | None, *, chunk_size: int, readout: str, activation: str,
-               value_map: ValueMap | None = None, **op_kwargs: object
-               ) -> tuple[torch.Tensor, ChunkedMemoryState]:
+               value_map: ValueMap | None = None, token_step: bool = True,
+               **op_kwargs: object) -> tuple[torch.Tensor, ChunkedMemoryState]:
     """``run_chunked_memory`` with the read-out time ``readout`` (``READOUTS``).
 
     ``"chunk_start"`` reads each token with the memory at the start of its chunk (Eq. 90):
     the stream is cut at chunk boundaries, each piece is read by ``deep_memory_apply`` from
     the piece's chunk-start weights and written by ``op`` (whose own outputs are dropped), so
-    the memory's trajectory is the same as with ``"after_update"``.
+    the memory's trajectory is the same as with ``"after_update"``. ``token_step``: as in
+    ``run_chunked_memory`` (False for a piece of a longer segment).
     """
+    token_step = token_step and k.shape[1] == 1
     if readout == "after_update":
         return run_chunked_memory(op, state, q, k, v, alpha, eta, theta, chunk_size=chunk_size,
-                                  value_map=value_map, activation=activation, **op_kwargs)
+                                  value_map=value_map, token_step=token_step,
+                                  activation=activation, **op_kwargs)
     outputs = []
     start = 0
     while start < k.shape[1]:
@@ -169,6 +172,6 @@ def run_memory(op: MemoryOp, state: ChunkedMemoryState, q: torch.Tensor, k: torc
         _, state = run_chunked_memory(
             op, state, q[:, piece], k[:, piece], v[:, piece], alpha[:, piece], eta[:, piece],
             None if theta is None else theta[:, piece], chunk_size=chunk_size,
-            value_map=value_map, activation=activation, **op_kwargs)
+            value_map=value_map, token_step=token_step, activation=activation, **op_kwargs)
         start = stop
     return torch.cat(outputs, 1), state

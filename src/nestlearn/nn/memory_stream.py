@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 
 from nestlearn.errors import invalid
-from nestlearn.ops.deep_memory import DeepMemoryState
+from nestlearn.ops.deep_memory import DeepMemoryState, deep_memory, deep_memory_token_step
 from nestlearn.state import TreeState, state_dataclass
 
 
@@ -27,7 +27,11 @@ class ChunkedMemoryState(TreeState):
     ``chunk_start`` is the memory at that chunk's start: its weights are ``[B, H, out, in]``
     (or ``[H, out, in]`` meta-learned initial weights, shared by the batch). ``keys``,
     ``values`` are ``[B, r, H, D]`` and ``alpha``, ``eta``, ``theta`` are ``[B, r, H]``
-    (``theta`` is None without momentum), with ``r < chunk_size``.
+    (``theta`` is None without momentum), with ``r < chunk_size``. ``current`` is the memory
+    after those r tokens (the one that reads the next token; None when r = 0, where it is
+    ``chunk_start``): a one-token segment (decoding) takes the per-token step
+    ``deep_memory_token_step`` from it instead of replaying the r tokens through the chunkwise
+    op. Longer segments replay the pending tokens from ``chunk_start`` and do not read it.
     """
 
     chunk_start: DeepMemoryState
@@ -36,6 +40,7 @@ class ChunkedMemoryState(TreeState):
     alpha: torch.Tensor
     eta: torch.Tensor
     theta: torch.Tensor | None
+    current: DeepMemoryState | None = None
 
     @property
     def pending(self) -> int:
@@ -56,6 +61,9 @@ class ChunkedMemoryState(TreeState):
         if (self.theta is None) == momentum:
             raise invalid(f"{name}.theta", "None" if self.theta is None else "a tensor",
                           "a tensor with momentum, None without (a state from another config)")
+        if self.current is not None and not isinstance(self.current, DeepMemoryState):
+            raise invalid(f"{name}.current", type(self.current).__name__,
+                          "None or a DeepMemoryState")
         for index, weight in enumerate(self.chunk_start.weights):
             if weight.dim() == 4 and weight.shape[0] != batch:
                 raise invalid(f"{name}.chunk_start.weights[{index}].shape", tuple(weight.shape),
@@ -82,7 +90,8 @@ ValueMap = Callable[[DeepMemoryState, torch.Tensor], torch.Tensor]
 def run_chunked_memory(op: MemoryOp, state: ChunkedMemoryState, q: torch.Tensor, k: torch.Tensor,
                        v: torch.Tensor, alpha: torch.Tensor, eta: torch.Tensor,
                        theta: torch.Tensor | None, *, chunk_size: int,
-                       value_map: ValueMap | None = None, **op_kwargs: object
+                       value_map: ValueMap | None = None, token_step: bool = True,
+                       **op_kwargs: object
                        ) -> tuple[torch.Tensor, ChunkedMemoryState]:
     """Outputs ``o [B, T, H, D]`` of ``op`` for the new tokens and the state after them.
 
@@ -90,6 +99,9 @@ def run_chunked_memory(op: MemoryOp, state: ChunkedMemoryState, q: torch.Tensor,
     start of the stream, whatever the segment boundaries. ``value_map(memory, v)``, if given,
     turns each chunk's values into the values the memory learns, from the memory at the
     chunk's start (self-generated targets v_hat = M(v), docs/paper.md section 5).
+    A one-token segment with ``token_step`` takes the per-token step (no replay; see
+    ``ChunkedMemoryState.current``); callers that cut a longer segment into pieces pass
+    False for its pieces, which then read the state as the whole segment would.
     """
     if value_map is not None:
         outputs = []
@@ -101,10 +113,13 @@ def run_chunked_memory(op: MemoryOp, state: ChunkedMemoryState, q: torch.Tensor,
             out, state = run_chunked_memory(
                 op, state, q[:, piece], k[:, piece], value_map(state.chunk_start, v[:, piece]),
                 alpha[:, piece], eta[:, piece], None if theta is None else theta[:, piece],
-                chunk_size=chunk_size, **op_kwargs)
+                chunk_size=chunk_size, token_step=token_step and k.shape[1] == 1, **op_kwargs)
             outputs.append(out)
             start = stop
         return torch.cat(outputs, 1), state
+    if (token_step and k.shape[1] == 1 and op is deep_memory
+            and (state.current is not None or state.pending == 0)):
+        return _token_step(state, q, k, v, alpha, eta, theta, chunk_size, op_kwargs)
     replayed = state.pending
     keys = torch.cat([state.keys, k], 1)
     values = torch.cat([state.values, v], 1)
@@ -128,11 +143,37 @@ def run_chunked_memory(op: MemoryOp, state: ChunkedMemoryState, q: torch.Tensor,
     if complete > 0:
         out, memory = run(0, complete, memory, True)
         outputs.append(out)
+    current = None
     if total > complete:
-        out, _ = run(complete, total, memory, False)
+        # also the memory after the pending tokens: a next one-token segment steps from it
+        out, current = run(complete, total, memory, True)
         outputs.append(out)
     o = torch.cat(outputs, 1)[:, replayed:]
     new_state = ChunkedMemoryState(
         memory, keys[:, complete:], values[:, complete:], alphas[:, complete:],
-        etas[:, complete:], None if thetas is None else thetas[:, complete:])
+        etas[:, complete:], None if thetas is None else thetas[:, complete:], current)
     return o, new_state
+
+
+def _token_step(state: ChunkedMemoryState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                alpha: torch.Tensor, eta: torch.Tensor, theta: torch.Tensor | None,
+                chunk_size: int, op_kwargs: dict[str, object]
+                ) -> tuple[torch.Tensor, ChunkedMemoryState]:
+    """``run_chunked_memory`` of one token from ``state.current``: no replay of the pending
+    tokens; the token joins them, or ends the chunk and its memory starts the next."""
+    options = {name: op_kwargs[name] for name in ("objective", "activation", "dgd")
+               if name in op_kwargs}
+    previous = state.current if state.current is not None else state.chunk_start
+    o, current = deep_memory_token_step(state.chunk_start, previous, q, k, v, alpha, eta, theta,
+                                        **options)
+    keys = torch.cat([state.keys, k], 1)
+    values = torch.cat([state.values, v], 1)
+    alphas = torch.cat([state.alpha, alpha], 1)
+    etas = torch.cat([state.eta, eta], 1)
+    thetas = None if theta is None else torch.cat([state.theta, theta], 1)
+    if keys.shape[1] < chunk_size:
+        return o, ChunkedMemoryState(state.chunk_start, keys, values, alphas, etas, thetas,
+                                     current)
+    kept = slice(chunk_size, None)  # the chunk is complete: nothing pending
+    return o, ChunkedMemoryState(current, keys[:, kept], values[:, kept], alphas[:, kept],
+                                 etas[:, kept], None if thetas is None else thetas[:, kept])

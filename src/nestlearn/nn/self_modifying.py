@@ -45,10 +45,14 @@ from nestlearn.nn.memory_common import (
 )
 from nestlearn.nn.memory_stream import ChunkedMemoryState, empty_chunked_state
 from nestlearn.nn.transformer import check_input
+from nestlearn.ops._chunking import segment_products
+from nestlearn.ops._deep_memory_common import batched_state, mlp_forward
+from nestlearn.ops._precision import full_precision
 from nestlearn.ops.deep_memory import (
     DeepMemoryState,
     deep_memory,
     deep_memory_apply,
+    deep_memory_chunk_step,
     deep_memory_naive,
     deep_memory_update,
     init_deep_memory_weights,
@@ -406,14 +410,173 @@ class SelfModifyingTitans(nn.Module):
         state.memory.check("state.memory", batch, c.heads, c.head_dim, x.dtype, c.chunk_size,
                            c.momentum)
         check_tail(state.conv_tail, self.conv, batch)
-        (q, k, v, alpha, eta, theta), inner, tail = self.memory_inputs(x, state)
-        op = deep_memory_naive if c.use_naive else deep_memory
-        value_map = self._self_targets if c.memory_target == "self" else None
-        o, memory = run_memory(op, state.memory, q, k, v, alpha, eta,
-                               theta, chunk_size=c.chunk_size, readout=c.readout,
-                               value_map=value_map, objective="l2", activation=c.activation,
-                               dgd=c.dgd, check_values=False)
-        o = self.norm(o).flatten(2)
+        q, reads, tail = self._features(x, state.conv_tail)
+        theta = torch.sigmoid(self.theta(x)) if self.theta is not None else None
+        inner, memory = state.inner, state.memory
+        sizes = self._stacked_span(inner, memory, length)
+        outputs = []
+        for index, part in _split_time(sizes, q, reads, theta):
+            if index == 1:
+                o, inner, memory = self._run_stacked(*part, inner, memory)
+            else:
+                o, inner, memory = self._run_separate(*part, inner, memory,
+                                                      token_step=length == 1)
+            outputs.append(o)
+        o = self.norm(outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)).flatten(2)
         if self.out_gate is not None:
             o = o * F.silu(self.out_gate(x))
         return self.out(o), SelfModifyingTitansState(inner, memory, tail, state.position + length)
+
+    def _stacked_span(self, inner: ChunkedMemoryState, memory: ChunkedMemoryState,
+                      length: int) -> tuple[int, int, int]:
+        """Token counts ``(head, stacked, rest)`` of the segment: the whole chunks in the middle
+        run through ``_run_stacked`` when the main and inner memories share their chunk and
+        their shapes, the pieces before and after them (and everything otherwise) through
+        ``_run_separate``."""
+        c = self.config
+        stackable = (not c.use_naive and c.readout == "after_update"
+                     and c.chunk_size == c.inner_chunk_size and c.depth == c.inner_depth
+                     and c.expansion == c.inner_expansion and inner.pending == memory.pending)
+        if not stackable:
+            return 0, 0, length
+        head = min(length, (c.chunk_size - inner.pending) % c.chunk_size)
+        stacked = (length - head) // c.chunk_size * c.chunk_size
+        return head, stacked, length - head - stacked
+
+    def _run_separate(self, q: torch.Tensor | None, reads: torch.Tensor,
+                      theta: torch.Tensor | None, inner: ChunkedMemoryState,
+                      memory: ChunkedMemoryState, token_step: bool = True
+                      ) -> tuple[torch.Tensor, ChunkedMemoryState, ChunkedMemoryState]:
+        """Main memory outputs ``[B, T, H, Dh]`` and both states: the inner memories over their
+        chunks, then the main memory over the whole piece (each its own op calls).
+        ``token_step``: a one-token piece is the whole segment (decoding: the main memory
+        steps from its current state, ``run_chunked_memory``)."""
+        c = self.config
+        k, v, alpha, gate, adaptive_q, inner = self._run_inner(reads, theta, inner)
+        op = deep_memory_naive if c.use_naive else deep_memory
+        value_map = self._self_targets if c.memory_target == "self" else None
+        o, memory = run_memory(op, memory, adaptive_q if adaptive_q is not None else q, k, v,
+                               alpha, c.resolved_eta_max * gate, theta,
+                               chunk_size=c.chunk_size, readout=c.readout, value_map=value_map,
+                               token_step=token_step, objective="l2", activation=c.activation,
+                               dgd=c.dgd, check_values=False)
+        return o, inner, memory
+
+    def _run_stacked(self, q: torch.Tensor | None, reads: torch.Tensor,
+                     theta: torch.Tensor | None, inner: ChunkedMemoryState,
+                     memory: ChunkedMemoryState
+                     ) -> tuple[torch.Tensor, ChunkedMemoryState, ChunkedMemoryState]:
+        """``_run_separate`` over whole chunks with the inner memories and the main memory
+        stacked as one memory of ``(len(inner_memories) + 1) * H`` heads: per chunk one read,
+        one target map and one deep-memory chunk step for all of them (the same values: every
+        head of a stacked call is computed on its own)."""
+        c = self.config
+        batch = reads.shape[0]
+        inner_weights, inner_momentum = batched_state(inner.chunk_start, batch, c.momentum)
+        main_weights, main_momentum = batched_state(memory.chunk_start, batch, c.momentum)
+        weights, momentum = _stack_heads(inner_weights, main_weights, inner_momentum,
+                                         main_momentum)
+        gate_scale = torch.tensor(
+            [c.resolved_inner_eta_max] * self.inner_heads + [c.resolved_eta_max] * c.heads,
+            dtype=reads.dtype, device=reads.device)[:, None]
+        o, weights, momentum = _stacked_chunks(
+            c, weights, momentum, q, reads, theta, gate_scale,
+            self.eta_readout, self.eta_bias, self.alpha_readout, self.alpha_bias)
+        split = self.inner_heads
+
+        def part(tensors: list[torch.Tensor] | None, lo: int, hi: int | None
+                 ) -> tuple[torch.Tensor, ...] | None:
+            return None if tensors is None else tuple(t[:, lo:hi] for t in tensors)
+
+        inner = empty_chunked_state(
+            DeepMemoryState(part(weights, 0, split), part(momentum, 0, split)), batch,
+            self.inner_heads, c.head_dim, c.momentum, reads)
+        memory = empty_chunked_state(
+            DeepMemoryState(part(weights, split, None), part(momentum, split, None)), batch,
+            c.heads, c.head_dim, c.momentum, reads)
+        return o, inner, memory
+
+
+def _split_time(sizes: tuple[int, ...], *tensors: torch.Tensor | None
+                ) -> list[tuple[int, tuple[torch.Tensor | None, ...]]]:
+    """The non-empty pieces of each tensor along time, cut at ``sizes``, as
+    ``(index in sizes, pieces)``; one ``split`` per tensor (its backward is one concatenation),
+    none when a single piece is the whole segment."""
+    kept = [index for index, size in enumerate(sizes) if size > 0]
+    if len(kept) == 1:
+        return [(kept[0], tensors)]
+    pieces = [t.split(list(sizes), 1) if t is not None else (None,) * len(sizes)
+              for t in tensors]
+    return [(index, tuple(p[index] for p in pieces)) for index in kept]
+
+
+def _stack_heads(inner_weights: list[torch.Tensor], main_weights: list[torch.Tensor],
+                 inner_momentum: list[torch.Tensor] | None,
+                 main_momentum: list[torch.Tensor] | None
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """The inner memories' and the main memory's weights (and momentum) ``[B, H_*, out, in]``
+    as one memory: inner heads first, then the main memory's."""
+    weights = [torch.cat(pair, 1) for pair in zip(inner_weights, main_weights, strict=True)]
+    if inner_momentum is None or main_momentum is None:
+        return weights, None
+    return weights, [torch.cat(pair, 1)
+                     for pair in zip(inner_momentum, main_momentum, strict=True)]
+
+
+@full_precision
+def _stacked_chunks(config: SelfModifyingTitansConfig, weights: list[torch.Tensor],
+                    momentum: list[torch.Tensor] | None, q: torch.Tensor | None,
+                    reads: torch.Tensor, theta: torch.Tensor | None, gate_scale: torch.Tensor,
+                    eta_readout: torch.Tensor, eta_bias: torch.Tensor,
+                    alpha_readout: torch.Tensor | None, alpha_bias: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor] | None]:
+    """The chunk loop of ``SelfModifyingTitans._run_stacked`` over whole chunks: main memory
+    outputs ``[B, T, H, Dh]`` and the stacked state after the last chunk.
+
+    Per chunk, from the stacked chunk-start state: the inner memories read their inputs (the
+    main memory's heads read q in the same call; that output is not used), k, v and the gates
+    follow as in ``_run_inner``, every memory maps v to its target (the main memory's own
+    v_hat with ``memory_target="self"``) and all heads take the chunk's steps in one
+    ``deep_memory_chunk_step`` (only the main heads are read out). Runs in full precision
+    under autocast, as the separate ops do."""
+    c = config
+    heads, size = c.heads, c.chunk_size
+    count = len(c.inner_memories)
+    filler = q if q is not None else reads[:, :, :heads]
+    inputs = torch.cat([reads, filler], 2).transpose(1, 2).contiguous()
+    chunks = inputs.shape[2] // size
+    queries_main = ([None] * chunks if q is None
+                    else list(q.transpose(1, 2).contiguous().split(size, 2)))
+    thetas, products = [None] * chunks, [None] * chunks
+    if theta is not None:
+        stacked_theta = theta.transpose(1, 2).repeat(1, count + 1, 1)
+        thetas = list(stacked_theta.split(size, 2))
+        # theta comes from a plain projection: its segment products for every chunk at once
+        products = list(segment_products(stacked_theta.unflatten(-1, (chunks, size))).unbind(2))
+    outputs = []
+    for read_in, q_c, theta_c, products_c in zip(inputs.split(size, 2), queries_main, thetas,
+                                                 products, strict=True):
+        read = mlp_forward(tuple(weights), read_in, c.activation).split(heads, 1)
+        k = F.normalize(read[0] if c.adaptive_k else read_in[:, :heads], dim=-1)
+        v = read[1] if c.adaptive_v else read_in[:, heads:2 * heads]
+        if c.normalize_values:
+            v = F.normalize(v, dim=-1)
+        if c.adaptive_q:
+            q_c = F.normalize(read[4], dim=-1)
+        gate = torch.sigmoid((read[2] * eta_readout[:, None]).sum(-1) + eta_bias[:, None])
+        if alpha_readout is not None and alpha_bias is not None:
+            alpha = torch.sigmoid((read[3] * alpha_readout[:, None]).sum(-1)
+                                  + alpha_bias[:, None])
+        else:
+            alpha = torch.ones_like(gate)
+        targets = mlp_forward(tuple(weights), v.repeat(1, count + 1, 1, 1), c.activation)
+        if c.memory_target != "self":
+            targets = torch.cat([targets[:, :count * heads], v], 1)
+        out, weights, momentum = deep_memory_chunk_step(
+            weights, momentum, q_c, k.repeat(1, count + 1, 1, 1), targets,
+            alpha.repeat(1, count + 1, 1), gate.repeat(1, count + 1, 1) * gate_scale, theta_c,
+            objective="l2", activation=c.activation, dgd=c.dgd, read_heads=heads,
+            momentum_products=products_c)
+        outputs.append(out)
+    o = torch.cat(outputs, 2).transpose(1, 2)
+    return o, weights, momentum

@@ -42,7 +42,9 @@ __all__ = [
     "DeepMemoryState",
     "deep_memory",
     "deep_memory_apply",
+    "deep_memory_chunk_step",
     "deep_memory_naive",
+    "deep_memory_token_step",
     "deep_memory_update",
     "init_deep_memory_weights",
 ]
@@ -65,7 +67,7 @@ class _ChunkCoefficients:
     """
 
     def __init__(self, alpha: torch.Tensor, eta: torch.Tensor, theta: torch.Tensor | None,
-                 previous: bool) -> None:
+                 previous: bool, momentum_products: torch.Tensor | None = None) -> None:
         products = segment_products(alpha)  # [..., C + 1, C + 1], indexed by positions
         eta_cols = eta[..., None, :]
         self.decay = products[..., 1:, 1:]
@@ -80,7 +82,8 @@ class _ChunkCoefficients:
             if previous:
                 self.prev_coef, self.prev_carry = self.prev_eta_decay, None
             return
-        momentum_products = segment_products(theta)
+        if momentum_products is None:
+            momentum_products = segment_products(theta)
         self.momentum_decay = momentum_products[..., 1:, 1:]
         self.theta_scale = momentum_products[..., 1:, 0]
         self.coef = (self.decay @ self.momentum_decay) * eta_cols
@@ -182,12 +185,13 @@ def _chunk(weights: list[torch.Tensor], momentum: list[torch.Tensor] | None,
            queries: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,
            alpha: torch.Tensor, eta: torch.Tensor, theta: torch.Tensor | None, objective: str,
            activation: str, dgd: bool, need_state: bool,
-           coeffs: _ChunkCoefficients | None = None,
+           coeffs: _ChunkCoefficients | None = None, read_heads: int | None = None,
            ) -> tuple[torch.Tensor | None, list[torch.Tensor] | None, list[torch.Tensor] | None]:
     """One chunk: outputs M_t(q_t) for its tokens and (if asked) the chunk-end state.
 
     Token tensors ``[B, H, C, D]``, gates ``[B, H, C]``, weights ``[B, H, out, in]``;
-    ``coeffs``: the chunk's gate coefficients if computed already (else from the gates).
+    ``coeffs``: the chunk's gate coefficients if computed already (else from the gates);
+    ``read_heads``: queries (and outputs) only for that many last heads (None: every head).
     """
     inputs, errors, first_pre = _key_pass(weights, keys, values, objective, activation)
     if coeffs is None:
@@ -197,16 +201,20 @@ def _chunk(weights: list[torch.Tensor], momentum: list[torch.Tensor] | None,
         pseudo = _delta_pseudo_values(momentum, keys, first_pre, errors[0], coeffs)
     out = None
     if queries is not None:
+        def read(x: torch.Tensor) -> torch.Tensor:
+            return x if read_heads is None else x[:, x.shape[1] - read_heads:]
+
         act = ACTIVATIONS[activation][0]
         hidden = queries
         for index, weight in enumerate(weights):
-            scores = hidden @ inputs[index].transpose(-1, -2)  # (a_i . x_t), [B, H, C, C]
-            pre = _row_scaled_product(coeffs.scale, hidden, weight)
-            pre = pre - (coeffs.coef * scores) @ errors[index]
+            scores = hidden @ read(inputs[index]).transpose(-1, -2)  # (a_i . x_t), [B, H, C, C]
+            pre = _row_scaled_product(read(coeffs.scale), hidden, read(weight))
+            pre = pre - (read(coeffs.coef) * scores) @ read(errors[index])
             if momentum is not None:
-                pre = pre + _row_scaled_product(coeffs.carry, hidden, momentum[index])
+                pre = pre + _row_scaled_product(read(coeffs.carry), hidden,
+                                                read(momentum[index]))
             if pseudo is not None and index == 0:
-                pre = pre - (coeffs.eta_decay * scores) @ pseudo
+                pre = pre - (read(coeffs.eta_decay) * scores) @ read(pseudo)
             hidden = act(pre) if index < len(weights) - 1 else pre
         out = queries + hidden
     if not need_state:
@@ -419,6 +427,77 @@ def deep_memory_update(state: DeepMemoryState, k: torch.Tensor, v: torch.Tensor,
         activation, dgd, True)
     return DeepMemoryState(tuple(new_weights),
                            tuple(new_momentum) if new_momentum is not None else None)
+
+
+def deep_memory_chunk_step(weights: list[torch.Tensor], momentum: list[torch.Tensor] | None,
+                           q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           alpha: torch.Tensor, eta: torch.Tensor, theta: torch.Tensor | None,
+                           *, objective: str = "l2", activation: str = "gelu", dgd: bool = False,
+                           read_heads: int | None = None,
+                           momentum_products: torch.Tensor | None = None,
+                           ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor] | None]:
+    """One chunk of :func:`deep_memory`: the outputs M_t(q_t) of its tokens and the state after
+    it, every gradient taken at ``weights`` (and ``momentum``, None without theta).
+
+    For layers that drive the chunk loop themselves: tensors are heads-first (tokens
+    ``[B, H, C, D]``, gates ``[B, H, C]``, weights ``[B, H, out, in]``) and nothing is checked
+    (the caller has checked the shapes once; gate values as with ``check_values=False``).
+    ``read_heads``: ``q`` holds queries for that many last heads only, and only they are read
+    (a stack of memories of which only some are read out); None: every head.
+    ``momentum_products``: theta's segment products ``[B, H, C + 1, C + 1]`` if the caller has
+    them already (``segment_products`` of every chunk's theta in one batched call: theta does
+    not depend on the memory, unlike the other gates of a self-modifying layer).
+    """
+    coeffs = None
+    if momentum_products is not None:
+        coeffs = _ChunkCoefficients(alpha, eta, theta, dgd, momentum_products)
+    out, new_weights, new_momentum = _chunk_step(
+        weights, momentum, q, k, v, alpha, eta, theta, objective, activation, dgd, True, coeffs,
+        read_heads)
+    return out, new_weights, new_momentum
+
+
+@full_precision
+def deep_memory_token_step(chunk_start: DeepMemoryState, current: DeepMemoryState,
+                           q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
+                           eta: torch.Tensor, theta: torch.Tensor | None = None, *,
+                           objective: str = "l2", activation: str = "gelu", dgd: bool = False,
+                           ) -> tuple[torch.Tensor, DeepMemoryState]:
+    """One token of :func:`deep_memory` without the chunk machinery: ``o [B, 1, H, D]`` and the
+    memory after the token.
+
+    ``chunk_start`` is the memory at the start of the token's chunk (where its gradient is
+    taken), ``current`` the memory after the chunk's earlier tokens (``chunk_start`` itself
+    for a chunk's first token); ``q, k, v`` ``[B, 1, H, D]``, gates ``[B, 1, H]``. The step is
+    the per-token recurrence of :func:`deep_memory_naive`, whose chunk-end state and outputs
+    the chunkwise form equals: G = e a^T per layer from the hand-written key pass at
+    ``chunk_start``, S <- theta S - eta G, W <- alpha W + S (with ``dgd``,
+    W_1 <- W_1 (alpha I - eta k k^T) + S_1), o = M_W(q). Nothing is checked (decoding
+    layers check their state once per call)."""
+    batch = q.shape[0]
+    start, _ = batched_state(chunk_start, batch, False)
+    weights, momentum = batched_state(current, batch, theta is not None)
+    key, query = _heads_first(k), _heads_first(q)
+    inputs, errors, _ = _key_pass(start, key, _heads_first(v), objective, activation)
+
+    def scalar(gate: torch.Tensor) -> torch.Tensor:
+        return gate.transpose(1, 2)[..., None]  # [B, 1, H] -> [B, H, 1, 1]
+
+    rate, decay = scalar(eta), scalar(alpha)
+    new_weights, new_momentum = [], []
+    for index, (weight, layer_input, error) in enumerate(zip(weights, inputs, errors,
+                                                             strict=True)):
+        step = -rate * (error.transpose(-1, -2) @ layer_input)
+        if momentum is not None:
+            step = scalar(theta) * momentum[index] + step
+            new_momentum.append(step)
+        decayed = decay * weight
+        if dgd and index == 0:
+            decayed = decayed - rate * ((weight @ key.transpose(-1, -2)) @ key)
+        new_weights.append(decayed + step)
+    out = mlp_forward(tuple(new_weights), query, activation).transpose(1, 2)
+    return out, DeepMemoryState(tuple(new_weights),
+                                tuple(new_momentum) if momentum is not None else None)
 
 
 @full_precision

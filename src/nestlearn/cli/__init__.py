@@ -16,7 +16,7 @@ from nestlearn.errors import NestlearnError, NonFiniteError, ResourceError
 
 # Sub-command modules, in the order `nestlearn --help` lists them.
 COMMANDS: tuple[str, ...] = ("info", "bench", "data", "train", "eval", "generate", "export",
-                             "stack", "tasks", "demo")
+                             "stack", "tasks", "continual", "ablate", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

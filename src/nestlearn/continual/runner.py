@@ -32,6 +32,8 @@ from torch import nn
 
 from nestlearn.continual.learners import STATE_POLICIES, Learner, make_learner
 from nestlearn.continual.methods import Method, make_method, method_options
+from nestlearn.continual.monitor import StreamMonitor
+from nestlearn.continual.online import shift_metrics
 from nestlearn.continual.stream import Stream
 from nestlearn.errors import NestlearnError, NonFiniteError, check_int, check_positive, invalid
 from nestlearn.models import (
@@ -117,6 +119,20 @@ class RowSpec:
         return data
 
 
+@dataclasses.dataclass(frozen=True)
+class MonitorSpec:
+    """Monitoring of a row: every ``every`` steps; roll back when the guard loss rises by
+    more than ``rollback_threshold`` (a fraction; None: never)."""
+
+    every: int = 10
+    rollback_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        check_int("monitor every", self.every)
+        if self.rollback_threshold is not None:
+            check_positive("rollback_threshold", self.rollback_threshold)
+
+
 @dataclasses.dataclass
 class StepInfo:
     """What a step callback sees: the global step (from 1), the task, the model, the state
@@ -129,7 +145,7 @@ class StepInfo:
     loss: float
 
 
-StepCallback = Callable[[StepInfo], None]
+StepCallback = Callable[[StepInfo], Any]
 Progress = Callable[[str], None]
 
 
@@ -205,11 +221,32 @@ def _evaluate_all(learner: Learner, stream: Stream, split: str = "test"
     return scores, losses
 
 
+def make_monitor(learner: Learner, stream: Stream, monitor: MonitorSpec,
+                 seed: int) -> StreamMonitor:
+    """A ``StreamMonitor`` whose guard loss is the learner's loss on one fixed batch of the
+    first task's validation split, from a fresh state (so it sees the weights, not the
+    carried state)."""
+    generator = torch.Generator().manual_seed(seed + 7919)
+    guard = learner.draw(stream.tasks[0].validation, learner.batch_size, generator,
+                         sequential=False)
+
+    def guard_fn(model: nn.Module) -> float:
+        with torch.no_grad():
+            logits, _ = learner.forward(guard, None)
+            return float(learner.loss(logits, guard))
+
+    return StreamMonitor(learner.model, guard_fn=guard_fn, every=monitor.every,
+                         rollback_threshold=monitor.rollback_threshold)
+
+
 def train_stream(stream: Stream, spec: RowSpec, callbacks: Sequence[StepCallback] = (),
                  progress: Progress | None = None, on_tokens: Callable[[int], None] | None = None,
-                 eval_split: str = "test") -> dict[str, Any]:
+                 eval_split: str = "test", monitor: MonitorSpec | None = None
+                 ) -> dict[str, Any]:
     """The row's training and its R / R_loss / baseline / curve / extras (no metrics or
-    resources: ``run_row`` adds them). ``eval_split``: the split R is measured on."""
+    resources: ``run_row`` adds them). ``eval_split``: the split R is measured on.
+    ``monitor``: watch every level (``continual.monitor``) and roll back on a guard-loss
+    rise; its records go to ``extras["monitor"]``."""
     torch.manual_seed(spec.seed)
     method: Method = make_method(spec.method, spec.options)
     method.setup(spec.seed, spec.steps_per_task)
@@ -223,6 +260,12 @@ def train_stream(stream: Stream, spec: RowSpec, callbacks: Sequence[StepCallback
     generator = torch.Generator().manual_seed(spec.seed)
     baseline, baseline_loss = _evaluate_all(learner, stream, eval_split)
     optimizer = method.make_optimizer(learner.model, spec.lr)
+    monitors: list[StreamMonitor] = []
+    if monitor is not None:
+        if spec.arch == "hope-stacked":
+            raise NestlearnError("monitor: not with arch hope-stacked (its model is replaced "
+                                 "after task 0); monitor hope-attention or hope instead")
+        monitors.append(make_monitor(learner, stream, monitor, spec.seed))
     every = spec.curve_every or max(1, spec.steps_per_task // 20)
     R: list[list[float]] = []
     R_loss: list[list[float]] = []
@@ -260,8 +303,13 @@ def train_stream(stream: Stream, spec: RowSpec, callbacks: Sequence[StepCallback
             method.extra_tokens = 0
             data_loss = float(loss.detach())
             window.append(data_loss)
-            for callback in callbacks:
-                callback(StepInfo(step, task_index, learner.model, learner.carried, data_loss))
+            for callback in (*callbacks, *monitors):
+                # a callback may hand back a corrected state (a monitor's rollback, a frozen
+                # or reset state level): the stream carries on with it
+                replaced = callback(StepInfo(step, task_index, learner.model, learner.carried,
+                                             data_loss))
+                if replaced is not None:
+                    learner.carried = replaced
             if len(window) == every:
                 curve.append({"step": step, "task": task_index,
                               "loss": sum(window) / len(window)})
@@ -278,7 +326,8 @@ def train_stream(stream: Stream, spec: RowSpec, callbacks: Sequence[StepCallback
         if task_online:
             online.append({"task": task_index,
                            "accuracy": sum(a for a, _ in task_online) / len(task_online),
-                           "mae": sum(m for _, m in task_online) / len(task_online)})
+                           "mae": sum(m for _, m in task_online) / len(task_online),
+                           "step_mae": [m for _, m in task_online]})
         if progress is not None:
             progress(f"{spec.label()}: task {task_index + 1}/{len(stream.tasks)} "
                      f"{stream.tasks[task_index].name}: score "
@@ -294,15 +343,23 @@ def train_stream(stream: Stream, spec: RowSpec, callbacks: Sequence[StepCallback
         extras["R_bits_per_byte"] = [[loss / scale for loss in row] for row in R_loss]
     if stream.kind == "forecast":
         extras["online"] = online
+        recurrence = stream.meta.get("recurrence_of") or [None] * len(stream.tasks)
+        extras["shifts"] = shift_metrics([entry["step_mae"] for entry in online], recurrence,
+                                         max(1, spec.steps_per_task // 10))
     if spec.arch == "hope-stacked":
         extras["stacked_after_task"] = 0
+    if monitors:
+        extras["monitor"] = monitors[0].records
+        extras["monitor_events"] = [event for event in monitors[0].events
+                                    if event.get("event") == "rollback"]
     return {"method": spec.method, "arch": spec.arch, "seed": spec.seed, "R": R,
             "R_loss": R_loss, "baseline": baseline, "baseline_loss": baseline_loss,
             "curve": curve, "extras": extras}
 
 
 def run_row(stream: Stream, spec: RowSpec, callbacks: Sequence[StepCallback] = (),
-            progress: Progress | None = None) -> dict[str, Any]:
+            progress: Progress | None = None, monitor: MonitorSpec | None = None
+            ) -> dict[str, Any]:
     """One row of results.json (schema in the continual README): R and R_loss on every
     task's test split after each stage, the untrained baseline, the loss curve, the
     metrics (``metrics.summarize``), resources (``resources.ResourceMeter``) and extras."""
@@ -310,10 +367,16 @@ def run_row(stream: Stream, spec: RowSpec, callbacks: Sequence[StepCallback] = (
     from nestlearn.continual.resources import ResourceMeter
 
     with ResourceMeter() as meter:
-        row = train_stream(stream, spec, callbacks, progress, on_tokens=meter.add_tokens)
+        row = train_stream(stream, spec, callbacks, progress, on_tokens=meter.add_tokens,
+                           monitor=monitor)
     row["metrics"] = summarize(row["R"], baseline=row["baseline"], R_loss=row["R_loss"],
                                baseline_loss=row["baseline_loss"])
     row["resources"] = meter.as_dict()
+    if "shifts" in row["extras"]:
+        row["metrics"].update(row["extras"]["shifts"]["summary"])
+    if "R_bits_per_byte" in row["extras"]:
+        final = row["extras"]["R_bits_per_byte"][-1]
+        row["metrics"]["bits_per_byte"] = sum(final) / len(final)
     return {key: row[key] for key in ("method", "arch", "seed", "R", "R_loss", "baseline",
                                       "baseline_loss", "curve", "metrics", "resources",
                                       "extras")}
@@ -346,32 +409,74 @@ def environment() -> tuple[dict[str, str], dict[str, Any]]:
     return versions, machine
 
 
+def row_file(out: Path, spec: RowSpec, label: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{spec.method}-{label}")
+    return out / "rows" / f"{safe}-seed{spec.seed}.json"
+
+
+def stored_row(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The row stored at ``path`` if it was made with ``settings`` (else None)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("settings") != settings:
+        return None
+    return data.get("row")
+
+
 def run_suite(stream: Stream, specs: Sequence[RowSpec], out_dir: str | Path,
-              progress: Progress | None = None) -> dict[str, Any]:
+              progress: Progress | None = None, *, settings: dict[str, Any] | None = None,
+              labels: Sequence[str] | None = None, monitor: MonitorSpec | None = None,
+              retrain: bool = False) -> dict[str, Any]:
     """Run every row (each independent and seeded), write ``results.json`` and the report
     into ``out_dir``; returns the results. ``config`` holds the first row's settings (the
-    common ones in a suite); every row's own spec is in its ``extras["spec"]``."""
+    common ones in a suite); every row's own spec is in its ``extras["spec"]``.
+
+    Each finished row is written to ``out_dir/rows/`` with its settings (the stream, the
+    caller's ``settings`` such as the stream's size knobs, the row's spec and the monitor):
+    a later call with the same settings reuses it instead of training again (``retrain``:
+    train anyway, after a change of the code), so a stopped suite continues where it was.
+    ``labels``: the name each row shows as its arch in the report (an ablation's variant)."""
+    from nestlearn.atomic import atomic_write_json
     from nestlearn.continual.report import save_results, write_report
 
     if not specs:
         raise NestlearnError("run_suite: no rows; allowed: one or more RowSpec")
+    if labels is not None and len(labels) != len(specs):
+        raise invalid("labels", len(labels), f"one per row ({len(specs)})")
+    out = Path(out_dir)
+    (out / "rows").mkdir(parents=True, exist_ok=True)
     rows = []
-    for spec in specs:
-        row = run_row(stream, spec, progress=progress)
-        row["extras"]["spec"] = spec.to_dict()
+    for index, spec in enumerate(specs):
+        label = spec.arch if labels is None else labels[index]
+        row_settings = {"stream": stream_info(stream), "caller": settings or {},
+                        "spec": spec.to_dict(), "label": label,
+                        "monitor": None if monitor is None else dataclasses.asdict(monitor)}
+        path = row_file(out, spec, label)
+        row = None if retrain else stored_row(path, row_settings)
+        if row is not None:
+            if progress is not None:
+                progress(f"{spec.method}/{label}/seed {spec.seed}: reusing {path}")
+        else:
+            row = run_row(stream, spec, progress=progress, monitor=monitor)
+            row["extras"]["spec"] = spec.to_dict()
+            row["arch"] = label
+            atomic_write_json(path, {"settings": row_settings, "row": row})
         rows.append(row)
     first = specs[0]
     config = {"steps_per_task": first.steps_per_task, "batch_size": first.batch_size,
               "lr": first.lr, "model_sizes": dict(MODEL_SIZES), "memory_chunk": MEMORY_CHUNK,
               "model_sets": list(first.model_sets), "state_policy": first.policy,
-              "eval_budget": first.eval_budget,
+              "eval_budget": first.eval_budget, **(settings or {}),
+              "monitor": None if monitor is None else dataclasses.asdict(monitor),
               "method_options": {s.method: method_options(s.method, s.options) for s in specs}}
     versions, machine = environment()
     results = {"format_version": 1, "stream": stream_info(stream), "config": config,
                "seeds": sorted({s.seed for s in specs}), "versions": versions,
                "machine": machine, "rows": rows}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     save_results(out, results)
     write_report(out, results)
     return results

@@ -9,6 +9,7 @@ stream and writes ``OUT/results.json``, ``OUT/report.md`` and the plots; rows al
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -114,14 +115,18 @@ def row_specs(args: argparse.Namespace, lr: float) -> list[Any]:
             for method, arch in pairs for seed in args.seeds]
 
 
+def parse_lr(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise NestlearnError(f"--lr: got {text!r}; allowed: a number or 'tune'") from None
+
+
 def choose_lr(args: argparse.Namespace, stream: Any) -> float:
     """``--lr`` as given, or ``tune``: the first task's validation split picks it (per the
     first arch asked; tuning.py says why only the first task)."""
     if args.lr != "tune":
-        try:
-            return float(args.lr)
-        except ValueError:
-            raise NestlearnError(f"--lr: got {args.lr!r}; allowed: a number or 'tune'") from None
+        return parse_lr(args.lr)
     from nestlearn.continual.runner import RowSpec
     from nestlearn.continual.tuning import tune_lr
 
@@ -159,14 +164,17 @@ def run(args: argparse.Namespace) -> int:
         raise NestlearnError(f"--steps {args.steps}, --batch-size {args.batch_size}; "
                              "allowed: integers >= 1")
     size = parse_assignments(args.size, "--size")
+    monitor = monitor_spec(args)
     stream = load_stream(args.stream, args.stream_seed, size)
-    lr = choose_lr(args, stream)
-    specs = row_specs(args, lr)
+    # every row is checked before any training, tuning included
+    specs = row_specs(args, 1e-3 if args.lr == "tune" else parse_lr(args.lr))
+    if args.lr == "tune":
+        lr = choose_lr(args, stream)
+        specs = [dataclasses.replace(spec, lr=lr) for spec in specs]
     progress_line(f"stream {stream.name}: {len(stream.tasks)} tasks "
                   f"({', '.join(stream.task_names)}); {len(specs)} rows -> {args.out}")
     run_suite(stream, specs, args.out, progress=progress_line,
-              settings=stream_settings(args, size), monitor=monitor_spec(args),
-              retrain=args.retrain)
+              settings=stream_settings(args, size), monitor=monitor, retrain=args.retrain)
     print(Path(args.out) / "report.md")
     return 0
 

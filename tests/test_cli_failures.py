@@ -106,8 +106,12 @@ def test_a_run_dir_that_is_not_a_run_is_named_for_what_it_is(corpus, tmp_path, c
 
 
 @pytest.mark.parametrize(("args", "expected"), [
-    (["demo", "--out", "", "--steps", "1"], "--out: got ''; allowed: a folder path (not empty)"),
+    (["demo", "--quick", "--out", "", "--steps", "1"],
+     "--out: got ''; allowed: a folder path (not empty)"),
     (["demo", "--out", " ", "--steps", "1"], "--out: got ' '; allowed: a folder path (not empty)"),
+    (["demo", "--steps", "0"], "--steps: got 0; allowed: an integer >= 1"),
+    (["demo", "--set", "train.steps=2"], "--set: only with --quick (the single-model demo); "
+     "the default demo trains a fixed set of rows"),
     (["train", "--no-progress", "--set", "train.out_dir="],
      "--set train.out_dir=: train.out_dir: got ''; allowed: a directory path"),
 ])
@@ -164,8 +168,8 @@ def test_the_recipe_demo_help_suggests_works_after_the_default_demo(corpus, tmp_
     assert suggested == "tiny-hope"
     common = ["--steps", "2", "--no-progress", "--max-new-tokens", "4",
               *tiny_sets(f"data.corpus={corpus}", "train.steps=2", "data.seq_len=16")]
-    assert main(["demo", *common]) == 0  # what `make demo` runs (fewer steps)
-    assert main(["demo", "--recipe", suggested, *common]) == 0
+    assert main(["demo", "--quick", *common]) == 0  # the single-model demo (fewer steps)
+    assert main(["demo", "--quick", "--recipe", suggested, *common]) == 0
     out = capsys.readouterr().out
     assert f"[1/3] training {suggested} for 2 steps" in out and "[3/3] sampling" in out
     assert ckpt.latest_checkpoint(tmp_path / "runs" / "demo") is not None

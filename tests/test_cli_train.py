@@ -160,7 +160,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(corpus, tmp_path):
 
 
 def test_demo_trains_evaluates_samples_and_reruns(corpus, tmp_path, capsys):
-    args = ["demo", "--steps", "3", "--out", str(tmp_path / "demo"), "--no-progress",
+    args = ["demo", "--quick", "--steps", "3", "--out", str(tmp_path / "demo"), "--no-progress",
             "--max-new-tokens", "10", "--prompt", "The",
             *tiny_sets(f"data.corpus={corpus}", "train.steps=3")]
     assert main(args) == 0
@@ -170,3 +170,23 @@ def test_demo_trains_evaluates_samples_and_reruns(corpus, tmp_path, capsys):
     assert "[3/3] sampling 10 tokens" in out
     assert main(args) == 0  # a second run reuses the finished run
     assert "continuing the previous demo run" in capsys.readouterr().out
+
+
+def test_default_demo_runs_the_continual_stream_and_writes_the_report(tmp_path, capsys,
+                                                                       monkeypatch):
+    from nestlearn.cli import demo
+
+    # the demo's own stream and rows, made small (the full demo takes minutes)
+    monkeypatch.setattr(demo, "DEMO_SIZE", {"tasks": 2, "train_tokens": 3000,
+                                            "eval_tokens": 256, "seq_len": 32})
+    monkeypatch.setattr(demo, "DEMO_ROWS", (("finetune", "transformer"), ("nested", "hope")))
+    out = tmp_path / "demo"
+    assert main(["demo", "--steps", "2", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 models learn 2 domains in turn (Shakespeare, Mathematics)" in printed
+    assert "finetune / transformer" in printed and "nested / hope" in printed
+    assert f"report: {out}/report.md" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["arch"]) for r in results["rows"]] == [
+        ("finetune", "transformer"), ("nested", "hope")]
+    assert (out / "heatmaps.png").exists()

@@ -10,9 +10,72 @@ the paper's table that fit the arch. Writes ``OUT/ablation.md`` (table), ``ablat
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nestlearn.errors import NestlearnError
+
+if TYPE_CHECKING:
+    from nestlearn.continual.ablation import Variant
+
+
+def run_stream_ablation(args: argparse.Namespace, variants: Sequence[Variant], out: Path
+                        ) -> Path:
+    """``args.arch`` on a continual stream once per variant under ``args.method``: the full
+    continual report in ``out`` (one row label per variant) and the ablation table of the
+    average final score (``average_accuracy``) and, for LM / forecast, the average final
+    loss."""
+    from nestlearn.cli.continual import (
+        choose_lr,
+        load_stream,
+        monitor_spec,
+        parse_assignments,
+        progress_line,
+        stream_settings,
+    )
+    from nestlearn.continual.ablation import ablation_table, variant_label, write_ablation
+    from nestlearn.continual.runner import RowSpec, run_suite
+
+    size = parse_assignments(args.size, "--size")
+    stream = load_stream(args.stream, args.stream_seed, size)
+    args.archs, args.monitor_every, args.rollback_threshold = args.arch, None, None
+    lr = choose_lr(args, stream)
+    specs, labels = [], []
+    for variant in variants:
+        for seed in args.seeds:
+            specs.append(RowSpec(method=args.method, arch=args.arch, seed=seed,
+                                 steps_per_task=args.steps, batch_size=args.batch_size, lr=lr,
+                                 state_policy=args.state_policy,
+                                 model_sets=(*args.set, *variant.sets),
+                                 eval_budget=args.eval_budget))
+            labels.append(variant_label(args.arch, variant))
+    progress_line(f"ablation of {args.arch} on {stream.name}: {len(variants)} variants x "
+                  f"{len(args.seeds)} seeds -> {out}")
+    results = run_suite(stream, specs, out, progress=progress_line,
+                        settings=stream_settings(args, size), labels=labels,
+                        monitor=monitor_spec(args), retrain=args.retrain)
+    entries = []
+    for variant in variants:
+        label = variant_label(args.arch, variant)
+        mine = [row for row in results["rows"] if row["arch"] == label]
+        entries.append({"variant": variant.name, "description": variant.description,
+                        "sets": list(variant.sets), "seeds": [row["seed"] for row in mine],
+                        "values": [row["metrics"]["average_accuracy"] for row in mine],
+                        "loss": [row["metrics"].get("loss_average") for row in mine],
+                        "forgetting": [row["metrics"].get("forgetting") for row in mine]})
+    notes = [f"Stream `{stream.name}` ({len(stream.tasks)} tasks), arch `{args.arch}`, method "
+             f"`{args.method}`, {args.steps} steps per task, seeds {list(args.seeds)}. The "
+             "full continual report (matrices, curves) is [report.md](report.md)."]
+    if stream.kind != "classification":
+        loss_entries = [{**e, "values": e["loss"]} for e in entries]
+        notes += ["", "Average final loss over the tasks (lower is better):", "",
+                  ablation_table(loss_entries, "loss_average", False)]
+    forgetting_entries = [{**e, "values": e["forgetting"]} for e in entries]
+    notes += ["", "Forgetting (mean drop from each task's best score; lower is better):", "",
+              ablation_table(forgetting_entries, "forgetting", False)]
+    return write_ablation(out, f"{stream.name} / {args.arch}", entries,
+                          "average_accuracy", True, notes)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,8 +93,6 @@ def run(args: argparse.Namespace) -> int:
         path = run_task_ablation(args.task, args.arch, variants, args.seeds, args.task_steps,
                                  out, tuple(args.set), args.quick)
     else:
-        from nestlearn.continual.ablation import run_stream_ablation
-
         path = run_stream_ablation(args, variants, out)
     print(path)
     return 0

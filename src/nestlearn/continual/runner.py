@@ -46,15 +46,14 @@ from nestlearn.models import (
     build_model,
     hope_from_transformer,
 )
+from nestlearn.tasks.models import MEMORY_CHUNK, base_config
 from nestlearn.training.runconfig import set_field
 
 GRAD_CLIP = 1.0
 ROW_ARCHS: tuple[str, ...] = (*ARCHS, "hope-stacked")
-# the default model: tiny, as the synthetic tasks' (nestlearn/tasks/models.py)
+# the default model: tiny, the synthetic tasks' (nestlearn/tasks/models.py), for the record
 MODEL_SIZES: dict[str, Any] = {"dim": 32, "layers": 2, "heads": 2, "mlp_hidden": 64}
-MEMORY_CHUNK = 16
 POOLING = "mean"  # the classifier read-out (ClassifierConfig.pooling)
-MAG_WINDOW = 32
 STACK_CHUNKS = (16, 64)
 STACK_INNER_LR = 1e-3
 DEFAULT_STEPS = 100
@@ -156,14 +155,8 @@ def model_config(arch: str, vocab_size: int, sets: Sequence[str] = ()) -> ModelC
     base = "transformer" if arch == "hope-stacked" else arch
     if base not in ARCHS:
         raise invalid("arch", repr(arch), f"one of {list(ROW_ARCHS)}")
-    sections: dict[str, Any] = {}
-    if base == "titans-mag":
-        sections["attention"] = {"window": MAG_WINDOW}
-    if base in ("titans", "titans-mag"):
-        sections["memory"] = {"chunk_size": MEMORY_CHUNK}
-    if base == "hope":
-        sections["memory"] = {"chunk_size": MEMORY_CHUNK, "inner_chunk_size": MEMORY_CHUNK}
-    config = ModelConfig(arch=base, vocab_size=vocab_size, **MODEL_SIZES, **sections)
+    # the synthetic tasks' tiny model: the same sizes, memory chunks and MAG window
+    config = base_config(base, vocab_size)
     for assignment in sets:
         key, sep, value = assignment.partition("=")
         key = key.strip()

@@ -103,3 +103,23 @@ def test_ablate_refuses_a_variant_the_arch_lacks(tmp_path, capsys):
                  "no-dgd", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "'no-dgd' does not fit arch 'transformer'" in err
+
+
+def test_a_stream_file_of_class_folders_runs(tmp_path):
+    for task, classes in (("animals", ("cat", "dog")), ("tools", ("saw", "drill"))):
+        for name in classes:
+            folder = tmp_path / task / name
+            folder.mkdir(parents=True)
+            for index in range(4):
+                (folder / f"{index}.txt").write_text(f"a {name} text number {index}\n")
+    stream = tmp_path / "stream.json"
+    stream.write_text(json.dumps({"name": "mine", "kind": "classification", "seq_len": 32,
+                                  "tasks": [{"name": "animals", "paths": ["animals"]},
+                                            {"name": "tools", "paths": ["tools"]}]}))
+    out = tmp_path / "out"
+    assert main(["continual", "run", "--stream", str(stream), "--methods", "finetune",
+                 "--archs", "transformer", "--steps", "2", "--batch-size", "2",
+                 "--seeds", "0", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["stream"]["tasks"] == ["animals", "tools"]
+    assert len(results["rows"][0]["R"]) == 2

@@ -30,6 +30,7 @@ from nestlearn.continual.levels import (
     snapshot,
 )
 from nestlearn.errors import NestlearnError, check_int, check_nonnegative, invalid
+from nestlearn.evaluate.report import pyplot, save_figure
 from nestlearn.losses import IGNORE_INDEX
 from nestlearn.models.classifier import SequenceClassifier
 from nestlearn.models.state import LMState
@@ -335,13 +336,7 @@ def plot_monitor(records: Sequence[dict[str, Any]], path: str | os.PathLike[str]
     dashed), and the guard and training losses with snapshots and rollbacks marked."""
     if not records:
         raise invalid("records", "no records", "the records of at least one observation")
-    try:
-        import matplotlib
-    except ImportError:
-        raise NestlearnError("plot: matplotlib is not installed; install it with "
-                             "`pip install matplotlib` (or nestlearn[plots])") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(dict.fromkeys(record["level"] for record in records))
     figure, axes = plt.subplots(3, 1, figsize=(9.0, 9.5), sharex=True)
@@ -379,12 +374,7 @@ def plot_monitor(records: Sequence[dict[str, Any]], path: str | os.PathLike[str]
         axes[2].legend(fontsize=8)
         axes[0].set_title(title or "levels while the stream runs")
         figure.tight_layout()
-        path = Path(path)
-        try:
-            figure.savefig(path, format="png", dpi=110)
-        except OSError as err:
-            raise NestlearnError(f"plot: cannot write {str(path)!r} ({err.strerror or err})"
-                                 ) from None
+        path = save_figure(figure, path, dpi=110)
     finally:
         plt.close(figure)
     return path

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from nestlearn.errors import NestlearnError, invalid
 from nestlearn.evaluate.stream import StreamEvalResult
@@ -46,10 +47,8 @@ def markdown_table(results: Mapping[str, StreamEvalResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_loss_by_position(results: Mapping[str, StreamEvalResult],
-                          path: str | os.PathLike[str], title: str | None = None) -> Path:
-    """Write a PNG of loss vs position bucket, one line per model; returns its path."""
-    _check_results(results)
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend, or a clear error without it."""
     try:
         import matplotlib
     except ImportError:
@@ -57,6 +56,26 @@ def plot_loss_by_position(results: Mapping[str, StreamEvalResult],
                              "`pip install matplotlib` (or nestlearn[plots])") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(figure: Any, path: str | os.PathLike[str], dpi: int) -> Path:
+    """Write ``figure`` as a PNG at ``path``; an unwritable path is one clear error."""
+    path = Path(path)
+    try:
+        figure.savefig(path, format="png", dpi=dpi)
+    except OSError as err:
+        raise NestlearnError(f"plot: cannot write {str(path)!r} ({err.strerror or err})"
+                             ) from None
+    return path
+
+
+def plot_loss_by_position(results: Mapping[str, StreamEvalResult],
+                          path: str | os.PathLike[str], title: str | None = None) -> Path:
+    """Write a PNG of loss vs position bucket, one line per model; returns its path."""
+    _check_results(results)
+    plt = pyplot()
 
     labels = _labels(results)
     figure, axes = plt.subplots(figsize=(max(5.0, 0.9 * len(labels) + 2), 3.6))
@@ -72,12 +91,7 @@ def plot_loss_by_position(results: Mapping[str, StreamEvalResult],
         axes.grid(alpha=0.3)
         axes.legend()
         figure.tight_layout()
-        path = Path(path)
-        try:
-            figure.savefig(path, format="png", dpi=120)
-        except OSError as err:
-            raise NestlearnError(f"plot: cannot write {str(path)!r} ({err.strerror or err})"
-                                 ) from None
+        path = save_figure(figure, path, dpi=120)
     finally:
         plt.close(figure)
     return path

@@ -123,3 +123,14 @@ def test_a_stream_file_of_class_folders_runs(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["stream"]["tasks"] == ["animals", "tools"]
     assert len(results["rows"][0]["R"]) == 2
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--task", "parity", "--steps", "5"], "--steps: not used with --task"),
+    (["--task", "parity", "--method", "finetune", "--lr", "0.01"],
+     "--method, --lr: not used with --task"),
+    (["--stream", "split-digits", "--quick"], "--quick: not used with --stream"),
+])
+def test_ablate_refuses_the_other_modes_options(tmp_path, capsys, argv, message):
+    assert main(["ablate", *argv, "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err

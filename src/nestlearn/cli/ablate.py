@@ -78,6 +78,15 @@ def run_stream_ablation(args: argparse.Namespace, variants: Sequence[Variant], o
                           "average_accuracy", True, notes)
 
 
+# (attribute, flag, default) of the options only one mode reads
+STREAM_ONLY = (("method", "--method", "nested"), ("steps", "--steps", 100),
+               ("batch_size", "--batch-size", 16), ("lr", "--lr", "1e-3"),
+               ("state_policy", "--state-policy", None), ("eval_budget", "--eval-budget", None),
+               ("size", "--size", []), ("stream_seed", "--stream-seed", 0),
+               ("retrain", "--retrain", False))
+TASK_ONLY = (("task_steps", "--task-steps", None), ("quick", "--quick", False))
+
+
 def run(args: argparse.Namespace) -> int:
     from nestlearn.cli.continual import split_list
     from nestlearn.continual.ablation import resolve_variants, run_task_ablation
@@ -85,6 +94,12 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.stream is None) == (args.task is None):
         raise NestlearnError("ablate: give exactly one of --stream NAME|FILE or --task NAME")
+    # an option of the other mode would silently do nothing: refuse it by name
+    wrong = STREAM_ONLY if args.task is not None else TASK_ONLY
+    given = [flag for name, flag, default in wrong if getattr(args, name) != default]
+    if given:
+        mode = "--task" if args.task is not None else "--stream"
+        raise NestlearnError(f"{', '.join(given)}: not used with {mode}")
     # the variants are checked against the arch's model before anything trains
     probe = model_config(args.arch, 32, tuple(args.set))
     variants = resolve_variants(split_list(args.variants), probe)

@@ -16,9 +16,11 @@ from nestlearn.ops import set_compile
 from nestlearn.ops.deep_memory import DeepMemoryState, deep_memory, deep_memory_update
 from nestlearn.training.builders import build_run_model
 from nestlearn.training.runconfig import RunConfig, TrainConfig
+from test_nn_self_modifying import inputs, make, run_with_grads
 from test_ops_deep_memory import make_case
 
 deep_memory_module = sys.modules["nestlearn.ops.deep_memory"]
+self_modifying_module = sys.modules["nestlearn.nn.self_modifying"]
 
 
 @pytest.fixture(autouse=True)
@@ -73,6 +75,21 @@ def test_traced_chunk_step_equals_eager_on_a_short_last_chunk_and_the_update(dgd
 @pytest.mark.slow
 def test_inductor_chunk_step_equals_eager():
     assert_equal_to_eager("inductor", length=11, with_update=True, chunk_size=4, dgd=True)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_stacked_chunk_equals_eager(backend):
+    # the self-modifying layer's whole chunk (read, gates, targets, chunk step) as one graph
+    layer = make(inner_chunk_size=4)
+    x = inputs(length=13)
+    eager = run_with_grads(layer, x, (13,))
+    set_compile(True, backend=backend)
+    compiled = run_with_grads(layer, x, (13,))
+    step = self_modifying_module._stacked_chunk_step
+    assert backend in step.compiled and not step.failed
+    for got, want in zip(torch.utils._pytree.tree_leaves(compiled),
+                         torch.utils._pytree.tree_leaves(eager), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_a_failing_compile_warns_once_and_runs_eagerly(monkeypatch):

@@ -46,6 +46,7 @@ from nestlearn.nn.memory_common import (
 from nestlearn.nn.memory_stream import ChunkedMemoryState, empty_chunked_state
 from nestlearn.nn.transformer import check_input
 from nestlearn.ops._chunking import segment_products
+from nestlearn.ops._compile import compiled_step
 from nestlearn.ops._deep_memory_common import batched_state, mlp_forward
 from nestlearn.ops._precision import full_precision
 from nestlearn.ops.deep_memory import (
@@ -556,27 +557,46 @@ def _stacked_chunks(config: SelfModifyingTitansConfig, weights: list[torch.Tenso
     outputs = []
     for read_in, q_c, theta_c, products_c in zip(inputs.split(size, 2), queries_main, thetas,
                                                  products, strict=True):
-        read = mlp_forward(tuple(weights), read_in, c.activation).split(heads, 1)
-        k = F.normalize(read[0] if c.adaptive_k else read_in[:, :heads], dim=-1)
-        v = read[1] if c.adaptive_v else read_in[:, heads:2 * heads]
-        if c.normalize_values:
-            v = F.normalize(v, dim=-1)
-        if c.adaptive_q:
-            q_c = F.normalize(read[4], dim=-1)
-        gate = torch.sigmoid((read[2] * eta_readout[:, None]).sum(-1) + eta_bias[:, None])
-        if alpha_readout is not None and alpha_bias is not None:
-            alpha = torch.sigmoid((read[3] * alpha_readout[:, None]).sum(-1)
-                                  + alpha_bias[:, None])
-        else:
-            alpha = torch.ones_like(gate)
-        targets = mlp_forward(tuple(weights), v.repeat(1, count + 1, 1, 1), c.activation)
-        if c.memory_target != "self":
-            targets = torch.cat([targets[:, :count * heads], v], 1)
-        out, weights, momentum = deep_memory_chunk_step(
-            weights, momentum, q_c, k.repeat(1, count + 1, 1, 1), targets,
-            alpha.repeat(1, count + 1, 1), gate.repeat(1, count + 1, 1) * gate_scale, theta_c,
-            objective="l2", activation=c.activation, dgd=c.dgd, read_heads=heads,
-            momentum_products=products_c)
+        out, weights, momentum = _stacked_chunk_step(
+            c, weights, momentum, read_in, q_c, theta_c, products_c, gate_scale, eta_readout,
+            eta_bias, alpha_readout, alpha_bias)
         outputs.append(out)
     o = torch.cat(outputs, 2).transpose(1, 2)
     return o, weights, momentum
+
+
+def _stacked_chunk(c: SelfModifyingTitansConfig, weights: list[torch.Tensor],
+                   momentum: list[torch.Tensor] | None, read_in: torch.Tensor,
+                   q_c: torch.Tensor | None, theta_c: torch.Tensor | None,
+                   products_c: torch.Tensor | None, gate_scale: torch.Tensor,
+                   eta_readout: torch.Tensor, eta_bias: torch.Tensor,
+                   alpha_readout: torch.Tensor | None, alpha_bias: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor] | None]:
+    """One chunk of ``_stacked_chunks`` (heads-first ``read_in [B, (count + 1) H, C, Dh]``):
+    the main heads' outputs and the stacked state after the chunk. A pure function of its
+    inputs, so the compiled path compiles it whole (read, gates, targets and chunk step)."""
+    heads, count = c.heads, len(c.inner_memories)
+    read = mlp_forward(tuple(weights), read_in, c.activation).split(heads, 1)
+    k = F.normalize(read[0] if c.adaptive_k else read_in[:, :heads], dim=-1)
+    v = read[1] if c.adaptive_v else read_in[:, heads:2 * heads]
+    if c.normalize_values:
+        v = F.normalize(v, dim=-1)
+    if c.adaptive_q:
+        q_c = F.normalize(read[4], dim=-1)
+    gate = torch.sigmoid((read[2] * eta_readout[:, None]).sum(-1) + eta_bias[:, None])
+    if alpha_readout is not None and alpha_bias is not None:
+        alpha = torch.sigmoid((read[3] * alpha_readout[:, None]).sum(-1) + alpha_bias[:, None])
+    else:
+        alpha = torch.ones_like(gate)
+    targets = mlp_forward(tuple(weights), v.repeat(1, count + 1, 1, 1), c.activation)
+    if c.memory_target != "self":
+        targets = torch.cat([targets[:, :count * heads], v], 1)
+    return deep_memory_chunk_step(
+        weights, momentum, q_c, k.repeat(1, count + 1, 1, 1), targets,
+        alpha.repeat(1, count + 1, 1), gate.repeat(1, count + 1, 1) * gate_scale, theta_c,
+        objective="l2", activation=c.activation, dgd=c.dgd, read_heads=heads,
+        momentum_products=products_c)
+
+
+# The stacked chunk as the layer runs it: compiled whole under nestlearn.ops.set_compile(True).
+_stacked_chunk_step = compiled_step(_stacked_chunk)

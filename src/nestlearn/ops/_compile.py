@@ -56,7 +56,8 @@ class _CompiledStep:
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.failed or not compile_enabled():
+        # Inside another compiled step the outer graph takes this one in as it is.
+        if self.failed or not compile_enabled() or torch.compiler.is_compiling():
             return self.fn(*args, **kwargs)
         step = self.compiled.get(_backend)
         if step is None:

@@ -16,11 +16,13 @@ from nestlearn.ops import set_compile
 from nestlearn.ops.deep_memory import DeepMemoryState, deep_memory, deep_memory_update
 from nestlearn.training.builders import build_run_model
 from nestlearn.training.runconfig import RunConfig, TrainConfig
+from test_nn_cms import assert_states_close, make_layer, random_input
 from test_nn_self_modifying import inputs, make, run_with_grads
 from test_ops_deep_memory import make_case
 
 deep_memory_module = sys.modules["nestlearn.ops.deep_memory"]
 self_modifying_module = sys.modules["nestlearn.nn.self_modifying"]
+cms_module = sys.modules["nestlearn.nn.cms"]
 
 
 @pytest.fixture(autouse=True)
@@ -89,6 +91,32 @@ def test_compiled_stacked_chunk_equals_eager(backend):
     assert backend in step.compiled and not step.failed
     for got, want in zip(torch.utils._pytree.tree_leaves(compiled),
                          torch.utils._pytree.tree_leaves(eager), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("mlp", ["swiglu", pytest.param("gelu", marks=pytest.mark.slow)])
+def test_compiled_cms_level_piece_equals_eager(backend, mlp):
+    # each level's piece (MLP, local error, step ceiling, gradient factors) as one graph;
+    # chained segments cut pieces short of the chunks, a second shape for the graph
+    layer = make_layer("sequential", mlp, chunk_sizes=(2, 4), inner_lr=(0.05, 0.03),
+                       chunk_step=1.0)
+
+    def run():
+        x = random_input(11).requires_grad_()
+        y1, state = layer(x[:, :5])
+        y2, state = layer(x[:, 5:], state)
+        y = torch.cat([y1, y2], 1)
+        return y, state, torch.autograd.grad(y.pow(2).sum(), [x, *layer.parameters()])
+
+    y, state, grads = run()
+    set_compile(True, backend=backend)
+    y_compiled, state_compiled, grads_compiled = run()
+    step = cms_module._level_piece_step
+    assert backend in step.compiled and not step.failed
+    torch.testing.assert_close(y_compiled, y, rtol=1e-10, atol=1e-12)
+    assert_states_close(state_compiled, state)
+    for got, want in zip(grads_compiled, grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 

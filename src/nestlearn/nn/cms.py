@@ -49,6 +49,7 @@ from nestlearn.nn.cms_levels import (
     weight_shapes,
 )
 from nestlearn.nn.transformer import RMSNorm
+from nestlearn.ops._compile import compiled_step
 from nestlearn.ops._deep_memory_common import activation_slope
 from nestlearn.state import TreeState, state_dataclass, static_field
 
@@ -329,6 +330,26 @@ def boundary_pieces(position: int, length: int,
         start = stop
 
 
+def _level_piece(config: CMSConfig, index: int, weights: tuple[torch.Tensor, ...],
+                 n: torch.Tensor, target: torch.Tensor, learns: bool
+                 ) -> tuple[torch.Tensor, Factors | None]:
+    """One piece of level ``index`` in ``ContinuumMemorySystem._run_levels``: its output
+    ``mlp(n)`` and, when the level learns, the gradient factors of the local objective
+    ``1/2 ||mlp(n) - target||^2`` under the step ceiling (``_level_error``, ``step_gate``)."""
+    out, activations = level_forward(config.mlp, weights, n)
+    if not learns:
+        return out, None
+    error = out - target
+    gate = step_gate(config, index, weights, n, activations)
+    if gate is not None:
+        error = error * gate
+    return out, level_grad_factors(config.mlp, weights, n, activations, error)
+
+
+# A level's piece as the CMS runs it: compiled whole under nestlearn.ops.set_compile(True).
+_level_piece_step = compiled_step(_level_piece)
+
+
 class LevelParameters(nn.Module):
     """Meta-learned initial weights of one level, named as in ``cms_levels.weight_names``."""
 
@@ -557,15 +578,11 @@ class ContinuumMemory(nn.Module):
             outputs, pending = [], []
             for (_, stop), n, target in zip(pieces, normed.split(sizes, 1),
                                             targets.split(sizes, 1), strict=True):
-                out, activations = level_forward(config.mlp, level.weights, n)
+                out, factors = _level_piece_step(config, index, level.weights, n, target,
+                                                 learns)
                 outputs.append(out)
-                if learns:
-                    error = out - target  # the local objective's error (_level_error)
-                    gate = step_gate(config, index, level.weights, n, activations)
-                    if gate is not None:
-                        error = error * gate
-                    pending.append(level_grad_factors(config.mlp, level.weights, n,
-                                                      activations, error))
+                if factors is not None:
+                    pending.append(factors)
                 if stop % size == 0:
                     level = _level_step(config, index, _flush_one(level, pending))
                     pending = []

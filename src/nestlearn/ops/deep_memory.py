@@ -86,11 +86,14 @@ class _ChunkCoefficients:
             momentum_products = segment_products(theta)
         self.momentum_decay = momentum_products[..., 1:, 1:]
         self.theta_scale = momentum_products[..., 1:, 0]
-        self.coef = (self.decay @ self.momentum_decay) * eta_cols
-        self.carry = (self.decay @ self.theta_scale[..., None])[..., 0]
+        # coef = (decay @ momentum_decay) eta and carry = decay @ theta_scale, and their
+        # one-token-earlier twins, from one product: row t of products[:, 1:] is decay's row
+        # t (row 0 is zero), row t - 1 prev_decay's; column 0 of momentum_products[1:] is
+        # theta_scale, the others momentum_decay.
+        both = products[..., :, 1:] @ momentum_products[..., 1:, :]  # [..., C + 1, C + 1]
+        self.coef, self.carry = both[..., 1:, 1:] * eta_cols, both[..., 1:, 0]
         if previous:
-            self.prev_coef = (self.prev_decay @ self.momentum_decay) * eta_cols
-            self.prev_carry = (self.prev_decay @ self.theta_scale[..., None])[..., 0]
+            self.prev_coef, self.prev_carry = both[..., :-1, 1:] * eta_cols, both[..., :-1, 0]
 
     def per_chunk(self, last_size: int) -> list[_ChunkCoefficients]:
         """Coefficients computed for all N chunks at once (gates ``[B, H, N, C]``) as one

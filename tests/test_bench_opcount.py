@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model_cases import tiny_config
-from nestlearn.benchmarks.opcount import OpCounter, count_step, parametric_weights
+from nestlearn.benchmarks.opcount import OpCounter, count_step, parametric_weights, profiled_kernels
 from nestlearn.cli import main
 
 
@@ -105,3 +105,27 @@ def test_negative_decode_tokens_is_refused(capsys):
     code = main(["bench", "ops-count", "--archs", "transformer", "--decode-tokens", "-1"])
     captured = capsys.readouterr()
     assert code != 0 and "--decode-tokens" in captured.err + captured.out
+
+
+def test_profiled_kernels_count_the_innermost_computing_ops():
+    a, b = torch.randn(4, 3), torch.randn(3, 5)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y = (a @ b).t().contiguous() + 1  # mm, the copy inside contiguous, add
+        y.view(-1).unsqueeze(0).transpose(0, 1)  # views only
+    assert profiled_kernels(prof.events()) == 3
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_counts_each_side_in_a_fresh_process(backend, tmp_path, capsys):
+    code = main(["bench", "ops-count", "--archs", "titans", "--length", "16",
+                 "--model-dim", "16", "--model-layers", "1", "--heads", "2", "--chunk-size",
+                 "8", "--vocab-size", "32", "--compiled", "--compile-backend", backend,
+                 "--threads", "1", "--out", str(tmp_path)])
+    assert code == 0
+    assert "profiled kernels compiled | compile s" in capsys.readouterr().out
+    row = json.loads((tmp_path / "ops-count.json").read_text())["rows"][0]
+    assert row["profiled kernels eager"] > 0 and row["compile s"] > 0
+    if backend == "inductor":  # fused element-wise kernels: far fewer per step
+        assert row["profiled kernels compiled"] < row["profiled kernels eager"] / 2
+    else:  # tracing alone runs the same aten ops
+        assert row["profiled kernels compiled"] > row["profiled kernels eager"] / 2

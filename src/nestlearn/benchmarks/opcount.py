@@ -24,6 +24,17 @@ forward each, with the state carried: ``decode kernels/token`` is that count ove
 only, no backward), ``decode syncs/token`` the host reads among them (generate reads the
 prompt's id range once per call: 1/N).
 
+With ``--compiled`` it also counts the step as ``nestlearn.ops.set_compile(True)`` runs it
+(``torch.compile`` of the memories' chunk steps), in a fresh process per arch: one step
+compiles (``compile s``), the next is recorded by torch's profiler. A compiled graph is not
+seen by a dispatch mode, so both sides are counted from the profiler's event tree the same
+way (``profiled_kernels``): every innermost aten op that computes (views and allocations
+excluded), plus every kernel the compiler generated (inductor's ``cpp_fused_*`` on CPU,
+``triton_*`` on a GPU). ``profiled kernels eager`` is the eager step counted that way (it
+differs from ``kernels/step`` by how a few composite ops are split); ``profiled kernels
+compiled`` the compiled one. With ``--timing`` as well, the compiled step is timed in the
+same fresh process (``compiled tok/s``).
+
 With ``--timing`` (off by default: it needs a quiet machine) it also times the step and this
 machine's fp32 matmul rate, and reports the fraction of that rate the step achieves.
 """
@@ -49,6 +60,7 @@ from torch.utils.flop_counter import (
 from nestlearn.benchmarks.common import progress, time_call, write_report
 from nestlearn.errors import invalid
 from nestlearn.models import ARCHS, ModelConfig, build_model
+from nestlearn.ops._compile import BACKENDS
 
 # aten ops that hand a value (or a data-dependent size) to the host: a device sync each.
 SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2",
@@ -63,6 +75,20 @@ METADATA_OPS = frozenset({"_unsafe_view", "lift_fresh"})
 COLUMNS = ["arch", "params", "T", "ops/step", "kernels/step", "syncs/step", "kernels/token",
            "param GFLOP/tok", "in-context GFLOP/tok"]
 DECODE_COLUMNS = ["decode kernels/token", "decode syncs/token"]
+COMPILED_COLUMNS = ["profiled kernels eager", "profiled kernels compiled", "compile s"]
+# aten ops that only relabel or allocate memory: no kernel of their own in a profile (their
+# children, e.g. the copy inside a reshape of a strided tensor, are counted).
+NON_COMPUTING = frozenset({
+    "aten::view", "aten::as_strided", "aten::transpose", "aten::t", "aten::reshape",
+    "aten::_reshape_alias", "aten::expand", "aten::permute", "aten::select", "aten::slice",
+    "aten::unsqueeze", "aten::squeeze", "aten::split", "aten::split_with_sizes",
+    "aten::unbind", "aten::alias", "aten::detach", "aten::_unsafe_view", "aten::lift_fresh",
+    "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::unflatten",
+    "aten::flatten", "aten::narrow", "aten::chunk", "aten::diagonal", "aten::contiguous",
+    "aten::resolve_conj", "aten::resolve_neg", "aten::expand_as", "aten::view_as",
+    "aten::result_type", "aten::is_nonzero", "aten::movedim", "aten::swapaxes"})
+# Names of the kernels a compiler generates, as they appear in a profile.
+GENERATED_KERNELS = ("cpp_fused", "triton_")
 TIMING_COLUMNS = ["tok/s", "GFLOP/s", "fraction of matmul rate"]
 
 
@@ -217,6 +243,66 @@ def count_decode(config: ModelConfig, length: int, batch: int, tokens: int,
             "decode top kernels": dict(ops.kernels.most_common(20))}
 
 
+def profiled_kernels(events: Any) -> int:
+    """Kernels in a profile's event tree (``profile.events()``): generated kernels, and the
+    innermost computing aten op of every nest (``aten::matmul`` counts as its ``bmm``)."""
+
+    def count(event: Any) -> int:
+        if any(tag in event.name for tag in GENERATED_KERNELS):
+            return 1
+        inner = sum(count(child) for child in event.cpu_children)
+        if inner or not event.name.startswith("aten::"):
+            return inner
+        return 0 if event.name in NON_COMPUTING else 1
+
+    return sum(count(event) for event in events if event.cpu_parent is None)
+
+
+def profile_step(config_dict: dict[str, Any], length: int, batch: int, compiled: bool,
+                 repeats: int, backend: str = "inductor") -> dict[str, Any]:
+    """Profiled kernels of one training step (eager, or compiled after one compiling step),
+    and with ``repeats`` > 0 its median seconds; run in a fresh process (``--compiled``)."""
+    import torch._inductor.config as inductor_config
+    from torch.profiler import ProfilerActivity, profile
+
+    from nestlearn.ops import set_compile
+
+    inductor_config.cpp.enable_kernel_profile = True  # a profiler event per generated kernel
+    set_compile(compiled, backend=backend)
+    config = ModelConfig.from_dict(config_dict)
+    torch.manual_seed(0)
+    model = build_model(config)
+    ids = torch.randint(0, config.vocab_size, (batch, length + 1),
+                        generator=torch.Generator().manual_seed(0))
+    step = make_step(model, ids)
+    started = time.perf_counter()
+    step()  # compiles every graph the step needs (the eager side: warms up)
+    first = time.perf_counter() - started
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    result: dict[str, Any] = {"kernels": profiled_kernels(prof.events()), "first s": first}
+    if repeats:
+        result["seconds"] = time_call(step, repeats=repeats, warmup=0)
+    return result
+
+
+def count_compiled(config: ModelConfig, length: int, batch: int, timing: bool,
+                   repeats: int, threads: int, backend: str = "inductor") -> dict[str, Any]:
+    """The ``--compiled`` columns of one arch: each side in a fresh process."""
+    from nestlearn.benchmarks.common import in_fresh_process
+
+    sides = {compiled: in_fresh_process(profile_step, config.to_dict(), length, batch,
+                                        compiled, repeats if timing else 0, backend,
+                                        threads=threads)
+             for compiled in (False, True)}
+    row = {"profiled kernels eager": sides[False]["kernels"],
+           "profiled kernels compiled": sides[True]["kernels"],
+           "compile s": sides[True]["first s"]}
+    if timing:
+        row["compiled tok/s"] = batch * length / sides[True]["seconds"]
+    return row
+
+
 def matmul_rate(size: int = 1024, repeats: int = 5) -> float:
     """This machine's fp32 matmul rate in FLOP/s (median of ``repeats`` square matmuls)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
@@ -252,6 +338,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-tokens", type=int, default=0,
                         help="also count greedy generation of this many tokens after a "
                              "prompt of --length tokens, per token (default: 0, off)")
+    parser.add_argument("--compiled", action="store_true",
+                        help="also count (and with --timing time) the step compiled "
+                             "(nestlearn.ops.set_compile), each side in a fresh process; "
+                             "compiling takes minutes per arch")
+    parser.add_argument("--compile-backend", default="inductor", choices=BACKENDS,
+                        help="torch.compile backend of --compiled (default: inductor; "
+                             "aot_eager only traces, in seconds)")
     parser.add_argument("--timing", action="store_true",
                         help="also time each step and the fp32 matmul rate (needs a quiet "
                              "machine; counts alone are deterministic)")
@@ -304,6 +397,10 @@ def run(args: argparse.Namespace) -> int:
         row["threads"] = torch.get_num_threads()
         if args.decode_tokens:
             row.update(count_decode(config, args.length, args.batch, args.decode_tokens))
+        if args.compiled:
+            row.update(count_compiled(config, args.length, args.batch, rate is not None,
+                                      args.repeats, torch.get_num_threads(),
+                                      args.compile_backend))
         if rate is not None:
             seconds = time_step(config, args.length, args.batch, args.repeats)
             achieved = row["matmul GFLOP/step"] * 1e9 / seconds
@@ -312,7 +409,9 @@ def run(args: argparse.Namespace) -> int:
                         "matmul GFLOP/s": rate / 1e9})
         rows.append(row)
     columns = (COLUMNS + (DECODE_COLUMNS if args.decode_tokens else [])
-               + (TIMING_COLUMNS if rate is not None else []))
+               + (TIMING_COLUMNS if rate is not None else [])
+               + (COMPILED_COLUMNS if args.compiled else [])
+               + (["compiled tok/s"] if args.compiled and rate is not None else []))
     write_report("ops-count", rows, columns, args.out)
     print(f"done in {time.perf_counter() - started:.1f} s")
     return 0

@@ -1,11 +1,13 @@
 import json
 import os
 import threading
+import warnings
 
 import pytest
 import torch
 
 from nestlearn.benchmarks.common import (
+    compile_failures,
     format_table,
     in_fresh_process,
     measure,
@@ -98,3 +100,14 @@ def test_measure_flags_non_finite_and_failed_runs():
 
     seconds, note = measure(refused, repeats=1)
     assert seconds != seconds and note == "failed: x: got 0; allowed: >= 1"
+
+
+def test_compile_failures_go_to_the_note_and_other_warnings_are_shown_once():
+    notes: list[str] = []
+    with pytest.warns(UserWarning, match="^unrelated$") as shown, compile_failures(notes):
+        warnings.warn("unrelated", UserWarning, stacklevel=1)
+        warnings.warn("torch.compile of _chunk failed, running it eagerly from now on (X)",
+                      RuntimeWarning, stacklevel=1)
+    assert len(shown) == 1
+    assert notes == ["compile failed: torch.compile of _chunk failed, running it eagerly "
+                     "from now on (X)"]

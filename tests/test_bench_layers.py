@@ -1,8 +1,24 @@
+import argparse
 import json
+import sys
 
 import pytest
+import torch
 
+from nestlearn.benchmarks import layers
 from nestlearn.cli import main
+from nestlearn.ops import set_compile
+
+TINY_MODELS = ["--lengths", "16", "--heads", "2", "--chunk-size", "4",
+               "--cms-chunk-sizes", "4", "8", "--model-dim", "16", "--model-layers", "1",
+               "--window", "4", "--repeats", "1", "--threads", "1", "--no-memory"]
+
+
+@pytest.fixture
+def eager_afterwards():
+    yield
+    set_compile(None)
+    torch._dynamo.reset()
 
 
 def test_bench_layers_runs_at_a_tiny_size(tmp_path, capsys):
@@ -26,7 +42,26 @@ def test_bench_layers_runs_at_a_tiny_size(tmp_path, capsys):
     short = {row["arch"]: row["state MB"] for row in decode if row["context"] == 8}
     assert grows["transformer"] == 2 * short["transformer"]  # the KV cache
     assert grows["titans"] == short["titans"]
-    assert "| arch | context | ms/token |" in capsys.readouterr().out
+    assert all(row["device"] == "cpu" and row["autocast"] == "off" and row["compile"] == "off"
+               and row["compile s"] is None for row in layers + models + decode)
+    assert "| arch | context | device | autocast | compile | ms/token |" in \
+        capsys.readouterr().out
+
+
+def test_titans_pytorch_side_by_side_compiled_and_not(tmp_path):
+    pytest.importorskip("titans_pytorch", reason="optional bench dependency")
+    code = main(["bench", "layers", "--sections", "titans-pytorch", "--chunk-size", "4",
+                 "--titans-dim", "16", "--titans-length", "16", "--titans-batch", "1",
+                 "--compile", "off", "on", "--compile-backend", "aot_eager",
+                 "--repeats", "1", "--threads", "1", "--no-memory", "--out", str(tmp_path)])
+    assert code == 0
+    rows = json.loads((tmp_path / "layers-titans-pytorch.json").read_text())["rows"]
+    assert [(row["implementation"], row["compile"]) for row in rows] == [
+        ("nestlearn", "off"), ("nestlearn", "on"), ("titans-pytorch", "off")]
+    assert [row["compile s"] is None for row in rows] == [True, False, True]
+    assert all(row["note"] == "" for row in rows)
+    assert rows[1]["speedup vs titans-pytorch"] == pytest.approx(
+        rows[1]["tok/s"] / rows[2]["tok/s"])
 
 
 def test_titans_pytorch_side_by_side(tmp_path):
@@ -47,3 +82,92 @@ def test_titans_pytorch_side_by_side(tmp_path):
 def test_bench_layers_refuses_unknown_names(capsys):
     assert main(["bench", "layers", "--layers", "lstm"]) == 2
     assert "--layers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("option", "value"), [("--compile", "maybe"), ("--device", "tpu"),
+                                               ("--autocast", "fp16"),
+                                               ("--compile-backend", "tvm")])
+def test_bench_layers_refuses_bad_mode_values(option, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "layers", option, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert option in err and repr(value) in err
+
+
+def test_device_cuda_without_cuda_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "out"
+    assert main(["bench", "layers", "--device", "cuda", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("nestlearn bench: error: --device: got 'cuda'; allowed: cpu "
+                   "(torch.cuda.is_available() is false here: no CUDA device or a CPU-only "
+                   "torch)")
+    assert not out.exists()
+
+
+def test_compile_off_and_on_side_by_side_at_batch_8(tmp_path, capsys):
+    # aot_eager traces the graph inductor would compile, in seconds
+    code = main(["bench", "layers", "--sections", "models", "--archs", "titans",
+                 "--batch", "8", "--compile", "off", "on", "--compile-backend", "aot_eager",
+                 *TINY_MODELS, "--out", str(tmp_path)])
+    assert code == 0
+    rows = json.loads((tmp_path / "layers-models.json").read_text())["rows"]
+    assert [(row["arch"], row["compile"]) for row in rows] == [("titans", "off"),
+                                                               ("titans", "on")]
+    off, on = rows
+    assert off["compile s"] is None and on["compile s"] > 0
+    assert on["compile s"] == on["first call s"] and off["first call s"] > 0
+    assert all(row["B"] == 8 and row["device"] == "cpu" and row["autocast"] == "off"
+               and row["tok/s"] > 0 and row["note"] == "" for row in rows)
+    table = capsys.readouterr().out
+    assert "| device | autocast | compile | tok/s | compile s | peak MB | note |" in table
+    assert "| titans | " in table and "| cpu | off | on |" in table
+
+
+def test_bf16_autocast_on_cpu_runs_every_section(tmp_path):
+    code = main(["bench", "layers", "--sections", "layers", "models", "decode",
+                 "--layers", "neural-memory", "attention", "--archs", "titans", "hope",
+                 "--dim", "16", "--autocast", "bf16", "--decode-contexts", "8",
+                 "--decode-steps", "2", *TINY_MODELS, "--out", str(tmp_path)])
+    assert code == 0
+    for name in ("layers", "layers-models", "layers-decode"):
+        rows = json.loads((tmp_path / f"{name}.json").read_text())["rows"]
+        assert rows and all(row["autocast"] == "bf16" and row["note"] == "" for row in rows)
+
+
+def model_kwargs(arch):
+    """The tiny ``arch``'s workload arguments, as ``bench layers`` builds them."""
+    parser = argparse.ArgumentParser()
+    layers.add_arguments(parser)
+    args = parser.parse_args(["--archs", arch, *TINY_MODELS])
+    config = layers._model_configs(args)[arch]
+    return {"config": config.to_dict(), "length": 16, "batch": 2}
+
+
+def test_a_failed_compile_is_named_in_the_note(monkeypatch, eager_afterwards):
+    steps = [sys.modules["nestlearn.ops.deep_memory"]._chunk_step,
+             sys.modules["nestlearn.nn.self_modifying"]._stacked_chunk_step]
+
+    def broken(fn, **kwargs):
+        def fails(*args, **kw):
+            raise RuntimeError("no C++ compiler found")
+        return fails
+
+    monkeypatch.setattr(torch, "compile", broken)
+    for step in steps:
+        monkeypatch.setattr(step, "compiled", {})
+        monkeypatch.setattr(step, "failed", False)
+    mode = layers.RunMode(compile=True, backend="aot_eager")
+    result = layers.measure_cell(layers.make_model_workload, model_kwargs("titans"), mode,
+                                 repeats=1, memory=False)
+    assert result["note"] == ("compile failed: torch.compile of _chunk failed, running it "
+                              "eagerly from now on (RuntimeError: no C++ compiler found)")
+    assert result["seconds"] > 0
+
+
+def test_a_model_without_a_chunk_step_says_nothing_was_compiled(eager_afterwards):
+    mode = layers.RunMode(compile=True, backend="aot_eager")
+    result = layers.measure_cell(layers.make_model_workload, model_kwargs("transformer"),
+                                 mode, repeats=1, memory=False)
+    assert result["note"] == "nothing compiled (no chunk step)"

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import platform
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from queue import Empty
 from typing import Any
@@ -23,21 +25,33 @@ def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def time_call(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float:
-    """Median wall time in seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+def synchronize(device: str) -> None:
+    """Wait for ``device``'s queued kernels (CUDA runs them asynchronously; CPU: nothing)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_once(fn: Callable[[], Any], device: str = "cpu") -> tuple[float, Any]:
+    """(wall seconds, result) of one ``fn()``, the device's queue drained before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return time.perf_counter() - start, result
+
+
+def time_call(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1,
+              device: str = "cpu") -> float:
+    """Median wall time in seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs
+    (on CUDA each timed run is synchronized on both sides)."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    times.sort()
+    times = sorted(timed_once(fn, device)[0] for _ in range(repeats))
     return times[len(times) // 2]
 
 
 def measure(workload: Callable[[], torch.Tensor], repeats: int,
-            warmup: int = 1) -> tuple[float, str]:
+            warmup: int = 1, device: str = "cpu") -> tuple[float, str]:
     """(median seconds, note): the note flags a run whose loss is not finite (a diverging
     layer's timing is reported but marked) or that failed with a NestlearnError or a
     NonFiniteError."""
@@ -47,10 +61,34 @@ def measure(workload: Callable[[], torch.Tensor], repeats: int,
         losses.append(workload())
 
     try:
-        seconds = time_call(run, repeats=repeats, warmup=warmup)
+        seconds = time_call(run, repeats=repeats, warmup=warmup, device=device)
     except (NestlearnError, NonFiniteError) as err:
         return float("nan"), f"failed: {err}"
     return seconds, "" if torch.isfinite(losses[-1]) else "non-finite outputs"
+
+
+# The compiled path's eager-fallback warning (ops/_compile.py): the step then ran uncompiled.
+COMPILE_FAILED = "running it eagerly"
+
+
+@contextlib.contextmanager
+def compile_failures(notes: list[str]) -> Iterator[None]:
+    """Collect the compiled path's eager-fallback warnings into ``notes`` (for a result's note
+    column); other warnings are shown as usual."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            # every fallback is seen (not once per location); other warnings keep their filters
+            warnings.filterwarnings("always", message=f".*{COMPILE_FAILED}",
+                                    category=RuntimeWarning)
+            yield
+    finally:
+        # outside the recording block: shown here, not recorded again
+        for item in caught:
+            message = str(item.message)
+            if issubclass(item.category, RuntimeWarning) and COMPILE_FAILED in message:
+                notes.append(f"compile failed: {message}")
+            else:
+                warnings.showwarning(item.message, item.category, item.filename, item.lineno)
 
 
 def _status_mb(field: str) -> float:
@@ -111,23 +149,29 @@ def _peak_rise(make_workload: Callable[..., Callable[[], Any]], kwargs: dict) ->
     return max(0.0, _status_mb("VmHWM") - baseline)
 
 
+def cuda_peak_mb(workload: Callable[[], Any]) -> float:
+    """Peak CUDA memory (MiB) that one call of ``workload`` allocates above what is allocated
+    before it (torch.cuda.max_memory_allocated, its peak reset first)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    workload()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def peak_memory_mb(make_workload: Callable[..., Callable[[], Any]], threads: int | None = None,
-                   **kwargs: Any) -> float:
-    """Peak resident memory (MiB) that one call of the workload adds, in a fresh process.
+                   device: str = "cpu", **kwargs: Any) -> float:
+    """Peak memory (MiB) that one call of the workload adds.
 
     ``make_workload(**kwargs)`` builds inputs and returns a zero-argument callable; it must be a
-    module-level function so the child process can import it. Measured on CPU as the rise of
-    the process's peak RSS above its RSS once inputs exist, so allocator caches of earlier
-    measurements cannot hide or inflate it.
+    module-level function so the child process can import it. On CPU (``device="cpu"``)
+    measured in a fresh process as the rise of the process's peak RSS above its RSS once
+    inputs exist, so allocator caches of earlier measurements cannot hide or inflate it; on
+    CUDA, in this process, by :func:`cuda_peak_mb`.
     """
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        workload = make_workload(**kwargs)
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        workload()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    if device == "cuda":
+        return cuda_peak_mb(make_workload(**kwargs))
     return in_fresh_process(_peak_rise, make_workload, kwargs, threads=threads)
 
 
@@ -138,6 +182,7 @@ def environment() -> dict[str, Any]:
         "machine": platform.machine(),
         "threads": torch.get_num_threads(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 
 
@@ -154,10 +199,11 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def write_report(name: str, rows: Sequence[dict[str, Any]], columns: Sequence[str],
-                 out_dir: str | Path) -> Path:
-    """Print the table and write ``<out_dir>/<name>.json`` (rows + environment); return its path."""
-    print(format_table(rows, columns))
+def write_json(name: str, rows: Sequence[dict[str, Any]], out_dir: str | Path) -> Path:
+    """Write ``<out_dir>/<name>.json`` (rows + environment) atomically; return its path.
+
+    Also called after each row of a long section, so a run stopped part-way (a time limit)
+    keeps the rows it finished."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
@@ -165,5 +211,13 @@ def write_report(name: str, rows: Sequence[dict[str, Any]], columns: Sequence[st
     tmp.write_text(json.dumps({"benchmark": name, "environment": environment(), "rows": list(rows)},
                               indent=2))
     tmp.replace(path)
+    return path
+
+
+def write_report(name: str, rows: Sequence[dict[str, Any]], columns: Sequence[str],
+                 out_dir: str | Path) -> Path:
+    """Print the table and write ``<out_dir>/<name>.json`` (rows + environment); return its path."""
+    print(format_table(rows, columns))
+    path = write_json(name, rows, out_dir)
     print(f"wrote {path}")
     return path

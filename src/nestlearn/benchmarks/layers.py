@@ -16,14 +16,28 @@ Four sections (``--sections``):
   expansion 4, momentum on), forward and backward, same thread count, each timed in a fresh
   process of its own after the same warm-up (``benchmarks/titans_compare.py``); our layer's
   float64 error against its per-token reference is reported beside it.
-Peak memory is measured in a fresh process per cell (``--no-memory`` skips it).
+Peak memory is measured in a fresh process per cell (``--no-memory`` skips it); on CUDA it
+is ``torch.cuda.max_memory_allocated`` during one pass instead.
+
+Each cell of ``layers``, ``models`` and ``decode`` runs on ``--device`` (cpu or cuda; CUDA
+timings synchronize around each timed call), with the forward under
+``torch.autocast(device, bfloat16)`` when ``--autocast bf16``, and once per ``--compile``
+value (``on``: the memories' chunk steps under ``torch.compile``, ``nestlearn.ops.set_compile``
+with ``--compile-backend``). A compiled cell runs in a fresh process of its own, and so does
+every cell when ``--compile`` has several values, so compiled code and allocator state cannot
+leak from one cell into the next; its first call (compiling included) is timed apart
+(``compile s``), tok/s is the median of ``--repeats`` runs after one more warm-up call. A
+chunk step that failed to compile (and ran eagerly) is named in the ``note`` column.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import itertools
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,10 +47,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nestlearn.benchmarks.common import (
+    compile_failures,
+    cuda_peak_mb,
+    in_fresh_process,
     measure,
     peak_memory_mb,
     progress,
     time_call,
+    timed_once,
+    write_json,
     write_report,
 )
 from nestlearn.benchmarks.titans_compare import (
@@ -46,15 +65,45 @@ from nestlearn.benchmarks.titans_compare import (
 )
 from nestlearn.errors import NestlearnError, NonFiniteError, invalid
 from nestlearn.models import ARCHS, ArchSpec, ModelConfig, build_model
+from nestlearn.ops import set_compile
 from nestlearn.state import tensors
 
 LAYERS: tuple[str, ...] = ("attention", "transformer-block", "neural-memory",
                            "self-modifying-titans", "cms", "hope-block", "hope-attention-block")
 SECTIONS: tuple[str, ...] = ("layers", "models", "decode", "titans-pytorch")
 
-LAYER_COLUMNS = ["layer", "T", "params", "tok/s", "peak MB", "note"]
-MODEL_COLUMNS = ["arch", "dim", "params", "T", "checkpoint segment", "tok/s", "peak MB", "note"]
-DECODE_COLUMNS = ["arch", "context", "ms/token", "state MB", "note"]
+DEVICES: tuple[str, ...] = ("cpu", "cuda")
+AUTOCAST: tuple[str, ...] = ("off", "bf16")
+COMPILE: tuple[str, ...] = ("off", "on")
+COMPILE_BACKENDS: tuple[str, ...] = ("inductor", "aot_eager")
+
+MODE_COLUMNS = ["device", "autocast", "compile"]
+LAYER_COLUMNS = ["layer", "T", "params", *MODE_COLUMNS, "tok/s", "compile s", "peak MB", "note"]
+MODEL_COLUMNS = ["arch", "dim", "params", "T", "B", "checkpoint segment", *MODE_COLUMNS, "tok/s",
+                 "compile s", "peak MB", "note"]
+DECODE_COLUMNS = ["arch", "context", *MODE_COLUMNS, "ms/token", "compile s", "state MB", "note"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunMode:
+    """How a cell runs: its device, autocast (``off`` or ``bf16``) and compiled chunk steps."""
+
+    device: str = "cpu"
+    autocast: str = "off"
+    compile: bool = False
+    backend: str = "inductor"
+
+    def row(self) -> dict[str, str]:
+        """The mode's columns of a result row."""
+        return {"device": self.device, "autocast": self.autocast,
+                "compile": "on" if self.compile else "off"}
+
+
+def autocast(device: str, mode: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast(device, bfloat16)`` when ``mode`` is ``bf16``; a no-op for ``off``."""
+    if mode == "bf16":
+        return torch.autocast(device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _layer_configs(dim: int, heads: int, chunk_size: int, cms_chunk_sizes: list[int]
@@ -94,17 +143,20 @@ def build_layer(name: str, configs: dict[str, ModelConfig]) -> nn.Module:
 
 def make_layer_workload(layer: str, dim: int, heads: int, chunk_size: int,
                         cms_chunk_sizes: list[int], length: int, batch: int,
-                        seed: int = 0) -> Callable[[], torch.Tensor]:
+                        seed: int = 0, device: str = "cpu",
+                        autocast_mode: str = "off") -> Callable[[], torch.Tensor]:
     """One forward+backward pass of a layer (module level: the memory probe imports it)."""
     torch.manual_seed(seed)
     module = build_layer(layer, _layer_configs(dim, heads, chunk_size, cms_chunk_sizes))
-    x = torch.randn(batch, length, dim, requires_grad=True)
+    module.to(device)
+    x = torch.randn(batch, length, dim, device=device, requires_grad=True)
 
     def workload() -> torch.Tensor:
         module.zero_grad(set_to_none=True)
         x.grad = None
-        y, _ = module(x)
-        loss = y.square().mean()
+        with autocast(device, autocast_mode):
+            y, _ = module(x)
+            loss = y.float().square().mean()
         loss.backward()
         return loss.detach()
 
@@ -112,11 +164,12 @@ def make_layer_workload(layer: str, dim: int, heads: int, chunk_size: int,
 
 
 def make_model_workload(config: dict[str, Any], length: int, batch: int,
-                        seed: int = 0) -> Callable[[], torch.Tensor]:
+                        seed: int = 0, device: str = "cpu",
+                        autocast_mode: str = "off") -> Callable[[], torch.Tensor]:
     """One forward+backward pass (next-token loss) of a causal LM."""
     torch.manual_seed(seed)
-    model = build_model(ModelConfig.from_dict(config))
-    ids = torch.randint(0, model.config.vocab_size, (batch, length + 1))
+    model = build_model(ModelConfig.from_dict(config)).to(device)
+    ids = torch.randint(0, model.config.vocab_size, (batch, length + 1), device=device)
     if model.config.checkpoint_segment is not None:
         # The first checkpoint call of a process imports torch._dynamo (~75 MB resident): a
         # one-time cost, paid here so that the peak-memory probe measures the pass itself.
@@ -125,8 +178,10 @@ def make_model_workload(config: dict[str, Any], length: int, batch: int,
 
     def workload() -> torch.Tensor:
         model.zero_grad(set_to_none=True)
-        logits, _ = model(ids[:, :-1])
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        with autocast(device, autocast_mode):
+            logits, _ = model(ids[:, :-1])
+            loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(),
+                                               ids[:, 1:].flatten())
         loss.backward()
         return loss.detach()
 
@@ -176,28 +231,163 @@ def _state_mb(state: object) -> float:
 
 @torch.no_grad()
 def decode_latency(config: ModelConfig, context: int, steps: int, segment: int,
-                   repeats: int) -> tuple[float, float, str]:
-    """(seconds per token, state MB, note) of greedy decoding after a ``context``-token
-    prompt; the note flags non-finite logits."""
+                   repeats: int, device: str = "cpu", autocast_mode: str = "off"
+                   ) -> tuple[float, float, str, float]:
+    """(seconds per token, state MB, note, first s) of greedy decoding after a
+    ``context``-token prompt; the note flags non-finite logits; ``first s`` is the wall time
+    of the prompt and the first (untimed) decoding run, which includes any compiling."""
     torch.manual_seed(0)
-    model = build_model(config).eval()
-    ids = torch.randint(0, config.vocab_size, (1, context))
-    state = None
-    for start in range(0, context, segment):
-        logits, state = model(ids[:, start:start + segment], state)
-    first = logits[:, -1:].argmax(-1)
+    model = build_model(config).eval().to(device)
+    ids = torch.randint(0, config.vocab_size, (1, context), device=device)
+    finite: list[torch.Tensor] = []
 
-    finite = [bool(torch.isfinite(logits).all())]
+    def read_prompt() -> tuple[torch.Tensor, Any]:
+        state = None
+        with autocast(device, autocast_mode):
+            for start in range(0, context, segment):
+                logits, state = model(ids[:, start:start + segment], state)
+        finite.append(torch.isfinite(logits).all())
+        return logits[:, -1:].argmax(-1), state
 
     def run() -> None:
         token, carried = first, state
-        for _ in range(steps):
-            out, carried = model(token, carried)
-            finite.append(bool(torch.isfinite(out).all()))
-            token = out[:, -1:].argmax(-1)
+        with autocast(device, autocast_mode):
+            for _ in range(steps):
+                out, carried = model(token, carried)
+                # kept on the device: a host read per token would stall a GPU's queue
+                finite.append(torch.isfinite(out).all())
+                token = out[:, -1:].argmax(-1)
 
-    seconds = time_call(run, repeats=repeats, warmup=1) / steps
-    return seconds, _state_mb(state), "" if all(finite) else "non-finite outputs"
+    prompt_s, (first, state) = timed_once(read_prompt, device)
+    warmup_s, _ = timed_once(run, device)
+    seconds = time_call(run, repeats=repeats, warmup=0, device=device) / steps
+    note = "" if bool(torch.stack(finite).all()) else "non-finite outputs"
+    return seconds, _state_mb(state), note, prompt_s + warmup_s
+
+
+def _graphs_compiled(mode: RunMode) -> int:
+    """Graphs torch.compile has made in this process (0 for an eager cell: importing
+    torch._dynamo costs time and memory it does not need)."""
+    if not mode.compile:
+        return 0
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def _nothing_compiled(mode: RunMode, notes: list[str], graphs: int) -> None:
+    if mode.compile and not _join(notes) and _graphs_compiled(mode) == graphs:
+        notes.append("nothing compiled (no chunk step)")
+
+
+def _failed(note: str) -> bool:
+    return note.startswith("failed")
+
+
+def _join(notes: list[str]) -> str:
+    return "; ".join(note for note in notes if note)
+
+
+def workload_in_mode(make: Callable[..., Callable[[], torch.Tensor]], mode: RunMode,
+                     **kwargs: Any) -> Callable[[], torch.Tensor]:
+    """``make``'s workload on ``mode``'s device and autocast, chunk steps compiled or not; a
+    compiled one has run once already, so what is measured next excludes compiling (the
+    peak-memory probe builds its workload here)."""
+    set_compile(mode.compile, mode.backend)
+    workload = make(device=mode.device, autocast_mode=mode.autocast, **kwargs)
+    if mode.compile:
+        workload()
+    return workload
+
+
+def measure_cell(make: Callable[..., Callable[[], torch.Tensor]], kwargs: dict[str, Any],
+                 mode: RunMode, repeats: int, memory: bool) -> dict[str, Any]:
+    """One cell in this process: ``seconds`` (median of ``repeats`` after the first call and
+    one warm-up call), ``first s`` (the first call alone, compiling included), ``note`` and,
+    on CUDA with ``memory``, ``peak MB``."""
+    set_compile(mode.compile, mode.backend)
+    graphs = _graphs_compiled(mode)
+    notes: list[str] = []
+    result: dict[str, Any] = {"seconds": math.nan, "first s": None, "peak MB": None}
+    try:
+        with compile_failures(notes):
+            workload = make(device=mode.device, autocast_mode=mode.autocast, **kwargs)
+            result["first s"], _ = timed_once(workload, mode.device)
+            result["seconds"], note = measure(workload, repeats, device=mode.device)
+            notes.insert(0, note)
+            if memory and mode.device == "cuda" and not _failed(note):
+                result["peak MB"] = cuda_peak_mb(workload)
+    except (NestlearnError, NonFiniteError) as err:
+        notes.insert(0, f"failed: {err}")
+    except torch.OutOfMemoryError as err:
+        notes.insert(0, f"failed: out of memory ({str(err).splitlines()[0]})")
+    finally:
+        set_compile(None)
+    _nothing_compiled(mode, notes, graphs)
+    result["note"] = _join(notes)
+    return result
+
+
+def _cell(args: argparse.Namespace, make: Callable[..., Callable[[], torch.Tensor]],
+          kwargs: dict[str, Any], mode: RunMode, threads: int) -> dict[str, Any]:
+    """``measure_cell`` in a fresh process when compiled or when --compile has several
+    values (so both sides are measured alike), then the CPU peak-memory probe."""
+    memory = not args.no_memory
+    try:
+        if mode.compile or len(args.compile) > 1:
+            result = in_fresh_process(measure_cell, make, kwargs, mode, args.repeats, memory,
+                                      threads=threads)
+        else:
+            result = measure_cell(make, kwargs, mode, args.repeats, memory)
+    except RuntimeError as err:  # the measuring process raised or died: report, go on
+        last = str(err).strip().splitlines()[-1]
+        result = {"seconds": math.nan, "first s": None, "peak MB": None,
+                  "note": f"failed: {last}"}
+    if memory and mode.device == "cpu" and not _failed(result["note"]):
+        result["peak MB"] = peak_memory_mb(functools.partial(workload_in_mode, make, mode),
+                                           threads=threads, **kwargs)
+    return result
+
+
+def measure_decode(config: dict[str, Any], context: int, steps: int, segment: int,
+                   repeats: int, mode: RunMode) -> dict[str, Any]:
+    """One decode cell in this process (``decode_latency`` in ``mode``)."""
+    set_compile(mode.compile, mode.backend)
+    graphs = _graphs_compiled(mode)
+    notes: list[str] = []
+    result: dict[str, Any] = {"seconds": math.nan, "first s": None, "state MB": None}
+    try:
+        with compile_failures(notes):
+            seconds, state_mb, note, first = decode_latency(
+                ModelConfig.from_dict(config), context, steps, segment, repeats,
+                mode.device, mode.autocast)
+        result.update({"seconds": seconds, "state MB": state_mb, "first s": first})
+        notes.insert(0, note)
+    except (NestlearnError, NonFiniteError) as err:
+        notes.insert(0, f"failed: {err}")
+    except torch.OutOfMemoryError as err:
+        notes.insert(0, f"failed: out of memory ({str(err).splitlines()[0]})")
+    finally:
+        set_compile(None)
+    _nothing_compiled(mode, notes, graphs)
+    result["note"] = _join(notes)
+    return result
+
+
+def _modes(args: argparse.Namespace) -> list[RunMode]:
+    return [RunMode(args.device, args.autocast, value == "on", args.compile_backend)
+            for value in args.compile]
+
+
+def _mode_columns(mode: RunMode, result: dict[str, Any]) -> dict[str, Any]:
+    return {**mode.row(), "compile s": result["first s"] if mode.compile else None,
+            "first call s": result["first s"]}
+
+
+def compile_value(text: str) -> str:
+    """A ``--compile`` value: ``off`` or ``on``."""
+    value = text.strip().lower()
+    if value not in COMPILE:
+        raise argparse.ArgumentTypeError(f"got {text!r}; allowed: {', '.join(COMPILE)}")
+    return value
 
 
 def checkpoint_segment(text: str) -> int | None:
@@ -250,6 +440,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="T of the titans-pytorch comparison (default: 1024)")
     parser.add_argument("--titans-batch", type=int, default=2,
                         help="batch of the titans-pytorch comparison (default: 2)")
+    parser.add_argument("--device", choices=DEVICES, default="cpu",
+                        help="layers, models, decode: where tensors and models live; cuda "
+                             "timings synchronize around each timed call and peak MB is "
+                             "torch.cuda.max_memory_allocated (default: cpu)")
+    parser.add_argument("--autocast", choices=AUTOCAST, default="off",
+                        help="layers, models, decode: bf16 runs the forward under "
+                             "torch.autocast(device, bfloat16), on cpu as well as cuda "
+                             "(default: off, float32)")
+    parser.add_argument("--compile", type=compile_value, nargs="+", default=["off"],
+                        metavar="off|on",
+                        help="layers, models, decode and our titans-pytorch row: 'on' runs the "
+                             "memories' chunk steps under torch.compile (nestlearn.ops."
+                             "set_compile); several values run side by side, e.g. 'off on', "
+                             "each cell in a fresh process; the first call is timed apart as "
+                             "'compile s', a failure to compile is named in the note "
+                             "(default: off)")
+    parser.add_argument("--compile-backend", choices=COMPILE_BACKENDS, default="inductor",
+                        help="torch.compile backend of --compile on: inductor generates fused "
+                             "kernels, aot_eager only traces (seconds; checks the graph) "
+                             "(default: inductor)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs per cell, median reported (default: 3)")
     parser.add_argument("--threads", type=int, default=None,
@@ -275,6 +485,9 @@ def _check_args(args: argparse.Namespace) -> None:
         for item in value if isinstance(value, list) else [value]:
             if item is not None and item < 1:
                 raise invalid(f"--{name.replace('_', '-')}", item, "integers >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise invalid("--device", "'cuda'", "cpu (torch.cuda.is_available() is false here: "
+                                            "no CUDA device or a CPU-only torch)")
     # Validates dims, heads and CMS chunk sizes once, with the config's own messages.
     _layer_configs(args.dim, args.heads, args.chunk_size, args.cms_chunk_sizes)
     _base_config(args)
@@ -291,13 +504,6 @@ def _sections(args: argparse.Namespace) -> dict[str, Any]:
             "cms": {"chunk_sizes": tuple(args.cms_chunk_sizes)}}
 
 
-def _memory(args: argparse.Namespace, make: Callable[..., Callable[[], Any]],
-            threads: int, note: str, **kwargs: Any) -> float | None:
-    if args.no_memory or note.startswith("failed"):
-        return None
-    return peak_memory_mb(make, threads=threads, **kwargs)
-
-
 def _layer_rows(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
     rows = []
     config = _layer_configs(args.dim, args.heads, args.chunk_size, args.cms_chunk_sizes)
@@ -305,17 +511,24 @@ def _layer_rows(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
         with torch.device("meta"):
             params = sum(p.numel() for p in build_layer(layer, config).parameters())
         for length in args.lengths:
-            progress(f"layer {layer} T={length}")
             kwargs = {"layer": layer, "dim": args.dim, "heads": args.heads,
                       "chunk_size": args.chunk_size, "cms_chunk_sizes": args.cms_chunk_sizes,
                       "length": length, "batch": args.batch}
-            seconds, note = measure(make_layer_workload(**kwargs), args.repeats)
-            rows.append({"layer": layer, "T": length, "B": args.batch, "D": args.dim,
-                         "params": params, "tok/s": args.batch * length / seconds,
-                         "peak MB": _memory(args, make_layer_workload, threads, note,
-                                            **kwargs),
-                         "note": note, "threads": threads})
+            for mode in _modes(args):
+                progress(f"layer {layer} T={length} {_mode_text(mode)}")
+                result = _cell(args, make_layer_workload, kwargs, mode, threads)
+                rows.append({"layer": layer, "T": length, "B": args.batch, "D": args.dim,
+                             "params": params, **_mode_columns(mode, result),
+                             "tok/s": args.batch * length / result["seconds"],
+                             "peak MB": result["peak MB"], "note": result["note"],
+                             "threads": threads})
+                write_json("layers", rows, args.out)
     return rows
+
+
+def _mode_text(mode: RunMode) -> str:
+    return (f"on {mode.device}, autocast {mode.autocast}, "
+            f"compile {'on' if mode.compile else 'off'}")
 
 
 def _model_configs(args: argparse.Namespace) -> dict[str, ModelConfig]:
@@ -330,19 +543,21 @@ def _model_rows(args: argparse.Namespace, configs: dict[str, ModelConfig],
     rows = []
     for arch, config in configs.items():
         params = count_parameters(config)
-        for length, segment in itertools.product(args.lengths, args.checkpoint_segment):
+        for length, segment, mode in itertools.product(args.lengths, args.checkpoint_segment,
+                                                       _modes(args)):
             shown = "off" if segment is None else segment
-            progress(f"model {arch} T={length} checkpoint segment {shown}")
+            progress(f"model {arch} T={length} B={args.batch} checkpoint segment {shown} "
+                     f"{_mode_text(mode)}")
             run_config = dataclasses.replace(config, checkpoint_segment=segment)
             kwargs = {"config": run_config.to_dict(), "length": length, "batch": args.batch}
-            seconds, note = measure(make_model_workload(**kwargs), args.repeats)
+            result = _cell(args, make_model_workload, kwargs, mode, threads)
             rows.append({"arch": arch, "dim": config.dim, "layers": config.layers,
                          "params": params, "T": length, "B": args.batch,
-                         "checkpoint segment": shown,
-                         "tok/s": args.batch * length / seconds,
-                         "peak MB": _memory(args, make_model_workload, threads, note,
-                                            **kwargs),
-                         "note": note, "threads": threads})
+                         "checkpoint segment": shown, **_mode_columns(mode, result),
+                         "tok/s": args.batch * length / result["seconds"],
+                         "peak MB": result["peak MB"], "note": result["note"],
+                         "threads": threads})
+            write_json("layers-models", rows, args.out)
     return rows
 
 
@@ -351,16 +566,23 @@ def _decode_rows(args: argparse.Namespace, configs: dict[str, ModelConfig],
     rows = []
     segment = max(args.chunk_size, 512)
     for arch, config in configs.items():
-        for context in args.decode_contexts:
-            progress(f"decode {arch} context={context}")
+        for context, mode in itertools.product(args.decode_contexts, _modes(args)):
+            progress(f"decode {arch} context={context} {_mode_text(mode)}")
+            cell = (config.to_dict(), context, args.decode_steps, segment, args.repeats, mode)
             try:
-                seconds, state_mb, note = decode_latency(config, context, args.decode_steps,
-                                                         segment, args.repeats)
-            except (NestlearnError, NonFiniteError) as err:
-                seconds, state_mb, note = float("nan"), None, f"failed: {err}"
+                if mode.compile or len(args.compile) > 1:
+                    result = in_fresh_process(measure_decode, *cell, threads=threads)
+                else:
+                    result = measure_decode(*cell)
+            except RuntimeError as err:  # the measuring process raised or died
+                result = {"seconds": math.nan, "first s": None, "state MB": None,
+                          "note": f"failed: {str(err).strip().splitlines()[-1]}"}
             rows.append({"arch": arch, "dim": config.dim, "context": context,
-                         "ms/token": 1000 * seconds, "state MB": state_mb, "note": note,
-                         "steps": args.decode_steps, "threads": threads})
+                         **_mode_columns(mode, result),
+                         "ms/token": 1000 * result["seconds"], "state MB": result["state MB"],
+                         "note": result["note"], "steps": args.decode_steps,
+                         "threads": threads})
+            write_json("layers-decode", rows, args.out)
     return rows
 
 

@@ -10,17 +10,26 @@ its mmap threshold after large frees), which moved titans-pytorch's time by up t
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from nestlearn.benchmarks.common import in_fresh_process, measure, peak_memory_mb, progress
+from nestlearn.benchmarks.common import (
+    compile_failures,
+    in_fresh_process,
+    measure,
+    peak_memory_mb,
+    progress,
+    timed_once,
+)
+from nestlearn.ops import set_compile
 
 IMPLEMENTATIONS: tuple[str, ...] = ("nestlearn", "titans-pytorch")
-TITANS_COLUMNS = ["implementation", "params", "tok/s", "peak MB", "max err vs naive (f64)",
-                  "speedup vs titans-pytorch", "note"]
+TITANS_COLUMNS = ["implementation", "compile", "params", "tok/s", "compile s", "peak MB",
+                  "max err vs naive (f64)", "speedup vs titans-pytorch", "note"]
 # titans-pytorch's first calls are slower while its caches fill; both get the same warm-up
 WARMUP = 3
 
@@ -66,8 +75,25 @@ def make_titans_workload(implementation: str, dim: int, chunk_size: int, length:
     return workload
 
 
-def _timed(kwargs: dict[str, Any], repeats: int) -> tuple[float, str]:
-    return measure(make_titans_workload(**kwargs), repeats, warmup=WARMUP)
+def _timed(kwargs: dict[str, Any], repeats: int,
+           backend: str | None = None) -> tuple[float, str, float]:
+    """(median seconds, note, first call s); ``backend``: our chunk steps compiled with it
+    (None: eager). The first call counts as the first of the ``WARMUP`` calls."""
+    set_compile(backend is not None, backend or "inductor")
+    notes: list[str] = []
+    with compile_failures(notes):
+        workload = make_titans_workload(**kwargs)
+        first, _ = timed_once(workload)
+        seconds, note = measure(workload, repeats, warmup=WARMUP - 1)
+    return seconds, "; ".join(n for n in [note, *notes] if n), first
+
+
+def _compiled_workload(backend: str, **kwargs: Any) -> Callable[[], torch.Tensor]:
+    """Our workload, chunk steps compiled and run once (the memory probe excludes compiling)."""
+    set_compile(True, backend)
+    workload = make_titans_workload(**kwargs)
+    workload()
+    return workload
 
 
 def titans_exactness(dim: int, chunk_size: int, length: int, batch: int) -> float:
@@ -82,26 +108,36 @@ def titans_exactness(dim: int, chunk_size: int, length: int, batch: int) -> floa
 
 
 def titans_rows(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
-    """One row per implementation; ours carries the speed-up and its float64 error."""
+    """One row per implementation (ours once per --compile value, titans-pytorch eager);
+    ours carry the speed-up and the float64 error."""
     rows = []
-    for implementation in IMPLEMENTATIONS:
-        progress(f"NeuralMemory: {implementation}")
+    compiles = getattr(args, "compile", ["off"])
+    backend = getattr(args, "compile_backend", "inductor")
+    cells = [("nestlearn", value == "on") for value in compiles] + [("titans-pytorch", False)]
+    for implementation, compiled in cells:
+        shown = "on" if compiled else "off"
+        progress(f"NeuralMemory: {implementation}, compile {shown}")
         kwargs = {"implementation": implementation, "dim": args.titans_dim,
                   "chunk_size": args.chunk_size, "length": args.titans_length,
                   "batch": args.titans_batch}
-        seconds, note = in_fresh_process(_timed, kwargs, args.repeats, threads=threads)
+        seconds, note, first = in_fresh_process(_timed, kwargs, args.repeats,
+                                                backend if compiled else None, threads=threads)
+        make = (functools.partial(_compiled_workload, backend) if compiled
+                else make_titans_workload)
         peak = (None if args.no_memory or note.startswith("failed")
-                else peak_memory_mb(make_titans_workload, threads=threads, **kwargs))
+                else peak_memory_mb(make, threads=threads, **kwargs))
         error = (titans_exactness(args.titans_dim, args.chunk_size, args.titans_length,
                                   args.titans_batch) if implementation == "nestlearn" else None)
         module = titans_module(implementation, args.titans_dim, args.chunk_size)
-        rows.append({"implementation": implementation,
+        rows.append({"implementation": implementation, "compile": shown,
+                     "compile s": first if compiled else None, "first call s": first,
                      "params": sum(p.numel() for p in module.parameters()),
                      "D": args.titans_dim, "T": args.titans_length, "B": args.titans_batch,
                      "chunk_size": args.chunk_size,
                      "tok/s": args.titans_batch * args.titans_length / seconds,
                      "peak MB": peak, "max err vs naive (f64)": error, "note": note,
                      "threads": threads, "warmup": WARMUP, "repeats": args.repeats})
-    ours, theirs = rows
-    ours["speedup vs titans-pytorch"] = ours["tok/s"] / theirs["tok/s"]
+    *ours, theirs = rows
+    for row in ours:
+        row["speedup vs titans-pytorch"] = row["tok/s"] / theirs["tok/s"]
     return rows

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The GPU check of BENCHMARKS.md ("GPU: what a run of bench/gpu_check.sh should show"), run
+# from the repository root on a machine with one CUDA GPU; about 8 minutes on an H100.
+#   (a) float64 parity of the chunkwise ops against their references on CUDA (bench/gpu_parity.py)
+#   (b) kernel and host-sync counts per training step (nestlearn bench ops-count, T=2048)
+#   (c) models, forward+backward, B=8 T=2048 bf16 on CUDA, compile off and on
+#   (d) the deep memory's compiled (inductor) chunk step against its reference on CUDA
+# Each part runs under `timeout` (seconds from PARITY_S, OPSCOUNT_S, MODELS_S,
+# COMPILE_PARITY_S), so one slow part cannot use up the others' time; (c) writes its JSON
+# after every row, so a part cut short keeps what it finished. Results and logs go to
+# $OUT (default results/gpu). Nothing is downloaded: nestlearn is installed from this tree
+# (no dependencies, no build isolation) if it is not importable. Exit code 0 when every
+# part passed, 1 otherwise; `summary.txt` in $OUT lists each part's exit code.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python}"
+OUT="${OUT:-results/gpu}"
+PARITY_S="${PARITY_S:-45}"
+OPSCOUNT_S="${OPSCOUNT_S:-90}"
+MODELS_S="${MODELS_S:-300}"
+COMPILE_PARITY_S="${COMPILE_PARITY_S:-60}"
+mkdir -p "$OUT"
+
+if ! "$PY" -c "import nestlearn" 2>/dev/null; then
+    "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
+        || export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+fi
+"$PY" -c "import nestlearn"
+
+{
+    date -u
+    git rev-parse HEAD 2>/dev/null || true
+    "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'device', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
+    nvidia-smi -L 2>/dev/null || true
+} | tee "$OUT/environment.txt"
+
+started=$SECONDS
+: > "$OUT/summary.txt"
+
+# part NAME LIMIT COMMAND...: run COMMAND under `timeout LIMIT`, its output to $OUT/NAME.log
+part() {
+    local name=$1 limit=$2 rc=0
+    shift 2
+    echo "== $name (limit ${limit}s): $*"
+    local begin=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log" || rc=$?
+    local took=$((SECONDS - begin))
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        echo "$name: stopped at the ${limit}s limit (exit $rc) after ${took}s" | tee -a "$OUT/summary.txt"
+    else
+        echo "$name: exit $rc after ${took}s" | tee -a "$OUT/summary.txt"
+    fi
+}
+
+part parity "$PARITY_S" "$PY" bench/gpu_parity.py --device cuda
+part ops-count "$OPSCOUNT_S" "$PY" -m nestlearn bench ops-count \
+    --archs transformer titans hope --length 2048 --out "$OUT/ops-count"
+# cheapest archs first, so a run cut short has the most cells
+part models "$MODELS_S" "$PY" -m nestlearn bench layers --sections models \
+    --archs transformer titans titans-mag hope-attention hope \
+    --device cuda --autocast bf16 --batch 8 --lengths 2048 --compile off on \
+    --no-memory --repeats 3 --out "$OUT/bench"
+part compile-parity "$COMPILE_PARITY_S" "$PY" bench/gpu_parity.py --device cuda \
+    --compile inductor
+
+echo "total $((SECONDS - started))s" | tee -a "$OUT/summary.txt"
+if grep -q -e 'stopped at' -e ': exit [1-9]' "$OUT/summary.txt"; then
+    echo "some parts failed or were stopped: see $OUT/summary.txt and $OUT/*.log"
+    exit 1
+fi
+echo "all parts passed"

@@ -1,0 +1,80 @@
+"""bench/gpu_parity.py and bench/gpu_check.sh, on CPU: what can be checked without a GPU
+(the parity script at tiny sizes, its refusals, the check script's parts and summary)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import nestlearn
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--device", "cpu", "--batch", "1", "--length", "11", "--heads", "1", "--dim", "4",
+        "--hidden", "6", "--chunk-size", "4"]
+OPS = ("deep_memory", "deep_memory dgd", "titans_linear", "delta_rule", "linear_attention")
+
+
+@pytest.fixture(scope="module")
+def gpu_parity():
+    spec = importlib.util.spec_from_file_location("gpu_parity", ROOT / "bench" / "gpu_parity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def table(out: str) -> dict[str, list[str]]:
+    rows = [line.strip("|").split(" | ") for line in out.splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[1:]}
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_parity_script_passes_on_cpu_at_tiny_sizes(gpu_parity, compiled, capsys):
+    # compiled: the deep memory's chunk step traced by aot_eager (about 40 s here)
+    assert gpu_parity.main([*TINY, *(["--compile", "aot_eager"] if compiled else [])]) == 0
+    rows = table(capsys.readouterr().out)
+    assert set(rows) == {*OPS, *(["deep_memory dgd, compiled (aot_eager)"] if compiled else [])}
+    for label, (outputs, grads, ok) in rows.items():
+        assert float(outputs) < 1e-12 and float(grads) < 1e-12 and ok == "yes", label
+    torch._dynamo.reset()
+
+
+def test_parity_script_fails_above_its_tolerance(gpu_parity, capsys):
+    # rounding alone is above zero: every op is reported and the exit code says so
+    assert gpu_parity.main([*TINY, "--tolerance", "0"]) == 1
+    out = capsys.readouterr().out
+    assert set(table(out)) == set(OPS) and "above tolerance: " in out
+
+
+def test_parity_script_refuses_cuda_without_it(gpu_parity, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_parity.main(["--device", "cuda"]) == 2
+    assert capsys.readouterr().err.startswith("gpu_parity: error: --device: got 'cuda'; "
+                                              "allowed: cpu")
+
+
+def test_check_script_runs_every_part_under_its_limit_and_sums_up(tmp_path):
+    # Without CUDA (hidden here even on a GPU machine) the CUDA parts exit 2 at once and the
+    # ops count is stopped at a 1 s limit: every part still runs and the summary says so.
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable,
+           "PYTHONPATH": str(Path(nestlearn.__file__).parents[1]), "CUDA_VISIBLE_DEVICES": "",
+           "OPSCOUNT_S": "1", "OMP_NUM_THREADS": "1"}
+    script = ROOT / "bench" / "gpu_check.sh"
+    assert os.access(script, os.X_OK)
+    result = subprocess.run([str(script)], env=env, capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    summary = (tmp_path / "summary.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in summary[:4]] == [
+        "parity", "ops-count", "models", "compile-parity"]
+    assert "stopped at the 1s limit" in summary[1] and summary[4].startswith("total ")
+    assert all(": exit 2 after" in summary[i] for i in (0, 2, 3))
+    # the models part got past argument parsing to the CUDA check: its options all exist
+    models = (tmp_path / "models.log").read_text()
+    assert "--device: got 'cuda'; allowed: cpu" in models
+    assert (tmp_path / "environment.txt").read_text().startswith(result.stdout.splitlines()[0])

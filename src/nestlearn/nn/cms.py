@@ -247,11 +247,18 @@ def _flush(levels: tuple[CMSLevelState, ...], pending: list[list[Factors]],
         if not pending[index]:
             continue
         pieces = pending[index]
-        grads = tuple(
-            outer_sum(*(torch.cat([p[w][side] for p in pieces], dim=1) if len(pieces) > 1
-                        else pieces[0][w][side] for side in (0, 1)))
-            for w in range(len(pieces[0])))
-        result[index] = _accumulate(result[index], grads)
+        factors = [tuple(torch.cat([p[w][side] for p in pieces], dim=1) if len(pieces) > 1
+                         else pieces[0][w][side] for side in (0, 1))
+                   for w in range(len(pieces[0]))]
+        level = result[index]
+        if level.accumulator is None:
+            total = tuple(outer_sum(left, right) for left, right in factors)
+        else:
+            # acc + sum_t left_t right_t^T in one kernel per weight (decoding flushes every
+            # token, so this halves the accumulation's kernels).
+            total = tuple(torch.baddbmm(acc, left.transpose(1, 2), right)
+                          for acc, (left, right) in zip(level.accumulator, factors, strict=True))
+        result[index] = CMSLevelState(level.weights, total)
         pending[index] = []
     return tuple(result)
 

@@ -208,15 +208,21 @@ def token_curvature(kind: str, weights: tuple[torch.Tensor, ...], n: torch.Tenso
     hidden unit's derivative with respect to that weight's output i)."""
     out_weight = weights[-1]
     columns = out_weight.square().sum(-2)  # ||w_down[:, i]||^2: [H] or [B, H]
-    if columns.dim() == 2:
-        columns = columns[:, None, :]
     if kind == "swiglu":
         gate, up, hidden = activations
         slopes = F.silu(gate).square() + (up * activation_slope(gate, "silu")).square()
     else:
         pre, hidden = activations
         slopes = activation_slope(pre, "gelu").square()
-    return hidden.square().sum(-1) + n.square().sum(-1) * (slopes * columns).sum(-1)
+    # Sums over the last axis as matmuls (one kernel each, where square and sum are two).
+    weighted = (slopes @ columns if columns.dim() == 1
+                else (slopes @ columns[:, :, None])[..., 0])
+    return torch.addcmul(_sum_squares(hidden), _sum_squares(n), weighted)
+
+
+def _sum_squares(x: torch.Tensor) -> torch.Tensor:
+    """``x.square().sum(-1)`` as one batched dot product."""
+    return (x[..., None, :] @ x[..., :, None])[..., 0, 0]
 
 
 def step_gate(config: CMSConfig, index: int, weights: tuple[torch.Tensor, ...],
@@ -227,8 +233,8 @@ def step_gate(config: CMSConfig, index: int, weights: tuple[torch.Tensor, ...],
         return None
     kappa = token_curvature(config.mlp, weights, n, activations)
     budget = config.chunk_step / (config.level_inner_lr[index] * config.chunk_sizes[index])
-    return torch.clamp(budget / kappa.clamp_min(torch.finfo(kappa.dtype).tiny), max=1.0)[
-        ..., None]
+    # min(1, budget / kappa) (budget > 0: a level that learns has inner_lr > 0), one clamp
+    return (budget / kappa.clamp_min(budget))[..., None]
 
 
 def _changes_at(config: CMSConfig, index: int, position: int) -> bool:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_cases import random_ids, tiny_model
+from model_cases import random_ids, tiny_config, tiny_model
 from nestlearn.nn import memory_stream
 from nestlearn.ops.deep_memory import (
     DeepMemoryState,
@@ -88,3 +88,55 @@ def test_decoding_token_by_token_equals_the_full_forward(arch, overrides, prompt
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-9, atol=1e-11)
     uses_memory = arch != "hope-attention"
     assert bool(steps) == uses_memory
+
+
+@pytest.mark.parametrize("arch", ["titans", "titans-mag", "hope", "hope-attention"])
+def test_state_after_one_token_steps_equals_one_segment_and_survives_saving(arch):
+    # The state after N one-token forwards (decoding: per-token memory steps, pending tokens
+    # appended one at a time) equals the state after one N-token segment, leaf by leaf; saved
+    # as a plain tree and rebuilt, it decodes the next tokens as the unsaved state does.
+    from nestlearn import treeio
+    from nestlearn.training.carried_state import state_to_tree, tree_from_state_tree
+
+    model = tiny_model(arch).eval()
+    ids = random_ids(2, 16)
+    prompt, steps = 3, 9  # the steps cross inner and main chunk ends
+    with torch.no_grad():
+        _, start = model(ids[:, :prompt])
+        _, segment = model(ids[:, prompt:prompt + steps], start)
+        stepped = start
+        for t in range(prompt, prompt + steps):
+            _, stepped = model(ids[:, t:t + 1], stepped)
+        leaves = torch.utils._pytree.tree_leaves
+        assert len(leaves(stepped)) == len(leaves(segment))
+        for got, want in zip(leaves(stepped), leaves(segment), strict=True):
+            if isinstance(want, torch.Tensor):
+                assert got.shape == want.shape
+                torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+            else:
+                assert got == want
+        skeleton, tensors = treeio.flatten(state_to_tree(stepped), "state")
+        restored = tree_from_state_tree(treeio.unflatten(skeleton, tensors))
+        after, state_after = stepped, stepped
+        for t in range(prompt + steps, ids.shape[1]):
+            want_logits, after = model(ids[:, t:t + 1], after)
+            got_logits, state_after = model(ids[:, t:t + 1], restored)
+            restored = state_after
+            torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=0)
+
+
+def test_hope_inner_pending_tokens_are_kept_once_for_all_inner_memories():
+    # The inner memories' pending k, v and gates are stored once ([B, r, H, ...]), not per
+    # inner memory: their self-generated targets are made at the chunk's end.
+    config = tiny_config("hope").memory
+    model = tiny_model("hope").eval()
+    pending = config.inner_chunk_size - 1
+    ids = random_ids(2, config.inner_chunk_size + pending)
+    with torch.no_grad():
+        _, state = model(ids[:, :-1])
+        _, state = model(ids[:, -1:], state)  # a decoded token: the chunk's last pending one
+    inner = state.blocks[0].titans.inner
+    assert inner.chunk_start.weights[0].shape[-3] == 4 * config.heads
+    assert inner.keys.shape == inner.values.shape == (2, pending, config.heads, config.head_dim)
+    assert inner.alpha.shape == inner.eta.shape == inner.theta.shape == (2, pending,
+                                                                        config.heads)

@@ -57,16 +57,16 @@ def test_each_memory_is_capped_at_the_chunk_size_it_runs_at():
 
 
 def test_one_gate_drives_both_ceilings():
-    # The inner memories' pending eta and the main memory's eta are the same gate g_t under
-    # their own ceilings.
+    # The inner memories' pending eta is the gate g_t itself (their ceiling is applied at the
+    # chunk's end) and the main memory's eta is g_t under its own ceiling.
     layer = self_modifying(chunk_size=8, inner_chunk_size=5, inner_expansion=1)
     x = inputs(length=4)
     state = layer.init_state(2, dtype=torch.float64)
     main, inner, _ = layer.memory_inputs(x, state)
     c = layer.config
     assert c.resolved_eta_max != c.resolved_inner_eta_max
-    gate_inner = inner.eta[:, :, :HEADS] / c.resolved_inner_eta_max
-    torch.testing.assert_close(main.eta / c.resolved_eta_max, gate_inner, rtol=1e-12, atol=0)
+    assert inner.eta.shape == (2, 4, HEADS)
+    torch.testing.assert_close(main.eta / c.resolved_eta_max, inner.eta, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("make", [neural_memory, self_modifying], ids=["titans", "self-mod"])
@@ -106,7 +106,7 @@ def test_adaptive_q_comes_from_a_fifth_inner_memory():
     x = inputs(length=3)  # one inner chunk: every token reads the initial memories
     state = layer.init_state(2, dtype=torch.float64)
     main, inner, _ = layer.memory_inputs(x, state)
-    assert inner.keys.shape[2] == 5 * HEADS
+    assert inner.chunk_start.weights[0].shape[-3] == 5 * HEADS
     _, reads, _ = layer._features(x, None)
     q_weights = tuple(w[4 * HEADS:] for w in layer.inner_weights)
     expected = F.normalize(deep_memory_apply(q_weights, reads[:, :, 4 * HEADS:]), dim=-1)
@@ -116,7 +116,7 @@ def test_adaptive_q_comes_from_a_fifth_inner_memory():
     plain_main, plain_inner, _ = plain.memory_inputs(x, plain.init_state(2, dtype=torch.float64))
     q_read, _, _ = plain._features(x, None)
     torch.testing.assert_close(plain_main.q, q_read, rtol=1e-12, atol=1e-12)
-    assert plain_inner.keys.shape[2] == 4 * HEADS
+    assert plain_inner.chunk_start.weights[0].shape[-3] == 4 * HEADS
 
 
 @pytest.mark.parametrize("which", ["k", "v"])

@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nestlearn.errors import (
@@ -42,6 +41,7 @@ from nestlearn.errors import (
 from nestlearn.nn.cms_levels import (
     MLP_KINDS,
     init_level_weights,
+    level_derivatives,
     level_forward,
     level_grad_factors,
     outer_sum,
@@ -50,7 +50,6 @@ from nestlearn.nn.cms_levels import (
 )
 from nestlearn.nn.transformer import RMSNorm
 from nestlearn.ops._compile import compiled_step
-from nestlearn.ops._deep_memory_common import activation_slope
 from nestlearn.state import TreeState, state_dataclass, static_field
 
 VARIANTS = ("sequential", "nested", "independent")
@@ -201,35 +200,46 @@ Factors = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
 
 def token_curvature(kind: str, weights: tuple[torch.Tensor, ...], n: torch.Tensor,
-                    activations: tuple[torch.Tensor, ...]) -> torch.Tensor:
+                    activations: tuple[torch.Tensor, ...],
+                    derivatives: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """``[B, P]``: per token, a bound on the largest eigenvalue of the Gauss-Newton matrix
     J^T J of ``1/2 ||mlp(n_t) - target||^2`` in all of the level's weights (CMS.md, "Step
     ceiling"): ||J||^2 <= sum over weights of ||J_w||^2, with ||J_down||^2 = ||hidden||^2 and,
     for an input-side weight, ||J_w||^2 <= ||n||^2 sum_i ||w_down[:, i]||^2 d_i^2 (d_i the
-    hidden unit's derivative with respect to that weight's output i)."""
+    hidden unit's derivative with respect to that weight's output i). ``derivatives``:
+    ``level_derivatives(kind, activations)`` if already made (the gradient reads them too)."""
+    if derivatives is None:
+        derivatives = level_derivatives(kind, activations)
     out_weight = weights[-1]
     columns = out_weight.square().sum(-2)  # ||w_down[:, i]||^2: [H] or [B, H]
-    if columns.dim() == 2:
-        columns = columns[:, None, :]
+    hidden = activations[-1]
     if kind == "swiglu":
-        gate, up, hidden = activations
-        slopes = F.silu(gate).square() + (up * activation_slope(gate, "silu")).square()
+        silu_gate, up_slope = derivatives
+        slopes = silu_gate.square() + up_slope.square()
     else:
-        pre, hidden = activations
-        slopes = activation_slope(pre, "gelu").square()
-    return hidden.square().sum(-1) + n.square().sum(-1) * (slopes * columns).sum(-1)
+        slopes = derivatives[0].square()
+    # Sums over the last axis as matmuls (one kernel each, where square and sum are two).
+    weighted = (slopes @ columns if columns.dim() == 1
+                else (slopes @ columns[:, :, None])[..., 0])
+    return torch.addcmul(_sum_squares(hidden), _sum_squares(n), weighted)
+
+
+def _sum_squares(x: torch.Tensor) -> torch.Tensor:
+    """``x.square().sum(-1)`` as one batched dot product."""
+    return (x[..., None, :] @ x[..., :, None])[..., 0, 0]
 
 
 def step_gate(config: CMSConfig, index: int, weights: tuple[torch.Tensor, ...],
-              n: torch.Tensor, activations: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+              n: torch.Tensor, activations: tuple[torch.Tensor, ...],
+              derivatives: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor | None:
     """``[B, P, 1]``: the factor in (0, 1] on each token's gradient that caps its step at
     ``chunk_step / (C kappa_t)`` (None without a ceiling)."""
     if config.chunk_step is None:
         return None
-    kappa = token_curvature(config.mlp, weights, n, activations)
+    kappa = token_curvature(config.mlp, weights, n, activations, derivatives)
     budget = config.chunk_step / (config.level_inner_lr[index] * config.chunk_sizes[index])
-    return torch.clamp(budget / kappa.clamp_min(torch.finfo(kappa.dtype).tiny), max=1.0)[
-        ..., None]
+    # min(1, budget / kappa) (budget > 0: a level that learns has inner_lr > 0), one clamp
+    return (budget / kappa.clamp_min(budget))[..., None]
 
 
 def _changes_at(config: CMSConfig, index: int, position: int) -> bool:
@@ -248,11 +258,18 @@ def _flush(levels: tuple[CMSLevelState, ...], pending: list[list[Factors]],
         if not pending[index]:
             continue
         pieces = pending[index]
-        grads = tuple(
-            outer_sum(*(torch.cat([p[w][side] for p in pieces], dim=1) if len(pieces) > 1
-                        else pieces[0][w][side] for side in (0, 1)))
-            for w in range(len(pieces[0])))
-        result[index] = _accumulate(result[index], grads)
+        factors = [tuple(torch.cat([p[w][side] for p in pieces], dim=1) if len(pieces) > 1
+                         else pieces[0][w][side] for side in (0, 1))
+                   for w in range(len(pieces[0]))]
+        level = result[index]
+        if level.accumulator is None:
+            total = tuple(outer_sum(left, right) for left, right in factors)
+        else:
+            # acc + sum_t left_t right_t^T in one kernel per weight (decoding flushes every
+            # token, so this halves the accumulation's kernels).
+            total = tuple(torch.baddbmm(acc, left.transpose(1, 2), right)
+                          for acc, (left, right) in zip(level.accumulator, factors, strict=True))
+        result[index] = CMSLevelState(level.weights, total)
         pending[index] = []
     return tuple(result)
 
@@ -340,10 +357,12 @@ def _level_piece(config: CMSConfig, index: int, weights: tuple[torch.Tensor, ...
     if not learns:
         return out, None
     error = out - target
-    gate = step_gate(config, index, weights, n, activations)
+    # made once: the step ceiling and the gradient both read them
+    derivatives = level_derivatives(config.mlp, activations)
+    gate = step_gate(config, index, weights, n, activations, derivatives)
     if gate is not None:
         error = error * gate
-    return out, level_grad_factors(config.mlp, weights, n, activations, error)
+    return out, level_grad_factors(config.mlp, weights, n, activations, error, derivatives)
 
 
 # A level's piece as the CMS runs it: compiled whole under nestlearn.ops.set_compile(True).
@@ -493,11 +512,12 @@ class ContinuumMemory(nn.Module):
             out, activations = level_forward(config.mlp, level.weights, n)
             if local and config.level_learns(index):
                 error = self._level_error(index, n, out)
-                gate = step_gate(config, index, level.weights, n, activations)
+                derivatives = level_derivatives(config.mlp, activations)
+                gate = step_gate(config, index, level.weights, n, activations, derivatives)
                 if gate is not None:
                     error = error * gate
                 factors[index] = level_grad_factors(config.mlp, level.weights, n, activations,
-                                                    error)
+                                                    error, derivatives)
             if config.variant == "independent":
                 term = self.mix[index] * out
                 mixed = term if mixed is None else mixed + term

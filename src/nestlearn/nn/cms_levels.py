@@ -71,8 +71,21 @@ def outer_sum(error: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     return torch.matmul(error.transpose(1, 2), inputs)
 
 
+def level_derivatives(kind: str, activations: tuple[torch.Tensor, ...]
+                      ) -> tuple[torch.Tensor, ...]:
+    """The hidden units' derivatives that the step ceiling (``cms.token_curvature``) and the
+    gradient (``level_grad_factors``) both read, made once for both: swiglu
+    ``(silu(gate), up * silu'(gate))`` (d hidden / d up and d hidden / d gate), gelu
+    ``(gelu'(pre),)``."""
+    if kind == "swiglu":
+        gate, up, _ = activations
+        return F.silu(gate), up * activation_slope(gate, "silu")
+    return (activation_slope(activations[0], "gelu"),)
+
+
 def level_grad_factors(kind: str, weights: tuple[torch.Tensor, ...], n: torch.Tensor,
-                       activations: tuple[torch.Tensor, ...], error: torch.Tensor
+                       activations: tuple[torch.Tensor, ...], error: torch.Tensor,
+                       derivatives: tuple[torch.Tensor, ...] | None = None
                        ) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
     """Rank-1 factors of the per-token gradients of ``1/2 ||mlp(n_t) - v_t||^2``.
 
@@ -80,17 +93,19 @@ def level_grad_factors(kind: str, weights: tuple[torch.Tensor, ...], n: torch.Te
     right [B, P, in])`` with gradient ``sum_t left_t right_t^T`` (see ``outer_sum``); factors of
     several pieces of one chunk can be concatenated along P and summed in one matmul.
     Differentiable (plain tensor ops), so outer gradients flow through the in-context update.
+    ``derivatives``: ``level_derivatives(kind, activations)`` if already made.
     """
+    if derivatives is None:
+        derivatives = level_derivatives(kind, activations)
     if kind == "swiglu":
         _, _, w_down = weights
-        gate, up, hidden = activations
+        hidden = activations[2]
+        silu_gate, up_slope = derivatives
         d_hidden = linear_transpose(error, w_down)
-        d_up = d_hidden * F.silu(gate)
-        d_gate = d_hidden * up * activation_slope(gate, "silu")
-        return (d_gate, n), (d_up, n), (error, hidden)
+        return (d_hidden * up_slope, n), (d_hidden * silu_gate, n), (error, hidden)
     _, w_out = weights
-    pre, hidden = activations
-    d_pre = linear_transpose(error, w_out) * activation_slope(pre, "gelu")
+    hidden = activations[1]
+    d_pre = linear_transpose(error, w_out) * derivatives[0]
     return (d_pre, n), (error, hidden)
 
 

@@ -116,7 +116,7 @@ def run_chunked_memory(op: MemoryOp, state: ChunkedMemoryState, q: torch.Tensor,
                 chunk_size=chunk_size, token_step=token_step and k.shape[1] == 1, **op_kwargs)
             outputs.append(out)
             start = stop
-        return torch.cat(outputs, 1), state
+        return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)), state
     if (token_step and k.shape[1] == 1 and op is deep_memory
             and (state.current is not None or state.pending == 0)):
         return _token_step(state, q, k, v, alpha, eta, theta, chunk_size, op_kwargs)

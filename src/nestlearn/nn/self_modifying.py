@@ -210,7 +210,8 @@ class SelfModifyingTitansState(TreeState):
     """Stream state of :class:`SelfModifyingTitans`.
 
     ``inner``: the stacked inner memories (``len(config.inner_memories) * H`` heads) at
-    the start of the current inner chunk, with that chunk's keys, targets and gates so far;
+    the start of the current inner chunk, with that chunk's k, v and gates so far (``H``
+    heads, shared by every inner memory: their targets M_*(v) are made at the chunk's end);
     ``memory``: the main memory at the start of its current chunk, with its pending tokens;
     ``conv_tail``: the convolution's last inputs (None without conv); ``position``: tokens seen.
     """
@@ -270,7 +271,7 @@ class SelfModifyingTitans(nn.Module):
         like = self.memory_weights[0]
         like = like.new_zeros(()).to(device=device or like.device, dtype=dtype or like.dtype)
         inner = empty_chunked_state(DeepMemoryState(tuple(self.inner_weights), None), batch,
-                                    self.inner_heads, c.head_dim, c.momentum, like)
+                                    c.heads, c.head_dim, c.momentum, like)
         memory = empty_chunked_state(DeepMemoryState(tuple(self.memory_weights), None), batch,
                                      c.heads, c.head_dim, c.momentum, like)
         tail = (self.conv.init_tail(batch, device=like.device, dtype=like.dtype)
@@ -306,21 +307,32 @@ class SelfModifyingTitans(nn.Module):
         return q, reads, tail
 
     def _inner_update(self, state: ChunkedMemoryState) -> DeepMemoryState:
-        """The inner memories after the DGD steps of their completed chunk (docs/paper.md 5)."""
+        """The inner memories after the DGD steps of their completed chunk (docs/paper.md 5).
+
+        ``state`` holds the chunk's k, v and gates once (``[B, C, H, ...]``; ``eta`` the gate
+        g_t, before the inner ceiling), shared by every inner memory: each learns
+        k_t -> v_hat_{*,t} = M_*(v_t), its own target from its chunk-start state, with the
+        same gates."""
         c = self.config
         memory = state.chunk_start
+        count = len(c.inner_memories)
+        keys = state.keys.repeat(1, 1, count, 1)
+        targets = deep_memory_apply(memory.weights, state.values.repeat(1, 1, count, 1),
+                                    activation=c.activation)
+        alpha = state.alpha.repeat(1, 1, count)
+        eta = (c.resolved_inner_eta_max * state.eta).repeat(1, 1, count)
+        theta = None if state.theta is None else state.theta.repeat(1, 1, count)
         if c.use_naive:
             # The per-token reference over one chunk ends in the same state as the closed form.
             _, final = deep_memory_naive(
-                state.keys, state.keys, state.values, state.alpha, state.eta, state.theta,
-                initial_state=memory, objective="l2", activation=c.activation, dgd=c.dgd,
-                output_final_state=True, chunk_size=c.inner_chunk_size, check_values=False)
+                keys, keys, targets, alpha, eta, theta, initial_state=memory, objective="l2",
+                activation=c.activation, dgd=c.dgd, output_final_state=True,
+                chunk_size=c.inner_chunk_size, check_values=False)
             return final
         # Gates come from sigmoids: their values are checked only under nestlearn.debug_checks
         # (each check is a device sync, and this runs once per inner chunk).
-        return deep_memory_update(memory, state.keys, state.values, state.alpha, state.eta,
-                                  state.theta, objective="l2", activation=c.activation,
-                                  dgd=c.dgd, check_values=False)
+        return deep_memory_update(memory, keys, targets, alpha, eta, theta, objective="l2",
+                                  activation=c.activation, dgd=c.dgd, check_values=False)
 
     def _run_inner(self, reads: torch.Tensor, theta: torch.Tensor | None,
                    state: ChunkedMemoryState
@@ -356,28 +368,26 @@ class SelfModifyingTitans(nn.Module):
                 v = F.normalize(v, dim=-1)
             q = F.normalize(q_raw[0], dim=-1) if q_raw else None
             gate = torch.sigmoid((eta_features * self.eta_readout).sum(-1) + self.eta_bias)
-            eta = c.resolved_inner_eta_max * gate
             if c.weight_decay:
                 alpha = torch.sigmoid((alpha_features * self.alpha_readout).sum(-1)
                                       + self.alpha_bias)
             else:
-                alpha = torch.ones_like(eta)
-            # Self-generated targets v_hat_* = M_*(v_t), one per inner memory.
-            targets = deep_memory_apply(weights, v.repeat(1, 1, count, 1),
-                                        activation=c.activation)
+                alpha = torch.ones_like(gate)
+            # Pending: the chunk's v_t and g_t, not its targets M_*(v_t) and rates, all from
+            # the chunk-start memories; _inner_update maps them once per chunk (a decoded
+            # token pays no target map and no per-memory copies).
             state = ChunkedMemoryState(
-                state.chunk_start,
-                torch.cat([state.keys, k.repeat(1, 1, count, 1)], 1),
-                torch.cat([state.values, targets], 1),
-                torch.cat([state.alpha, alpha.repeat(1, 1, count)], 1),
-                torch.cat([state.eta, eta.repeat(1, 1, count)], 1),
-                None if theta is None else torch.cat(
-                    [state.theta, piece_theta.repeat(1, 1, count)], 1))
+                state.chunk_start, torch.cat([state.keys, k], 1),
+                torch.cat([state.values, v], 1), torch.cat([state.alpha, alpha], 1),
+                torch.cat([state.eta, gate], 1),
+                None if theta is None else torch.cat([state.theta, piece_theta], 1))
             if state.pending == c.inner_chunk_size:
-                state = empty_chunked_state(self._inner_update(state), batch, self.inner_heads,
+                state = empty_chunked_state(self._inner_update(state), batch, c.heads,
                                             c.head_dim, c.momentum, reads)
             pieces.append((k, v, alpha, gate) + ((q,) if q is not None else ()))
-        k, v, alpha, gate, *q = (torch.cat(parts, 1) for parts in zip(*pieces, strict=True))
+        # One piece (a decoded token, or a segment inside one inner chunk): no copy.
+        k, v, alpha, gate, *q = (parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+                                 for parts in zip(*pieces, strict=True))
         return k, v, alpha, gate, (q[0] if q else None), state
 
     def _self_targets(self, memory: DeepMemoryState, values: torch.Tensor) -> torch.Tensor:
@@ -406,7 +416,7 @@ class SelfModifyingTitans(nn.Module):
             state = self.init_state(batch, device=x.device, dtype=x.dtype)
         elif not isinstance(state, SelfModifyingTitansState):
             raise invalid("state", type(state).__name__, "a SelfModifyingTitansState or None")
-        state.inner.check("state.inner", batch, self.inner_heads, c.head_dim, x.dtype,
+        state.inner.check("state.inner", batch, c.heads, c.head_dim, x.dtype,
                           c.inner_chunk_size, c.momentum)
         state.memory.check("state.memory", batch, c.heads, c.head_dim, x.dtype, c.chunk_size,
                            c.momentum)
@@ -491,7 +501,7 @@ class SelfModifyingTitans(nn.Module):
 
         inner = empty_chunked_state(
             DeepMemoryState(part(weights, 0, split), part(momentum, 0, split)), batch,
-            self.inner_heads, c.head_dim, c.momentum, reads)
+            c.heads, c.head_dim, c.momentum, reads)
         memory = empty_chunked_state(
             DeepMemoryState(part(weights, split, None), part(momentum, split, None)), batch,
             c.heads, c.head_dim, c.momentum, reads)

@@ -486,18 +486,22 @@ def deep_memory_token_step(chunk_start: DeepMemoryState, current: DeepMemoryStat
     def scalar(gate: torch.Tensor) -> torch.Tensor:
         return gate.transpose(1, 2)[..., None]  # [B, 1, H] -> [B, H, 1, 1]
 
-    rate, decay = scalar(eta), scalar(alpha)
+    # Fused multiply-adds (addcmul): a decoded token's cost is its kernel count.
+    descent, decay = -scalar(eta), scalar(alpha)
+    persistence = scalar(theta) if momentum is not None else None
     new_weights, new_momentum = [], []
     for index, (weight, layer_input, error) in enumerate(zip(weights, inputs, errors,
                                                              strict=True)):
-        step = -rate * (error.transpose(-1, -2) @ layer_input)
+        gradient = error.transpose(-1, -2) @ layer_input
         if momentum is not None:
-            step = scalar(theta) * momentum[index] + step
+            step = torch.addcmul(persistence * momentum[index], descent, gradient)
             new_momentum.append(step)
-        decayed = decay * weight
+        else:
+            step = descent * gradient
         if dgd and index == 0:
-            decayed = decayed - rate * ((weight @ key.transpose(-1, -2)) @ key)
-        new_weights.append(decayed + step)
+            # W_1 (alpha I - eta k k^T) = alpha W_1 - eta (W_1 k^T) k
+            step = torch.addcmul(step, descent, (weight @ key.transpose(-1, -2)) @ key)
+        new_weights.append(torch.addcmul(step, decay, weight))
     out = mlp_forward(tuple(new_weights), query, activation).transpose(1, 2)
     return out, DeepMemoryState(tuple(new_weights),
                                 tuple(new_momentum) if momentum is not None else None)

@@ -120,6 +120,18 @@ def test_compiled_cms_level_piece_equals_eager(backend, mlp):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_token_step_equals_eager(backend):
+    # decoding's per-token step of the deep memory (momentum, DGD), eager and compiled
+    from test_decode_step import test_token_steps_equal_the_chunkwise_op as token_steps
+
+    options = {"momentum": True, "depth": 2, "dgd": True}
+    set_compile(True, backend=backend)
+    token_steps(options)  # compiled steps equal the chunkwise op at every token
+    step = deep_memory_module._token_step_compiled
+    assert backend in step.compiled and not step.failed
+
+
 def test_a_failing_compile_warns_once_and_runs_eagerly(monkeypatch):
     case = make_case(length=7, momentum=False, seed=1)
     eager = outputs_and_grads(case, chunk_size=3)

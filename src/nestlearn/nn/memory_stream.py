@@ -32,6 +32,10 @@ class ChunkedMemoryState(TreeState):
     ``chunk_start``): a one-token segment (decoding) takes the per-token step
     ``deep_memory_token_step`` from it instead of replaying the r tokens through the chunkwise
     op. Longer segments replay the pending tokens from ``chunk_start`` and do not read it.
+    A layer may keep its pending tokens in its own form: the self-modifying layer's inner
+    state holds each token once for all its inner memories (H heads, not one copy per memory)
+    with v_t itself (its targets are made at the chunk's end) and the shared gate g_t in
+    ``eta`` (the rate is the ceiling times g_t; ``nn/MEMORY_LAYERS.md``).
     """
 
     chunk_start: DeepMemoryState

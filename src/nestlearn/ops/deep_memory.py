@@ -480,6 +480,19 @@ def deep_memory_token_step(chunk_start: DeepMemoryState, current: DeepMemoryStat
     batch = q.shape[0]
     start, _ = batched_state(chunk_start, batch, False)
     weights, momentum = batched_state(current, batch, theta is not None)
+    out, new_weights, new_momentum = _token_step_compiled(
+        start, weights, momentum, q, k, v, alpha, eta, theta, objective, activation, dgd)
+    return out, DeepMemoryState(tuple(new_weights),
+                                tuple(new_momentum) if new_momentum is not None else None)
+
+
+def _token_step(start: list[torch.Tensor], weights: list[torch.Tensor],
+                momentum: list[torch.Tensor] | None, q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor, alpha: torch.Tensor, eta: torch.Tensor,
+                theta: torch.Tensor | None, objective: str, activation: str, dgd: bool,
+                ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor] | None]:
+    """The tensor work of ``deep_memory_token_step`` (batched weights ``[B, H, out, in]``):
+    ``o [B, 1, H, D]``, the new weights and momentum (None without theta)."""
     key, query = _heads_first(k), _heads_first(q)
     inputs, errors, _ = _key_pass(start, key, _heads_first(v), objective, activation)
 
@@ -503,8 +516,11 @@ def deep_memory_token_step(chunk_start: DeepMemoryState, current: DeepMemoryStat
             step = torch.addcmul(step, descent, (weight @ key.transpose(-1, -2)) @ key)
         new_weights.append(torch.addcmul(step, decay, weight))
     out = mlp_forward(tuple(new_weights), query, activation).transpose(1, 2)
-    return out, DeepMemoryState(tuple(new_weights),
-                                tuple(new_momentum) if momentum is not None else None)
+    return out, new_weights, (new_momentum if momentum is not None else None)
+
+
+# The token step as decoding runs it: compiled under nestlearn.ops.set_compile(True).
+_token_step_compiled = compiled_step(_token_step)
 
 
 @full_precision

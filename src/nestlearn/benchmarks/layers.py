@@ -39,7 +39,7 @@ import functools
 import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -303,18 +303,29 @@ def measure_cell(make: Callable[..., Callable[[], torch.Tensor]], kwargs: dict[s
     """One cell in this process: ``seconds`` (median of ``repeats`` after the first call and
     one warm-up call), ``first s`` (the first call alone, compiling included), ``note`` and,
     on CUDA with ``memory``, ``peak MB``."""
-    set_compile(mode.compile, mode.backend)
-    graphs = _graphs_compiled(mode)
     notes: list[str] = []
     result: dict[str, Any] = {"seconds": math.nan, "first s": None, "peak MB": None}
+    with _run_in_mode(mode, notes):
+        workload = make(device=mode.device, autocast_mode=mode.autocast, **kwargs)
+        result["first s"], _ = timed_once(workload, mode.device)
+        result["seconds"], note = measure(workload, repeats, device=mode.device)
+        notes.insert(0, note)
+        if memory and mode.device == "cuda" and not _failed(note):
+            result["peak MB"] = cuda_peak_mb(workload)
+    result["note"] = _join(notes)
+    return result
+
+
+@contextlib.contextmanager
+def _run_in_mode(mode: RunMode, notes: list[str]) -> Iterator[None]:
+    """A cell's body with compiling switched as ``mode`` asks (and back off afterwards); a
+    compile failure, a refused run or running out of memory ends the body and is noted first
+    in ``notes``, and a compiled mode that compiled nothing says so."""
+    set_compile(mode.compile, mode.backend)
+    graphs = _graphs_compiled(mode)
     try:
         with compile_failures(notes):
-            workload = make(device=mode.device, autocast_mode=mode.autocast, **kwargs)
-            result["first s"], _ = timed_once(workload, mode.device)
-            result["seconds"], note = measure(workload, repeats, device=mode.device)
-            notes.insert(0, note)
-            if memory and mode.device == "cuda" and not _failed(note):
-                result["peak MB"] = cuda_peak_mb(workload)
+            yield
     except (NestlearnError, NonFiniteError) as err:
         notes.insert(0, f"failed: {err}")
     except torch.OutOfMemoryError as err:
@@ -322,8 +333,6 @@ def measure_cell(make: Callable[..., Callable[[], torch.Tensor]], kwargs: dict[s
     finally:
         set_compile(None)
     _nothing_compiled(mode, notes, graphs)
-    result["note"] = _join(notes)
-    return result
 
 
 def _cell(args: argparse.Namespace, make: Callable[..., Callable[[], torch.Tensor]],
@@ -350,24 +359,14 @@ def _cell(args: argparse.Namespace, make: Callable[..., Callable[[], torch.Tenso
 def measure_decode(config: dict[str, Any], context: int, steps: int, segment: int,
                    repeats: int, mode: RunMode) -> dict[str, Any]:
     """One decode cell in this process (``decode_latency`` in ``mode``)."""
-    set_compile(mode.compile, mode.backend)
-    graphs = _graphs_compiled(mode)
     notes: list[str] = []
     result: dict[str, Any] = {"seconds": math.nan, "first s": None, "state MB": None}
-    try:
-        with compile_failures(notes):
-            seconds, state_mb, note, first = decode_latency(
-                ModelConfig.from_dict(config), context, steps, segment, repeats,
-                mode.device, mode.autocast)
+    with _run_in_mode(mode, notes):
+        seconds, state_mb, note, first = decode_latency(
+            ModelConfig.from_dict(config), context, steps, segment, repeats, mode.device,
+            mode.autocast)
         result.update({"seconds": seconds, "state MB": state_mb, "first s": first})
         notes.insert(0, note)
-    except (NestlearnError, NonFiniteError) as err:
-        notes.insert(0, f"failed: {err}")
-    except torch.OutOfMemoryError as err:
-        notes.insert(0, f"failed: out of memory ({str(err).splitlines()[0]})")
-    finally:
-        set_compile(None)
-    _nothing_compiled(mode, notes, graphs)
     result["note"] = _join(notes)
     return result
 

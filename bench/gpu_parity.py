@@ -34,6 +34,7 @@ from nestlearn.ops import (
     titans_linear,
     titans_linear_naive,
 )
+from nestlearn.ops.deep_memory import _chunk_step as compiled_chunk_step
 from nestlearn.state import tensors
 
 DTYPE = torch.float64
@@ -183,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             set_compile(None)
         ok = all(error <= args.tolerance for error in errors.values())
+        if backend is not None and (compiled_chunk_step.failed
+                                    or backend not in compiled_chunk_step.compiled):
+            ok = False  # the eager fallback ran: this row would say nothing about compiling
+            label = f"{label}: compile failed, ran eagerly"
         if not ok:
             failed.append(label)
         print(f"| {label} | {errors['outputs+state']:.3e} | {errors['gradients']:.3e} | "

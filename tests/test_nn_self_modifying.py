@@ -2,6 +2,8 @@
 gradients that reach every meta-learned initial memory. Segments cut at any token = one pass
 and chunkwise = naive are checked for every layer in test_streaming_contract.py."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -257,3 +259,14 @@ def test_stacked_path_only_where_chunks_and_shapes_agree():
     _, partial = layer(inputs(batch=1, length=3))
     assert layer._stacked_span(partial.inner, partial.memory, 10) == (1, 8, 1)
     assert layer._stacked_span(partial.inner, partial.memory, 2) == (1, 0, 1)
+
+
+def test_an_inner_state_from_before_the_once_per_head_layout_is_refused_with_a_hint():
+    # before, the inner state's pending keys had one copy per inner memory (4 x the heads)
+    layer = make()
+    state = layer.init_state(2)
+    keys = state.inner.keys
+    older = dataclasses.replace(state.inner, keys=keys.new_zeros(2, 0, 4 * keys.shape[2],
+                                                                  keys.shape[3]))
+    with pytest.raises(NestlearnError, match=r"state\.inner\.keys\.shape: .*start a fresh state"):
+        layer(inputs(length=3), dataclasses.replace(state, inner=older))

@@ -132,6 +132,30 @@ def test_compiled_token_step_equals_eager(backend):
     assert backend in step.compiled and not step.failed
 
 
+@pytest.mark.slow
+def test_training_evaluation_and_decoding_stay_within_the_recompile_limit(caplog):
+    # every compiled step meets several shapes, ranks and grad modes; none may run out of
+    # graphs (dynamo would then log a warning and run it eagerly)
+    from model_cases import tiny_config
+    from nestlearn.models import build_model
+    from nestlearn.models.generation import generate
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config("hope", chunk=4))
+    ids = torch.randint(0, model.config.vocab_size, (2, 13))
+    set_compile(True, backend="aot_eager")
+    with caplog.at_level("WARNING"):
+        logits, _ = model(ids)
+        logits.square().mean().backward()
+        with torch.no_grad():
+            model(ids[:, :7])
+            generate(model.eval(), ids[:1, :9], 6, temperature=0)
+    assert "recompile_limit" not in caplog.text
+    assert self_modifying_module._stacked_chunk_step.compiled
+    assert cms_module._level_piece_step.compiled
+    assert deep_memory_module._token_step_compiled.compiled
+
+
 def test_a_failing_compile_warns_once_and_runs_eagerly(monkeypatch):
     case = make_case(length=7, momentum=False, seed=1)
     eager = outputs_and_grads(case, chunk_size=3)

@@ -22,7 +22,7 @@ is ``torch.cuda.max_memory_allocated`` during one pass instead.
 Each cell of ``layers``, ``models`` and ``decode`` runs on ``--device`` (cpu or cuda; CUDA
 timings synchronize around each timed call), with the forward under
 ``torch.autocast(device, bfloat16)`` when ``--autocast bf16``, and once per ``--compile``
-value (``on``: the memories' chunk steps under ``torch.compile``, ``nestlearn.ops.set_compile``
+value (``on``: the memories' steps under ``torch.compile``, ``nestlearn.ops.set_compile``
 with ``--compile-backend``). A compiled cell runs in a fresh process of its own, and so does
 every cell when ``--compile`` has several values, so compiled code and allocator state cannot
 leak from one cell into the next; its first call (compiling included) is timed apart
@@ -86,7 +86,7 @@ DECODE_COLUMNS = ["arch", "context", *MODE_COLUMNS, "ms/token", "compile s", "st
 
 @dataclasses.dataclass(frozen=True)
 class RunMode:
-    """How a cell runs: its device, autocast (``off`` or ``bf16``) and compiled chunk steps."""
+    """How a cell runs: its device, autocast (``off`` or ``bf16``) and compiled memory steps."""
 
     device: str = "cpu"
     autocast: str = "off"
@@ -450,7 +450,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", type=compile_value, nargs="+", default=["off"],
                         metavar="off|on",
                         help="layers, models, decode and our titans-pytorch row: 'on' runs the "
-                             "memories' chunk steps under torch.compile (nestlearn.ops."
+                             "memories' steps under torch.compile (nestlearn.ops."
                              "set_compile); several values run side by side, e.g. 'off on', "
                              "each cell in a fresh process; the first call is timed apart as "
                              "'compile s', a failure to compile is named in the note "

@@ -58,8 +58,15 @@ class ChunkedMemoryState(TreeState):
             raise invalid(f"{name}.chunk_start", type(self.chunk_start).__name__,
                           "a DeepMemoryState")
         if tuple(self.keys.shape[:1] + self.keys.shape[2:]) != (batch, heads, dim):
+            # a self-modifying layer's inner state from before its pending tokens were kept
+            # once for all inner memories has a multiple of the heads
+            older = (self.keys.dim() == 4 and self.keys.shape[2] > heads
+                     and self.keys.shape[2] % heads == 0)
             raise invalid(f"{name}.keys.shape", tuple(self.keys.shape),
-                          f"[{batch}, r, {heads}, {dim}] (batch, heads, head_dim of this layer)")
+                          f"[{batch}, r, {heads}, {dim}] (batch, heads, head_dim of this layer)"
+                          + ("; a stream state saved by nestlearn before 0.2.0.dev0's inner "
+                             "pending tokens change cannot be read: start a fresh state"
+                             if older else ""))
         if self.pending >= chunk_size:
             raise invalid(f"{name}.keys.shape[1]", self.pending, f"fewer than {chunk_size} tokens")
         if (self.theta is None) == momentum:

@@ -1,8 +1,9 @@
-"""The compiled path: ``torch.compile`` of the ops' chunk steps, with an eager fallback.
+"""The compiled path: ``torch.compile`` of the memories' steps, with an eager fallback.
 
 Off by default. ``nestlearn.ops.set_compile(True)`` (or ``NESTLEARN_COMPILE=1`` in the
-environment, or ``train.compile: true`` in a run config) compiles each chunk step the first
-time it runs; the compiled step is exact (the float64 parity tests run on it too). A step
+environment, or ``train.compile: true`` in a run config) compiles each step the first time it
+runs (the deep memory's chunk and token steps, the self-modifying layer's stacked chunk, a
+CMS level's piece); the compiled step is exact (the float64 parity tests run on it too). A step
 that cannot be compiled (no C++ compiler for the CPU backend, an unsupported platform or
 op) warns once and runs eagerly from then on, in this process. ``backend`` picks the
 ``torch.compile`` backend ("inductor", the default, generates fused kernels; "aot_eager" only
@@ -22,6 +23,11 @@ import torch
 from nestlearn.errors import NestlearnError, NonFiniteError, check_choice, invalid
 
 ENV_VAR = "NESTLEARN_COMPILE"
+# Graphs one step may compile (dynamo's default is 8): a CMS piece is compiled per level, per
+# weight rank (shared initial weights, then per-batch ones), per piece length and per grad
+# mode (training, evaluation, decoding). Past the limit dynamo logs a warning and runs the
+# step eagerly.
+RECOMPILE_LIMIT = 64
 BACKENDS = ("inductor", "aot_eager", "eager")
 
 _enabled: bool | None = None  # None: the environment variable decides
@@ -31,7 +37,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def set_compile(enabled: bool | None = True, backend: str = "inductor") -> None:
-    """Compile the ops' chunk steps from now on (False: eager; None: as the environment says)."""
+    """Compile the memories' steps from now on (False: eager; None: as the environment says)."""
     global _enabled, _backend
     if enabled is not None and not isinstance(enabled, bool):
         raise invalid("enabled", repr(enabled), "None, true or false")
@@ -40,7 +46,7 @@ def set_compile(enabled: bool | None = True, backend: str = "inductor") -> None:
 
 
 def compile_enabled() -> bool:
-    """Whether the chunk steps run compiled."""
+    """Whether the memories' steps run compiled."""
     if _enabled is not None:
         return _enabled
     return os.environ.get(ENV_VAR, "").strip().lower() not in ("", "0", "false", "off")
@@ -61,11 +67,12 @@ class _CompiledStep:
             return self.fn(*args, **kwargs)
         step = self.compiled.get(_backend)
         if step is None:
-            step = self.compiled[_backend] = torch.compile(self.fn, backend=_backend)
+            step = self.compiled[_backend] = torch.compile(
+                self.fn, backend=_backend, recompile_limit=RECOMPILE_LIMIT)
         try:
             return step(*args, **kwargs)
-        except (NestlearnError, NonFiniteError):
-            raise
+        except (NestlearnError, NonFiniteError, torch.OutOfMemoryError):
+            raise  # the step's own errors, not the compiler's
         except Exception as err:  # any compiler failure: fall back, say so once
             self.failed = True
             warnings.warn(f"torch.compile of {self.fn.__qualname__} failed, running it eagerly "
@@ -75,5 +82,5 @@ class _CompiledStep:
 
 
 def compiled_step(fn: F) -> F:
-    """Decorate a chunk step: compiled under ``set_compile(True)``, eager otherwise."""
+    """Decorate a step: compiled under ``set_compile(True)``, eager otherwise."""
     return _CompiledStep(fn)  # type: ignore[return-value]

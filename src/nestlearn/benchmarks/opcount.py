@@ -201,13 +201,20 @@ def make_step(model: nn.Module, ids: torch.Tensor) -> Callable[[], torch.Tensor]
     return step
 
 
-def count_step(config: ModelConfig, length: int, batch: int, seed: int = 0) -> dict[str, Any]:
-    """Ops, syncs and FLOPs of one training step of ``config`` at ``batch`` x ``length``."""
+def seeded_step(config: ModelConfig, length: int, batch: int, seed: int = 0
+                ) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
+    """The model of ``config`` and one training step of it on seeded random ids (the same
+    model and ids for every count of the same seed)."""
     torch.manual_seed(seed)
     model = build_model(config)
     ids = torch.randint(0, config.vocab_size, (batch, length + 1),
                         generator=torch.Generator().manual_seed(seed))
-    step = make_step(model, ids)
+    return model, make_step(model, ids)
+
+
+def count_step(config: ModelConfig, length: int, batch: int, seed: int = 0) -> dict[str, Any]:
+    """Ops, syncs and FLOPs of one training step of ``config`` at ``batch`` x ``length``."""
+    model, step = seeded_step(config, length, batch, seed)
     with OpCounter() as ops:
         step()
     tokens = batch * length
@@ -271,12 +278,7 @@ def profile_step(config_dict: dict[str, Any], length: int, batch: int, compiled:
 
     inductor_config.cpp.enable_kernel_profile = True  # a profiler event per generated kernel
     set_compile(compiled, backend=backend)
-    config = ModelConfig.from_dict(config_dict)
-    torch.manual_seed(0)
-    model = build_model(config)
-    ids = torch.randint(0, config.vocab_size, (batch, length + 1),
-                        generator=torch.Generator().manual_seed(0))
-    step = make_step(model, ids)
+    _, step = seeded_step(ModelConfig.from_dict(config_dict), length, batch)
     notes: list[str] = []
     with compile_failures(notes):  # a step that fell back to eager is named, not hidden
         started = time.perf_counter()

@@ -190,6 +190,54 @@ def test_a_failing_compile_warns_once_and_runs_eagerly(monkeypatch):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+
+def test_an_error_from_torch_compile_itself_also_falls_back(monkeypatch):
+    case = make_case(length=7, momentum=False, seed=1)
+    eager = outputs_and_grads(case, chunk_size=3)
+    step = deep_memory_module._chunk_step
+
+    def refuses(fn, *, backend, recompile_limit):
+        raise TypeError("compile() got an unexpected keyword argument 'recompile_limit'")
+
+    monkeypatch.setattr(torch, "compile", refuses)
+    monkeypatch.setattr(step, "compiled", {})
+    monkeypatch.setattr(step, "failed", False)
+    set_compile(True)
+    with pytest.warns(RuntimeWarning, match=r"torch.compile of _chunk failed, running it "
+                                            r"eagerly from now on \(TypeError: "):
+        fallback = outputs_and_grads(case, chunk_size=3)
+    for got, want in zip(fallback, eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_without_a_per_function_limit_dynamo_s_limit_is_raised_while_a_step_runs(monkeypatch):
+    # torch 2.11's torch.compile takes no recompile_limit: dynamo's global one is raised
+    # around each call instead, and restored after
+    real_compile, limits = torch.compile, []
+
+    def compile_without_limit(fn, *, backend):
+        compiled = real_compile(fn, backend=backend)
+
+        def run(*args, **kwargs):
+            limits.append(torch._dynamo.config.recompile_limit)
+            return compiled(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(torch, "compile", compile_without_limit)
+    step = deep_memory_module._chunk_step
+    monkeypatch.setattr(step, "compiled", {})
+    monkeypatch.setattr(step, "failed", False)
+    before = torch._dynamo.config.recompile_limit
+    case = make_case(length=7, momentum=False, seed=1)
+    eager = outputs_and_grads(case, chunk_size=3)
+    set_compile(True, backend="aot_eager")
+    compiled = outputs_and_grads(case, chunk_size=3)
+    assert not step.failed and "aot_eager" in step.compiled  # compiled, no fallback
+    assert limits and set(limits) == {max(before, nestlearn.ops._compile.RECOMPILE_LIMIT)}
+    assert torch._dynamo.config.recompile_limit == before
+    for got, want in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
 def test_switch_from_the_environment_and_its_bad_values(monkeypatch):
     monkeypatch.setenv("NESTLEARN_COMPILE", "1")
     assert nestlearn.ops.compile_enabled()

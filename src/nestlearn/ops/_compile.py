@@ -13,6 +13,7 @@ traces, which checks a graph quickly).
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import warnings
 from collections.abc import Callable
@@ -65,11 +66,10 @@ class _CompiledStep:
         # Inside another compiled step the outer graph takes this one in as it is.
         if self.failed or not compile_enabled() or torch.compiler.is_compiling():
             return self.fn(*args, **kwargs)
-        step = self.compiled.get(_backend)
-        if step is None:
-            step = self.compiled[_backend] = torch.compile(
-                self.fn, backend=_backend, recompile_limit=RECOMPILE_LIMIT)
         try:
+            step = self.compiled.get(_backend)
+            if step is None:
+                step = self.compiled[_backend] = _compile(self.fn, _backend)
             return step(*args, **kwargs)
         except (NestlearnError, NonFiniteError, torch.OutOfMemoryError):
             raise  # the step's own errors, not the compiler's
@@ -79,6 +79,24 @@ class _CompiledStep:
                           f"from now on ({type(err).__name__}: {str(err).splitlines()[0]})",
                           RuntimeWarning, stacklevel=2)
             return self.fn(*args, **kwargs)
+
+
+def _compile(fn: Callable[..., Any], backend: str) -> Callable[..., Any]:
+    """``torch.compile(fn)`` allowed ``RECOMPILE_LIMIT`` graphs. Where torch.compile takes the
+    limit per function (torch 2.13 does, 2.11 does not), it is passed; otherwise dynamo's
+    global limit is raised while the step runs (named ``cache_size_limit`` before torch 2.6)."""
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:
+        return torch.compile(fn, backend=backend, recompile_limit=RECOMPILE_LIMIT)
+    compiled = torch.compile(fn, backend=backend)
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with config.patch({name: max(getattr(config, name), RECOMPILE_LIMIT)}):
+            return compiled(*args, **kwargs)
+
+    return run
 
 
 def compiled_step(fn: F) -> F:

@@ -259,3 +259,25 @@ def test_run_config_switches_compiling_on():
     assert not nestlearn.ops.compile_enabled()
     build_run_model(config, torch.device("cpu"))
     assert nestlearn.ops.compile_enabled()
+
+
+def test_compiled_momentum_state_step_has_every_gradient_of_the_eager_one():
+    # torch 2.11's compile dropped the gradient of an output updated in place through a view
+    # (the incoming weight gradient): every one of the eight inputs' gradients is compared
+    torch.manual_seed(0)
+    batch, heads, rows, cols, chunk = 2, 2, 5, 4, 6
+    shapes = [(batch, heads, rows, cols)] * 2 + [(batch, heads, chunk, cols)] + \
+        [(batch, heads, chunk, rows)] * 2 + [(batch, heads, 1, 1)] * 3
+    values = [torch.randn(shape, dtype=torch.float64) for shape in shapes]
+
+    def loss(*inputs):
+        weight, momentum = deep_memory_module._MomentumStateStep.apply(*inputs)
+        return (weight * weight.sin()).sum() + (momentum * momentum.cos()).sum()
+
+    def grads(fn):
+        leaves = [value.clone().requires_grad_() for value in values]
+        return torch.autograd.grad(fn(*leaves), leaves)
+
+    for got, want in zip(grads(torch.compile(loss, backend="aot_eager")), grads(loss),
+                         strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)

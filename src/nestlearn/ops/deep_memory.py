@@ -252,14 +252,17 @@ def _chunk(weights: list[torch.Tensor], momentum: list[torch.Tensor] | None,
 _chunk_step = compiled_step(_chunk)
 
 
-def _subtract_outer(target: torch.Tensor, errors: torch.Tensor, inputs: torch.Tensor) -> None:
-    """``target -= errors^T @ inputs`` in place, as one batched gemm (no product temporary).
+def _minus_outer(target: torch.Tensor, errors: torch.Tensor, inputs: torch.Tensor
+                 ) -> torch.Tensor:
+    """``target - errors^T @ inputs`` as one batched gemm (no product temporary).
 
-    ``target`` ``[..., out, in]`` is contiguous, ``errors`` ``[..., C, out]``, ``inputs``
-    ``[..., C, in]``."""
-    flat = target.view(-1, *target.shape[-2:])
-    flat.baddbmm_(errors.reshape(-1, *errors.shape[-2:]).transpose(1, 2),
-                  inputs.reshape(-1, *inputs.shape[-2:]), alpha=-1)
+    ``target`` ``[..., out, in]``, ``errors`` ``[..., C, out]``, ``inputs`` ``[..., C, in]``.
+    Out of place: torch.compile in torch 2.11 (not 2.13) lost the gradient of an autograd
+    Function's output updated in place through a view (``tests/test_ops_compile.py``)."""
+    flat = torch.baddbmm(target.reshape(-1, *target.shape[-2:]),
+                         errors.reshape(-1, *errors.shape[-2:]).transpose(1, 2),
+                         inputs.reshape(-1, *inputs.shape[-2:]), alpha=-1)
+    return flat.view(target.shape)
 
 
 def _frobenius(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -285,11 +288,9 @@ class _MomentumStateStep(torch.autograd.Function):
                 weight_error: torch.Tensor, momentum_error: torch.Tensor, scale: torch.Tensor,
                 carry: torch.Tensor, theta_end: torch.Tensor,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        new_weight = weight * scale
-        new_weight.addcmul_(momentum, carry)
-        _subtract_outer(new_weight, weight_error, inputs)
-        new_momentum = momentum * theta_end
-        _subtract_outer(new_momentum, momentum_error, inputs)
+        new_weight = _minus_outer(torch.addcmul(weight * scale, momentum, carry), weight_error,
+                                  inputs)
+        new_momentum = _minus_outer(momentum * theta_end, momentum_error, inputs)
         ctx.save_for_backward(weight, momentum, inputs, weight_error, momentum_error, scale,
                               carry, theta_end)
         return new_weight, new_momentum

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from nestlearn.ops import _chunking
 from nestlearn.ops._chunking import segment_products
 
 deep_memory_module = sys.modules["nestlearn.ops.deep_memory"]
@@ -43,6 +44,31 @@ def test_segment_products_match_their_definition_with_gradients():
     assert torch.isfinite(fast_grad).all()
     torch.testing.assert_close(fast_grad, slow_grad, rtol=1e-12, atol=1e-14)
 
+
+
+def test_segment_products_backward_passes_gradcheck_twice_with_zero_gates():
+    torch.manual_seed(1)
+    gate = torch.rand(2, 6, dtype=torch.float64)
+    gate[0, 0], gate[1, 3], gate[1, 5] = 0.0, 0.0, 1.0
+    gate.requires_grad_()
+    assert torch.autograd.gradcheck(segment_products, (gate,))
+    assert torch.autograd.gradgradcheck(segment_products, (gate,))
+
+
+def host_reads_in_backward(products_of) -> int:
+    """aten host reads (``item`` and friends) seen by the profiler in a backward."""
+    gate = torch.rand(3, 8, dtype=torch.float64, requires_grad=True)
+    out = products_of(gate)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out.sum().backward()
+    return sum(event.name in ("aten::item", "aten::_local_scalar_dense")
+               for event in prof.events())
+
+
+def test_segment_products_backward_reads_nothing_on_the_host():
+    # torch's own cumprod backward checks for zeros with .item() (a GPU sync per call)
+    assert host_reads_in_backward(_chunking._products_forward) > 0
+    assert host_reads_in_backward(segment_products) == 0
 
 @pytest.mark.parametrize(("length", "chunk", "momentum", "dgd"),
                          [(11, 4, True, True), (8, 4, False, True), (5, 8, True, False),

@@ -8,7 +8,10 @@ dispatch mode that records every aten op it issues, the backward's included. Rep
   and detaches only relabel memory). On a GPU each computing op is (at least) one kernel
   launch, so this is the launch count a step pays for, counted deterministically on CPU.
 - ``syncs/step``: reads of a tensor's value on the host (``.item()``, ``bool()``,
-  ``.tolist()``, ``nonzero`` ...): each stalls a GPU's stream until the device has caught up.
+  ``.tolist()``, ``nonzero`` ...) and tensors made of Python data (``torch.tensor``, a copy
+  from the host): each stalls a GPU's stream until the device has caught up. Counted by the
+  dispatch mode and, for the reads inside autograd's C++ formulas, which a dispatch mode
+  changes, by torch's profiler on a second step (per op, the larger count).
 - ``param GFLOP/tok`` (analytical): 6 x the weights every token is multiplied by (2 for the
   forward, 4 for the backward), i.e. every 2-D parameter except the embedding table (a lookup;
   it counts when the head is tied to it), persistent tokens and the memories' meta-learned
@@ -67,6 +70,10 @@ from nestlearn.ops._compile import BACKENDS
 # aten ops that hand a value (or a data-dependent size) to the host: a device sync each.
 SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2",
                       "unique_consecutive", "unique_dim", "bincount", "repeat_interleave"})
+# lift_fresh of a tensor with dims: a tensor of Python data (torch.tensor([...])), on a GPU a
+# copy from the host that waits for the stream like a read does. (0-dim ones, such as
+# ``x[i] = 0.5`` makes, stay on the host and fill on the device without a wait.)
+HOST_COPY_OPS = frozenset({"lift_fresh"})
 # Tensor methods that copy to the host without an aten op on CPU (on a GPU: a copy and a sync).
 SYNC_METHODS = ("tolist", "numpy", "__array__")
 # Parameters that are not multiplied with every token (see the module doc).
@@ -114,7 +121,7 @@ class OpCounter(TorchDispatchMode):
         self.ops[name] += 1
         if not func.is_view and name not in METADATA_OPS:
             self.kernels[name] += 1
-        if name in SYNC_OPS:
+        if name in SYNC_OPS or (name in HOST_COPY_OPS and args[0].dim() > 0):
             self.syncs[name] += 1
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
@@ -212,22 +219,37 @@ def seeded_step(config: ModelConfig, length: int, batch: int, seed: int = 0
     return model, make_step(model, ids)
 
 
+def profiled_syncs(step: Callable[[], Any]) -> Counter[str]:
+    """Host reads (``SYNC_OPS``) by op name in one ``step()`` as torch's profiler records it.
+    It sees the reads inside autograd's own formulas, which a dispatch mode does not: while
+    one is active torch takes their read-free forms (cumprod's backward checks for zeros with
+    ``.item()`` only without one)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    names = (event.name.removeprefix("aten::") for event in prof.events())
+    return Counter(name for name in names if name in SYNC_OPS)
+
+
 def count_step(config: ModelConfig, length: int, batch: int, seed: int = 0) -> dict[str, Any]:
-    """Ops, syncs and FLOPs of one training step of ``config`` at ``batch`` x ``length``."""
+    """Ops, syncs and FLOPs of one training step of ``config`` at ``batch`` x ``length``; the
+    syncs are the larger count, by op, of the dispatch mode's and the profiler's."""
     model, step = seeded_step(config, length, batch, seed)
     with OpCounter() as ops:
         step()
+    syncs = ops.syncs | profiled_syncs(step)
     tokens = batch * length
     param_flops = 6 * parametric_weights(model)
     total_flops = ops.flops
     return {"arch": config.arch, "dim": config.dim, "layers": config.layers,
             "params": sum(p.numel() for p in model.parameters()), "T": length, "B": batch,
             "ops/step": ops.total_ops, "kernels/step": ops.total_kernels,
-            "syncs/step": ops.total_syncs, "kernels/token": ops.total_kernels / tokens,
+            "syncs/step": sum(syncs.values()), "kernels/token": ops.total_kernels / tokens,
             "param GFLOP/tok": param_flops / 1e9,
             "in-context GFLOP/tok": (total_flops / tokens - param_flops) / 1e9,
             "matmul GFLOP/step": total_flops / 1e9,
-            "syncs by op": dict(ops.syncs),
+            "syncs by op": dict(syncs),
             "top kernels": dict(ops.kernels.most_common(20))}
 
 

@@ -487,9 +487,10 @@ class SelfModifyingTitans(nn.Module):
         main_weights, main_momentum = batched_state(memory.chunk_start, batch, c.momentum)
         weights, momentum = _stack_heads(inner_weights, main_weights, inner_momentum,
                                          main_momentum)
-        gate_scale = torch.tensor(
-            [c.resolved_inner_eta_max] * self.inner_heads + [c.resolved_eta_max] * c.heads,
-            dtype=reads.dtype, device=reads.device)[:, None]
+        # filled on the device: a tensor made from a Python list is a host-to-device copy,
+        # which waits for the GPU's stream
+        gate_scale = torch.cat([reads.new_full((self.inner_heads, 1), c.resolved_inner_eta_max),
+                                reads.new_full((c.heads, 1), c.resolved_eta_max)])
         o, weights, momentum = _stacked_chunks(
             c, weights, momentum, q, reads, theta, gate_scale,
             self.eta_readout, self.eta_bias, self.alpha_readout, self.alpha_bias)

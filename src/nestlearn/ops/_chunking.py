@@ -8,7 +8,11 @@ touching any real output, and each rule reads its final state at the last real t
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+from nestlearn.ops._precision import full_precision
 
 
 def num_chunks(length: int, chunk_size: int) -> int:
@@ -55,7 +59,12 @@ def segment_products(gate: torch.Tensor) -> torch.Tensor:
     Built as a cumulative product of factors in [0, 1] down each column, never as a ratio of
     prefix products: it cannot overflow, underflows only towards its true value 0, and a gate
     of exactly 0 keeps finite gradients (no log(0) as a log-space segment sum would take).
+    Its backward is exact and reads nothing on the host (``_SegmentProducts``).
     """
+    return _SegmentProducts.apply(gate)
+
+
+def _products_forward(gate: torch.Tensor) -> torch.Tensor:
     size = gate.shape[-1] + 1
     padded = torch.nn.functional.pad(gate, (1, 0), value=1.0)
     # factors[p, s] = padded[p] below the diagonal, 1 on and above it: tril keeps the gates
@@ -64,3 +73,35 @@ def segment_products(gate: torch.Tensor) -> torch.Tensor:
     upper_ones = torch.ones(size, size, dtype=gate.dtype, device=gate.device).triu_()
     factors = torch.tril(padded[..., :, None].expand(*padded.shape, size), -1) + upper_ones
     return torch.cumprod(factors, dim=-2).tril()
+
+
+@full_precision
+def _products_backward(products: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """d loss / d gate[j] = sum_s P[j, s] (P^T G)[j + 1, s], with G = d loss / d P.
+
+    P[p, s] (p > j >= s) is P[j, s] gate[j] P[p, j + 1]: the product split around gate[j],
+    so its derivative is the two outer factors, with no division by gate[j]. Summed over p
+    that is (P^T G)[j + 1, s]; the triangular P keeps only p > j >= s, so the diagonal and
+    the upper triangle of G (constants of the forward) never enter.
+    """
+    carried = products.transpose(-1, -2) @ grad
+    return (products[..., :-1, :] * carried[..., 1:, :]).sum(-1)
+
+
+class _SegmentProducts(torch.autograd.Function):
+    """``_products_forward`` with an exact backward free of host reads: torch's own cumprod
+    backward checks the input for zeros with ``.item()``, a device sync on a GPU in every
+    chunk of every memory."""
+
+    @staticmethod
+    def forward(gate: torch.Tensor) -> torch.Tensor:
+        return _products_forward(gate)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (products,) = ctx.saved_tensors
+        return _products_backward(products, grad)

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from model_cases import tiny_config
-from nestlearn.benchmarks.opcount import OpCounter, count_step, parametric_weights, profiled_kernels
+from nestlearn.benchmarks.opcount import (
+    OpCounter,
+    count_step,
+    parametric_weights,
+    profiled_kernels,
+    profiled_syncs,
+)
 from nestlearn.cli import main
 
 
@@ -131,3 +137,27 @@ def test_compiled_counts_each_side_in_a_fresh_process(backend, tmp_path, capsys)
         assert row["profiled kernels compiled"] < row["profiled kernels eager"]
     else:  # tracing alone runs the same aten ops
         assert row["profiled kernels compiled"] > row["profiled kernels eager"] / 2
+
+
+def test_profiled_syncs_see_the_reads_inside_autograd_formulas():
+    # cumprod's backward reads "any zero?" with .item() (a GPU sync), but not while a
+    # dispatch mode is active: only the profiler's count sees it
+    x = torch.rand(4, 5, dtype=torch.float64, requires_grad=True)
+
+    def step():
+        torch.cumprod(x, dim=-1).sum().backward()
+
+    with OpCounter() as ops:
+        step()
+    assert ops.total_syncs == 0
+    assert profiled_syncs(step)["_local_scalar_dense"] >= 1
+
+
+def test_a_tensor_of_python_data_counts_as_a_sync_and_a_scalar_does_not():
+    x = torch.zeros(3)
+    with OpCounter() as ops:
+        x[0] = 0.5  # a 0-dim host scalar: filled on the device, no wait
+    assert ops.total_syncs == 0
+    with OpCounter() as ops:
+        torch.tensor([0.5, 1.0]) * x[:2]  # on a GPU: a copy from the host that waits
+    assert ops.syncs == {"lift_fresh": 1}

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The GPU check of BENCHMARKS.md ("GPU: what a run of bench/gpu_check.sh should show"), run
-# from the repository root on a machine with one CUDA GPU; about 8 minutes on an H100.
+# from the repository root on a machine with one CUDA GPU; at most about 9.5 minutes.
 #   (a) float64 parity of the chunkwise ops against their references on CUDA (bench/gpu_parity.py)
-#   (b) kernel and host-sync counts per training step (nestlearn bench ops-count, T=2048)
+#   (b) CUDA kernels, host syncs and GPU busy time of one training step per arch, B=8
+#       T=2048 bf16 (bench/gpu_profile.py; the aten-op counts of `nestlearn bench
+#       ops-count` are the same on any device and are measured on CPU)
 #   (c) models, forward+backward, B=8 T=2048 bf16 on CUDA, compile off and on
 #   (d) the deep memory's compiled (inductor) chunk step against its reference on CUDA
-# Each part runs under `timeout` (seconds from PARITY_S, OPSCOUNT_S, MODELS_S,
+# Each part runs under `timeout` (seconds from PARITY_S, PROFILE_S, MODELS_S,
 # COMPILE_PARITY_S), so one slow part cannot use up the others' time; (c) writes its JSON
 # after every row, so a part cut short keeps what it finished. Results and logs go to
 # $OUT (default results/gpu). Nothing is downloaded: nestlearn is installed from this tree
@@ -17,7 +19,7 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
 OUT="${OUT:-results/gpu}"
 PARITY_S="${PARITY_S:-45}"
-OPSCOUNT_S="${OPSCOUNT_S:-90}"
+PROFILE_S="${PROFILE_S:-150}"
 MODELS_S="${MODELS_S:-300}"
 COMPILE_PARITY_S="${COMPILE_PARITY_S:-60}"
 mkdir -p "$OUT"
@@ -55,8 +57,8 @@ part() {
 }
 
 part parity "$PARITY_S" "$PY" bench/gpu_parity.py --device cuda
-part ops-count "$OPSCOUNT_S" "$PY" -m nestlearn bench ops-count \
-    --archs transformer titans hope --length 2048 --out "$OUT/ops-count"
+part profile "$PROFILE_S" "$PY" bench/gpu_profile.py --length 2048 --batch 8 \
+    --repeats 3 --out "$OUT/profile"
 # cheapest archs first, so a run cut short has the most cells
 part models "$MODELS_S" "$PY" -m nestlearn bench layers --sections models \
     --archs transformer titans titans-mag hope-attention hope \

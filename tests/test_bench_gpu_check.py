@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -60,10 +61,10 @@ def test_parity_script_refuses_cuda_without_it(gpu_parity, monkeypatch, capsys):
 
 def test_check_script_runs_every_part_under_its_limit_and_sums_up(tmp_path):
     # Without CUDA (hidden here even on a GPU machine) the CUDA parts exit 2 at once and the
-    # ops count is stopped at a 1 s limit: every part still runs and the summary says so.
+    # profile is stopped at a 1 s limit: every part still runs and the summary says so.
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable,
            "PYTHONPATH": str(Path(nestlearn.__file__).parents[1]), "CUDA_VISIBLE_DEVICES": "",
-           "OPSCOUNT_S": "1", "OMP_NUM_THREADS": "1"}
+           "PROFILE_S": "1", "OMP_NUM_THREADS": "1"}
     script = ROOT / "bench" / "gpu_check.sh"
     assert os.access(script, os.X_OK)
     result = subprocess.run([str(script)], env=env, capture_output=True, text=True,
@@ -71,10 +72,41 @@ def test_check_script_runs_every_part_under_its_limit_and_sums_up(tmp_path):
     assert result.returncode == 1, result.stdout + result.stderr
     summary = (tmp_path / "summary.txt").read_text().splitlines()
     assert [line.split(":")[0] for line in summary[:4]] == [
-        "parity", "ops-count", "models", "compile-parity"]
+        "parity", "profile", "models", "compile-parity"]
     assert "stopped at the 1s limit" in summary[1] and summary[4].startswith("total ")
     assert all(": exit 2 after" in summary[i] for i in (0, 2, 3))
     # the models part got past argument parsing to the CUDA check: its options all exist
     models = (tmp_path / "models.log").read_text()
     assert "--device: got 'cuda'; allowed: cpu" in models
     assert (tmp_path / "environment.txt").read_text().startswith(result.stdout.splitlines()[0])
+
+
+@pytest.fixture(scope="module")
+def gpu_profile():
+    spec = importlib.util.spec_from_file_location("gpu_profile",
+                                                  ROOT / "bench" / "gpu_profile.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_script_reports_every_arch_on_cpu(gpu_profile, tmp_path, capsys):
+    # on CPU there are no CUDA kernels or syncs to see: the table and JSON still come out
+    code = gpu_profile.main(["--device", "cpu", "--length", "8", "--batch", "1",
+                             "--model-dim", "16", "--model-layers", "1", "--heads", "2",
+                             "--chunk-size", "4", "--cms-chunk-sizes", "2", "4",
+                             "--vocab-size", "32", "--repeats", "1", "--out", str(tmp_path)])
+    assert code == 0
+    assert "| arch | params | T | B | kernels | copies | syncs |" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "gpu-profile.json").read_text())["rows"]
+    assert [row["arch"] for row in rows] == [
+        "transformer", "titans", "titans-mag", "hope-attention", "hope"]
+    for row in rows:
+        assert row["kernels"] == row["syncs"] == 0 and row["tok/s"] > 0 and row["step s"] > 0
+
+
+def test_profile_script_refuses_cuda_without_it(gpu_profile, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_profile.main(["--device", "cuda"]) == 2
+    assert capsys.readouterr().err.startswith("gpu_profile: error: --device: got 'cuda'; "
+                                              "allowed: cpu")

@@ -1,0 +1,111 @@
+"""Kernels, host syncs and GPU busy time of one training step per arch, on a CUDA device.
+
+The GPU counterpart of ``nestlearn bench ops-count`` (which counts aten ops on CPU): each arch
+at the Transformer's parameter count (the matching of ``bench layers``), one training step
+(forward, next-token loss, backward) at ``--batch`` x ``--length`` under bf16 autocast,
+profiled with torch's profiler after one warm-up step. Reported per step:
+
+- ``kernels``: kernels the GPU ran (copies and fills counted apart, in ``copies``);
+- ``syncs``: stream, device and event synchronizations the host waited on (an ``.item()``
+  is a copy and a stream sync);
+- ``GPU busy s``: the summed duration of those kernels, against ``step s``, the median wall
+  time of an unprofiled step (``--repeats``): their ratio is how much of the step the GPU
+  computes rather than waits for the host to launch work.
+
+Usage (``bench/gpu_check.sh`` runs it): ``python bench/gpu_profile.py --out results/gpu``.
+``--device cpu`` runs the same code on CPU (kernels and syncs then read 0), for checking the
+script without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from nestlearn.benchmarks.common import progress, time_call, write_report
+from nestlearn.benchmarks.opcount import add_arguments, model_configs
+from nestlearn.models import build_model
+
+SYNC_CALLS = frozenset({"cudaStreamSynchronize", "cudaDeviceSynchronize",
+                        "cudaEventSynchronize"})
+COPY_PREFIXES = ("Memcpy", "Memset")
+COLUMNS = ["arch", "params", "T", "B", "kernels", "copies", "syncs", "GPU busy s", "step s",
+           "busy fraction", "tok/s"]
+
+
+def training_step(model: nn.Module, ids: torch.Tensor, device: str):
+    """One forward, next-token loss and backward under bf16 autocast on ``device``."""
+
+    def step() -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        autocast = (torch.autocast(device, dtype=torch.bfloat16) if device == "cuda"
+                    else contextlib.nullcontext())
+        with autocast:
+            logits, _ = model(ids[:, :-1])
+            loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(),
+                                               ids[:, 1:].flatten())
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
+def profile_arch(arch: str, config: Any, length: int, batch: int, device: str,
+                 repeats: int) -> dict[str, Any]:
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = build_model(config).to(device)
+    ids = torch.randint(0, config.vocab_size, (batch, length + 1), device=device)
+    step = training_step(model, ids, device)
+    step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    activities = [ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    events = prof.events()
+    on_device = [e for e in events if e.device_type == DeviceType.CUDA]
+    kernels = [e for e in on_device if not e.name.startswith(COPY_PREFIXES)]
+    busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
+    # the profile's own closing synchronize is not the step's
+    syncs = sum(e.name in SYNC_CALLS for e in events) - (device == "cuda")
+    seconds = time_call(step, repeats=repeats, warmup=0, device=device)
+    return {"arch": arch, "params": sum(p.numel() for p in model.parameters()), "T": length,
+            "B": batch, "kernels": len(kernels), "copies": len(on_device) - len(kernels),
+            "syncs": syncs, "GPU busy s": busy, "step s": seconds,
+            "busy fraction": busy / seconds, "tok/s": batch * length / seconds}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.set_defaults(archs=["transformer", "titans", "titans-mag", "hope-attention", "hope"],
+                        batch=8, out="results/gpu")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_profile: error: --device: got 'cuda'; allowed: cpu "
+              "(torch.cuda.is_available() is false here)", file=sys.stderr)
+        return 2
+    rows = []
+    for arch, config in model_configs(args).items():
+        progress(f"profiling {arch} T={args.length} B={args.batch} on {args.device}")
+        rows.append(profile_arch(arch, config, args.length, args.batch, args.device,
+                                 args.repeats))
+        write_report("gpu-profile", rows, COLUMNS, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

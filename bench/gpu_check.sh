@@ -1,27 +1,31 @@
 #!/usr/bin/env bash
-# The GPU check of BENCHMARKS.md ("GPU: what a run of bench/gpu_check.sh should show"), run
-# from the repository root on a machine with one CUDA GPU; at most about 9.5 minutes.
-#   (a) float64 parity of the chunkwise ops against their references on CUDA (bench/gpu_parity.py)
-#   (b) CUDA kernels, host syncs and GPU busy time of one training step per arch, B=8
-#       T=2048 bf16 (bench/gpu_profile.py; the aten-op counts of `nestlearn bench
-#       ops-count` are the same on any device and are measured on CPU)
-#   (c) models, forward+backward, B=8 T=2048 bf16 on CUDA, compile off and on
-#   (d) the deep memory's compiled (inductor) chunk step against its reference on CUDA
-# Each part runs under `timeout` (seconds from PARITY_S, PROFILE_S, MODELS_S,
-# COMPILE_PARITY_S), so one slow part cannot use up the others' time; (c) writes its JSON
-# after every row, so a part cut short keeps what it finished. Results and logs go to
-# $OUT (default results/gpu). Nothing is downloaded: nestlearn is installed from this tree
-# (no dependencies, no build isolation) if it is not importable. Exit code 0 when every
-# part passed, 1 otherwise; `summary.txt` in $OUT lists each part's exit code.
+# The GPU check of BENCHMARKS.md ("GPU: measured on one H200"), run from the repository
+# root on a machine with one CUDA GPU; at most about 9.7 minutes with the default limits.
+#   parity          float64 parity of the chunkwise ops against their references on CUDA
+#                   (bench/gpu_parity.py)
+#   compile-parity  the same for the deep memory's inductor-compiled chunk step
+#   profile         CUDA kernels, host syncs and GPU busy time of one training step per
+#                   arch, B=8 T=2048 bf16 (bench/gpu_profile.py; the aten-op counts of
+#                   `nestlearn bench ops-count` are the same on any device, taken on CPU)
+#   graph           the whole step captured as one CUDA graph against eager (bench/gpu_graph.py)
+#   models          forward+backward, B=8 T=2048 bf16 on CUDA, compile off and on
+# Each part runs under `timeout` (seconds from PARITY_S, COMPILE_PARITY_S, PROFILE_S,
+# GRAPH_S, MODELS_S), so one slow part cannot use up the others' time; the table parts write
+# their JSON after every row, so a part cut short keeps what it finished. Into $OUT (default
+# results/gpu): environment.txt, summary.txt (each part's exit code and seconds), parts.log
+# (every part's output, in order) and one JSON per table part: six files. Nothing is
+# downloaded: nestlearn is installed from this tree (no dependencies, no build isolation)
+# if it is not importable. Exit code 0 when every part passed, 1 otherwise.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
 OUT="${OUT:-results/gpu}"
-PARITY_S="${PARITY_S:-45}"
-PROFILE_S="${PROFILE_S:-150}"
-MODELS_S="${MODELS_S:-300}"
+PARITY_S="${PARITY_S:-40}"
 COMPILE_PARITY_S="${COMPILE_PARITY_S:-60}"
+PROFILE_S="${PROFILE_S:-130}"
+GRAPH_S="${GRAPH_S:-120}"
+MODELS_S="${MODELS_S:-230}"
 mkdir -p "$OUT"
 
 if ! "$PY" -c "import nestlearn" 2>/dev/null; then
@@ -40,14 +44,15 @@ fi
 
 started=$SECONDS
 : > "$OUT/summary.txt"
+: > "$OUT/parts.log"
 
-# part NAME LIMIT COMMAND...: run COMMAND under `timeout LIMIT`, its output to $OUT/NAME.log
+# part NAME LIMIT COMMAND...: run COMMAND under `timeout LIMIT`, its output added to parts.log
 part() {
     local name=$1 limit=$2 rc=0
     shift 2
-    echo "== $name (limit ${limit}s): $*"
+    echo "== $name (limit ${limit}s): $*" | tee -a "$OUT/parts.log"
     local begin=$SECONDS
-    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log" || rc=$?
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$OUT/parts.log" || rc=$?
     local took=$((SECONDS - begin))
     if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
         echo "$name: stopped at the ${limit}s limit (exit $rc) after ${took}s" | tee -a "$OUT/summary.txt"
@@ -57,19 +62,21 @@ part() {
 }
 
 part parity "$PARITY_S" "$PY" bench/gpu_parity.py --device cuda
+part compile-parity "$COMPILE_PARITY_S" "$PY" bench/gpu_parity.py --device cuda \
+    --compile inductor
 part profile "$PROFILE_S" "$PY" bench/gpu_profile.py --length 2048 --batch 8 \
-    --repeats 3 --out "$OUT/profile"
+    --repeats 3 --out "$OUT"
+part graph "$GRAPH_S" "$PY" bench/gpu_graph.py --length 2048 --batch 8 --repeats 3 \
+    --out "$OUT"
 # cheapest archs first, so a run cut short has the most cells
 part models "$MODELS_S" "$PY" -m nestlearn bench layers --sections models \
     --archs transformer titans titans-mag hope-attention hope \
     --device cuda --autocast bf16 --batch 8 --lengths 2048 --compile off on \
-    --no-memory --repeats 3 --out "$OUT/bench"
-part compile-parity "$COMPILE_PARITY_S" "$PY" bench/gpu_parity.py --device cuda \
-    --compile inductor
+    --no-memory --repeats 3 --out "$OUT"
 
 echo "total $((SECONDS - started))s" | tee -a "$OUT/summary.txt"
 if grep -q -e 'stopped at' -e ': exit [1-9]' "$OUT/summary.txt"; then
-    echo "some parts failed or were stopped: see $OUT/summary.txt and $OUT/*.log"
+    echo "some parts failed or were stopped: see $OUT/summary.txt and $OUT/parts.log"
     exit 1
 fi
 echo "all parts passed"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -71,14 +72,18 @@ def test_check_script_runs_every_part_under_its_limit_and_sums_up(tmp_path):
                             timeout=300, check=False)
     assert result.returncode == 1, result.stdout + result.stderr
     summary = (tmp_path / "summary.txt").read_text().splitlines()
-    assert [line.split(":")[0] for line in summary[:4]] == [
-        "parity", "profile", "models", "compile-parity"]
-    assert "stopped at the 1s limit" in summary[1] and summary[4].startswith("total ")
-    assert all(": exit 2 after" in summary[i] for i in (0, 2, 3))
+    parts = ["parity", "compile-parity", "profile", "graph", "models"]
+    assert [line.split(":")[0] for line in summary[:5]] == parts
+    assert "stopped at the 1s limit" in summary[2] and summary[5].startswith("total ")
+    assert all(": exit 2 after" in summary[i] for i in (0, 1, 3, 4))
+    log = (tmp_path / "parts.log").read_text()
+    assert [line.split(" ")[1] for line in log.splitlines() if line.startswith("== ")] == parts
     # the models part got past argument parsing to the CUDA check: its options all exist
-    models = (tmp_path / "models.log").read_text()
-    assert "--device: got 'cuda'; allowed: cpu" in models
+    assert "--device: got 'cuda'; allowed: cpu" in log.split("== models")[1]
+    assert "gpu_graph: error: CUDA graphs need a CUDA device" in log
     assert (tmp_path / "environment.txt").read_text().startswith(result.stdout.splitlines()[0])
+    # what comes back from a device machine is at most eight files
+    assert len(list(tmp_path.rglob("*"))) <= 8
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +115,36 @@ def test_profile_script_refuses_cuda_without_it(gpu_profile, monkeypatch, capsys
     assert gpu_profile.main(["--device", "cuda"]) == 2
     assert capsys.readouterr().err.startswith("gpu_profile: error: --device: got 'cuda'; "
                                               "allowed: cpu")
+
+
+
+@pytest.fixture(scope="module")
+def gpu_graph():
+    spec = importlib.util.spec_from_file_location("gpu_graph", ROOT / "bench" / "gpu_graph.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_graph_script_refuses_to_run_without_cuda(gpu_graph, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_graph.main([]) == 2
+    assert capsys.readouterr().err.startswith("gpu_graph: error: CUDA graphs need a CUDA device")
+
+
+def test_index_select_embedding_gives_the_same_logits_and_gradients(gpu_graph):
+    from model_cases import random_ids, tiny_model
+
+    ids = random_ids(2, 9)
+    results = []
+    for replaced in (False, True):
+        model = tiny_model("hope", dtype=torch.float64)
+        if replaced:
+            gpu_graph.embed_by_index_select(model)
+            assert isinstance(model.backbone.embed.forward, functools.partial)
+        logits, _ = model(ids)
+        logits.square().sum().backward()
+        results.append((logits.detach(), model.backbone.embed.weight.grad))
+    (logits, grad), (replaced_logits, replaced_grad) = results
+    torch.testing.assert_close(replaced_logits, logits, rtol=0, atol=0)
+    torch.testing.assert_close(replaced_grad, grad, rtol=1e-12, atol=1e-14)

@@ -1,0 +1,130 @@
+"""A whole training step captured as one CUDA graph and replayed, against the eager step.
+
+The memory archs are launch-bound on a GPU (BENCHMARKS.md, "GPU: measured on one H200"): the
+host spends about 30 us per kernel and the GPU computes for a tenth of the step. A CUDA graph
+replays every kernel of a captured step with one launch, so it measures how fast a step can
+be once the host's cost per kernel is gone. A step can only be captured if it never waits
+for the device (no host syncs) and keeps its shapes.
+
+Per arch (the matching of ``bench layers``), at ``--batch`` x ``--length`` under bf16
+autocast: the eager step (forward, next-token loss, backward) is timed; then the same step is
+warmed up on a side stream, captured with ``torch.cuda.graph`` and its replays are timed.
+Reported: both tok/s, their ratio, the captured step's loss against the eager step's on the
+same batch (the same kernels, so equal up to atomics' summation order), and the error of a
+capture that failed, by name.
+
+The one host sync per step left in the H200 profile, in every arch, is most likely torch's
+CUDA embedding backward (its sorted path sizes its work on the host). ``--embedding
+index-select`` (the default) embeds with ``index_select`` for this script, whose backward is
+an ``index_add`` (sync-free, summed with atomics); ``--embedding torch`` keeps the model's
+own embedding, to see whether a capture fails on it.
+
+Usage: ``python bench/gpu_graph.py --out results/gpu`` on a CUDA machine (``bench/gpu_check.sh``
+runs it). There is no CPU mode: CUDA graphs need a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import traceback
+from typing import Any
+
+import torch
+from torch import nn
+
+from nestlearn.benchmarks.common import progress, time_call, write_report
+from nestlearn.benchmarks.opcount import add_arguments, model_configs
+from nestlearn.models import build_model
+
+COLUMNS = ["arch", "T", "B", "eager tok/s", "graph tok/s", "speedup", "eager loss",
+           "graph loss", "note"]
+
+
+def embed_by_index_select(model: nn.Module) -> None:
+    """Look up every ``nn.Embedding`` of the model with ``index_select`` (the same values; its
+    backward is a sync-free ``index_add``)."""
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            module.forward = functools.partial(_index_select_lookup, module.weight)
+
+
+def _index_select_lookup(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return weight.index_select(0, ids.reshape(-1)).view(*ids.shape, -1)
+
+
+def loss_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Forward and next-token loss under bf16 autocast (its cast cache off: a graph's casts
+    must be recomputed on every replay)."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        logits, _ = model(ids[:, :-1])
+        return nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def graph_arch(arch: str, config: Any, args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = build_model(config).cuda()
+    if args.embedding == "index-select":
+        embed_by_index_select(model)
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.length + 1), device="cuda")
+    tokens = args.batch * args.length
+
+    def eager_step() -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        loss = loss_of(model, ids)
+        loss.backward()
+        return loss.detach()
+
+    eager_loss = eager_step().item()
+    row: dict[str, Any] = {"arch": arch, "T": args.length, "B": args.batch,
+                           "eager tok/s": tokens / time_call(eager_step, repeats=args.repeats,
+                                                             device="cuda"),
+                           "eager loss": eager_loss, "note": ""}
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+            for _ in range(3):
+                eager_step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        model.zero_grad(set_to_none=True)  # the captured backward allocates the gradients
+        with torch.cuda.graph(graph):
+            static_loss = loss_of(model, ids)
+            static_loss.backward()
+        graph.replay()
+        row["graph loss"] = static_loss.item()
+        row["graph tok/s"] = tokens / time_call(graph.replay, repeats=args.repeats,
+                                                device="cuda")
+        row["speedup"] = row["graph tok/s"] / row["eager tok/s"]
+    except Exception as err:  # report why a capture failed instead of stopping the table
+        row["note"] = f"capture failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
+        traceback.print_exc(file=sys.stderr)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    parser.add_argument("--embedding", choices=["index-select", "torch"],
+                        default="index-select",
+                        help="embedding lookup for the capture (default: index-select, "
+                             "whose backward does not sync)")
+    parser.set_defaults(archs=["transformer", "titans", "titans-mag", "hope-attention", "hope"],
+                        batch=8, out="results/gpu")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_graph: error: CUDA graphs need a CUDA device "
+              "(torch.cuda.is_available() is false here)", file=sys.stderr)
+        return 2
+    rows = []
+    for arch, config in model_configs(args).items():
+        progress(f"capturing {arch} T={args.length} B={args.batch}")
+        rows.append(graph_arch(arch, config, args))
+        write_report("gpu-graph", rows, COLUMNS, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,9 +5,10 @@ at the Transformer's parameter count (the matching of ``bench layers``), one tra
 (forward, next-token loss, backward) at ``--batch`` x ``--length`` under bf16 autocast,
 profiled with torch's profiler after one warm-up step. Reported per step:
 
-- ``kernels``: kernels the GPU ran (copies and fills counted apart, in ``copies``);
-- ``syncs``: stream, device and event synchronizations the host waited on (an ``.item()``
-  is a copy and a stream sync);
+- ``kernels``: kernels the GPU ran (memory copies and memsets counted apart, in ``copies``);
+- ``syncs``: stream, device and event synchronizations the host waited on inside the step
+  (an ``.item()`` is a copy and a stream sync; the profiler's own closing synchronize is
+  outside the step's range and not counted);
 - ``GPU busy s``: the summed duration of those kernels, against ``step s``, the median wall
   time of an unprofiled step (``--repeats``): their ratio is how much of the step the GPU
   computes rather than waits for the host to launch work.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -34,11 +36,13 @@ from nestlearn.models import build_model
 SYNC_CALLS = frozenset({"cudaStreamSynchronize", "cudaDeviceSynchronize",
                         "cudaEventSynchronize"})
 COPY_PREFIXES = ("Memcpy", "Memset")
+STEP_RANGE = "nestlearn.training_step"
 COLUMNS = ["arch", "params", "T", "B", "kernels", "copies", "syncs", "GPU busy s", "step s",
            "busy fraction", "tok/s"]
 
 
-def training_step(model: nn.Module, ids: torch.Tensor, device: str):
+def training_step(model: nn.Module, ids: torch.Tensor, device: str
+                  ) -> Callable[[], torch.Tensor]:
     """One forward, next-token loss and backward under bf16 autocast on ``device``."""
 
     def step() -> torch.Tensor:
@@ -55,10 +59,22 @@ def training_step(model: nn.Module, ids: torch.Tensor, device: str):
     return step
 
 
+def syncs_within(events: Iterable[Any], range_name: str) -> int:
+    """Host waits (``SYNC_CALLS``) that started inside the profiled range ``range_name``: the
+    profiler's own synchronize when it stops, outside that range, is not the step's. By time,
+    so the backward's waits on autograd's device thread count too."""
+    events = list(events)
+    (step,) = [e for e in events if e.name == range_name]
+    start, end = step.time_range.start, step.time_range.end
+    return sum(e.name in SYNC_CALLS and start <= e.time_range.start <= end for e in events)
+
+
 def profile_arch(arch: str, config: Any, length: int, batch: int, device: str,
                  repeats: int) -> dict[str, Any]:
+    """One arch's row: kernels, copies and syncs of one profiled step after a warm-up step,
+    and the median of ``repeats`` unprofiled steps."""
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     torch.manual_seed(0)
     model = build_model(config).to(device)
@@ -71,19 +87,18 @@ def profile_arch(arch: str, config: Any, length: int, batch: int, device: str,
     if device == "cuda":
         activities.append(ProfilerActivity.CUDA)
     with profile(activities=activities) as prof:
-        step()
+        with record_function(STEP_RANGE):
+            step()
         if device == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize()  # every kernel of the step inside the profile
     events = prof.events()
     on_device = [e for e in events if e.device_type == DeviceType.CUDA]
     kernels = [e for e in on_device if not e.name.startswith(COPY_PREFIXES)]
     busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
-    # the profile's own closing synchronize is not the step's
-    syncs = sum(e.name in SYNC_CALLS for e in events) - (device == "cuda")
     seconds = time_call(step, repeats=repeats, warmup=0, device=device)
     return {"arch": arch, "params": sum(p.numel() for p in model.parameters()), "T": length,
             "B": batch, "kernels": len(kernels), "copies": len(on_device) - len(kernels),
-            "syncs": syncs, "GPU busy s": busy, "step s": seconds,
+            "syncs": syncs_within(events, STEP_RANGE), "GPU busy s": busy, "step s": seconds,
             "busy fraction": busy / seconds, "tok/s": batch * length / seconds}
 
 

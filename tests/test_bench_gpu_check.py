@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -148,3 +149,16 @@ def test_index_select_embedding_gives_the_same_logits_and_gradients(gpu_graph):
     (logits, grad), (replaced_logits, replaced_grad) = results
     torch.testing.assert_close(replaced_logits, logits, rtol=0, atol=0)
     torch.testing.assert_close(replaced_grad, grad, rtol=1e-12, atol=1e-14)
+
+
+def test_only_the_syncs_inside_the_step_s_range_count(gpu_profile):
+    def event(name, start, end):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end))
+
+    events = [event(gpu_profile.STEP_RANGE, 10, 50),
+              event("cudaStreamSynchronize", 20, 21),  # an .item() inside the step
+              event("cudaStreamSynchronize", 45, 60),  # starts inside: the step's
+              event("cudaLaunchKernel", 30, 31),
+              event("cudaDeviceSynchronize", 55, 56),  # the script's own, after the step
+              event("cudaDeviceSynchronize", 70, 71)]  # the profiler's, when it stops
+    assert gpu_profile.syncs_within(events, gpu_profile.STEP_RANGE) == 2

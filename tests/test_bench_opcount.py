@@ -61,9 +61,12 @@ def test_cpu_attention_flops_are_counted():
     assert ops.flops == forward + 2.5 * forward  # torch's backward formula: 5 such products
 
 
-@pytest.mark.parametrize("arch", ["transformer", "titans"])
-def test_a_step_count_is_deterministic_and_sync_free(arch):
-    config = tiny_config(arch)
+@pytest.mark.parametrize(("arch", "chunk"), [("transformer", None), ("titans", None),
+                                            ("hope", None), ("hope", 4)])
+def test_a_step_count_is_deterministic_and_sync_free(arch, chunk):
+    # hope with one chunk for every memory takes the stacked path (its gate scale once
+    # came from Python data: a copy from the host on a GPU)
+    config = tiny_config(arch, chunk=chunk)
     first = count_step(config, length=12, batch=2)
     second = count_step(config, length=12, batch=2, seed=3)  # other values, same ops
     assert first["ops/step"] == second["ops/step"] > first["kernels/step"] > 0
@@ -161,3 +164,11 @@ def test_a_tensor_of_python_data_counts_as_a_sync_and_a_scalar_does_not():
     with OpCounter() as ops:
         torch.tensor([0.5, 1.0]) * x[:2]  # on a GPU: a copy from the host that waits
     assert ops.syncs == {"lift_fresh": 1}
+
+
+def test_a_read_nested_in_another_sync_op_counts_once():
+    x, repeats = torch.arange(3.0), torch.tensor([1, 2, 0])
+    with OpCounter() as ops:
+        torch.repeat_interleave(x, repeats)
+    assert profiled_syncs(lambda: torch.repeat_interleave(x, repeats)) == ops.syncs
+    assert ops.total_syncs == 1

@@ -60,36 +60,38 @@ def forward_backward(model, ids, state=None):
     return state
 
 
-def run_two_steps(counter_patch, arch: str, segment: int | None) -> SyncCounter:
+def run_two_steps(counter_patch, arch: str, segment: int | None, chunk: int | None = None
+                  ) -> tuple[SyncCounter, Counter[str]]:
     """Forward and backward of a fresh stream and of one continued from a state that ends
-    mid-chunk, counted."""
-    model = tiny_model(arch, dtype=torch.float32, checkpoint_segment=segment)
+    mid-chunk, counted: by the wrapped Tensor methods, and by the profiler, which also sees
+    reads inside torch's C++ that the wrappers cannot (autograd formulas such as cumprod's
+    backward, an ``.item()`` zero check)."""
+    memory = {"memory": {"chunk_size": chunk, "inner_chunk_size": chunk}} if chunk else {}
+    model = tiny_model(arch, dtype=torch.float32, checkpoint_segment=segment, **memory)
     ids = random_ids(2, 10)
     with torch.no_grad():
         _, state = model(ids[:, :5])
     counter = SyncCounter(counter_patch)
-    forward_backward(model, ids)
-    forward_backward(model, ids, state)
-    return counter
+    reads = profiled_syncs(lambda: (forward_backward(model, ids),
+                                    forward_backward(model, ids, state)))
+    return counter, reads
 
 
-@pytest.mark.parametrize(("arch", "segment"),
-                         [(arch, None) for arch in ARCHS_WIRED] + [("hope-attention", 4)])
-def test_forward_and_backward_do_not_sync(arch, segment, monkeypatch):
-    counters = []
+@pytest.mark.parametrize(("arch", "segment", "chunk"),
+                         [(arch, None, None) for arch in ARCHS_WIRED]
+                         + [("hope-attention", 4, None), ("hope", None, 4)])
+def test_forward_and_backward_do_not_sync(arch, segment, chunk, monkeypatch):
+    # hope with one chunk size for every memory runs its stacked path
     with nestlearn.debug_checks(False):
-        # the profiler also sees reads made inside torch's C++, which the Python wrappers
-        # cannot: autograd formulas such as cumprod's backward (an .item() zero check)
-        reads = profiled_syncs(lambda: counters.append(run_two_steps(monkeypatch, arch,
-                                                                     segment)))
-    assert dict(counters[0].calls) == {}
+        counter, reads = run_two_steps(monkeypatch, arch, segment, chunk)
+    assert dict(counter.calls) == {}
     assert reads == {}
 
 
 def test_debug_switch_reads_gates_inside_layers(monkeypatch):
     # what the test above would see from a layer that checked its gates per chunk
     with nestlearn.debug_checks():
-        counter = run_two_steps(monkeypatch, "titans", None)
+        counter, _ = run_two_steps(monkeypatch, "titans", None)
     assert set(counter.outside(BOUNDARY)) == {"tolist in check_gate_values (_validate.py)"}
     assert counter.inside(BOUNDARY) == 2  # the ids' range, once per call
 

@@ -190,14 +190,13 @@ def test_a_failing_compile_warns_once_and_runs_eagerly(monkeypatch):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-
 def test_an_error_from_torch_compile_itself_also_falls_back(monkeypatch):
     case = make_case(length=7, momentum=False, seed=1)
     eager = outputs_and_grads(case, chunk_size=3)
     step = deep_memory_module._chunk_step
 
     def refuses(fn, *, backend, recompile_limit):
-        raise TypeError("compile() got an unexpected keyword argument 'recompile_limit'")
+        raise TypeError("this torch cannot compile here")
 
     monkeypatch.setattr(torch, "compile", refuses)
     monkeypatch.setattr(step, "compiled", {})
@@ -263,7 +262,8 @@ def test_run_config_switches_compiling_on():
 
 def test_compiled_momentum_state_step_has_every_gradient_of_the_eager_one():
     # torch 2.11's compile dropped the gradient of an output updated in place through a view
-    # (the incoming weight gradient): every one of the eight inputs' gradients is compared
+    # (the incoming weight gradient): every one of the eight inputs' gradients is compared.
+    # It guards that torch: on 2.13 (CI's) the old in-place step passes too.
     torch.manual_seed(0)
     batch, heads, rows, cols, chunk = 2, 2, 5, 4, 6
     shapes = [(batch, heads, rows, cols)] * 2 + [(batch, heads, chunk, cols)] + \

@@ -45,7 +45,6 @@ def test_segment_products_match_their_definition_with_gradients():
     torch.testing.assert_close(fast_grad, slow_grad, rtol=1e-12, atol=1e-14)
 
 
-
 def test_segment_products_backward_passes_gradcheck_twice_with_zero_gates():
     torch.manual_seed(1)
     gate = torch.rand(2, 6, dtype=torch.float64)

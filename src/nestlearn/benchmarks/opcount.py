@@ -71,8 +71,10 @@ from nestlearn.ops._compile import BACKENDS
 SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2",
                       "unique_consecutive", "unique_dim", "bincount", "repeat_interleave"})
 # lift_fresh of a tensor with dims: a tensor of Python data (torch.tensor([...])), on a GPU a
-# copy from the host that waits for the stream like a read does. (0-dim ones, such as
-# ``x[i] = 0.5`` makes, stay on the host and fill on the device without a wait.)
+# copy from the host that waits for the stream like a read does. A heuristic from CPU: 0-dim
+# ones are not counted (``x[i] = 0.5`` makes one, which fills on the device without a wait),
+# so ``torch.tensor(0.5, device="cuda")`` is missed, and a tensor of Python data that stays
+# on the CPU is counted.
 HOST_COPY_OPS = frozenset({"lift_fresh"})
 # Tensor methods that copy to the host without an aten op on CPU (on a GPU: a copy and a sync).
 SYNC_METHODS = ("tolist", "numpy", "__array__")
@@ -226,10 +228,23 @@ def profiled_syncs(step: Callable[[], Any]) -> Counter[str]:
     ``.item()`` only without one)."""
     from torch.profiler import ProfilerActivity, profile
 
+    def sync_name(event: Any) -> str | None:
+        name = event.name.removeprefix("aten::")
+        return name if name in SYNC_OPS else None
+
+    def inside_a_sync(event: Any) -> bool:
+        parent = event.cpu_parent
+        while parent is not None:
+            if sync_name(parent):
+                return True
+            parent = parent.cpu_parent
+        return False
+
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
-    names = (event.name.removeprefix("aten::") for event in prof.events())
-    return Counter(name for name in names if name in SYNC_OPS)
+    # one read per outermost sync op (repeat_interleave's read nests another)
+    return Counter(sync_name(event) for event in prof.events()
+                   if sync_name(event) and not inside_a_sync(event))
 
 
 def count_step(config: ModelConfig, length: int, batch: int, seed: int = 0) -> dict[str, Any]:

@@ -91,7 +91,7 @@ def _products_backward(products: torch.Tensor, grad: torch.Tensor) -> torch.Tens
 class _SegmentProducts(torch.autograd.Function):
     """``_products_forward`` with an exact backward free of host reads: torch's own cumprod
     backward checks the input for zeros with ``.item()``, a device sync on a GPU in every
-    chunk of every memory."""
+    chunk of every memory. Reverse mode only (no ``jvp``): nothing here uses forward mode."""
 
     @staticmethod
     def forward(gate: torch.Tensor) -> torch.Tensor:

@@ -93,6 +93,7 @@ def _compile(fn: Callable[..., Any], backend: str) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
+        # a process-wide setting, patched per call: not safe across threads compiling at once
         with config.patch({name: max(getattr(config, name), RECOMPILE_LIMIT)}):
             return compiled(*args, **kwargs)
 

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nestlearn.benchmarks.common import progress, time_call, write_report
+from nestlearn.benchmarks.common import in_fresh_process, progress, time_call, write_report
 from nestlearn.benchmarks.opcount import add_arguments, model_configs
 from nestlearn.models import build_model
 
@@ -63,6 +63,7 @@ def loss_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def graph_arch(arch: str, config: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """One arch's row: the eager step timed, then captured, replayed and timed."""
     torch.manual_seed(0)
     model = build_model(config).cuda()
     if args.embedding == "index-select":
@@ -121,7 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for arch, config in model_configs(args).items():
         progress(f"capturing {arch} T={args.length} B={args.batch}")
-        rows.append(graph_arch(arch, config, args))
+        # a fresh process per arch: a failed capture can leave CUDA unusable in its process
+        try:
+            rows.append(in_fresh_process(graph_arch, arch, config, args))
+        except RuntimeError as err:  # the process died or failed outside the capture
+            rows.append({"arch": arch, "T": args.length, "B": args.batch,
+                         "note": f"failed: {str(err).strip().splitlines()[-1][:160]}"})
         write_report("gpu-graph", rows, COLUMNS, args.out)
     return 0
 

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from nestlearn.benchmarks.common import in_fresh_process, progress, time_call, write_report
-from nestlearn.benchmarks.opcount import add_arguments, model_configs
+from nestlearn.benchmarks.opcount import add_gpu_arguments, model_configs
 from nestlearn.models import build_model
 
 COLUMNS = ["arch", "T", "B", "eager tok/s", "graph tok/s", "speedup", "eager loss",
@@ -107,13 +107,11 @@ def graph_arch(arch: str, config: Any, args: argparse.Namespace) -> dict[str, An
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
+    add_gpu_arguments(parser)
     parser.add_argument("--embedding", choices=["index-select", "torch"],
                         default="index-select",
                         help="embedding lookup for the capture (default: index-select, "
                              "whose backward does not sync)")
-    parser.set_defaults(archs=["transformer", "titans", "titans-mag", "hope-attention", "hope"],
-                        batch=8, out="results/gpu")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_graph: error: CUDA graphs need a CUDA device "

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from nestlearn.benchmarks.common import progress, time_call, write_report
-from nestlearn.benchmarks.opcount import add_arguments, model_configs
+from nestlearn.benchmarks.opcount import add_gpu_arguments, model_configs
 from nestlearn.models import build_model
 
 SYNC_CALLS = frozenset({"cudaStreamSynchronize", "cudaDeviceSynchronize",
@@ -104,10 +104,8 @@ def profile_arch(arch: str, config: Any, length: int, batch: int, device: str,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
+    add_gpu_arguments(parser)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.set_defaults(archs=["transformer", "titans", "titans-mag", "hope-attention", "hope"],
-                        batch=8, out="results/gpu")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_profile: error: --device: got 'cuda'; allowed: cpu "

@@ -23,12 +23,17 @@ TINY = ["--device", "cpu", "--batch", "1", "--length", "11", "--heads", "1", "--
 OPS = ("deep_memory", "deep_memory dgd", "titans_linear", "delta_rule", "linear_attention")
 
 
-@pytest.fixture(scope="module")
-def gpu_parity():
-    spec = importlib.util.spec_from_file_location("gpu_parity", ROOT / "bench" / "gpu_parity.py")
+def load_script(name: str):
+    """bench/NAME.py as a module (the bench folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def gpu_parity():
+    return load_script("gpu_parity")
 
 
 def table(out: str) -> dict[str, list[str]]:
@@ -89,11 +94,7 @@ def test_check_script_runs_every_part_under_its_limit_and_sums_up(tmp_path):
 
 @pytest.fixture(scope="module")
 def gpu_profile():
-    spec = importlib.util.spec_from_file_location("gpu_profile",
-                                                  ROOT / "bench" / "gpu_profile.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gpu_profile")
 
 
 def test_profile_script_reports_every_arch_on_cpu(gpu_profile, tmp_path, capsys):
@@ -118,13 +119,9 @@ def test_profile_script_refuses_cuda_without_it(gpu_profile, monkeypatch, capsys
                                               "allowed: cpu")
 
 
-
 @pytest.fixture(scope="module")
 def gpu_graph():
-    spec = importlib.util.spec_from_file_location("gpu_graph", ROOT / "bench" / "gpu_graph.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gpu_graph")
 
 
 def test_graph_script_refuses_to_run_without_cuda(gpu_graph, monkeypatch, capsys):

@@ -400,6 +400,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder for the JSON report (default: results/bench)")
 
 
+def add_gpu_arguments(parser: argparse.ArgumentParser) -> None:
+    """``add_arguments`` with the defaults of the GPU scripts (``bench/gpu_*.py``): every arch,
+    cheapest first (a run cut short keeps the most rows), B=8, results in results/gpu."""
+    add_arguments(parser)
+    parser.set_defaults(archs=["transformer", "titans", "titans-mag", "hope-attention", "hope"],
+                        batch=8, out="results/gpu")
+
+
 def model_configs(args: argparse.Namespace) -> dict[str, ModelConfig]:
     """Each arch at about the Transformer's parameter count, as ``bench layers`` builds them."""
     from nestlearn.benchmarks.layers import matched_config

@@ -4,16 +4,20 @@ inductor would compile, in seconds); the inductor test is slow (minutes of C++ c
 
 from __future__ import annotations
 
+import gc
 import io
 import logging
 import sys
 import warnings
+import weakref
 
 import pytest
 import torch
 
 import nestlearn.ops
+from model_cases import random_ids, tiny_model
 from nestlearn.errors import NestlearnError
+from nestlearn.models import generate, token_reader
 from nestlearn.ops import set_compile
 from nestlearn.ops.deep_memory import DeepMemoryState, deep_memory, deep_memory_update
 from nestlearn.training.builders import build_run_model
@@ -281,3 +285,30 @@ def test_compiled_momentum_state_step_has_every_gradient_of_the_eager_one():
     for got, want in zip(grads(torch.compile(loss, backend="aot_eager")), grads(loss),
                          strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+# HOPE's graph takes about 100 s to trace here (three shapes: a CMS level's pending tokens)
+@pytest.mark.parametrize(("arch", "cms"), [
+    ("hope", None), ("titans", None), ("transformer", None),
+    pytest.param("hope", {"teach_signal": "lm", "chunk_sizes": (4, 8)}, marks=pytest.mark.slow)])
+def test_compiled_decoding_reads_each_token_with_one_graph_and_the_same_values(arch, cms):
+    model = tiny_model(arch, **({"cms": cms} if cms else {})).eval()
+    ids = random_ids(2, 7)
+    assert token_reader(model) is model  # compiling off: the model itself
+    eager_ids, eager_logits = generate(model, ids, 9, temperature=0, return_logits=True)
+    set_compile(True, backend="aot_eager")
+    ids_, logits = generate(model, ids, 9, temperature=0, return_logits=True)
+    reader = token_reader(model)
+    assert reader is not model and not reader.failed and "aot_eager" in reader.compiled
+    assert torch.equal(ids_, eager_ids)
+    torch.testing.assert_close(logits, eager_logits, rtol=1e-12, atol=1e-14)
+
+
+def test_a_compiled_token_reader_does_not_keep_its_model_alive():
+    set_compile(True, backend="aot_eager")
+    model = tiny_model("titans").eval()
+    token_reader(model)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None

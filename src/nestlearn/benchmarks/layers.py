@@ -64,7 +64,7 @@ from nestlearn.benchmarks.titans_compare import (
     titans_rows,
 )
 from nestlearn.errors import NestlearnError, NonFiniteError, invalid
-from nestlearn.models import ARCHS, ArchSpec, ModelConfig, build_model
+from nestlearn.models import ARCHS, ArchSpec, ModelConfig, build_model, token_reader
 from nestlearn.ops import set_compile
 from nestlearn.state import tensors
 
@@ -249,11 +249,13 @@ def decode_latency(config: ModelConfig, context: int, steps: int, segment: int,
         finite.append(torch.isfinite(logits).all())
         return logits[:, -1:].argmax(-1), state
 
+    read = token_reader(model)  # under --compile on: the whole forward as one graph
+
     def run() -> None:
         token, carried = first, state
         with autocast(device, autocast_mode):
             for _ in range(steps):
-                out, carried = model(token, carried)
+                out, carried = read(token, carried)
                 # kept on the device: a host read per token would stall a GPU's queue
                 finite.append(torch.isfinite(out).all())
                 token = out[:, -1:].argmax(-1)

@@ -10,10 +10,15 @@ teach-signal driver (``nestlearn.nn.teach_signal``, segments cut at the smallest
 then each new token is read one at a time; its loss needs the next token, so the token is
 first read at the levels' current weights to draw the next one, then read again through the
 driver with the drawn token as target (twice the work per token for those models).
+
+Under ``nestlearn.ops.set_compile(True)`` each new token is read by the whole model compiled
+as one graph (``token_reader``): a token's forward is hundreds of small ops, so what a
+token costs is mostly the host's cost per op, which one fused graph removes.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -23,6 +28,30 @@ from nestlearn.errors import check_int, invalid
 from nestlearn.models.lm import check_ids
 from nestlearn.models.state import LMState
 from nestlearn.models.teaching import scored_forward, uses_lm_teach_signal
+from nestlearn.ops._compile import compile_enabled, compiled_step
+
+TokenReader = Callable[..., tuple[torch.Tensor, LMState]]
+_readers: weakref.WeakKeyDictionary[nn.Module, TokenReader] = weakref.WeakKeyDictionary()
+
+
+def token_reader(model: nn.Module) -> TokenReader:
+    """``model(ids, state)`` for reading new tokens with the state carried: the model itself,
+    or under ``nestlearn.ops.set_compile(True)`` its whole forward compiled as one graph (one
+    per model, kept while the model lives; the memories' compiled steps are traced into it;
+    a failed compile warns once and reads eagerly). Its values equal the model's."""
+    if not compile_enabled():
+        return model
+    reader = _readers.get(model)
+    if reader is None:
+        # a weak reference: the cache's value must not keep its own key alive
+        model_ref = weakref.ref(model)
+
+        def read_tokens(ids: torch.Tensor, state: LMState | None
+                        ) -> tuple[torch.Tensor, LMState]:
+            return model_ref()(ids, state)
+
+        reader = _readers[model] = compiled_step(read_tokens)
+    return reader
 
 
 def _check_options(max_new_tokens: object, temperature: object, top_k: object,
@@ -75,6 +104,7 @@ def generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int,
     out = ids
     step_logits = []
     teach = uses_lm_teach_signal(model)
+    read = token_reader(model)
     if max_new_tokens > 0:
         if teach:
             # read all but the last prompt token (their targets are known); the last one is
@@ -98,9 +128,9 @@ def generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int,
                 # the levels learn from the pending token's loss on the token just drawn
                 _, state = scored_forward(model, pending, token, state, teach=True)
                 pending = token
-                logits, _ = model(token, state)
+                logits, _ = read(token, state)
             else:
-                logits, state = model(token, state)
+                logits, state = read(token, state)
     if not return_logits:
         return out
     if step_logits:

@@ -160,13 +160,19 @@ def test_training_evaluation_and_decoding_stay_within_the_recompile_limit():
         logits.square().mean().backward()
         with torch.no_grad():
             model(ids[:, :7])
-            generate(model.eval(), ids[:1, :9], 6, temperature=0)
+            # one token read by the model itself: the deep memory's token step compiled alone
+            _, state = model.eval()(ids[:1, :9])
+            model(ids[:1, 9:10], state)
+            # generate reads tokens with the whole model compiled (token_reader)
+            generate(model, ids[:1, :9], 6, temperature=0)
     finally:
         logging.getLogger("torch._dynamo").removeHandler(handler)
     assert "recompile_limit" not in log.getvalue()
     assert self_modifying_module._stacked_chunk_step.compiled
     assert cms_module._level_piece_step.compiled
     assert deep_memory_module._token_step_compiled.compiled
+    reader = token_reader(model)
+    assert "aot_eager" in reader.compiled and not reader.failed
 
 
 def test_a_failing_compile_warns_once_and_runs_eagerly(monkeypatch):

@@ -21,17 +21,15 @@ script without a GPU.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import nn
 
 from nestlearn.benchmarks.common import progress, time_call, write_report
+from nestlearn.benchmarks.layers import count_parameters, make_model_workload
 from nestlearn.benchmarks.opcount import add_gpu_arguments, model_configs
-from nestlearn.models import build_model
 
 SYNC_CALLS = frozenset({"cudaStreamSynchronize", "cudaDeviceSynchronize",
                         "cudaEventSynchronize"})
@@ -39,24 +37,6 @@ COPY_PREFIXES = ("Memcpy", "Memset")
 STEP_RANGE = "nestlearn.training_step"
 COLUMNS = ["arch", "params", "T", "B", "kernels", "copies", "syncs", "GPU busy s", "step s",
            "busy fraction", "tok/s"]
-
-
-def training_step(model: nn.Module, ids: torch.Tensor, device: str
-                  ) -> Callable[[], torch.Tensor]:
-    """One forward, next-token loss and backward under bf16 autocast on ``device``."""
-
-    def step() -> torch.Tensor:
-        model.zero_grad(set_to_none=True)
-        autocast = (torch.autocast(device, dtype=torch.bfloat16) if device == "cuda"
-                    else contextlib.nullcontext())
-        with autocast:
-            logits, _ = model(ids[:, :-1])
-            loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(),
-                                               ids[:, 1:].flatten())
-        loss.backward()
-        return loss.detach()
-
-    return step
 
 
 def syncs_within(events: Iterable[Any], range_name: str) -> int:
@@ -76,10 +56,8 @@ def profile_arch(arch: str, config: Any, length: int, batch: int, device: str,
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    torch.manual_seed(0)
-    model = build_model(config).to(device)
-    ids = torch.randint(0, config.vocab_size, (batch, length + 1), device=device)
-    step = training_step(model, ids, device)
+    step = make_model_workload(config.to_dict(), length, batch, device=device,
+                               autocast_mode="bf16" if device == "cuda" else "off")
     step()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -96,7 +74,7 @@ def profile_arch(arch: str, config: Any, length: int, batch: int, device: str,
     kernels = [e for e in on_device if not e.name.startswith(COPY_PREFIXES)]
     busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
     seconds = time_call(step, repeats=repeats, warmup=0, device=device)
-    return {"arch": arch, "params": sum(p.numel() for p in model.parameters()), "T": length,
+    return {"arch": arch, "params": count_parameters(config), "T": length,
             "B": batch, "kernels": len(kernels), "copies": len(on_device) - len(kernels),
             "syncs": syncs_within(events, STEP_RANGE), "GPU busy s": busy, "step s": seconds,
             "busy fraction": busy / seconds, "tok/s": batch * length / seconds}

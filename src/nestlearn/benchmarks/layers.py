@@ -23,7 +23,8 @@ Each cell of ``layers``, ``models`` and ``decode`` runs on ``--device`` (cpu or 
 timings synchronize around each timed call), with the forward under
 ``torch.autocast(device, bfloat16)`` when ``--autocast bf16``, and once per ``--compile``
 value (``on``: the memories' steps under ``torch.compile``, ``nestlearn.ops.set_compile``
-with ``--compile-backend``). A compiled cell runs in a fresh process of its own, and so does
+with ``--compile-backend``; decode cells read each token with the whole model compiled,
+``nestlearn.models.token_reader``). A compiled cell runs in a fresh process of its own, and so does
 every cell when ``--compile`` has several values, so compiled code and allocator state cannot
 leak from one cell into the next; its first call (compiling included) is timed apart
 (``compile s``), tok/s is the median of ``--repeats`` runs after one more warm-up call. A
@@ -453,7 +454,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="off|on",
                         help="layers, models, decode and our titans-pytorch row: 'on' runs the "
                              "memories' steps under torch.compile (nestlearn.ops."
-                             "set_compile); several values run side by side, e.g. 'off on', "
+                             "set_compile; decode reads each token with the whole model "
+                             "compiled); several values run side by side, e.g. 'off on', "
                              "each cell in a fresh process; the first call is timed apart as "
                              "'compile s', a failure to compile is named in the note "
                              "(default: off)")

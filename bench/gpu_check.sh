@@ -9,6 +9,7 @@
 #                   `nestlearn bench ops-count` are the same on any device, taken on CPU)
 #   graph           the whole step captured as one CUDA graph against eager (bench/gpu_graph.py)
 #   models          forward+backward, B=8 T=2048 bf16 on CUDA, compile off and on
+# PARTS (default: all five) names the parts to run, in the order above: e.g. PARTS="profile graph".
 # Each part runs under `timeout` (seconds from PARITY_S, COMPILE_PARITY_S, PROFILE_S,
 # GRAPH_S, MODELS_S), so one slow part cannot use up the others' time; the table parts write
 # their JSON after every row, so a part cut short keeps what it finished. Into $OUT (default
@@ -26,6 +27,14 @@ COMPILE_PARITY_S="${COMPILE_PARITY_S:-60}"
 PROFILE_S="${PROFILE_S:-130}"
 GRAPH_S="${GRAPH_S:-120}"
 MODELS_S="${MODELS_S:-230}"
+PARTS="${PARTS:-parity compile-parity profile graph models}"
+for name in $PARTS; do
+    case "$name" in
+        parity|compile-parity|profile|graph|models) ;;
+        *) echo "gpu_check: error: PARTS: got '$name'; allowed: parity compile-parity" \
+                "profile graph models" >&2; exit 2 ;;
+    esac
+done
 mkdir -p "$OUT"
 
 if ! "$PY" -c "import nestlearn" 2>/dev/null; then
@@ -46,10 +55,12 @@ started=$SECONDS
 : > "$OUT/summary.txt"
 : > "$OUT/parts.log"
 
-# part NAME LIMIT COMMAND...: run COMMAND under `timeout LIMIT`, its output added to parts.log
+# part NAME LIMIT COMMAND...: run COMMAND under `timeout LIMIT`, its output added to
+# parts.log; a part not named in PARTS is skipped
 part() {
     local name=$1 limit=$2 rc=0
     shift 2
+    case " $PARTS " in *" $name "*) ;; *) return 0 ;; esac
     echo "== $name (limit ${limit}s): $*" | tee -a "$OUT/parts.log"
     local begin=$SECONDS
     timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$OUT/parts.log" || rc=$?

@@ -92,6 +92,22 @@ def test_check_script_runs_every_part_under_its_limit_and_sums_up(tmp_path):
     assert len(list(tmp_path.rglob("*"))) <= 8
 
 
+def test_check_script_runs_only_the_parts_named_and_refuses_unknown_ones(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable,
+           "PYTHONPATH": str(Path(nestlearn.__file__).parents[1]), "CUDA_VISIBLE_DEVICES": "",
+           "PARTS": "graph parity"}
+    script = str(ROOT / "bench" / "gpu_check.sh")
+    result = subprocess.run([script], env=env, capture_output=True, text=True, timeout=120,
+                            check=False)
+    summary = (tmp_path / "summary.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in summary[:2]] == ["parity", "graph"], result.stdout
+    assert len(summary) == 3 and summary[2].startswith("total ")
+    result = subprocess.run([script], env={**env, "PARTS": "profile modles"},
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    assert "gpu_check: error: PARTS: got 'modles'; allowed: parity" in result.stderr
+
+
 @pytest.fixture(scope="module")
 def gpu_profile():
     return load_script("gpu_profile")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check of BENCHMARKS.md ("GPU: measured on one H200"), run from the repository
-# root on a machine with one CUDA GPU; at most about 9.7 minutes with the default limits.
+# root on a machine with one CUDA GPU. Its parts:
 #   parity          float64 parity of the chunkwise ops against their references on CUDA
 #                   (bench/gpu_parity.py)
 #   compile-parity  the same for the deep memory's inductor-compiled chunk step
@@ -8,31 +8,37 @@
 #                   arch, B=8 T=2048 bf16 (bench/gpu_profile.py; the aten-op counts of
 #                   `nestlearn bench ops-count` are the same on any device, taken on CPU)
 #   graph           the whole step captured as one CUDA graph against eager (bench/gpu_graph.py)
+#   train-graph     the library's Trainer with train.cuda_graph on and off: step time and
+#                   losses (bench/gpu_train_graph.py)
 #   models          forward+backward, B=8 T=2048 bf16 on CUDA, compile off and on
-# PARTS (default: all five) names the parts to run, in the order above: e.g. PARTS="profile graph".
+# PARTS names the parts to run, in the order above (default: all but models, at most about
+# 9.5 minutes with the default limits, so one 10-minute device call holds them); e.g.
+# PARTS="profile models".
 # Each part runs under `timeout` (seconds from PARITY_S, COMPILE_PARITY_S, PROFILE_S,
-# GRAPH_S, MODELS_S), so one slow part cannot use up the others' time; the table parts write
-# their JSON after every row, so a part cut short keeps what it finished. Into $OUT (default
-# results/gpu): environment.txt, summary.txt (each part's exit code and seconds), parts.log
-# (every part's output, in order) and one JSON per table part: six files. Nothing is
-# downloaded: nestlearn is installed from this tree (no dependencies, no build isolation)
-# if it is not importable. Exit code 0 when every part passed, 1 otherwise.
+# GRAPH_S, TRAIN_GRAPH_S, MODELS_S), so one slow part cannot use up the others' time; the
+# table parts write their JSON after every row, so a part cut short keeps what it finished.
+# Into $OUT (default results/gpu): environment.txt, summary.txt (each part's exit code and
+# seconds), parts.log (every part's output, in order) and one JSON per table part: at most
+# seven files. Nothing is downloaded: nestlearn is installed from this tree (no dependencies,
+# no build isolation) if it is not importable. Exit code 0 when every part passed, 1
+# otherwise.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
 OUT="${OUT:-results/gpu}"
-PARITY_S="${PARITY_S:-40}"
-COMPILE_PARITY_S="${COMPILE_PARITY_S:-60}"
-PROFILE_S="${PROFILE_S:-130}"
-GRAPH_S="${GRAPH_S:-120}"
+PARITY_S="${PARITY_S:-30}"
+COMPILE_PARITY_S="${COMPILE_PARITY_S:-150}"
+PROFILE_S="${PROFILE_S:-110}"
+GRAPH_S="${GRAPH_S:-130}"
+TRAIN_GRAPH_S="${TRAIN_GRAPH_S:-150}"
 MODELS_S="${MODELS_S:-230}"
-PARTS="${PARTS:-parity compile-parity profile graph models}"
+PARTS="${PARTS:-parity compile-parity profile graph train-graph}"
 for name in $PARTS; do
     case "$name" in
-        parity|compile-parity|profile|graph|models) ;;
+        parity|compile-parity|profile|graph|train-graph|models) ;;
         *) echo "gpu_check: error: PARTS: got '$name'; allowed: parity compile-parity" \
-                "profile graph models" >&2; exit 2 ;;
+                "profile graph train-graph models" >&2; exit 2 ;;
     esac
 done
 mkdir -p "$OUT"
@@ -78,6 +84,8 @@ part compile-parity "$COMPILE_PARITY_S" "$PY" bench/gpu_parity.py --device cuda 
 part profile "$PROFILE_S" "$PY" bench/gpu_profile.py --length 2048 --batch 8 \
     --repeats 3 --out "$OUT"
 part graph "$GRAPH_S" "$PY" bench/gpu_graph.py --length 2048 --batch 8 --repeats 3 \
+    --out "$OUT"
+part train-graph "$TRAIN_GRAPH_S" "$PY" bench/gpu_train_graph.py --length 2048 --batch 8 \
     --out "$OUT"
 # cheapest archs first, so a run cut short has the most cells
 part models "$MODELS_S" "$PY" -m nestlearn bench layers --sections models \

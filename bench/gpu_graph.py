@@ -15,11 +15,8 @@ capture that failed, by name. Then the whole training step, the optimizer's too,
 (``torch.optim.AdamW(capturable=True)``, its state made on the side stream first) and its
 replays timed: ``graph+adamw tok/s``.
 
-The one host sync per step left in the H200 profile, in every arch, is most likely torch's
-CUDA embedding backward (its sorted path sizes its work on the host). ``--embedding
-index-select`` (the default) embeds with ``index_select`` for this script, whose backward is
-an ``index_add`` (sync-free, summed with atomics); ``--embedding torch`` keeps the model's
-own embedding, to see whether a capture fails on it.
+The model looks its embedding up with ``index_select`` (``nestlearn.models.lm.embed_ids``),
+whose backward does not wait for the GPU as torch's CUDA embedding backward does.
 
 Usage: ``python bench/gpu_graph.py --out results/gpu`` on a CUDA machine (``bench/gpu_check.sh``
 runs it). There is no CPU mode: CUDA graphs need a GPU.
@@ -28,7 +25,6 @@ runs it). There is no CPU mode: CUDA graphs need a GPU.
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import traceback
 from collections.abc import Callable
@@ -43,18 +39,6 @@ from nestlearn.models import build_model
 
 COLUMNS = ["arch", "T", "B", "eager tok/s", "graph tok/s", "speedup", "eager loss",
            "graph loss", "graph+adamw tok/s", "note"]
-
-
-def embed_by_index_select(model: nn.Module) -> None:
-    """Look up every ``nn.Embedding`` of the model with ``index_select`` (the same values; its
-    backward is a sync-free ``index_add``)."""
-    for module in model.modules():
-        if isinstance(module, nn.Embedding):
-            module.forward = functools.partial(_index_select_lookup, module.weight)
-
-
-def _index_select_lookup(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return weight.index_select(0, ids.reshape(-1)).view(*ids.shape, -1)
 
 
 def loss_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -92,8 +76,6 @@ def graph_arch(arch: str, config: Any, args: argparse.Namespace) -> dict[str, An
     """One arch's row: the eager step timed, then captured, replayed and timed."""
     torch.manual_seed(0)
     model = build_model(config).cuda()
-    if args.embedding == "index-select":
-        embed_by_index_select(model)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.length + 1), device="cuda")
     tokens = args.batch * args.length
 
@@ -134,10 +116,6 @@ def graph_arch(arch: str, config: Any, args: argparse.Namespace) -> dict[str, An
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_gpu_arguments(parser)
-    parser.add_argument("--embedding", choices=["index-select", "torch"],
-                        default="index-select",
-                        help="embedding lookup for the capture (default: index-select, "
-                             "whose backward does not sync)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_graph: error: CUDA graphs need a CUDA device "

@@ -42,9 +42,12 @@ COLUMNS = ["arch", "params", "T", "B", "kernels", "copies", "syncs", "GPU busy s
 def syncs_within(events: Iterable[Any], range_name: str) -> int:
     """Host waits (``SYNC_CALLS``) that started inside the profiled range ``range_name``: the
     profiler's own synchronize when it stops, outside that range, is not the step's. By time,
-    so the backward's waits on autograd's device thread count too."""
+    so the backward's waits on autograd's device thread count too. The range is the host's
+    (on CUDA the profiler also records it once more as a GPU annotation)."""
+    from torch.autograd import DeviceType
+
     events = list(events)
-    (step,) = [e for e in events if e.name == range_name]
+    (step,) = [e for e in events if e.name == range_name and e.device_type == DeviceType.CPU]
     start, end = step.time_range.start, step.time_range.end
     return sum(e.name in SYNC_CALLS and start <= e.time_range.start <= end for e in events)
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import functools
+import argparse
 import importlib.util
 import json
 import os
@@ -71,22 +71,24 @@ def test_check_script_runs_every_part_under_its_limit_and_sums_up(tmp_path):
     # profile is stopped at a 1 s limit: every part still runs and the summary says so.
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable,
            "PYTHONPATH": str(Path(nestlearn.__file__).parents[1]), "CUDA_VISIBLE_DEVICES": "",
-           "PROFILE_S": "1", "OMP_NUM_THREADS": "1"}
+           "PROFILE_S": "1", "OMP_NUM_THREADS": "1",
+           "PARTS": "parity compile-parity profile graph train-graph models"}
     script = ROOT / "bench" / "gpu_check.sh"
     assert os.access(script, os.X_OK)
     result = subprocess.run([str(script)], env=env, capture_output=True, text=True,
                             timeout=300, check=False)
     assert result.returncode == 1, result.stdout + result.stderr
     summary = (tmp_path / "summary.txt").read_text().splitlines()
-    parts = ["parity", "compile-parity", "profile", "graph", "models"]
-    assert [line.split(":")[0] for line in summary[:5]] == parts
-    assert "stopped at the 1s limit" in summary[2] and summary[5].startswith("total ")
-    assert all(": exit 2 after" in summary[i] for i in (0, 1, 3, 4))
+    parts = ["parity", "compile-parity", "profile", "graph", "train-graph", "models"]
+    assert [line.split(":")[0] for line in summary[:6]] == parts
+    assert "stopped at the 1s limit" in summary[2] and summary[6].startswith("total ")
+    assert all(": exit 2 after" in summary[i] for i in (0, 1, 3, 4, 5))
     log = (tmp_path / "parts.log").read_text()
     assert [line.split(" ")[1] for line in log.splitlines() if line.startswith("== ")] == parts
     # the models part got past argument parsing to the CUDA check: its options all exist
     assert "--device: got 'cuda'; allowed: cpu" in log.split("== models")[1]
     assert "gpu_graph: error: CUDA graphs need a CUDA device" in log
+    assert "gpu_train_graph: error: CUDA graphs need a CUDA device" in log
     assert (tmp_path / "environment.txt").read_text().startswith(result.stdout.splitlines()[0])
     # what comes back from a device machine is at most eight files
     assert len(list(tmp_path.rglob("*"))) <= 8
@@ -146,32 +148,36 @@ def test_graph_script_refuses_to_run_without_cuda(gpu_graph, monkeypatch, capsys
     assert capsys.readouterr().err.startswith("gpu_graph: error: CUDA graphs need a CUDA device")
 
 
-def test_index_select_embedding_gives_the_same_logits_and_gradients(gpu_graph):
-    from model_cases import random_ids, tiny_model
-
-    ids = random_ids(2, 9)
-    results = []
-    for replaced in (False, True):
-        model = tiny_model("hope", dtype=torch.float64)
-        if replaced:
-            gpu_graph.embed_by_index_select(model)
-            assert isinstance(model.backbone.embed.forward, functools.partial)
-        logits, _ = model(ids)
-        logits.square().sum().backward()
-        results.append((logits.detach(), model.backbone.embed.weight.grad))
-    (logits, grad), (replaced_logits, replaced_grad) = results
-    torch.testing.assert_close(replaced_logits, logits, rtol=0, atol=0)
-    torch.testing.assert_close(replaced_grad, grad, rtol=1e-12, atol=1e-14)
-
-
 def test_only_the_syncs_inside_the_step_s_range_count(gpu_profile):
-    def event(name, start, end):
-        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end))
+    from torch.autograd import DeviceType
+
+    def event(name, start, end, device_type=DeviceType.CPU):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end),
+                               device_type=device_type)
 
     events = [event(gpu_profile.STEP_RANGE, 10, 50),
+              event(gpu_profile.STEP_RANGE, 12, 80, DeviceType.CUDA),  # its GPU annotation
               event("cudaStreamSynchronize", 20, 21),  # an .item() inside the step
               event("cudaStreamSynchronize", 45, 60),  # starts inside: the step's
               event("cudaLaunchKernel", 30, 31),
               event("cudaDeviceSynchronize", 55, 56),  # the script's own, after the step
               event("cudaDeviceSynchronize", 70, 71)]  # the profiler's, when it stops
     assert gpu_profile.syncs_within(events, gpu_profile.STEP_RANGE) == 2
+
+
+@pytest.fixture(scope="module")
+def gpu_train_graph():
+    return load_script("gpu_train_graph")
+
+
+def test_train_graph_script_builds_a_graphed_windows_run(gpu_train_graph, tmp_path):
+    corpus = gpu_train_graph.write_text(tmp_path / "words.txt", documents=30, words=20)
+    assert corpus.read_text().count("\n\n") == 29
+    args = argparse.Namespace(length=64, batch=2, steps=6)
+    model = {"arch": "titans", "dim": 32, "layers": 1, "heads": 2, "vocab_size": 256}
+    for graphed in (False, True):
+        config = gpu_train_graph.run_config(model, corpus, tmp_path / "run", args, graphed)
+        assert config.train.cuda_graph is graphed and config.train.device == "cuda"
+        assert (config.data.sampling, config.data.seq_len, config.data.batch_size) == (
+            "windows", 64, 2)
+        assert config.model.arch == "titans" and config.optim.name == "adamw"

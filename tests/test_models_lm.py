@@ -154,3 +154,21 @@ def test_persistent_tokens_stream_exactly_and_learn(arch):
     full.square().mean().backward()
     persistent = [p for name, p in model.named_parameters() if name.endswith("persistent")]
     assert len(persistent) == 2 and all(p.grad.abs().sum() > 0 for p in persistent)
+
+
+def test_embedding_lookup_by_index_select_matches_torch_embedding():
+    # embed_ids looks a plain embedding up with index_select (a sync-free backward on CUDA)
+    from nestlearn.models.lm import embed_ids
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 11, (3, 17))  # repeated ids: their gradients add up
+    for options in ({}, {"padding_idx": 0}):
+        embed = torch.nn.Embedding(11, 5, dtype=torch.float64, **options)
+        reference = F.embedding(ids, embed.weight, **options)
+        (grad_reference,) = torch.autograd.grad(reference.square().sum(), embed.weight)
+        looked_up = embed_ids(embed, ids)
+        (grad,) = torch.autograd.grad(looked_up.square().sum(), embed.weight)
+        torch.testing.assert_close(looked_up, reference, rtol=0, atol=0)
+        torch.testing.assert_close(grad, grad_reference, rtol=1e-14, atol=1e-14)
+    with pytest.raises(NestlearnError, match="ids"):
+        embed_ids(torch.nn.Embedding(11, 5), torch.tensor([[3, 11]]))

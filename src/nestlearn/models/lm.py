@@ -45,8 +45,16 @@ def check_ids(ids: object, vocab_size: int, check_values: bool = True) -> torch.
 
 def embed_ids(embed: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
     """``embed(ids)``; an id out of range (unchecked on the sync-free path, see
-    :func:`check_ids`) is reported by name instead of torch's ``IndexError``."""
+    :func:`check_ids`) is reported by name instead of torch's ``IndexError``.
+
+    A plain embedding is looked up with ``index_select``: the same values, and its backward
+    (``index_add``) never waits for the GPU, where torch's CUDA embedding backward reads a
+    count back to the host, which a CUDA graph cannot capture (``train.cuda_graph``)."""
+    plain = (embed.padding_idx is None and embed.max_norm is None
+             and not embed.scale_grad_by_freq and not embed.sparse)
     try:
+        if plain:
+            return embed.weight.index_select(0, ids.reshape(-1)).view(*ids.shape, -1)
         return embed(ids)
     except IndexError:
         check_ids(ids, embed.num_embeddings)  # raises the clear error (the error path may sync)

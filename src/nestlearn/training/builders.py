@@ -207,9 +207,13 @@ def build_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer) -> Warm
                         sched.min_lr_ratio)
 
 
-def autocast_context(config: RunConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (``auto`` or ``bf16``), on CPU only when asked (``bf16``)."""
+def autocast_context(config: RunConfig, device: torch.device, cache_enabled: bool = True
+                     ) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (``auto`` or ``bf16``), on CPU only when asked (``bf16``).
+    ``cache_enabled=False`` recasts the weights on every call, as a CUDA graph's replays
+    must."""
     mode = config.train.autocast
     if mode == "bf16" or (mode == "auto" and device.type == "cuda"):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                              cache_enabled=cache_enabled)
     return contextlib.nullcontext()

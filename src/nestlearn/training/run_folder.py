@@ -37,7 +37,7 @@ RESUMABLE_FIELDS: frozenset[str] = frozenset({
     "name", "train.steps", "train.eval_every", "train.eval_iters", "train.checkpoint_every",
     "train.keep_checkpoints", "train.log_every", "train.device", "train.out_dir",
     "train.find_unused_parameters", "model.checkpoint_segment", "train.memory_check",
-    "train.wandb_project", "train.wandb_mode",
+    "train.wandb_project", "train.wandb_mode", "train.cuda_graph",
 })
 
 

@@ -174,6 +174,8 @@ class TrainConfig:
     dtype: str = "float32"  # parameter dtype
     autocast: str = "auto"  # "auto": bf16 autocast on CUDA only; "bf16"; "off"
     compile: bool = False  # torch.compile the memory ops' chunk steps (eager if that fails)
+    # replay each step's forward and backward from a CUDA graph (nestlearn.training.cuda_graph)
+    cuda_graph: bool = False
     out_dir: str = "runs/default"
     # DDP: parameters without a gradient must be declared; detected by a probe pass when false
     find_unused_parameters: bool = False
@@ -206,6 +208,7 @@ class TrainConfig:
         check_choice("train.dtype", self.dtype, DTYPES)
         check_choice("train.autocast", self.autocast, AUTOCAST)
         check_bool("train.compile", self.compile)
+        check_bool("train.cuda_graph", self.cuda_graph)
         if not isinstance(self.out_dir, str) or not self.out_dir.strip():
             raise invalid("train.out_dir", repr(self.out_dir), "a directory path")
         check_bool("train.memory_check", self.memory_check)

@@ -51,6 +51,7 @@ from nestlearn.training.carried_state import (
     state_to_tree,
     tree_from_state_tree,
 )
+from nestlearn.training.cuda_graph import GraphedBackward
 from nestlearn.training.distributed import (
     DistContext,
     all_reduce_sum,
@@ -181,6 +182,7 @@ class Trainer:
             self.model, self.ctx, self.config.data.seq_len,
             self.config.train.find_unused_parameters)
         self.autocast = autocast_context(self.config, self.ctx.device)
+        self.graphed = self._graphed_step() if self.config.train.cuda_graph else None
         self.guard = NonFiniteGuard(self.save, self.run_dir / "checkpoints")
         self.metrics = MetricsLogger(self.run_dir, enabled=self.ctx.is_main,
                                      wandb=self._wandb_sink())
@@ -395,7 +397,10 @@ class Trainer:
         batch = self.sampler.next_batch()
         inputs, targets = (t.to(self.ctx.device) for t in batch[:2])
         state = self._segment_state(batch[2]) if self.stream else None
-        loss_sum, failure, state = self._forward(inputs, targets, state)
+        if self.graphed is not None:  # forward and backward replayed; no update yet
+            loss_sum, failure = self.graphed(inputs, targets)[1], None
+        else:
+            loss_sum, failure, state = self._forward(inputs, targets, state)
         # one all-reduce per step: loss sum, scored targets, ranks that failed
         local = torch.stack([loss_sum.detach().double(), scored_targets(targets).double(),
                              torch.tensor(float(failure is not None), dtype=torch.float64,
@@ -409,11 +414,12 @@ class Trainer:
             failed_forward = failure is None or failure.startswith("the forward")
             self.guard.stop(self.step, failure or "another rank's forward pass or memory state",
                             None if failed_forward else loss_value, sampler_state, rng_state)
-        # DDP averages gradients over ranks: scaling by world / global count makes the update
-        # that of the mean loss over the whole global batch.
-        (loss_sum * (self.ctx.world_size / max(total_count, 1.0))).backward()
-        if self.teach_signal:
-            average_gradients(self.model, self.ctx)
+        if self.graphed is None:
+            # DDP averages gradients over ranks: scaling by world / global count makes the
+            # update that of the mean loss over the whole global batch.
+            (loss_sum * (self.ctx.world_size / max(total_count, 1.0))).backward()
+            if self.teach_signal:
+                average_gradients(self.model, self.ctx)
         bad_grad = self._nonfinite_gradient()
         if bad_grad is not None:
             self.optimizer.zero_grad(set_to_none=True)
@@ -465,6 +471,37 @@ class Trainer:
             # stop as for a NaN loss, naming the place
             return (torch.zeros((), device=self.ctx.device), f"the forward pass ({err})",
                     None)
+
+    def _graphed_step(self) -> GraphedBackward:
+        """``train.cuda_graph``: the step's forward and backward (of the mean loss over the
+        batch, as the eager step's) replayed from a CUDA graph; one process, windows only."""
+        device, train = self.ctx.device, self.config.train
+        if self.stream:
+            raise NestlearnError(
+                "train.cuda_graph: got true with data.sampling='stream'; allowed: "
+                "data.sampling='windows' (the carried state is not passed through the graph)")
+        if self.ctx.world_size > 1 or self.sharded:
+            raise NestlearnError(
+                f"train.cuda_graph: got true with {self.ctx.world_size} processes "
+                f"(train.parallel={train.parallel!r}); allowed: one process, whose step "
+                "holds no collective call")
+        if device.type != "cuda":
+            raise NestlearnError(
+                f"train.cuda_graph: got true, but this run is on {device} (train.device="
+                f"{train.device!r}); allowed: true on a CUDA device, false elsewhere")
+        return GraphedBackward(self.graphed_loss, self.model.parameters())
+
+    def graphed_loss(self, inputs: torch.Tensor, targets: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a ``train.cuda_graph`` step captures: ``(the mean loss over the batch, whose
+        backward it also captures, the summed loss)``; no check reads a value back here."""
+        with autocast_context(self.config, self.ctx.device, cache_enabled=False):
+            if self.teach_signal:
+                logits, _ = stream_with_teach_signal(self.model, inputs, targets, None)
+            else:
+                logits, _ = self.model(inputs)
+        loss_sum = lm_loss_sum(logits, targets)
+        return loss_sum / scored_targets(targets).clamp(min=1), loss_sum.detach()
 
     def _nonfinite_gradient(self) -> str | None:
         """Where a gradient holds a NaN/Inf (the same answer on every rank), or None."""

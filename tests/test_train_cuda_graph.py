@@ -1,0 +1,171 @@
+"""nestlearn.training.cuda_graph and ``train.cuda_graph``, on CPU.
+
+A CUDA graph needs a GPU; here a stand-in backend replays a "graph" by rerunning the captured
+function and writing its outputs and gradients into the tensors the capture returned, which is
+what a graph's kernels do. That ties the plumbing (static inputs, gradients put back after
+callers drop them, one graph per shape, the Trainer's step) to the eager step. The real
+capture is checked on a GPU by ``bench/gpu_train_graph.py`` (``bench/gpu_check.sh``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from nestlearn.errors import NestlearnError
+from nestlearn.training import Trainer
+from nestlearn.training.cuda_graph import GraphedBackward
+from trainkit import tiny_config, write_corpus
+
+
+class ReplayByRerun:
+    """Warm-up runs in place; a replay reruns the captured function and copies its outputs
+    and gradients into the capture's tensors (a graph writes the same memory every replay)."""
+
+    def __init__(self, parameters: list[torch.nn.Parameter]) -> None:
+        self.parameters = parameters
+        self.captures = 0
+
+    def warm(self, fn: Callable[[], Any]) -> Any:
+        return fn()
+
+    def capture(self, fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
+        self.captures += 1
+        outputs = fn()  # a real capture records without running: outputs are overwritten
+        static_grads = [p.grad for p in self.parameters]
+
+        def replay() -> None:
+            # a replay writes the static tensors and leaves the .grad attributes as they are
+            before = [p.grad for p in self.parameters]
+            for p in self.parameters:
+                p.grad = None
+            for static, fresh in zip(outputs, fn(), strict=True):
+                static.copy_(fresh)
+            for p, static, grad in zip(self.parameters, static_grads, before, strict=True):
+                if static is not None:
+                    static.copy_(p.grad)
+                p.grad = grad
+
+        return replay, outputs
+
+
+def small_problem() -> tuple[torch.nn.Module, Callable[..., Any]]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    model.double()
+    unused = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))  # gets no gradient
+    model.register_parameter("unused", unused)
+
+    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        error = (model(x).squeeze(-1) - y).square()
+        return error.mean(), error.sum().detach()
+
+    return model, loss_fn
+
+
+def test_every_call_leaves_the_eager_step_s_gradients_and_losses():
+    model, loss_fn = small_problem()
+    parameters = list(model.parameters())
+    backend = ReplayByRerun(parameters)
+    graphed = GraphedBackward(loss_fn, parameters, warmup_steps=2, backend=backend)
+    for call in range(6):
+        x = torch.randn(5, 4, dtype=torch.float64)
+        y = torch.randn(5, dtype=torch.float64)
+        mean, total = graphed(x, y)
+        got = [None if p.grad is None else p.grad.clone() for p in parameters]
+        model.zero_grad(set_to_none=True)  # a caller dropping the gradients between steps
+        expected_mean, expected_total = loss_fn(x, y)
+        expected_mean.backward()
+        torch.testing.assert_close(mean, expected_mean.detach(), rtol=1e-14, atol=0)
+        torch.testing.assert_close(total, expected_total, rtol=1e-14, atol=0)
+        for grad, p in zip(got, parameters, strict=True):
+            if p.grad is None:
+                assert grad is None
+            else:
+                torch.testing.assert_close(grad, p.grad, rtol=1e-14, atol=0)
+        with torch.no_grad():  # the parameters move between steps, as under an optimizer
+            for p in parameters:
+                p.sub_(0.1 * (p.grad if p.grad is not None else 0))
+        model.zero_grad(set_to_none=True)
+        assert backend.captures == (1 if call >= 2 else 0)
+        assert not mean.requires_grad and not total.requires_grad
+
+
+def test_a_new_shape_gets_its_own_warm_up_and_graph():
+    model, loss_fn = small_problem()
+    parameters = list(model.parameters())
+    backend = ReplayByRerun(parameters)
+    graphed = GraphedBackward(loss_fn, parameters, warmup_steps=1, backend=backend)
+    for rows in (5, 5, 7, 5, 7, 7):
+        graphed(torch.randn(rows, 4, dtype=torch.float64), torch.randn(rows, dtype=torch.float64))
+    assert backend.captures == 2 and len(graphed.graphs) == 2
+
+
+def test_a_failed_capture_is_one_clear_error():
+    model, loss_fn = small_problem()
+
+    class FailingCapture(ReplayByRerun):
+        def capture(self, fn):
+            raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    graphed = GraphedBackward(loss_fn, model.parameters(), warmup_steps=1,
+                              backend=FailingCapture(list(model.parameters())))
+    x, y = torch.randn(2, 4, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
+    graphed(x, y)
+    with pytest.raises(NestlearnError, match=r"could not be captured as a CUDA graph: "
+                       r"RuntimeError: operation not permitted when stream is capturing\. "
+                       r".*train\.cuda_graph=false"):
+        graphed(x, y)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("warmup", [0, -1, 1.5])
+def test_warmup_steps_must_be_a_positive_int(warmup):
+    model, loss_fn = small_problem()
+    with pytest.raises(NestlearnError, match=r"warmup_steps: got .*; allowed: an int >= 1"):
+        GraphedBackward(loss_fn, model.parameters(), warmup_steps=warmup)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "verse.txt")
+
+
+@pytest.mark.parametrize("recipe", ["tiny-transformer", "tiny-hope"])
+def test_trainer_step_replayed_equals_the_eager_step(corpus, tmp_path, recipe):
+    # float64, so that the mean loss's two forms (loss_sum / count against
+    # loss_sum * (1 / count)) agree far below what a wrong step would change
+    results = []
+    for graphed in (False, True):
+        config = tiny_config(corpus, tmp_path / str(graphed), "train.steps=6",
+                             "train.dtype=float64", "data.sampling=windows",
+                             "train.state_reset=document", recipe=recipe)
+        trainer = Trainer(config, progress=False)
+        if graphed:
+            parameters = list(trainer.model.parameters())
+            trainer.graphed = GraphedBackward(trainer.graphed_loss, parameters, warmup_steps=2,
+                                              backend=ReplayByRerun(parameters))
+        result = trainer.run()
+        results.append((result.losses, [p.detach().clone() for p in trainer.model.parameters()]))
+    (eager_losses, eager_params), (graph_losses, graph_params) = results
+    assert sorted(graph_losses) == sorted(eager_losses) == list(range(1, 7))
+    for step, loss in eager_losses.items():
+        assert graph_losses[step] == pytest.approx(loss, rel=1e-12)
+    for graph_param, eager_param in zip(graph_params, eager_params, strict=True):
+        torch.testing.assert_close(graph_param, eager_param, rtol=1e-10, atol=1e-12)
+
+
+def test_cuda_graph_on_a_cpu_or_a_stream_run_is_refused_by_name(corpus, tmp_path):
+    config = tiny_config(corpus, tmp_path / "cpu", "train.cuda_graph=true")
+    with pytest.raises(NestlearnError, match=r"train\.cuda_graph: got true, but this run is "
+                       r"on cpu \(train\.device='cpu'\); allowed: true on a CUDA device"):
+        Trainer(config, progress=False)
+    config = tiny_config(corpus, tmp_path / "stream", "train.cuda_graph=true",
+                         "data.sampling=stream", "train.state_reset=never")
+    with pytest.raises(NestlearnError, match=r"train\.cuda_graph: got true with "
+                       r"data\.sampling='stream'; allowed: data\.sampling='windows'"):
+        Trainer(config, progress=False)
+    assert not (tmp_path / "cpu" / "checkpoints").exists()

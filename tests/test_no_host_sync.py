@@ -216,3 +216,29 @@ def test_direct_op_call_checks_values_once(monkeypatch):
     deep_memory(*bad_args, initial_state=bad_state, chunk_size=2, check_values=False)
     with nestlearn.debug_checks(), pytest.raises(NestlearnError, match=r"^alpha"):
         deep_memory(*bad_args, initial_state=bad_state, chunk_size=2, check_values=False)
+
+
+@pytest.mark.parametrize(("recipe", "teach"), [("tiny-hope", "lm"), ("tiny-hope", "local"),
+                                              ("tiny-titans", None)])
+def test_the_trainer_s_graphed_step_does_not_sync(recipe, teach, tmp_path, monkeypatch):
+    # what train.cuda_graph captures (the loss, HOPE's LM teach signal included, and the
+    # backward) must never wait for the device, or its capture fails on a GPU
+    from nestlearn.training import Trainer
+    from trainkit import tiny_config, write_corpus
+
+    corpus = write_corpus(tmp_path / "verse.txt", paragraphs=60)
+    extra = [f"model.cms.teach_signal={teach}"] if teach else []
+    config = tiny_config(corpus, tmp_path / "run", "data.sampling=windows",
+                         "train.state_reset=document", *extra, recipe=recipe)
+    trainer = Trainer(config, progress=False)
+    try:
+        assert trainer.teach_signal == (teach == "lm")
+        inputs, targets = trainer.sampler.next_batch()[:2]
+        with nestlearn.debug_checks(False):
+            trainer.graphed_loss(inputs, targets)  # the first call builds what is cached
+            counter = SyncCounter(monkeypatch)
+            reads = profiled_syncs(lambda: trainer.graphed_loss(inputs, targets)[0].backward())
+    finally:
+        trainer.lock.release()
+    assert dict(counter.calls) == {}
+    assert reads == {}

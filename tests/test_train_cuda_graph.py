@@ -134,16 +134,18 @@ def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("corpus") / "verse.txt")
 
 
-@pytest.mark.parametrize("recipe", ["tiny-transformer", "tiny-hope"])
-def test_trainer_step_replayed_equals_the_eager_step(corpus, tmp_path, recipe):
+@pytest.mark.parametrize(("recipe", "extra"), [("tiny-transformer", ()), ("tiny-hope", ()),
+                                               ("tiny-hope", ("model.cms.teach_signal=lm",))])
+def test_trainer_step_replayed_equals_the_eager_step(corpus, tmp_path, recipe, extra):
     # float64, so that the mean loss's two forms (loss_sum / count against
     # loss_sum * (1 / count)) agree far below what a wrong step would change
     results = []
     for graphed in (False, True):
         config = tiny_config(corpus, tmp_path / str(graphed), "train.steps=6",
                              "train.dtype=float64", "data.sampling=windows",
-                             "train.state_reset=document", recipe=recipe)
+                             "train.state_reset=document", *extra, recipe=recipe)
         trainer = Trainer(config, progress=False)
+        assert trainer.teach_signal == bool(extra)
         if graphed:
             parameters = list(trainer.model.parameters())
             trainer.graphed = GraphedBackward(trainer.graphed_loss, parameters, warmup_steps=2,

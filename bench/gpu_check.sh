@@ -12,8 +12,7 @@
 #                   losses (bench/gpu_train_graph.py)
 #   models          forward+backward, B=8 T=2048 bf16 on CUDA, compile off and on
 # PARTS names the parts to run, in the order above (default: all but models, at most about
-# 9.5 minutes with the default limits, so one 10-minute device call holds them); e.g.
-# PARTS="profile models".
+# 9.5 minutes with the default limits); e.g. PARTS="profile models".
 # Each part runs under `timeout` (seconds from PARITY_S, COMPILE_PARITY_S, PROFILE_S,
 # GRAPH_S, TRAIN_GRAPH_S, MODELS_S), so one slow part cannot use up the others' time; the
 # table parts write their JSON after every row, so a part cut short keeps what it finished.
@@ -29,9 +28,9 @@ PY="${PYTHON:-python}"
 OUT="${OUT:-results/gpu}"
 PARITY_S="${PARITY_S:-30}"
 COMPILE_PARITY_S="${COMPILE_PARITY_S:-150}"
-PROFILE_S="${PROFILE_S:-110}"
-GRAPH_S="${GRAPH_S:-130}"
-TRAIN_GRAPH_S="${TRAIN_GRAPH_S:-150}"
+PROFILE_S="${PROFILE_S:-100}"
+GRAPH_S="${GRAPH_S:-180}"
+TRAIN_GRAPH_S="${TRAIN_GRAPH_S:-110}"
 MODELS_S="${MODELS_S:-230}"
 PARTS="${PARTS:-parity compile-parity profile graph train-graph}"
 for name in $PARTS; do

@@ -3,8 +3,10 @@
 A CUDA graph needs a GPU; here a stand-in backend replays a "graph" by rerunning the captured
 function and writing its outputs and gradients into the tensors the capture returned, which is
 what a graph's kernels do. That ties the plumbing (static inputs, gradients put back after
-callers drop them, one graph per shape, the Trainer's step) to the eager step. The real
-capture is checked on a GPU by ``bench/gpu_train_graph.py`` (``bench/gpu_check.sh``).
+callers drop them, one graph per shape, the Trainer's step) to the eager step. Unlike a real
+graph, the stand-in reruns Python on every replay, so it cannot show a value baked in at
+capture time; the real capture is checked on a GPU by ``bench/gpu_train_graph.py``
+(``bench/gpu_check.sh``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class ReplayByRerun:
         return fn()
 
     def capture(self, fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
+        # a real capture's backward must allocate the gradients (not add to older ones)
+        assert all(p.grad is None for p in self.parameters)
         self.captures += 1
         outputs = fn()  # a real capture records without running: outputs are overwritten
         static_grads = [p.grad for p in self.parameters]
@@ -108,7 +112,7 @@ def test_a_failed_capture_is_one_clear_error():
     model, loss_fn = small_problem()
 
     class FailingCapture(ReplayByRerun):
-        def capture(self, fn):
+        def capture(self, fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
             raise RuntimeError("operation not permitted when stream is capturing\nmore")
 
     graphed = GraphedBackward(loss_fn, model.parameters(), warmup_steps=1,
@@ -122,7 +126,7 @@ def test_a_failed_capture_is_one_clear_error():
     assert all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("warmup", [0, -1, 1.5])
+@pytest.mark.parametrize("warmup", [0, -1, 1.5, True])
 def test_warmup_steps_must_be_a_positive_int(warmup):
     model, loss_fn = small_problem()
     with pytest.raises(NestlearnError, match=r"warmup_steps: got .*; allowed: an int >= 1"):
@@ -146,11 +150,14 @@ def test_trainer_step_replayed_equals_the_eager_step(corpus, tmp_path, recipe, e
                              "train.state_reset=document", *extra, recipe=recipe)
         trainer = Trainer(config, progress=False)
         assert trainer.teach_signal == bool(extra)
-        if graphed:
+        if graphed:  # the Trainer's own loss, with the stand-in backend put in by hand
             parameters = list(trainer.model.parameters())
+            backend = ReplayByRerun(parameters)
             trainer.graphed = GraphedBackward(trainer.graphed_loss, parameters, warmup_steps=2,
-                                              backend=ReplayByRerun(parameters))
+                                              backend=backend)
         result = trainer.run()
+        if graphed:
+            assert backend.captures == 1 and len(trainer.graphed.graphs) == 1
         results.append((result.losses, [p.detach().clone() for p in trainer.model.parameters()]))
     (eager_losses, eager_params), (graph_losses, graph_params) = results
     assert sorted(graph_losses) == sorted(eager_losses) == list(range(1, 7))
@@ -169,5 +176,10 @@ def test_cuda_graph_on_a_cpu_or_a_stream_run_is_refused_by_name(corpus, tmp_path
                          "data.sampling=stream", "train.state_reset=never")
     with pytest.raises(NestlearnError, match=r"train\.cuda_graph: got true with "
                        r"data\.sampling='stream'; allowed: data\.sampling='windows'"):
+        Trainer(config, progress=False)
+    config = tiny_config(corpus, tmp_path / "segments", "train.cuda_graph=true",
+                         "model.checkpoint_segment=16")
+    with pytest.raises(NestlearnError, match=r"train\.cuda_graph: got true with "
+                       r"model\.checkpoint_segment=16; allowed: model\.checkpoint_segment=None"):
         Trainer(config, progress=False)
     assert not (tmp_path / "cpu" / "checkpoints").exists()

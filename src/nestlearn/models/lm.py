@@ -47,14 +47,18 @@ def embed_ids(embed: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
     """``embed(ids)``; an id out of range (unchecked on the sync-free path, see
     :func:`check_ids`) is reported by name instead of torch's ``IndexError``.
 
-    A plain embedding is looked up with ``index_select``: the same values, and its backward
-    (``index_add``) never waits for the GPU, where torch's CUDA embedding backward reads a
-    count back to the host, which a CUDA graph cannot capture (``train.cuda_graph``)."""
-    plain = (embed.padding_idx is None and embed.max_norm is None
-             and not embed.scale_grad_by_freq and not embed.sparse)
+    A plain ``nn.Embedding`` without hooks is looked up with ``index_select``: the same
+    values, and a backward (``index_add``) with no host read, which the captured step of
+    ``train.cuda_graph`` needs (torch's CUDA embedding backward may size its work on the
+    host). ``index_add`` sums repeated ids' gradients with atomics on a GPU, in no fixed
+    order. Any other embedding (options, a subclass, hooks) is called as a module."""
+    plain = (type(embed) is nn.Embedding and embed.padding_idx is None
+             and embed.max_norm is None and not embed.scale_grad_by_freq and not embed.sparse
+             and not embed._forward_hooks and not embed._forward_pre_hooks)
     try:
         if plain:
-            return embed.weight.index_select(0, ids.reshape(-1)).view(*ids.shape, -1)
+            return embed.weight.index_select(0, ids.reshape(-1)).view(*ids.shape,
+                                                                     embed.embedding_dim)
         return embed(ids)
     except IndexError:
         check_ids(ids, embed.num_embeddings)  # raises the clear error (the error path may sync)

@@ -3,18 +3,21 @@
 The memory models are launch-bound on a GPU: their chunk loops issue tens of thousands of
 small kernels per step, and the host spends about 30 us on each while the GPU computes for a
 tenth of the step (BENCHMARKS.md, "GPU: measured on one H200"). A CUDA graph replays every
-kernel of a captured step with one launch. Measured on an H200 (B=8, T=2048, bf16), the
-replayed step is 6-10x faster than the eager one for titans, titans-mag, hope-attention and
-hope, with the same loss.
+kernel of a captured step with one launch. ``bench/gpu_graph.py``, which captures a step the
+same way (side-stream warm-up, then ``torch.cuda.graph``), measured replays 6-10x faster than
+the eager step on an H200 (B=8, T=2048, bf16) for titans, titans-mag, hope-attention and
+hope, with the same loss; this class itself has not yet run on a GPU
+(``bench/gpu_train_graph.py`` is its check).
 
 What is captured: ``loss_fn(*inputs)`` and the backward of its first output, which writes the
 parameters' ``.grad``. What is not: the optimizer step, clipping and the checks, which run
 eagerly after each replay (so a non-finite loss or gradient is seen before any update, and
 every optimizer and schedule works unchanged).
 
-What a captured step needs: no host syncs (``tests/test_no_host_sync.py`` counts them for
-every arch), and the same shapes and Python-side values on every call. Inputs of a new shape
-get their own graph, captured after their own warm-up.
+What a captured step needs: no host syncs (``tests/test_no_host_sync.py`` counts them on CPU
+for every arch; a CUDA-only read is not seen there), no RNG-state reads (activation
+checkpointing's), and the same shapes and Python-side values on every call. Inputs of a new
+shape get their own graph, captured after their own warm-up, and keep its memory pool.
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ class CudaGraphBackend:
         self.side_stream: torch.cuda.Stream | None = None
 
     def warm(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on a side stream (the allocations a capture will reuse are made off the
-        capturing stream)."""
+        """Run ``fn`` on a side stream: lazy set-up (library handles and workspaces, compiled
+        code, optimizer state) must happen before a capture and off the capturing stream."""
         if self.side_stream is None:
             self.side_stream = torch.cuda.Stream()
         self.side_stream.wait_stream(torch.cuda.current_stream())
@@ -79,7 +82,7 @@ class GraphedBackward:
 
     def __init__(self, loss_fn: LossFn, parameters: Iterable[torch.nn.Parameter], *,
                  warmup_steps: int = 3, backend: Any = None) -> None:
-        if not isinstance(warmup_steps, int) or warmup_steps < 1:
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
             raise NestlearnError(f"warmup_steps: got {warmup_steps!r}; allowed: an int >= 1 "
                                  "(CUDA needs eager steps on a side stream before a capture)")
         self.loss_fn = loss_fn
@@ -132,8 +135,9 @@ class GraphedBackward:
             raise NestlearnError(
                 f"the training step could not be captured as a CUDA graph: "
                 f"{type(err).__name__}: {first_line[:300]}. A captured step must not wait for "
-                "the GPU (no .item(), .tolist() or data-dependent shapes) and must keep its "
-                "shapes; run without the CUDA graph (train.cuda_graph=false)") from err
+                "the GPU (no .item(), .tolist() or data-dependent shapes), read the RNG state "
+                "or run out of memory; run without the CUDA graph (train.cuda_graph=false)"
+            ) from err
         return _Captured(replay, static_inputs, outputs,
                          [parameter.grad for parameter in self.parameters])
 

@@ -479,7 +479,14 @@ class Trainer:
         if self.stream:
             raise NestlearnError(
                 "train.cuda_graph: got true with data.sampling='stream'; allowed: "
-                "data.sampling='windows' (the carried state is not passed through the graph)")
+                "data.sampling='windows' (a carried state holds each layer's position as a "
+                "Python int that grows every segment, so no captured step could be replayed)")
+        if self.config.model.checkpoint_segment is not None:
+            raise NestlearnError(
+                f"train.cuda_graph: got true with model.checkpoint_segment="
+                f"{self.config.model.checkpoint_segment}; allowed: model.checkpoint_segment="
+                "None (activation checkpointing reads the CUDA RNG state, which a capture "
+                "refuses)")
         if self.ctx.world_size > 1 or self.sharded:
             raise NestlearnError(
                 f"train.cuda_graph: got true with {self.ctx.world_size} processes "

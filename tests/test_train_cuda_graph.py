@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from nestlearn.errors import NestlearnError
+from nestlearn.errors import NestlearnError, NonFiniteError
 from nestlearn.training import Trainer
 from nestlearn.training.cuda_graph import GraphedBackward
 from trainkit import tiny_config, write_corpus
@@ -168,18 +168,56 @@ def test_trainer_step_replayed_equals_the_eager_step(corpus, tmp_path, recipe, e
 
 
 def test_cuda_graph_on_a_cpu_or_a_stream_run_is_refused_by_name(corpus, tmp_path):
-    config = tiny_config(corpus, tmp_path / "cpu", "train.cuda_graph=true")
+    # what the config alone rules out is refused before the run builds anything
+    refusals = {
+        ("train.device=cpu",): r"train\.cuda_graph: got true with train\.device='cpu'; "
+                               r"allowed: true on a CUDA device",
+        ("train.device=cuda", "data.sampling=stream", "train.state_reset=never"):
+            r"train\.cuda_graph: got true with data\.sampling='stream'; "
+            r"allowed: data\.sampling='windows'",
+        ("train.device=cuda", "model.checkpoint_segment=16"):
+            r"train\.cuda_graph: got true with model\.checkpoint_segment=16; "
+            r"allowed: model\.checkpoint_segment=None",
+    }
+    for sets, message in refusals.items():
+        # the order of --set does not matter: cuda_graph first, the device after
+        config = tiny_config(corpus, tmp_path / "run", "train.cuda_graph=true", *sets)
+        with pytest.raises(NestlearnError, match=message):
+            Trainer(config, progress=False)
+        assert not (tmp_path / "run").exists()
+    # the device "auto" resolves to is known when the run starts (no CUDA here)
+    config = tiny_config(corpus, tmp_path / "auto", "train.cuda_graph=true", "train.device=auto")
     with pytest.raises(NestlearnError, match=r"train\.cuda_graph: got true, but this run is "
-                       r"on cpu \(train\.device='cpu'\); allowed: true on a CUDA device"):
+                       r"on cpu \(train\.device='auto'\); allowed: true on a CUDA device"):
         Trainer(config, progress=False)
-    config = tiny_config(corpus, tmp_path / "stream", "train.cuda_graph=true",
-                         "data.sampling=stream", "train.state_reset=never")
-    with pytest.raises(NestlearnError, match=r"train\.cuda_graph: got true with "
-                       r"data\.sampling='stream'; allowed: data\.sampling='windows'"):
-        Trainer(config, progress=False)
-    config = tiny_config(corpus, tmp_path / "segments", "train.cuda_graph=true",
-                         "model.checkpoint_segment=16")
-    with pytest.raises(NestlearnError, match=r"train\.cuda_graph: got true with "
-                       r"model\.checkpoint_segment=16; allowed: model\.checkpoint_segment=None"):
-        Trainer(config, progress=False)
-    assert not (tmp_path / "cpu" / "checkpoints").exists()
+    assert not (tmp_path / "auto" / "checkpoints").exists()
+
+
+def test_a_nan_loss_under_the_graph_stops_before_the_update(corpus, tmp_path):
+    # the loss check runs after the replay and before the optimizer: the parameters stay
+    config = tiny_config(corpus, tmp_path / "run", "train.steps=10")
+    trainer = Trainer(config, progress=False)
+    parameters = list(trainer.model.parameters())
+    trainer.graphed = GraphedBackward(trainer.graphed_loss, parameters, warmup_steps=2,
+                                      backend=ReplayByRerun(parameters))
+    forward = trainer.model.forward
+
+    def nan_logits(ids, state=None):
+        logits, new_state = forward(ids, state)
+        return (logits * float("nan") if trainer.step + 1 == 4 else logits), new_state
+
+    trainer.model.forward = nan_logits
+    before: list[torch.Tensor] = []
+    original_step = trainer.train_step
+
+    def step_keeping_parameters():
+        if trainer.step + 1 == 4:
+            before.extend(p.detach().clone() for p in parameters)
+        return original_step()
+
+    trainer.train_step = step_keeping_parameters
+    with pytest.raises(NonFiniteError, match="step 4: NaN/Inf in the loss"):
+        trainer.run()
+    assert len(trainer.graphed.graphs) == 1  # step 4 was the replayed one
+    for p, saved in zip(parameters, before, strict=True):
+        torch.testing.assert_close(p.detach(), saved, rtol=0, atol=0)

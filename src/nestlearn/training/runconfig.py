@@ -501,6 +501,28 @@ def _section_names(config: Any) -> tuple[str, ...]:
     return getattr(config, "SECTIONS", ())
 
 
+def check_cuda_graph(config: RunConfig) -> None:
+    """What ``train.cuda_graph`` cannot replay, refused before a run builds anything. Checked
+    on the whole config (not field by field, so that the order of ``--set`` does not matter);
+    the device ``auto`` resolves to and the process count are checked by the Trainer."""
+    if not config.train.cuda_graph:
+        return
+    if config.train.device == "cpu":
+        raise NestlearnError("train.cuda_graph: got true with train.device='cpu'; "
+                             "allowed: true on a CUDA device, false elsewhere")
+    if config.data.sampling == "stream":
+        raise NestlearnError(
+            "train.cuda_graph: got true with data.sampling='stream'; allowed: "
+            "data.sampling='windows' (a carried state holds each layer's position as a "
+            "Python int that grows every segment, so no captured step could be replayed)")
+    segment = getattr(config.model, "checkpoint_segment", None)
+    if segment is not None:
+        raise NestlearnError(
+            f"train.cuda_graph: got true with model.checkpoint_segment={segment}; allowed: "
+            "model.checkpoint_segment=None (activation checkpointing reads the CUDA RNG "
+            "state, which a capture refuses)")
+
+
 def apply_overrides(config: RunConfig, assignments: list[str]) -> RunConfig:
     """Apply ``a.b=value`` strings in order; errors name the assignment and the field."""
     if isinstance(assignments, str):

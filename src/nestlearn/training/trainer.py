@@ -85,7 +85,13 @@ from nestlearn.training.run_folder import (
     ensure_writable,
 )
 from nestlearn.training.run_lock import LOCK_FILE, RunFolderLock
-from nestlearn.training.runconfig import DataConfig, RunConfig, TrainConfig, reset_interval
+from nestlearn.training.runconfig import (
+    DataConfig,
+    RunConfig,
+    TrainConfig,
+    check_cuda_graph,
+    reset_interval,
+)
 from nestlearn.training.sharded import (
     check_sharded_model,
     check_sharding,
@@ -112,6 +118,7 @@ class Trainer:
 
     def __init__(self, config: RunConfig, *, resume: bool = False, progress: bool = True,
                  ctx: DistContext | None = None) -> None:
+        check_cuda_graph(config)
         self.ctx = ctx or init_distributed(config.train.device)
         self.run_dir = Path(config.train.out_dir).expanduser()
         self.stop_requested: str | None = None
@@ -474,19 +481,9 @@ class Trainer:
 
     def _graphed_step(self) -> GraphedBackward:
         """``train.cuda_graph``: the step's forward and backward (of the mean loss over the
-        batch, as the eager step's) replayed from a CUDA graph; one process, windows only."""
+        batch, as the eager step's) replayed from a CUDA graph; one process on a CUDA device
+        (the rest is checked by ``RunConfig``)."""
         device, train = self.ctx.device, self.config.train
-        if self.stream:
-            raise NestlearnError(
-                "train.cuda_graph: got true with data.sampling='stream'; allowed: "
-                "data.sampling='windows' (a carried state holds each layer's position as a "
-                "Python int that grows every segment, so no captured step could be replayed)")
-        if self.config.model.checkpoint_segment is not None:
-            raise NestlearnError(
-                f"train.cuda_graph: got true with model.checkpoint_segment="
-                f"{self.config.model.checkpoint_segment}; allowed: model.checkpoint_segment="
-                "None (activation checkpointing reads the CUDA RNG state, which a capture "
-                "refuses)")
         if self.ctx.world_size > 1 or self.sharded:
             raise NestlearnError(
                 f"train.cuda_graph: got true with {self.ctx.world_size} processes "

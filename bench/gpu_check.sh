@@ -10,7 +10,10 @@
 #   graph           the whole step captured as one CUDA graph against eager (bench/gpu_graph.py)
 #   train-graph     the library's Trainer with train.cuda_graph on and off: step time and
 #                   losses (bench/gpu_train_graph.py)
-#   models          forward+backward, B=8 T=2048 bf16 on CUDA, compile off and on
+#   models          forward+backward, B=8 T=2048 bf16 on CUDA, compile off and on, each
+#                   eager and replayed from a CUDA graph (`nestlearn bench layers
+#                   --cuda-graph off on`; about 10 minutes: run it in a call of its own,
+#                   PARTS=models MODELS_S=580)
 # PARTS names the parts to run, in the order above (default: all but models, at most about
 # 9.5 minutes with the default limits); e.g. PARTS="profile models".
 # Each part runs under `timeout` (seconds from PARITY_S, COMPILE_PARITY_S, PROFILE_S,
@@ -89,7 +92,7 @@ part train-graph "$TRAIN_GRAPH_S" "$PY" bench/gpu_train_graph.py --length 2048 -
 # cheapest archs first, so a run cut short has the most cells
 part models "$MODELS_S" "$PY" -m nestlearn bench layers --sections models \
     --archs transformer titans titans-mag hope-attention hope \
-    --device cuda --autocast bf16 --batch 8 --lengths 2048 --compile off on \
+    --device cuda --autocast bf16 --batch 8 --lengths 2048 --compile off on --cuda-graph off on \
     --no-memory --repeats 3 --out "$OUT"
 
 echo "total $((SECONDS - started))s" | tee -a "$OUT/summary.txt"

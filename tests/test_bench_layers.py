@@ -106,6 +106,65 @@ def test_device_cuda_without_cuda_is_refused_before_any_work(tmp_path, monkeypat
     assert not out.exists()
 
 
+@pytest.mark.parametrize(("sets", "message"), [
+    (["--sections", "models"], "--cuda-graph: got 'on' with --device cpu; allowed: 'on' with "
+                               "--device cuda (CUDA graphs need a GPU), or 'off'"),
+    (["--sections", "decode", "--device", "cuda"],
+     "--cuda-graph: got 'on' with --sections decode; allowed: 'on' with the models section, "
+     "the one it applies to"),
+])
+def test_cuda_graph_on_is_refused_where_it_cannot_apply(sets, message, monkeypatch, capsys,
+                                                        tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # refused before any use
+    out = tmp_path / "out"
+    assert main(["bench", "layers", *sets, "--cuda-graph", "off", "on", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == f"nestlearn bench: error: {message}"
+    assert not out.exists()
+
+
+def test_cuda_graph_modes_pair_with_every_compile_value_in_the_models_section():
+    parser = argparse.ArgumentParser()
+    layers.add_arguments(parser)
+    args = parser.parse_args(["--compile", "off", "on", "--cuda-graph", "off", "on"])
+    assert [(m.compile, m.cuda_graph) for m in layers._modes(args, graphs=True)] == [
+        (False, False), (False, True), (True, False), (True, True)]
+    assert [m.cuda_graph for m in layers._modes(args)] == [False, False]
+    assert "cuda graph" in layers.MODEL_COLUMNS
+
+
+def test_graphed_model_workload_replays_the_eager_step(monkeypatch):
+    # the stand-in replays by rerunning (a CUDA graph needs a GPU): the workload is captured
+    # before it is returned, and each later call is a replay equal to the eager step
+    from graph_standin import ReplayByRerun
+
+    made = []
+
+    class StandinGraphed(layers.GraphedBackward):
+        def __init__(self, loss_fn, parameters, **options):
+            parameters = list(parameters)
+            super().__init__(loss_fn, parameters, backend=ReplayByRerun(parameters))
+            made.append(self)
+
+    monkeypatch.setattr(layers, "GraphedBackward", StandinGraphed)
+    workload = layers.make_model_workload(**model_kwargs("hope"), cuda_graph=True)
+    (graphed,) = made
+    assert graphed.backend.captures == 1
+    (captured,) = graphed.graphs.values()
+    for _ in range(2):
+        with torch.no_grad():  # new weights, as after an optimizer step
+            for p in graphed.parameters:
+                p.add_(0.01 * torch.randn_like(p))
+        loss = workload()
+        grads = [None if p.grad is None else p.grad.clone() for p in graphed.parameters]
+        expected = graphed.loss_fn(*captured.inputs)
+        used = [p for p, g in zip(graphed.parameters, grads, strict=True) if g is not None]
+        expected_grads = torch.autograd.grad(expected, used)
+        torch.testing.assert_close(loss, expected.detach(), rtol=1e-6, atol=0)
+        for grad, want in zip([g for g in grads if g is not None], expected_grads, strict=True):
+            torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-7)
+    assert graphed.backend.captures == 1
+
+
 def test_compile_off_and_on_side_by_side_at_batch_8(tmp_path, capsys):
     # aot_eager traces the graph inductor would compile, in seconds
     code = main(["bench", "layers", "--sections", "models", "--archs", "titans",
@@ -121,8 +180,9 @@ def test_compile_off_and_on_side_by_side_at_batch_8(tmp_path, capsys):
     assert all(row["B"] == 8 and row["device"] == "cpu" and row["autocast"] == "off"
                and row["tok/s"] > 0 and row["note"] == "" for row in rows)
     table = capsys.readouterr().out
-    assert "| device | autocast | compile | tok/s | compile s | peak MB | note |" in table
-    assert "| titans | " in table and "| cpu | off | on |" in table
+    assert ("| device | autocast | compile | cuda graph | tok/s | compile s | peak MB | note |"
+            in table)
+    assert "| titans | " in table and "| cpu | off | on | off |" in table
 
 
 def test_bf16_autocast_on_cpu_runs_every_section(tmp_path):

@@ -29,6 +29,11 @@ every cell when ``--compile`` has several values, so compiled code and allocator
 leak from one cell into the next; its first call (compiling included) is timed apart
 (``compile s``), tok/s is the median of ``--repeats`` runs after one more warm-up call. A
 chunk step that failed to compile (and ran eagerly) is named in the ``note`` column.
+
+``--cuda-graph on`` (models, on CUDA) replays each model's forward and backward from a CUDA
+graph, as ``train.cuda_graph`` does (``nestlearn.training.cuda_graph``): three eager warm-up
+calls (compiling included under ``--compile on``) and the capture happen before the first
+timed call, and a capture that fails is named in the note.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ from nestlearn.errors import NestlearnError, NonFiniteError, invalid
 from nestlearn.models import ARCHS, ArchSpec, ModelConfig, build_model, token_reader
 from nestlearn.ops import set_compile
 from nestlearn.state import tensors
+from nestlearn.training.cuda_graph import GraphedBackward
 
 LAYERS: tuple[str, ...] = ("attention", "transformer-block", "neural-memory",
                            "self-modifying-titans", "cms", "hope-block", "hope-attention-block")
@@ -80,30 +86,36 @@ COMPILE_BACKENDS: tuple[str, ...] = ("inductor", "aot_eager")
 
 MODE_COLUMNS = ["device", "autocast", "compile"]
 LAYER_COLUMNS = ["layer", "T", "params", *MODE_COLUMNS, "tok/s", "compile s", "peak MB", "note"]
-MODEL_COLUMNS = ["arch", "dim", "params", "T", "B", "checkpoint segment", *MODE_COLUMNS, "tok/s",
-                 "compile s", "peak MB", "note"]
+MODEL_COLUMNS = ["arch", "dim", "params", "T", "B", "checkpoint segment", *MODE_COLUMNS,
+                 "cuda graph", "tok/s", "compile s", "peak MB", "note"]
 DECODE_COLUMNS = ["arch", "context", *MODE_COLUMNS, "ms/token", "compile s", "state MB", "note"]
 
 
 @dataclasses.dataclass(frozen=True)
 class RunMode:
-    """How a cell runs: its device, autocast (``off`` or ``bf16``) and compiled memory steps."""
+    """How a cell runs: its device, autocast (``off`` or ``bf16``), compiled memory steps and,
+    for a model, its forward and backward replayed from a CUDA graph."""
 
     device: str = "cpu"
     autocast: str = "off"
     compile: bool = False
     backend: str = "inductor"
+    cuda_graph: bool = False
 
     def row(self) -> dict[str, str]:
         """The mode's columns of a result row."""
         return {"device": self.device, "autocast": self.autocast,
-                "compile": "on" if self.compile else "off"}
+                "compile": "on" if self.compile else "off",
+                "cuda graph": "on" if self.cuda_graph else "off"}
 
 
-def autocast(device: str, mode: str) -> contextlib.AbstractContextManager:
-    """``torch.autocast(device, bfloat16)`` when ``mode`` is ``bf16``; a no-op for ``off``."""
+def autocast(device: str, mode: str, cache_enabled: bool = True
+             ) -> contextlib.AbstractContextManager:
+    """``torch.autocast(device, bfloat16)`` when ``mode`` is ``bf16``; a no-op for ``off``.
+    ``cache_enabled=False`` recasts the weights on every call, as a CUDA graph's replays
+    must."""
     if mode == "bf16":
-        return torch.autocast(device, dtype=torch.bfloat16)
+        return torch.autocast(device, dtype=torch.bfloat16, cache_enabled=cache_enabled)
     return contextlib.nullcontext()
 
 
@@ -165,9 +177,12 @@ def make_layer_workload(layer: str, dim: int, heads: int, chunk_size: int,
 
 
 def make_model_workload(config: dict[str, Any], length: int, batch: int,
-                        seed: int = 0, device: str = "cpu",
-                        autocast_mode: str = "off") -> Callable[[], torch.Tensor]:
-    """One forward+backward pass (next-token loss) of a causal LM."""
+                        seed: int = 0, device: str = "cpu", autocast_mode: str = "off",
+                        cuda_graph: bool = False, graph_backend: Any = None
+                        ) -> Callable[[], torch.Tensor]:
+    """One forward+backward pass (next-token loss) of a causal LM. With ``cuda_graph`` the
+    pass is replayed from a CUDA graph (``GraphedBackward``, its backend ``graph_backend``,
+    default CUDA's), warmed up and captured before this returns."""
     torch.manual_seed(seed)
     model = build_model(ModelConfig.from_dict(config)).to(device)
     ids = torch.randint(0, model.config.vocab_size, (batch, length + 1), device=device)
@@ -177,12 +192,21 @@ def make_model_workload(config: dict[str, Any], length: int, batch: int,
         probe = torch.ones(1, requires_grad=True)
         checkpoint(torch.mul, probe, probe, use_reentrant=False).backward()
 
+    def loss_of(tokens: torch.Tensor) -> torch.Tensor:
+        with autocast(device, autocast_mode, cache_enabled=not cuda_graph):
+            logits, _ = model(tokens[:, :-1])
+            return nn.functional.cross_entropy(logits.flatten(0, 1).float(),
+                                               tokens[:, 1:].flatten())
+
+    if cuda_graph:
+        graphed = GraphedBackward(loss_of, model.parameters(), backend=graph_backend)
+        for _ in range(graphed.warmup_steps + 1):  # warm-up steps, then the capture
+            graphed(ids)
+        return lambda: graphed(ids)[0]
+
     def workload() -> torch.Tensor:
         model.zero_grad(set_to_none=True)
-        with autocast(device, autocast_mode):
-            logits, _ = model(ids[:, :-1])
-            loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(),
-                                               ids[:, 1:].flatten())
+        loss = loss_of(ids)
         loss.backward()
         return loss.detach()
 
@@ -295,10 +319,16 @@ def workload_in_mode(make: Callable[..., Callable[[], torch.Tensor]], mode: RunM
     compiled one has run once already, so what is measured next excludes compiling (the
     peak-memory probe builds its workload here)."""
     set_compile(mode.compile, mode.backend)
-    workload = make(device=mode.device, autocast_mode=mode.autocast, **kwargs)
+    workload = make(device=mode.device, autocast_mode=mode.autocast, **_graph_kwargs(mode),
+                    **kwargs)
     if mode.compile:
         workload()
     return workload
+
+
+def _graph_kwargs(mode: RunMode) -> dict[str, bool]:
+    """``cuda_graph=True`` for a graphed mode (only model workloads take it)."""
+    return {"cuda_graph": True} if mode.cuda_graph else {}
 
 
 def measure_cell(make: Callable[..., Callable[[], torch.Tensor]], kwargs: dict[str, Any],
@@ -309,7 +339,8 @@ def measure_cell(make: Callable[..., Callable[[], torch.Tensor]], kwargs: dict[s
     notes: list[str] = []
     result: dict[str, Any] = {"seconds": math.nan, "first s": None, "peak MB": None}
     with _run_in_mode(mode, notes):
-        workload = make(device=mode.device, autocast_mode=mode.autocast, **kwargs)
+        workload = make(device=mode.device, autocast_mode=mode.autocast, **_graph_kwargs(mode),
+                        **kwargs)
         result["first s"], _ = timed_once(workload, mode.device)
         result["seconds"], note = measure(workload, repeats, device=mode.device)
         notes.insert(0, note)
@@ -344,7 +375,7 @@ def _cell(args: argparse.Namespace, make: Callable[..., Callable[[], torch.Tenso
     values (so both sides are measured alike), then the CPU peak-memory probe."""
     memory = not args.no_memory
     try:
-        if mode.compile or len(args.compile) > 1:
+        if mode.compile or len(args.compile) > 1 or mode.cuda_graph or len(args.cuda_graph) > 1:
             result = in_fresh_process(measure_cell, make, kwargs, mode, args.repeats, memory,
                                       threads=threads)
         else:
@@ -374,13 +405,18 @@ def measure_decode(config: dict[str, Any], context: int, steps: int, segment: in
     return result
 
 
-def _modes(args: argparse.Namespace) -> list[RunMode]:
-    return [RunMode(args.device, args.autocast, value == "on", args.compile_backend)
-            for value in args.compile]
+def _modes(args: argparse.Namespace, graphs: bool = False) -> list[RunMode]:
+    """Every ``--compile`` value, and with ``graphs`` (the models section) every
+    ``--cuda-graph`` value for each."""
+    return [RunMode(args.device, args.autocast, value == "on", args.compile_backend,
+                    graph == "on")
+            for value in args.compile for graph in (args.cuda_graph if graphs else ["off"])]
 
 
 def _mode_columns(mode: RunMode, result: dict[str, Any]) -> dict[str, Any]:
-    return {**mode.row(), "compile s": result["first s"] if mode.compile else None,
+    # a graphed cell compiles during its warm-up steps, before its first timed call
+    compiled_first = mode.compile and not mode.cuda_graph
+    return {**mode.row(), "compile s": result["first s"] if compiled_first else None,
             "first call s": result["first s"]}
 
 
@@ -459,6 +495,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "each cell in a fresh process; the first call is timed apart as "
                              "'compile s', a failure to compile is named in the note "
                              "(default: off)")
+    parser.add_argument("--cuda-graph", type=compile_value, nargs="+", default=["off"],
+                        metavar="off|on",
+                        help="models, with --device cuda: 'on' replays each forward+backward "
+                             "from a CUDA graph (nestlearn.training.cuda_graph, as "
+                             "train.cuda_graph does; captured before timing); several values "
+                             "run side by side with every --compile value, each cell in a "
+                             "fresh process (default: off)")
     parser.add_argument("--compile-backend", choices=COMPILE_BACKENDS, default="inductor",
                         help="torch.compile backend of --compile on: inductor generates fused "
                              "kernels, aot_eager only traces (seconds; checks the graph) "
@@ -488,6 +531,12 @@ def _check_args(args: argparse.Namespace) -> None:
         for item in value if isinstance(value, list) else [value]:
             if item is not None and item < 1:
                 raise invalid(f"--{name.replace('_', '-')}", item, "integers >= 1")
+    if "on" in args.cuda_graph and args.device != "cuda":
+        raise invalid("--cuda-graph", f"'on' with --device {args.device}",
+                      "'on' with --device cuda (CUDA graphs need a GPU), or 'off'")
+    if "on" in args.cuda_graph and "models" not in args.sections:
+        raise invalid("--cuda-graph", f"'on' with --sections {' '.join(args.sections)}",
+                      "'on' with the models section, the one it applies to")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise invalid("--device", "'cuda'", "cpu (torch.cuda.is_available() is false here: "
                                             "no CUDA device or a CPU-only torch)")
@@ -530,8 +579,9 @@ def _layer_rows(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
 
 
 def _mode_text(mode: RunMode) -> str:
+    graph = ", cuda graph on" if mode.cuda_graph else ""
     return (f"on {mode.device}, autocast {mode.autocast}, "
-            f"compile {'on' if mode.compile else 'off'}")
+            f"compile {'on' if mode.compile else 'off'}{graph}")
 
 
 def _model_configs(args: argparse.Namespace) -> dict[str, ModelConfig]:
@@ -547,7 +597,7 @@ def _model_rows(args: argparse.Namespace, configs: dict[str, ModelConfig],
     for arch, config in configs.items():
         params = count_parameters(config)
         for length, segment, mode in itertools.product(args.lengths, args.checkpoint_segment,
-                                                       _modes(args)):
+                                                       _modes(args, graphs=True)):
             shown = "off" if segment is None else segment
             progress(f"model {arch} T={length} B={args.batch} checkpoint segment {shown} "
                      f"{_mode_text(mode)}")

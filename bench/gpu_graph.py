@@ -33,9 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from nestlearn.benchmarks.common import in_fresh_process, progress, time_call, write_report
-from nestlearn.benchmarks.opcount import add_gpu_arguments, model_configs
-from nestlearn.models import build_model
+from nestlearn.benchmarks.common import time_call
+from nestlearn.benchmarks.opcount import add_gpu_arguments, rows_per_arch_in_fresh_processes
+from nestlearn.models import ModelConfig, build_model
 
 COLUMNS = ["arch", "T", "B", "eager tok/s", "graph tok/s", "speedup", "eager loss",
            "graph loss", "graph+adamw tok/s", "note"]
@@ -72,7 +72,7 @@ def capture(model: nn.Module, warm_step: Callable[[], Any],
     return graph, static_loss
 
 
-def graph_arch(arch: str, config: Any, args: argparse.Namespace) -> dict[str, Any]:
+def graph_arch(arch: str, config: ModelConfig, args: argparse.Namespace) -> dict[str, Any]:
     """One arch's row: the eager step timed, then captured, replayed and timed."""
     torch.manual_seed(0)
     model = build_model(config).cuda()
@@ -121,16 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_graph: error: CUDA graphs need a CUDA device "
               "(torch.cuda.is_available() is false here)", file=sys.stderr)
         return 2
-    rows = []
-    for arch, config in model_configs(args).items():
-        progress(f"capturing {arch} T={args.length} B={args.batch}")
-        # a fresh process per arch: a failed capture can leave CUDA unusable in its process
-        try:
-            rows.append(in_fresh_process(graph_arch, arch, config, args))
-        except RuntimeError as err:  # the process died or failed outside the capture
-            rows.append({"arch": arch, "T": args.length, "B": args.batch,
-                         "note": f"failed: {str(err).strip().splitlines()[-1][:160]}"})
-        write_report("gpu-graph", rows, COLUMNS, args.out)
+    rows_per_arch_in_fresh_processes("gpu-graph", COLUMNS, args, "capturing", graph_arch)
     return 0
 
 

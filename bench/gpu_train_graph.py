@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from nestlearn.benchmarks.common import in_fresh_process, progress, write_report
-from nestlearn.benchmarks.opcount import add_gpu_arguments, model_configs
+from nestlearn.benchmarks.opcount import add_gpu_arguments, rows_per_arch_in_fresh_processes
+from nestlearn.models import ModelConfig
 from nestlearn.training import Trainer
 from nestlearn.training.recipes import get_recipe
 from nestlearn.training.runconfig import RunConfig
@@ -51,6 +51,8 @@ def write_text(path: Path, documents: int = 2000, words: int = 200) -> Path:
 
 def run_config(model: dict[str, Any], corpus: Path, out_dir: Path, args: argparse.Namespace,
                cuda_graph: bool) -> RunConfig:
+    """A short windows run of ``model`` on the byte text ``corpus``: no evaluation or
+    checkpoints, bf16 on CUDA, AdamW, the CUDA graph on or off."""
     config = get_recipe("tiny-transformer").to_dict()
     config["model"] = model
     config["data"].update(corpus=str(corpus), tokenizer="byte", seq_len=args.length,
@@ -76,8 +78,10 @@ def train_steps(model: dict[str, Any], args: argparse.Namespace, cuda_graph: boo
     return [r.loss for r in records], [r.seconds for r in records]
 
 
-def compare_arch(arch: str, model: dict[str, Any], args: argparse.Namespace
+def compare_arch(arch: str, config: ModelConfig, args: argparse.Namespace
                  ) -> dict[str, Any]:
+    """One arch's row: an eager run and a graphed run of the Trainer, from the same seed."""
+    model = config.to_dict()
     row: dict[str, Any] = {"arch": arch, "T": args.length, "B": args.batch,
                            "steps": args.steps, "note": ""}
     tokens = args.batch * args.length
@@ -107,15 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_train_graph: error: CUDA graphs need a CUDA device "
               "(torch.cuda.is_available() is false here)", file=sys.stderr)
         return 2
-    rows = []
-    for arch, config in model_configs(args).items():
-        progress(f"training {arch} T={args.length} B={args.batch}, eager and graphed")
-        try:
-            rows.append(in_fresh_process(compare_arch, arch, config.to_dict(), args))
-        except RuntimeError as err:  # the process died or failed outside the graphed run
-            rows.append({"arch": arch, "T": args.length, "B": args.batch,
-                         "note": f"failed: {str(err).strip().splitlines()[-1][:200]}"})
-        write_report("gpu-train-graph", rows, COLUMNS, args.out)
+    rows_per_arch_in_fresh_processes("gpu-train-graph", COLUMNS, args,
+                                     "training (eager, then graphed)", compare_arch)
     return 0
 
 

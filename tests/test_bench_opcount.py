@@ -172,3 +172,27 @@ def test_a_read_nested_in_another_sync_op_counts_once():
         torch.repeat_interleave(x, repeats)
     assert profiled_syncs(lambda: torch.repeat_interleave(x, repeats)) == ops.syncs
     assert ops.total_syncs == 1
+
+
+def _row_or_failure(arch, config, args):
+    if arch == "titans":
+        raise ValueError("no such kernel")
+    return {"arch": arch, "T": args.length, "B": args.batch, "dim": config.dim, "note": ""}
+
+
+def test_rows_per_arch_in_fresh_processes_keep_going_past_a_failure(tmp_path):
+    import argparse
+
+    from nestlearn.benchmarks.opcount import add_gpu_arguments, rows_per_arch_in_fresh_processes
+
+    parser = argparse.ArgumentParser()
+    add_gpu_arguments(parser)
+    args = parser.parse_args(["--archs", "transformer", "titans", "--model-dim", "32",
+                              "--model-layers", "1", "--heads", "2", "--length", "8",
+                              "--out", str(tmp_path)])
+    rows = rows_per_arch_in_fresh_processes("probe", ["arch", "dim", "note"], args, "probing",
+                                            _row_or_failure)
+    assert [row["arch"] for row in rows] == ["transformer", "titans"]
+    assert rows[0]["dim"] == 32 and rows[0]["note"] == ""
+    assert rows[1]["note"].startswith("failed: ") and "no such kernel" in rows[1]["note"]
+    assert json.loads((tmp_path / "probe.json").read_text())["rows"] == rows

@@ -408,6 +408,30 @@ def add_gpu_arguments(parser: argparse.ArgumentParser) -> None:
                         batch=8, out="results/gpu")
 
 
+def rows_per_arch_in_fresh_processes(report: str, columns: list[str],
+                                     args: argparse.Namespace, doing: str,
+                                     measure: Callable[[str, ModelConfig, argparse.Namespace],
+                                                       dict[str, Any]]
+                                     ) -> list[dict[str, Any]]:
+    """``measure(arch, config, args)`` for each arch of ``model_configs(args)``, each in a
+    fresh process (a failed CUDA graph capture can leave CUDA unusable in its process), the
+    report ``report`` written after every row; a process that died or raised outside
+    ``measure``'s own handling gives a row whose note says why. ``doing`` names the work in
+    the progress line."""
+    from nestlearn.benchmarks.common import in_fresh_process
+
+    rows: list[dict[str, Any]] = []
+    for arch, config in model_configs(args).items():
+        progress(f"{doing} {arch} T={args.length} B={args.batch}")
+        try:
+            rows.append(in_fresh_process(measure, arch, config, args))
+        except RuntimeError as err:
+            rows.append({"arch": arch, "T": args.length, "B": args.batch,
+                         "note": f"failed: {str(err).strip().splitlines()[-1][:200]}"})
+        write_report(report, rows, columns, args.out)
+    return rows
+
+
 def model_configs(args: argparse.Namespace) -> dict[str, ModelConfig]:
     """Each arch at about the Transformer's parameter count, as ``bench layers`` builds them."""
     from nestlearn.benchmarks.layers import matched_config

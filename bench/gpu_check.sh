@@ -12,8 +12,8 @@
 #                   losses (bench/gpu_train_graph.py)
 #   models          forward+backward, B=8 T=2048 bf16 on CUDA, compile off and on, each
 #                   eager and replayed from a CUDA graph (`nestlearn bench layers
-#                   --cuda-graph off on`; about 10 minutes: run it in a call of its own,
-#                   PARTS=models MODELS_S=580)
+#                   --cuda-graph off on`; an estimated 10 minutes, so not in the default
+#                   PARTS: e.g. PARTS=models)
 # PARTS names the parts to run, in the order above (default: all but models, at most about
 # 9.5 minutes with the default limits); e.g. PARTS="profile models".
 # Each part runs under `timeout` (seconds from PARITY_S, COMPILE_PARITY_S, PROFILE_S,
@@ -34,7 +34,7 @@ COMPILE_PARITY_S="${COMPILE_PARITY_S:-150}"
 PROFILE_S="${PROFILE_S:-100}"
 GRAPH_S="${GRAPH_S:-180}"
 TRAIN_GRAPH_S="${TRAIN_GRAPH_S:-110}"
-MODELS_S="${MODELS_S:-230}"
+MODELS_S="${MODELS_S:-580}"
 PARTS="${PARTS:-parity compile-parity profile graph train-graph}"
 for name in $PARTS; do
     case "$name" in

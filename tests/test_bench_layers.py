@@ -112,6 +112,10 @@ def test_device_cuda_without_cuda_is_refused_before_any_work(tmp_path, monkeypat
     (["--sections", "decode", "--device", "cuda"],
      "--cuda-graph: got 'on' with --sections decode; allowed: 'on' with the models section, "
      "the one it applies to"),
+    (["--sections", "models", "--device", "cuda", "--checkpoint-segment", "off", "512"],
+     "--cuda-graph: got 'on' with --checkpoint-segment off 512; allowed: 'on' with "
+     "--checkpoint-segment off (activation checkpointing reads the CUDA RNG state, which a "
+     "capture refuses)"),
 ])
 def test_cuda_graph_on_is_refused_where_it_cannot_apply(sets, message, monkeypatch, capsys,
                                                         tmp_path):
@@ -134,10 +138,11 @@ def test_cuda_graph_modes_pair_with_every_compile_value_in_the_models_section():
 
 def test_graphed_model_workload_replays_the_eager_step(monkeypatch):
     # the stand-in replays by rerunning (a CUDA graph needs a GPU): the workload is captured
-    # before it is returned, and each later call is a replay equal to the eager step
+    # before it is returned, and each later call gives the eager workload's loss and
+    # gradients (same seed: the same model and ids)
     from graph_standin import ReplayByRerun
 
-    made = []
+    made, models = [], []
 
     class StandinGraphed(layers.GraphedBackward):
         def __init__(self, loss_fn, parameters, **options):
@@ -145,24 +150,28 @@ def test_graphed_model_workload_replays_the_eager_step(monkeypatch):
             super().__init__(loss_fn, parameters, backend=ReplayByRerun(parameters))
             made.append(self)
 
+    build = layers.build_model
+    monkeypatch.setattr(layers, "build_model", lambda config: models.append(build(config))
+                        or models[-1])
     monkeypatch.setattr(layers, "GraphedBackward", StandinGraphed)
-    workload = layers.make_model_workload(**model_kwargs("hope"), cuda_graph=True)
-    (graphed,) = made
-    assert graphed.backend.captures == 1
-    (captured,) = graphed.graphs.values()
+    kwargs = model_kwargs("hope")
+    models.clear()  # matching the width built some
+    eager = layers.make_model_workload(**kwargs)
+    graphed = layers.make_model_workload(**kwargs, cuda_graph=True)
+    assert made[0].backend.captures == 1
+    eager_model, graphed_model = models
     for _ in range(2):
-        with torch.no_grad():  # new weights, as after an optimizer step
-            for p in graphed.parameters:
-                p.add_(0.01 * torch.randn_like(p))
-        loss = workload()
-        grads = [None if p.grad is None else p.grad.clone() for p in graphed.parameters]
-        expected = graphed.loss_fn(*captured.inputs)
-        used = [p for p, g in zip(graphed.parameters, grads, strict=True) if g is not None]
-        expected_grads = torch.autograd.grad(expected, used)
-        torch.testing.assert_close(loss, expected.detach(), rtol=1e-6, atol=0)
-        for grad, want in zip([g for g in grads if g is not None], expected_grads, strict=True):
-            torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-7)
-    assert graphed.backend.captures == 1
+        torch.testing.assert_close(graphed(), eager(), rtol=1e-6, atol=0)
+        for (name, p), q in zip(eager_model.named_parameters(), graphed_model.parameters(),
+                                strict=True):
+            assert (p.grad is None) == (q.grad is None), name
+            if p.grad is not None:
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7)
+        with torch.no_grad():  # new weights for both, as after an optimizer step
+            for p, q in zip(eager_model.parameters(), graphed_model.parameters(), strict=True):
+                p.add_(0.01)
+                q.add_(0.01)
+    assert made[0].backend.captures == 1
 
 
 def test_compile_off_and_on_side_by_side_at_batch_8(tmp_path, capsys):

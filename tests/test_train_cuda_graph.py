@@ -153,7 +153,11 @@ def test_cuda_graph_on_a_cpu_or_a_stream_run_is_refused_by_name(corpus, tmp_path
         with pytest.raises(NestlearnError, match=message):
             Trainer(config, progress=False)
         assert not (tmp_path / "run").exists()
-    # the device "auto" resolves to is known when the run starts (no CUDA here)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="'auto' picks CUDA on a GPU machine")
+def test_cuda_graph_where_auto_resolves_to_a_cpu_is_refused_by_name(corpus, tmp_path):
+    # the device "auto" resolves to is known when the run starts
     config = tiny_config(corpus, tmp_path / "auto", "train.cuda_graph=true", "train.device=auto")
     with pytest.raises(NestlearnError, match=r"train\.cuda_graph: got true, but this run is "
                        r"on cpu \(train\.device='auto'\); allowed: true on a CUDA device"):
@@ -186,6 +190,7 @@ def test_a_nan_loss_under_the_graph_stops_before_the_update(corpus, tmp_path):
     trainer.train_step = step_keeping_parameters
     with pytest.raises(NonFiniteError, match="step 4: NaN/Inf in the loss"):
         trainer.run()
-    assert len(trainer.graphed.graphs) == 1  # step 4 was the replayed one
+    # steps 1 and 2 warmed up, step 3 captured: step 4 was a replay
+    assert list(trainer.graphed.warm_calls.values()) == [2] and len(trainer.graphed.graphs) == 1
     for p, saved in zip(parameters, before, strict=True):
         torch.testing.assert_close(p.detach(), saved, rtol=0, atol=0)

@@ -32,8 +32,10 @@ chunk step that failed to compile (and ran eagerly) is named in the ``note`` col
 
 ``--cuda-graph on`` (models, on CUDA) replays each model's forward and backward from a CUDA
 graph, as ``train.cuda_graph`` does (``nestlearn.training.cuda_graph``): three eager warm-up
-calls (compiling included under ``--compile on``) and the capture happen before the first
-timed call, and a capture that fails is named in the note.
+calls and the capture happen before the first timed call (their time is the JSON's ``setup
+s``, and ``compile s`` under ``--compile on``, compiling included), and a capture that fails
+is named in the note. A replay allocates nothing, so a graphed cell's peak MB is taken over
+its warm-up and capture, the model's parameters included.
 """
 
 from __future__ import annotations
@@ -103,10 +105,9 @@ class RunMode:
     cuda_graph: bool = False
 
     def row(self) -> dict[str, str]:
-        """The mode's columns of a result row."""
+        """The mode's columns of a result row (``cuda graph`` in the models section's own)."""
         return {"device": self.device, "autocast": self.autocast,
-                "compile": "on" if self.compile else "off",
-                "cuda graph": "on" if self.cuda_graph else "off"}
+                "compile": "on" if self.compile else "off"}
 
 
 def autocast(device: str, mode: str, cache_enabled: bool = True
@@ -337,17 +338,42 @@ def measure_cell(make: Callable[..., Callable[[], torch.Tensor]], kwargs: dict[s
     one warm-up call), ``first s`` (the first call alone, compiling included), ``note`` and,
     on CUDA with ``memory``, ``peak MB``."""
     notes: list[str] = []
-    result: dict[str, Any] = {"seconds": math.nan, "first s": None, "peak MB": None}
+    result: dict[str, Any] = {"seconds": math.nan, "first s": None, "peak MB": None,
+                              "setup s": None}
     with _run_in_mode(mode, notes):
-        workload = make(device=mode.device, autocast_mode=mode.autocast, **_graph_kwargs(mode),
-                        **kwargs)
+        build = functools.partial(make, device=mode.device, autocast_mode=mode.autocast,
+                                  **_graph_kwargs(mode), **kwargs)
+        if mode.cuda_graph:
+            workload, result["setup s"], result["peak MB"] = _build_graphed(
+                build, memory and mode.device == "cuda")
+        else:
+            workload = build()
         result["first s"], _ = timed_once(workload, mode.device)
         result["seconds"], note = measure(workload, repeats, device=mode.device)
         notes.insert(0, note)
-        if memory and mode.device == "cuda" and not _failed(note):
+        if memory and mode.device == "cuda" and not mode.cuda_graph and not _failed(note):
             result["peak MB"] = cuda_peak_mb(workload)
     result["note"] = _join(notes)
     return result
+
+
+def _build_graphed(build: Callable[[], Callable[[], torch.Tensor]], cuda_memory: bool
+                   ) -> tuple[Callable[[], torch.Tensor], float, float | None]:
+    """``(workload, seconds, peak MiB)`` of building a graphed workload: its warm-up steps and
+    capture (compiling included). A replay allocates nothing (the graph keeps its own pool),
+    so the peak is taken here, above what was allocated before, the model's parameters
+    included (``cuda_memory``; None without)."""
+    if cuda_memory:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    workload = build()
+    if cuda_memory:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda_memory else None
+    return workload, seconds, peak
 
 
 @contextlib.contextmanager
@@ -375,14 +401,15 @@ def _cell(args: argparse.Namespace, make: Callable[..., Callable[[], torch.Tenso
     values (so both sides are measured alike), then the CPU peak-memory probe."""
     memory = not args.no_memory
     try:
-        if mode.compile or len(args.compile) > 1 or mode.cuda_graph or len(args.cuda_graph) > 1:
+        graph_sides = make is make_model_workload and len(args.cuda_graph) > 1
+        if mode.compile or len(args.compile) > 1 or mode.cuda_graph or graph_sides:
             result = in_fresh_process(measure_cell, make, kwargs, mode, args.repeats, memory,
                                       threads=threads)
         else:
             result = measure_cell(make, kwargs, mode, args.repeats, memory)
     except RuntimeError as err:  # the measuring process raised or died: report, go on
         last = str(err).strip().splitlines()[-1]
-        result = {"seconds": math.nan, "first s": None, "peak MB": None,
+        result = {"seconds": math.nan, "first s": None, "peak MB": None, "setup s": None,
                   "note": f"failed: {last}"}
     if memory and mode.device == "cpu" and not _failed(result["note"]):
         result["peak MB"] = peak_memory_mb(functools.partial(workload_in_mode, make, mode),
@@ -414,9 +441,9 @@ def _modes(args: argparse.Namespace, graphs: bool = False) -> list[RunMode]:
 
 
 def _mode_columns(mode: RunMode, result: dict[str, Any]) -> dict[str, Any]:
-    # a graphed cell compiles during its warm-up steps, before its first timed call
-    compiled_first = mode.compile and not mode.cuda_graph
-    return {**mode.row(), "compile s": result["first s"] if compiled_first else None,
+    # a graphed cell compiles during its warm-up steps, timed with its capture ("setup s")
+    compile_s = result.get("setup s") if mode.cuda_graph else result["first s"]
+    return {**mode.row(), "compile s": compile_s if mode.compile else None,
             "first call s": result["first s"]}
 
 
@@ -534,6 +561,11 @@ def _check_args(args: argparse.Namespace) -> None:
     if "on" in args.cuda_graph and args.device != "cuda":
         raise invalid("--cuda-graph", f"'on' with --device {args.device}",
                       "'on' with --device cuda (CUDA graphs need a GPU), or 'off'")
+    if "on" in args.cuda_graph and any(s is not None for s in args.checkpoint_segment):
+        segments = " ".join("off" if s is None else str(s) for s in args.checkpoint_segment)
+        raise invalid("--cuda-graph", f"'on' with --checkpoint-segment {segments}",
+                      "'on' with --checkpoint-segment off (activation checkpointing reads "
+                      "the CUDA RNG state, which a capture refuses)")
     if "on" in args.cuda_graph and "models" not in args.sections:
         raise invalid("--cuda-graph", f"'on' with --sections {' '.join(args.sections)}",
                       "'on' with the models section, the one it applies to")
@@ -607,6 +639,8 @@ def _model_rows(args: argparse.Namespace, configs: dict[str, ModelConfig],
             rows.append({"arch": arch, "dim": config.dim, "layers": config.layers,
                          "params": params, "T": length, "B": args.batch,
                          "checkpoint segment": shown, **_mode_columns(mode, result),
+                         "cuda graph": "on" if mode.cuda_graph else "off",
+                         "setup s": result.get("setup s"),
                          "tok/s": args.batch * length / result["seconds"],
                          "peak MB": result["peak MB"], "note": result["note"],
                          "threads": threads})

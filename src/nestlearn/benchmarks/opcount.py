@@ -62,7 +62,13 @@ from torch.utils.flop_counter import (
     shape_wrapper,
 )
 
-from nestlearn.benchmarks.common import compile_failures, progress, time_call, write_report
+from nestlearn.benchmarks.common import (
+    compile_failures,
+    in_fresh_process,
+    progress,
+    time_call,
+    write_report,
+)
 from nestlearn.errors import invalid
 from nestlearn.models import ARCHS, ModelConfig, build_model
 from nestlearn.ops._compile import BACKENDS
@@ -418,8 +424,6 @@ def rows_per_arch_in_fresh_processes(report: str, columns: list[str],
     report ``report`` written after every row; a process that died or raised outside
     ``measure``'s own handling gives a row whose note says why. ``doing`` names the work in
     the progress line."""
-    from nestlearn.benchmarks.common import in_fresh_process
-
     rows: list[dict[str, Any]] = []
     for arch, config in model_configs(args).items():
         progress(f"{doing} {arch} T={args.length} B={args.batch}")

@@ -136,7 +136,8 @@ class GraphedBackward:
                 f"the training step could not be captured as a CUDA graph: "
                 f"{type(err).__name__}: {first_line[:300]}. A captured step must not wait for "
                 "the GPU (no .item(), .tolist() or data-dependent shapes), read the RNG state "
-                "or run out of memory; run without the CUDA graph (train.cuda_graph=false)"
+                "or run out of memory; run without the CUDA graph (train.cuda_graph=false, "
+                "or bench layers --cuda-graph off)"
             ) from err
         return _Captured(replay, static_inputs, outputs,
                          [parameter.grad for parameter in self.parameters])

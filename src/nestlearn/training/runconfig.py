@@ -515,7 +515,7 @@ def check_cuda_graph(config: RunConfig) -> None:
             "train.cuda_graph: got true with data.sampling='stream'; allowed: "
             "data.sampling='windows' (a carried state holds each layer's position as a "
             "Python int that grows every segment, so no captured step could be replayed)")
-    segment = getattr(config.model, "checkpoint_segment", None)
+    segment = getattr(config.model, "checkpoint_segment", None)  # a ModelConfig field
     if segment is not None:
         raise NestlearnError(
             f"train.cuda_graph: got true with model.checkpoint_segment={segment}; allowed: "

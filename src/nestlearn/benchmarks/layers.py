@@ -87,10 +87,15 @@ COMPILE: tuple[str, ...] = ("off", "on")
 COMPILE_BACKENDS: tuple[str, ...] = ("inductor", "aot_eager")
 
 MODE_COLUMNS = ["device", "autocast", "compile"]
-LAYER_COLUMNS = ["layer", "T", "params", *MODE_COLUMNS, "tok/s", "compile s", "peak MB", "note"]
-MODEL_COLUMNS = ["arch", "dim", "params", "T", "B", "checkpoint segment", *MODE_COLUMNS,
-                 "cuda graph", "tok/s", "compile s", "peak MB", "note"]
-DECODE_COLUMNS = ["arch", "context", *MODE_COLUMNS, "ms/token", "compile s", "state MB", "note"]
+LAYER_COLUMNS = ["layer", "T", "chunk", "params", *MODE_COLUMNS, "tok/s", "compile s",
+                 "peak MB", "note"]
+MODEL_COLUMNS = ["arch", "dim", "params", "T", "B", "chunk", "checkpoint segment",
+                 *MODE_COLUMNS, "cuda graph", "tok/s", "compile s", "peak MB", "note"]
+DECODE_COLUMNS = ["arch", "context", "chunk", *MODE_COLUMNS, "ms/token", "compile s",
+                  "state MB", "note"]
+# The layers whose speed depends on the memory chunk size (the others run once, chunk "-").
+CHUNKED_LAYERS: tuple[str, ...] = ("neural-memory", "self-modifying-titans", "hope-block")
+NO_CHUNK = "-"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -396,12 +401,13 @@ def _run_in_mode(mode: RunMode, notes: list[str]) -> Iterator[None]:
 
 def _cell(args: argparse.Namespace, make: Callable[..., Callable[[], torch.Tensor]],
           kwargs: dict[str, Any], mode: RunMode, threads: int) -> dict[str, Any]:
-    """``measure_cell`` in a fresh process when compiled or when --compile has several
-    values (so both sides are measured alike), then the CPU peak-memory probe."""
+    """``measure_cell`` in a fresh process when compiled or when --compile or --chunk-size
+    has several values (so every side is measured alike), then the CPU peak-memory probe."""
     memory = not args.no_memory
     try:
         graph_sides = make is make_model_workload and len(args.cuda_graph) > 1
-        if mode.compile or len(args.compile) > 1 or mode.cuda_graph or graph_sides:
+        if (mode.compile or len(args.compile) > 1 or mode.cuda_graph or graph_sides
+                or len(args.chunk_size) > 1):
             result = in_fresh_process(measure_cell, make, kwargs, mode, args.repeats, memory,
                                       threads=threads)
         else:
@@ -477,8 +483,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"layers to run, from {', '.join(LAYERS)} (default: all)")
     parser.add_argument("--dim", type=int, default=256, help="layer width D (default: 256)")
     parser.add_argument("--heads", type=int, default=4, help="heads (default: 4)")
-    parser.add_argument("--chunk-size", type=int, default=64,
-                        help="memory chunk size (default: 64)")
+    parser.add_argument("--chunk-size", type=int, nargs="+", default=[64], metavar="C",
+                        help="memory chunk size (every memory of an arch, HOPE's inner one "
+                             "too); several values run side by side, each cell in a fresh "
+                             "process, e.g. '32 64 128'; layers and archs without such a "
+                             "memory run once (default: 64)")
     parser.add_argument("--cms-chunk-sizes", type=int, nargs="+", default=[64, 512],
                         help="CMS level chunk sizes (default: 64 512)")
     parser.add_argument("--archs", nargs="+", default=list(ARCHS),
@@ -571,8 +580,12 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise invalid("--device", "'cuda'", "cpu (torch.cuda.is_available() is false here: "
                                             "no CUDA device or a CPU-only torch)")
-    # Validates dims, heads and CMS chunk sizes once, with the config's own messages.
-    _layer_configs(args.dim, args.heads, args.chunk_size, args.cms_chunk_sizes)
+    if len(set(args.chunk_size)) < len(args.chunk_size):
+        raise invalid("--chunk-size", " ".join(map(str, args.chunk_size)),
+                      "distinct values (each runs side by side with the others)")
+    # Validates dims, heads and chunk sizes once, with the config's own messages.
+    for chunk in args.chunk_size:
+        _layer_configs(args.dim, args.heads, chunk, args.cms_chunk_sizes)
     _base_config(args)
 
 
@@ -581,31 +594,37 @@ def _base_config(args: argparse.Namespace) -> ModelConfig:
                        layers=args.model_layers, heads=args.heads)
 
 
-def _sections(args: argparse.Namespace) -> dict[str, Any]:
-    """The memory and CMS options of the compared models (every memory chunk the same)."""
-    return {"memory": {"chunk_size": args.chunk_size, "inner_chunk_size": args.chunk_size},
+def _sections(args: argparse.Namespace, chunk: int) -> dict[str, Any]:
+    """The memory and CMS options of the compared models (every memory chunk ``chunk``)."""
+    return {"memory": {"chunk_size": chunk, "inner_chunk_size": chunk},
             "cms": {"chunk_sizes": tuple(args.cms_chunk_sizes)}}
+
+
+def _chunks(args: argparse.Namespace, chunked: bool) -> list[int | str]:
+    """Every ``--chunk-size`` for a layer or arch with a chunked memory; else its one run."""
+    return list(args.chunk_size) if chunked else [NO_CHUNK]
 
 
 def _layer_rows(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
     rows = []
-    config = _layer_configs(args.dim, args.heads, args.chunk_size, args.cms_chunk_sizes)
     for layer in args.layers:
-        with torch.device("meta"):
-            params = sum(p.numel() for p in build_layer(layer, config).parameters())
-        for length in args.lengths:
+        for length, chunk, mode in itertools.product(
+                args.lengths, _chunks(args, layer in CHUNKED_LAYERS), _modes(args)):
+            size = args.chunk_size[0] if chunk == NO_CHUNK else chunk
+            with torch.device("meta"):
+                config = _layer_configs(args.dim, args.heads, size, args.cms_chunk_sizes)
+                params = sum(p.numel() for p in build_layer(layer, config).parameters())
             kwargs = {"layer": layer, "dim": args.dim, "heads": args.heads,
-                      "chunk_size": args.chunk_size, "cms_chunk_sizes": args.cms_chunk_sizes,
+                      "chunk_size": size, "cms_chunk_sizes": args.cms_chunk_sizes,
                       "length": length, "batch": args.batch}
-            for mode in _modes(args):
-                progress(f"layer {layer} T={length} {_mode_text(mode)}")
-                result = _cell(args, make_layer_workload, kwargs, mode, threads)
-                rows.append({"layer": layer, "T": length, "B": args.batch, "D": args.dim,
-                             "params": params, **_mode_columns(mode, result),
-                             "tok/s": args.batch * length / result["seconds"],
-                             "peak MB": result["peak MB"], "note": result["note"],
-                             "threads": threads})
-                write_json("layers", rows, args.out)
+            progress(f"layer {layer} T={length} chunk {chunk} {_mode_text(mode)}")
+            result = _cell(args, make_layer_workload, kwargs, mode, threads)
+            rows.append({"layer": layer, "T": length, "B": args.batch, "D": args.dim,
+                         "chunk": chunk, "params": params, **_mode_columns(mode, result),
+                         "tok/s": args.batch * length / result["seconds"],
+                         "peak MB": result["peak MB"], "note": result["note"],
+                         "threads": threads})
+            write_json("layers", rows, args.out)
     return rows
 
 
@@ -615,28 +634,35 @@ def _mode_text(mode: RunMode) -> str:
             f"compile {'on' if mode.compile else 'off'}{graph}")
 
 
-def _model_configs(args: argparse.Namespace) -> dict[str, ModelConfig]:
+def _model_configs(args: argparse.Namespace) -> dict[tuple[str, int | str], ModelConfig]:
+    """``{(arch, chunk): config}``: every ``--chunk-size`` of an arch with a memory, in the
+    order of ``--archs``; an arch without one once, as ``(arch, NO_CHUNK)``."""
     base = _base_config(args)
-    return {arch: base if arch == "transformer"
-            else matched_config(arch, base, args.window, _sections(args))
-            for arch in args.archs}
+    configs = {}
+    for arch in args.archs:
+        for chunk in _chunks(args, ARCHS[arch].memory is not None):
+            size = args.chunk_size[0] if chunk == NO_CHUNK else chunk
+            configs[arch, chunk] = (base if arch == "transformer" else
+                                    matched_config(arch, base, args.window,
+                                                   _sections(args, size)))
+    return configs
 
 
-def _model_rows(args: argparse.Namespace, configs: dict[str, ModelConfig],
+def _model_rows(args: argparse.Namespace, configs: dict[tuple[str, int | str], ModelConfig],
                 threads: int) -> list[dict[str, Any]]:
     rows = []
-    for arch, config in configs.items():
+    for (arch, chunk), config in configs.items():
         params = count_parameters(config)
         for length, segment, mode in itertools.product(args.lengths, args.checkpoint_segment,
                                                        _modes(args, graphs=True)):
             shown = "off" if segment is None else segment
-            progress(f"model {arch} T={length} B={args.batch} checkpoint segment {shown} "
-                     f"{_mode_text(mode)}")
+            progress(f"model {arch} T={length} B={args.batch} chunk {chunk} checkpoint "
+                     f"segment {shown} {_mode_text(mode)}")
             run_config = dataclasses.replace(config, checkpoint_segment=segment)
             kwargs = {"config": run_config.to_dict(), "length": length, "batch": args.batch}
             result = _cell(args, make_model_workload, kwargs, mode, threads)
             rows.append({"arch": arch, "dim": config.dim, "layers": config.layers,
-                         "params": params, "T": length, "B": args.batch,
+                         "params": params, "T": length, "B": args.batch, "chunk": chunk,
                          "checkpoint segment": shown, **_mode_columns(mode, result),
                          "cuda graph": "on" if mode.cuda_graph else "off",
                          "setup s": result.get("setup s"),
@@ -647,23 +673,24 @@ def _model_rows(args: argparse.Namespace, configs: dict[str, ModelConfig],
     return rows
 
 
-def _decode_rows(args: argparse.Namespace, configs: dict[str, ModelConfig],
+def _decode_rows(args: argparse.Namespace, configs: dict[tuple[str, int | str], ModelConfig],
                  threads: int) -> list[dict[str, Any]]:
     rows = []
-    segment = max(args.chunk_size, 512)
-    for arch, config in configs.items():
+    for (arch, chunk), config in configs.items():
+        # the context is read in segments of at least one chunk
+        segment = max(args.chunk_size[0] if chunk == NO_CHUNK else chunk, 512)
         for context, mode in itertools.product(args.decode_contexts, _modes(args)):
-            progress(f"decode {arch} context={context} {_mode_text(mode)}")
+            progress(f"decode {arch} context={context} chunk {chunk} {_mode_text(mode)}")
             cell = (config.to_dict(), context, args.decode_steps, segment, args.repeats, mode)
             try:
-                if mode.compile or len(args.compile) > 1:
+                if mode.compile or len(args.compile) > 1 or len(args.chunk_size) > 1:
                     result = in_fresh_process(measure_decode, *cell, threads=threads)
                 else:
                     result = measure_decode(*cell)
             except RuntimeError as err:  # the measuring process raised or died
                 result = {"seconds": math.nan, "first s": None, "state MB": None,
                           "note": f"failed: {str(err).strip().splitlines()[-1]}"}
-            rows.append({"arch": arch, "dim": config.dim, "context": context,
+            rows.append({"arch": arch, "dim": config.dim, "context": context, "chunk": chunk,
                          **_mode_columns(mode, result),
                          "ms/token": 1000 * result["seconds"], "state MB": result["state MB"],
                          "note": result["note"], "steps": args.decode_steps,

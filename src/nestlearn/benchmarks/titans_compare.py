@@ -28,7 +28,7 @@ from nestlearn.benchmarks.common import (
 from nestlearn.ops import set_compile
 
 IMPLEMENTATIONS: tuple[str, ...] = ("nestlearn", "titans-pytorch")
-TITANS_COLUMNS = ["implementation", "compile", "params", "tok/s", "compile s", "peak MB",
+TITANS_COLUMNS = ["implementation", "chunk", "compile", "params", "tok/s", "compile s", "peak MB",
                   "max err vs naive (f64)", "speedup vs titans-pytorch", "note"]
 # titans-pytorch's first calls are slower while its caches fill; both get the same warm-up
 WARMUP = 3
@@ -108,17 +108,23 @@ def titans_exactness(dim: int, chunk_size: int, length: int, batch: int) -> floa
 
 
 def titans_rows(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
-    """One row per implementation (ours once per --compile value, titans-pytorch eager);
-    ours carry the speed-up and the float64 error."""
+    """Per ``--chunk-size``, one row per implementation (ours once per --compile value,
+    titans-pytorch eager); ours carry the speed-up over titans-pytorch at that chunk size and
+    the float64 error."""
+    sizes = args.chunk_size if isinstance(args.chunk_size, list) else [args.chunk_size]
+    return [row for chunk in sizes for row in _rows_at_chunk(args, chunk, threads)]
+
+
+def _rows_at_chunk(args: argparse.Namespace, chunk: int, threads: int) -> list[dict[str, Any]]:
     rows = []
     compiles = getattr(args, "compile", ["off"])
     backend = getattr(args, "compile_backend", "inductor")
     cells = [("nestlearn", value == "on") for value in compiles] + [("titans-pytorch", False)]
     for implementation, compiled in cells:
         shown = "on" if compiled else "off"
-        progress(f"NeuralMemory: {implementation}, compile {shown}")
+        progress(f"NeuralMemory: {implementation}, chunk {chunk}, compile {shown}")
         kwargs = {"implementation": implementation, "dim": args.titans_dim,
-                  "chunk_size": args.chunk_size, "length": args.titans_length,
+                  "chunk_size": chunk, "length": args.titans_length,
                   "batch": args.titans_batch}
         seconds, note, first = in_fresh_process(_timed, kwargs, args.repeats,
                                                 backend if compiled else None, threads=threads)
@@ -126,14 +132,13 @@ def titans_rows(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
                 else make_titans_workload)
         peak = (None if args.no_memory or note.startswith("failed")
                 else peak_memory_mb(make, threads=threads, **kwargs))
-        error = (titans_exactness(args.titans_dim, args.chunk_size, args.titans_length,
+        error = (titans_exactness(args.titans_dim, chunk, args.titans_length,
                                   args.titans_batch) if implementation == "nestlearn" else None)
-        module = titans_module(implementation, args.titans_dim, args.chunk_size)
-        rows.append({"implementation": implementation, "compile": shown,
+        module = titans_module(implementation, args.titans_dim, chunk)
+        rows.append({"implementation": implementation, "chunk": chunk, "compile": shown,
                      "compile s": first if compiled else None, "first call s": first,
                      "params": sum(p.numel() for p in module.parameters()),
                      "D": args.titans_dim, "T": args.titans_length, "B": args.titans_batch,
-                     "chunk_size": args.chunk_size,
                      "tok/s": args.titans_batch * args.titans_length / seconds,
                      "peak MB": peak, "max err vs naive (f64)": error, "note": note,
                      "threads": threads, "warmup": WARMUP, "repeats": args.repeats})

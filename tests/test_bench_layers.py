@@ -83,6 +83,29 @@ def test_configs_follow_each_chunk_size():
         assert memory.chunk_size == chunk and memory.inner_chunk_size == chunk
 
 
+def test_each_cell_measures_its_own_chunk_size(monkeypatch, tmp_path):
+    seen = []
+
+    def fake_cell(args, make, kwargs, mode, threads):
+        memory = kwargs["config"]["memory"] if "config" in kwargs else None
+        seen.append(kwargs.get("chunk_size") or (memory and memory["chunk_size"]))
+        return {"seconds": 1.0, "first s": 1.0, "peak MB": None, "note": ""}
+
+    def fake_decode(measure, config, context, steps, segment, *rest, threads):
+        seen.append((config["memory"] and config["memory"]["chunk_size"], segment))
+        return {"seconds": 1.0, "first s": 1.0, "state MB": 0.0, "note": ""}
+
+    monkeypatch.setattr(layers, "_cell", fake_cell)
+    monkeypatch.setattr(layers, "in_fresh_process", fake_decode)
+    code = main(["bench", "layers", "--sections", "layers", "models", "decode",
+                 "--layers", "attention", "neural-memory", "--archs", "transformer", "titans",
+                 "--dim", "16", "--decode-contexts", "8", *TINY_MODELS,
+                 "--chunk-size", "1024", "8", "--out", str(tmp_path)])
+    assert code == 0
+    # layers: attention once, the memory at each size; models, then decode (with its segment)
+    assert seen == [1024, 1024, 8, None, 1024, 8, (None, 512), (1024, 1024), (8, 512)]
+
+
 def test_repeated_chunk_sizes_are_refused(capsys):
     assert main(["bench", "layers", "--chunk-size", "4", "4"]) == 2
     assert "--chunk-size: got 4 4; allowed: distinct values" in capsys.readouterr().err

@@ -4,6 +4,7 @@ gradient changed, and finite shards whose squares overflow stop as ``NORM_OVERFL
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import pytest
@@ -45,7 +46,8 @@ def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> 
                                    msg=f"gradient shard of {name}")
 
 
-CASES = (("finite", 0.0), ("finite", 0.5), ("nan", 1.0), ("overflow", 1.0))
+CASES = (("finite", 0.0), ("finite", 0.5), ("nan", 1.0), ("nan on both", 1.0),
+         ("overflow", 1.0))
 
 
 def check_case(rank: int, ctx: DistContext, case: str, max_norm: float) -> None:
@@ -53,6 +55,10 @@ def check_case(rank: int, ctx: DistContext, case: str, max_norm: float) -> None:
     if case == "nan" and rank == 1:
         # a NaN in rank 1's shard only: rank 0's own shards are all finite
         local_gradients(model)["2.weight"].view(-1)[0] = float("nan")
+    if case == "nan on both":
+        # rank 0's bad shard is named, though rank 1's belongs to an earlier parameter
+        name = "2.weight" if rank == 0 else "0.weight"
+        local_gradients(model)[name].view(-1)[0] = float("inf")
     if case == "overflow":
         for grad in local_gradients(model).values():
             grad.mul_(1e25)  # finite, but the squares overflow float32
@@ -67,7 +73,7 @@ def check_case(rank: int, ctx: DistContext, case: str, max_norm: float) -> None:
         assert norm > 0.5  # so clipping to 0.5 changes the gradients
         assert_same(shards(model), shards(reference))
         return
-    want = "gradient of 2.weight" if case == "nan" else NORM_OVERFLOW
+    want = NORM_OVERFLOW if case == "overflow" else "gradient of 2.weight"
     assert where == want, f"rank {rank}: {where!r}"
     assert norm != norm or norm == float("inf")
     assert_same(shards(model), before)  # no gradient changed before the stop
@@ -76,7 +82,9 @@ def check_case(rank: int, ctx: DistContext, case: str, max_norm: float) -> None:
 def check_on_rank(rank: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # a rank that skipped a collective fails within a minute instead of gloo's 30
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         ctx = DistContext(rank=rank, world_size=WORLD, backend="gloo")
         for case, max_norm in CASES:  # one pair of processes for every case: spawning is slow

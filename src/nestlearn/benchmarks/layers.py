@@ -16,6 +16,8 @@ Four sections (``--sections``):
   expansion 4, momentum on), forward and backward, same thread count, each timed in a fresh
   process of its own after the same warm-up (``benchmarks/titans_compare.py``); our layer's
   float64 error against its per-token reference is reported beside it.
+Every memory's chunk (HOPE's inner chunk too) is ``--chunk-size``; several values run side by
+side (a ``chunk`` column; layers and archs without a chunked memory run once, shown ``-``).
 Peak memory is measured in a fresh process per cell (``--no-memory`` skips it); on CUDA it
 is ``torch.cuda.max_memory_allocated`` during one pass instead.
 
@@ -25,10 +27,10 @@ timings synchronize around each timed call), with the forward under
 value (``on``: the memories' steps under ``torch.compile``, ``nestlearn.ops.set_compile``
 with ``--compile-backend``; decode cells read each token with the whole model compiled,
 ``nestlearn.models.token_reader``). A compiled cell runs in a fresh process of its own, and so does
-every cell when ``--compile`` has several values, so compiled code and allocator state cannot
-leak from one cell into the next; its first call (compiling included) is timed apart
-(``compile s``), tok/s is the median of ``--repeats`` runs after one more warm-up call. A
-chunk step that failed to compile (and ran eagerly) is named in the ``note`` column.
+every cell when ``--compile`` or ``--chunk-size`` has several values, so compiled code and
+allocator state cannot leak from one cell into the next; its first call (compiling included)
+is timed apart (``compile s``), tok/s is the median of ``--repeats`` runs after one more
+warm-up call. A chunk step that failed to compile (and ran eagerly) is named in the ``note`` column.
 
 ``--cuda-graph on`` (models, on CUDA) replays each model's forward and backward from a CUDA
 graph, as ``train.cuda_graph`` does (``nestlearn.training.cuda_graph``): three eager warm-up
@@ -600,17 +602,19 @@ def _sections(args: argparse.Namespace, chunk: int) -> dict[str, Any]:
             "cms": {"chunk_sizes": tuple(args.cms_chunk_sizes)}}
 
 
-def _chunks(args: argparse.Namespace, chunked: bool) -> list[int | str]:
-    """Every ``--chunk-size`` for a layer or arch with a chunked memory; else its one run."""
-    return list(args.chunk_size) if chunked else [NO_CHUNK]
+def _chunks(args: argparse.Namespace, chunked: bool) -> list[tuple[int | str, int]]:
+    """``(shown, size)`` for every ``--chunk-size`` of a layer or arch with a chunked memory;
+    else its one run, ``(NO_CHUNK, the first size)`` (no memory reads the size)."""
+    if chunked:
+        return [(size, size) for size in args.chunk_size]
+    return [(NO_CHUNK, args.chunk_size[0])]
 
 
 def _layer_rows(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
     rows = []
     for layer in args.layers:
-        for length, chunk, mode in itertools.product(
+        for length, (chunk, size), mode in itertools.product(
                 args.lengths, _chunks(args, layer in CHUNKED_LAYERS), _modes(args)):
-            size = args.chunk_size[0] if chunk == NO_CHUNK else chunk
             with torch.device("meta"):
                 config = _layer_configs(args.dim, args.heads, size, args.cms_chunk_sizes)
                 params = sum(p.numel() for p in build_layer(layer, config).parameters())
@@ -640,8 +644,7 @@ def _model_configs(args: argparse.Namespace) -> dict[tuple[str, int | str], Mode
     base = _base_config(args)
     configs = {}
     for arch in args.archs:
-        for chunk in _chunks(args, ARCHS[arch].memory is not None):
-            size = args.chunk_size[0] if chunk == NO_CHUNK else chunk
+        for chunk, size in _chunks(args, ARCHS[arch].memory is not None):
             configs[arch, chunk] = (base if arch == "transformer" else
                                     matched_config(arch, base, args.window,
                                                    _sections(args, size)))
@@ -677,8 +680,8 @@ def _decode_rows(args: argparse.Namespace, configs: dict[tuple[str, int | str], 
                  threads: int) -> list[dict[str, Any]]:
     rows = []
     for (arch, chunk), config in configs.items():
-        # the context is read in segments of at least one chunk
-        segment = max(args.chunk_size[0] if chunk == NO_CHUNK else chunk, 512)
+        # the context is read in segments of 512 tokens, or of one chunk if longer
+        segment = 512 if chunk == NO_CHUNK else max(chunk, 512)
         for context, mode in itertools.product(args.decode_contexts, _modes(args)):
             progress(f"decode {arch} context={context} chunk {chunk} {_mode_text(mode)}")
             cell = (config.to_dict(), context, args.decode_steps, segment, args.repeats, mode)

@@ -111,8 +111,7 @@ def titans_rows(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
     """Per ``--chunk-size``, one row per implementation (ours once per --compile value,
     titans-pytorch eager); ours carry the speed-up over titans-pytorch at that chunk size and
     the float64 error."""
-    sizes = args.chunk_size if isinstance(args.chunk_size, list) else [args.chunk_size]
-    return [row for chunk in sizes for row in _rows_at_chunk(args, chunk, threads)]
+    return [row for chunk in args.chunk_size for row in _rows_at_chunk(args, chunk, threads)]
 
 
 def _rows_at_chunk(args: argparse.Namespace, chunk: int, threads: int) -> list[dict[str, Any]]:

@@ -53,16 +53,25 @@ def scale_to_norm(params: list[torch.Tensor], max_norm: float, norm: torch.Tenso
         grad.mul_(factor.to(grad.device))
 
 
-def clip_finite_gradients(model: torch.nn.Module, max_norm: float
+def clip_finite_gradients(model: torch.nn.Module, max_norm: float,
+                          reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                          find_bad: Callable[[], str | None] | None = None,
                           ) -> tuple[float, str | None]:
     """``(the total gradient norm before clipping, None)`` after clipping it to ``max_norm``
     (0 = no clipping), or ``(norm, where)`` naming the first gradient with a NaN or Inf
-    (or ``NORM_OVERFLOW``) with no gradient changed. One host read when all is finite."""
+    (or ``NORM_OVERFLOW``) with no gradient changed. One host read when all is finite.
+
+    For a sharded model (``nestlearn.training.sharded``): ``reduce`` turns the norm of the
+    local shards into the plain global norm, ``find_bad`` names the bad gradient (default:
+    ``nonfinite_gradient(model)``)."""
     params = [p for p in model.parameters() if p.grad is not None]
     norm = total_gradient_norm([p.grad for p in params])
+    if reduce is not None:
+        norm = reduce(norm)
     value = float(norm)
     if not math.isfinite(value):
-        return value, nonfinite_gradient(model) or NORM_OVERFLOW
+        where = find_bad() if find_bad is not None else nonfinite_gradient(model)
+        return value, where or NORM_OVERFLOW
     if max_norm > 0:
         scale_to_norm(params, max_norm, norm)
     return value, None

@@ -28,7 +28,6 @@ must therefore be on a filesystem every rank sees.
 
 from __future__ import annotations
 
-import math
 import shutil
 import tempfile
 import warnings
@@ -51,7 +50,7 @@ from nestlearn.models.io import write_model_files
 from nestlearn.state import tensors
 from nestlearn.training import checkpoint as ckpt
 from nestlearn.training.distributed import DistContext, any_rank, barrier, gather_objects
-from nestlearn.training.grad_norm import NORM_OVERFLOW, scale_to_norm, total_gradient_norm
+from nestlearn.training.grad_norm import clip_finite_gradients
 from nestlearn.training.nonfinite import first_nonfinite
 from nestlearn.treeio import flatten
 
@@ -139,20 +138,19 @@ def full_value(value: torch.Tensor) -> torch.Tensor:
 def clip_finite_sharded_gradients(model: nn.Module, max_norm: float, ctx: DistContext
                                   ) -> tuple[float, str | None]:
     """``clip_finite_gradients`` for a sharded model (all ranks call it, all get the same
-    answer): the global norm over every rank's shards first (one all-reduce), then the same
-    rule. A non-finite norm names the first bad shard of the lowest rank that has one, or
+    answer): the global norm over every rank's shards first (one all-reduce; the clip then
+    scales the shards by that plain norm, no further collective), then the same rule. A
+    non-finite norm names the first bad shard of the lowest rank that has one, or
     ``NORM_OVERFLOW`` when every shard is finite; no gradient is changed then."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    # a DTensor norm reduced over the ranks' shards; full_value all-reduces it
-    norm = total_gradient_norm([p.grad for p in params])
-    value = float(full_value(norm))
-    if not math.isfinite(value):
+
+    def first_bad_shard() -> str | None:
         found = first_nonfinite(local_gradients(model))  # this rank's shards
         named = next((name for name in gather_objects(found, ctx) if name), None)
-        return value, f"gradient of {named}" if named else NORM_OVERFLOW
-    if max_norm > 0:
-        scale_to_norm(params, max_norm, norm)
-    return value, None
+        return None if named is None else f"gradient of {named}"
+
+    # the local shards' norm is a partial DTensor: full_value all-reduces it into a plain
+    # tensor, which scales every shard without another collective
+    return clip_finite_gradients(model, max_norm, reduce=full_value, find_bad=first_bad_shard)
 
 
 def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -613,11 +613,12 @@ def _chunks(args: argparse.Namespace, chunked: bool) -> list[tuple[int | str, in
 def _layer_rows(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
     rows = []
     for layer in args.layers:
-        for length, (chunk, size), mode in itertools.product(
-                args.lengths, _chunks(args, layer in CHUNKED_LAYERS), _modes(args)):
-            with torch.device("meta"):
-                config = _layer_configs(args.dim, args.heads, size, args.cms_chunk_sizes)
-                params = sum(p.numel() for p in build_layer(layer, config).parameters())
+        chunks = _chunks(args, layer in CHUNKED_LAYERS)
+        with torch.device("meta"):  # the chunk size changes no parameter: counted once
+            config = _layer_configs(args.dim, args.heads, chunks[0][1], args.cms_chunk_sizes)
+            params = sum(p.numel() for p in build_layer(layer, config).parameters())
+        for length, (chunk, size), mode in itertools.product(args.lengths, chunks,
+                                                             _modes(args)):
             kwargs = {"layer": layer, "dim": args.dim, "heads": args.heads,
                       "chunk_size": size, "cms_chunk_sizes": args.cms_chunk_sizes,
                       "length": length, "batch": args.batch}

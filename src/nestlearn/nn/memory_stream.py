@@ -115,18 +115,23 @@ def run_chunked_memory(op: MemoryOp, state: ChunkedMemoryState, q: torch.Tensor,
     False for its pieces, which then read the state as the whole segment would.
     """
     if value_map is not None:
+        # Each piece ends at or before the next chunk boundary: one chunk-start memory. One
+        # split per tensor, not a slice per piece: a slice's backward fills a zero gradient
+        # of the whole segment for every piece (O(T^2 / C) traffic), split's is one cat.
+        length = k.shape[1]
+        first = min(length, chunk_size - state.pending)
+        sizes = [first] + [chunk_size] * ((length - first) // chunk_size)
+        if (length - first) % chunk_size:
+            sizes.append((length - first) % chunk_size)
+        pieces = zip(*(x.split(sizes, 1) if x is not None else [None] * len(sizes)
+                       for x in (q, k, v, alpha, eta, theta)), strict=True)
         outputs = []
-        start = 0
-        while start < k.shape[1]:
-            # Each piece ends at or before the next chunk boundary: one chunk-start memory.
-            stop = min(k.shape[1], start + chunk_size - state.pending)
-            piece = slice(start, stop)
+        for q_p, k_p, v_p, alpha_p, eta_p, theta_p in pieces:
             out, state = run_chunked_memory(
-                op, state, q[:, piece], k[:, piece], value_map(state.chunk_start, v[:, piece]),
-                alpha[:, piece], eta[:, piece], None if theta is None else theta[:, piece],
-                chunk_size=chunk_size, token_step=token_step and k.shape[1] == 1, **op_kwargs)
+                op, state, q_p, k_p, value_map(state.chunk_start, v_p), alpha_p, eta_p,
+                theta_p, chunk_size=chunk_size, token_step=token_step and length == 1,
+                **op_kwargs)
             outputs.append(out)
-            start = stop
         return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)), state
     if (token_step and k.shape[1] == 1 and op is deep_memory
             and (state.current is not None or state.pending == 0)):

@@ -341,7 +341,53 @@ class SelfModifyingTitans(nn.Module):
         """k, v ``[B, T, H, Dh]``, alpha and the learning-rate gate g in (0, 1) ``[B, T, H]``
         from the inner memories, q ``[B, T, H, Dh]`` (None unless ``adaptive_q``), and their
         state after the segment. Each inner chunk reads the memories as they were at its start.
-        """
+
+        The whole inner chunks inside the segment run through ``_inner_chunks`` (one fused
+        step per chunk); the pieces before and after them, and everything under
+        ``use_naive``, through ``_run_inner_pieces``: the same values either way."""
+        c = self.config
+        size = c.inner_chunk_size
+        length = reads.shape[1]
+        head = min(length, (size - state.pending) % size)
+        whole = 0 if c.use_naive else (length - head) // size * size
+        sizes = (head, whole, length - head - whole)
+        results = []
+        for index, (piece_reads, piece_theta) in _split_time(sizes, reads, theta):
+            if index == 1:
+                *outputs, state = self._inner_chunks(piece_reads, piece_theta, state)
+            else:
+                *outputs, state = self._run_inner_pieces(piece_reads, piece_theta, state)
+            results.append(outputs)
+        k, v, alpha, gate, q = (
+            parts[0] if len(parts) == 1 else None if parts[0] is None else torch.cat(parts, 1)
+            for parts in zip(*results, strict=True))
+        return k, v, alpha, gate, q, state
+
+    def _inner_chunks(self, reads: torch.Tensor, theta: torch.Tensor | None,
+                      state: ChunkedMemoryState
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                 torch.Tensor | None, ChunkedMemoryState]:
+        """``_run_inner`` of whole inner chunks from a state with nothing pending: per chunk
+        one ``_inner_chunk_step`` (read, gates, targets and the stacked update), nothing
+        appended to the state and no per-chunk checks."""
+        c = self.config
+        batch = reads.shape[0]
+        weights, momentum = batched_state(state.chunk_start, batch, c.momentum)
+        k, v, alpha, gate, q, weights, momentum = _inner_chunks(
+            c, weights, momentum, reads, theta, self.eta_readout, self.eta_bias,
+            self.alpha_readout, self.alpha_bias)
+        state = empty_chunked_state(
+            DeepMemoryState(tuple(weights), None if momentum is None else tuple(momentum)),
+            batch, c.heads, c.head_dim, c.momentum, reads)
+        return k, v, alpha, gate, q, state
+
+    def _run_inner_pieces(self, reads: torch.Tensor, theta: torch.Tensor | None,
+                          state: ChunkedMemoryState
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                     torch.Tensor | None, ChunkedMemoryState]:
+        """``_run_inner`` piece by piece, each piece ending where an inner chunk ends, the
+        chunk's tokens kept in the state until it is complete (any segment; the per-token
+        reference under ``use_naive``)."""
         c = self.config
         batch, length = reads.shape[:2]
         pieces: list[tuple[torch.Tensor, ...]] = []
@@ -559,12 +605,7 @@ def _stacked_chunks(config: SelfModifyingTitansConfig, weights: list[torch.Tenso
     chunks = inputs.shape[2] // size
     queries_main = ([None] * chunks if q is None
                     else list(q.transpose(1, 2).contiguous().split(size, 2)))
-    thetas, products = [None] * chunks, [None] * chunks
-    if theta is not None:
-        stacked_theta = theta.transpose(1, 2).repeat(1, count + 1, 1)
-        thetas = list(stacked_theta.split(size, 2))
-        # theta comes from a plain projection: its segment products for every chunk at once
-        products = list(segment_products(stacked_theta.unflatten(-1, (chunks, size))).unbind(2))
+    thetas, products = _theta_chunks(theta, count + 1, size, chunks)
     outputs = []
     for read_in, q_c, theta_c, products_c in zip(inputs.split(size, 2), queries_main, thetas,
                                                  products, strict=True):
@@ -587,18 +628,10 @@ def _stacked_chunk(c: SelfModifyingTitansConfig, weights: list[torch.Tensor],
     the main heads' outputs and the stacked state after the chunk. A pure function of its
     inputs, so the compiled path compiles it whole (read, gates, targets and chunk step)."""
     heads, count = c.heads, len(c.inner_memories)
-    read = mlp_forward(tuple(weights), read_in, c.activation).split(heads, 1)
-    k = F.normalize(read[0] if c.adaptive_k else read_in[:, :heads], dim=-1)
-    v = read[1] if c.adaptive_v else read_in[:, heads:2 * heads]
-    if c.normalize_values:
-        v = F.normalize(v, dim=-1)
-    if c.adaptive_q:
-        q_c = F.normalize(read[4], dim=-1)
-    gate = torch.sigmoid((read[2] * eta_readout[:, None]).sum(-1) + eta_bias[:, None])
-    if alpha_readout is not None and alpha_bias is not None:
-        alpha = torch.sigmoid((read[3] * alpha_readout[:, None]).sum(-1) + alpha_bias[:, None])
-    else:
-        alpha = torch.ones_like(gate)
+    k, v, alpha, gate, adaptive_q = _read_inner(c, weights, read_in, eta_readout, eta_bias,
+                                                alpha_readout, alpha_bias)
+    if adaptive_q is not None:
+        q_c = adaptive_q
     targets = mlp_forward(tuple(weights), v.repeat(1, count + 1, 1, 1), c.activation)
     if c.memory_target != "self":
         targets = torch.cat([targets[:, :count * heads], v], 1)
@@ -611,3 +644,95 @@ def _stacked_chunk(c: SelfModifyingTitansConfig, weights: list[torch.Tensor],
 
 # The stacked chunk as the layer runs it: compiled whole under nestlearn.ops.set_compile(True).
 _stacked_chunk_step = compiled_step(_stacked_chunk)
+
+
+def _theta_chunks(theta: torch.Tensor | None, copies: int, size: int, chunks: int
+                  ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """theta ``[B, T, H]`` (T = ``chunks * size``) for a stack of ``copies`` memories: per
+    chunk the heads-first gate ``[B, copies * H, C]`` and its segment products, all chunks'
+    products in one batched call (theta comes from a plain projection, not from a memory)."""
+    if theta is None:
+        return [None] * chunks, [None] * chunks
+    stacked = theta.transpose(1, 2).repeat(1, copies, 1)
+    products = segment_products(stacked.unflatten(-1, (chunks, size)))
+    return list(stacked.split(size, 2)), list(products.unbind(2))
+
+
+def _read_inner(c: SelfModifyingTitansConfig, weights: list[torch.Tensor],
+                read_in: torch.Tensor, eta_readout: torch.Tensor, eta_bias: torch.Tensor,
+                alpha_readout: torch.Tensor | None, alpha_bias: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                           torch.Tensor | None]:
+    """k, v ``[B, H, C, Dh]``, alpha and the gate g ``[B, H, C]`` and (``adaptive_q``) q of
+    one chunk, from the stacked memories (``weights``, inner heads first) reading their
+    heads-first inputs ``read_in``: what ``_run_inner_pieces`` makes token-major."""
+    heads = c.heads
+    read = mlp_forward(tuple(weights), read_in, c.activation).split(heads, 1)
+    # Without adaptation a projection is its memory's input itself (the ablations).
+    k = F.normalize(read[0] if c.adaptive_k else read_in[:, :heads], dim=-1)
+    v = read[1] if c.adaptive_v else read_in[:, heads:2 * heads]
+    if c.normalize_values:
+        v = F.normalize(v, dim=-1)
+    q = F.normalize(read[4], dim=-1) if c.adaptive_q else None
+    gate = torch.sigmoid((read[2] * eta_readout[:, None]).sum(-1) + eta_bias[:, None])
+    if alpha_readout is not None and alpha_bias is not None:
+        alpha = torch.sigmoid((read[3] * alpha_readout[:, None]).sum(-1) + alpha_bias[:, None])
+    else:
+        alpha = torch.ones_like(gate)
+    return k, v, alpha, gate, q
+
+
+@full_precision
+def _inner_chunks(config: SelfModifyingTitansConfig, weights: list[torch.Tensor],
+                  momentum: list[torch.Tensor] | None, reads: torch.Tensor,
+                  theta: torch.Tensor | None, eta_readout: torch.Tensor, eta_bias: torch.Tensor,
+                  alpha_readout: torch.Tensor | None, alpha_bias: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                             torch.Tensor | None, list[torch.Tensor], list[torch.Tensor] | None]:
+    """The inner memories over whole inner chunks (``reads [B, T, count * H, Dh]``, T a
+    multiple of ``inner_chunk_size``) from the stacked chunk-start state ``weights``,
+    ``momentum`` ``[B, count * H, out, in]``: k, v ``[B, T, H, Dh]``, alpha, g ``[B, T, H]``,
+    q (``adaptive_q``, else None) and the stacked state after the last chunk. Runs in full
+    precision under autocast, as the ops of ``_run_inner_pieces`` do."""
+    c = config
+    size = c.inner_chunk_size
+    inputs = reads.transpose(1, 2).contiguous()
+    chunks = inputs.shape[2] // size
+    thetas, products = _theta_chunks(theta, len(c.inner_memories), size, chunks)
+    pieces = []
+    for read_in, theta_c, products_c in zip(inputs.split(size, 2), thetas, products,
+                                            strict=True):
+        piece, weights, momentum = _inner_chunk_step(
+            c, weights, momentum, read_in, theta_c, products_c, eta_readout, eta_bias,
+            alpha_readout, alpha_bias)
+        pieces.append(piece)
+    k, v, alpha, gate, q = (None if parts[0] is None else torch.cat(parts, 2).transpose(1, 2)
+                            for parts in zip(*pieces, strict=True))
+    return k, v, alpha, gate, q, weights, momentum
+
+
+def _inner_chunk(c: SelfModifyingTitansConfig, weights: list[torch.Tensor],
+                 momentum: list[torch.Tensor] | None, read_in: torch.Tensor,
+                 theta_c: torch.Tensor | None, products_c: torch.Tensor | None,
+                 eta_readout: torch.Tensor, eta_bias: torch.Tensor,
+                 alpha_readout: torch.Tensor | None, alpha_bias: torch.Tensor | None
+                 ) -> tuple[tuple[torch.Tensor | None, ...], list[torch.Tensor],
+                            list[torch.Tensor] | None]:
+    """One chunk of ``_inner_chunks`` (heads-first ``read_in [B, count * H, C, Dh]``): the
+    chunk's (k, v, alpha, g, q), heads-first, and the stacked state after the chunk (each
+    memory's targets M_*(v_t) from its chunk-start state, the rates under the inner
+    ceiling: ``_inner_update``'s step). A pure function of its inputs, so the compiled path
+    compiles it whole."""
+    count = len(c.inner_memories)
+    k, v, alpha, gate, q = _read_inner(c, weights, read_in, eta_readout, eta_bias,
+                                       alpha_readout, alpha_bias)
+    targets = mlp_forward(tuple(weights), v.repeat(1, count, 1, 1), c.activation)
+    _, weights, momentum = deep_memory_chunk_step(
+        weights, momentum, None, k.repeat(1, count, 1, 1), targets, alpha.repeat(1, count, 1),
+        (c.resolved_inner_eta_max * gate).repeat(1, count, 1), theta_c, objective="l2",
+        activation=c.activation, dgd=c.dgd, momentum_products=products_c)
+    return (k, v, alpha, gate, q), weights, momentum
+
+
+# The inner chunk as the layer runs it: compiled whole under nestlearn.ops.set_compile(True).
+_inner_chunk_step = compiled_step(_inner_chunk)

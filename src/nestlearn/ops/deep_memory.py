@@ -434,14 +434,16 @@ def deep_memory_update(state: DeepMemoryState, k: torch.Tensor, v: torch.Tensor,
 
 
 def deep_memory_chunk_step(weights: list[torch.Tensor], momentum: list[torch.Tensor] | None,
-                           q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor,
                            alpha: torch.Tensor, eta: torch.Tensor, theta: torch.Tensor | None,
                            *, objective: str = "l2", activation: str = "gelu", dgd: bool = False,
                            read_heads: int | None = None,
                            momentum_products: torch.Tensor | None = None,
-                           ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor] | None]:
-    """One chunk of :func:`deep_memory`: the outputs M_t(q_t) of its tokens and the state after
-    it, every gradient taken at ``weights`` (and ``momentum``, None without theta).
+                           ) -> tuple[torch.Tensor | None, list[torch.Tensor],
+                                      list[torch.Tensor] | None]:
+    """One chunk of :func:`deep_memory`: the outputs M_t(q_t) of its tokens (None when ``q`` is
+    None: the state step alone) and the state after it, every gradient taken at ``weights``
+    (and ``momentum``, None without theta).
 
     For layers that drive the chunk loop themselves: tensors are heads-first (tokens
     ``[B, H, C, D]``, gates ``[B, H, C]``, weights ``[B, H, out, in]``) and nothing is checked

@@ -44,8 +44,8 @@ def test_bench_layers_runs_at_a_tiny_size(tmp_path, capsys):
     assert grows["titans"] == short["titans"]
     assert all(row["device"] == "cpu" and row["autocast"] == "off" and row["compile"] == "off"
                and row["compile s"] is None for row in layers + models + decode)
-    assert "| arch | context | chunk | device | autocast | compile | ms/token |" in \
-        capsys.readouterr().out
+    assert "| arch | context | chunk | inner chunk | device | autocast | compile | ms/token |" \
+        in capsys.readouterr().out
 
 
 def test_chunk_sizes_run_side_by_side_for_the_memories_only(tmp_path, capsys):
@@ -58,8 +58,8 @@ def test_chunk_sizes_run_side_by_side_for_the_memories_only(tmp_path, capsys):
         ("transformer", "-"), ("titans", 4), ("titans", 8)]
     assert all(row["note"] == "" and row["tok/s"] > 0 for row in rows)
     table = capsys.readouterr().out
-    assert "| T | B | chunk | checkpoint segment |" in table
-    assert "| 16 | 1 | 8 | off | cpu |" in table and "| 16 | 1 | - | off | cpu |" in table
+    assert "| T | B | chunk | inner chunk | checkpoint segment |" in table
+    assert "| 16 | 1 | 8 | - | off | cpu |" in table and "| 16 | 1 | - | - | off | cpu |" in table
 
 
 def test_configs_follow_each_chunk_size():
@@ -76,6 +76,42 @@ def test_configs_follow_each_chunk_size():
     assert configs["hope", 4].dim == configs["hope", 8].dim
     assert (layers.count_parameters(configs["hope", 4])
             == layers.count_parameters(configs["hope", 8]))
+
+
+def test_hope_s_inner_chunk_is_its_own_option(monkeypatch, tmp_path):
+    parser = argparse.ArgumentParser()
+    layers.add_arguments(parser)
+    args = parser.parse_args(["--archs", "hope", *TINY_MODELS, "--chunk-size", "4", "8",
+                              "--inner-chunk-size", "2"])
+    for chunk in (4, 8):
+        memory = layers._model_configs(args)["hope", chunk].memory
+        assert (memory.chunk_size, memory.inner_chunk_size) == (chunk, 2)
+    seen = []
+
+    def fake_cell(args, make, kwargs, mode, threads):
+        if "config" in kwargs:
+            memory = kwargs["config"]["memory"]
+            seen.append((memory["chunk_size"], memory.get("inner_chunk_size")))
+        else:
+            config = layers._layer_configs(
+                kwargs["dim"], kwargs["heads"], kwargs["chunk_size"], kwargs["cms_chunk_sizes"],
+                kwargs["inner_chunk_size"])["hope"].memory
+            seen.append((kwargs["layer"], config.inner_chunk_size))
+        return {"seconds": 1.0, "first s": 1.0, "peak MB": None, "note": ""}
+
+    monkeypatch.setattr(layers, "_cell", fake_cell)
+    code = main(["bench", "layers", "--sections", "layers", "models",
+                 "--layers", "neural-memory", "self-modifying-titans",
+                 "--archs", "titans", "hope", "--dim", "16", *TINY_MODELS,
+                 "--inner-chunk-size", "2", "--out", str(tmp_path)])
+    assert code == 0
+    assert seen == [("neural-memory", 2), ("self-modifying-titans", 2), (4, None), (4, 2)]
+    rows = json.loads((tmp_path / "layers.json").read_text())["rows"]
+    assert [row["inner chunk"] for row in rows] == ["-", 2]
+    models = json.loads((tmp_path / "layers-models.json").read_text())["rows"]
+    assert [(row["arch"], row["chunk"], row["inner chunk"]) for row in models] == [
+        ("titans", 4, "-"), ("hope", 4, 2)]
+    assert main(["bench", "layers", "--inner-chunk-size", "0"]) == 2
 
 
 def test_each_cell_measures_its_own_chunk_size(monkeypatch, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -10,7 +11,9 @@ import torch
 from model_cases import tiny_config
 from nestlearn.benchmarks.opcount import (
     OpCounter,
+    add_arguments,
     count_step,
+    model_configs,
     parametric_weights,
     profiled_kernels,
     profiled_syncs,
@@ -82,11 +85,26 @@ def test_cli_writes_a_table_and_json(tmp_path, capsys):
                  str(tmp_path)])
     assert code == 0
     out = capsys.readouterr().out
-    assert "| arch | params | T | ops/step | kernels/step | syncs/step" in out
+    assert "| arch | params | T | chunk | inner chunk | ops/step | kernels/step | syncs/step" in out
     rows = json.loads((tmp_path / "ops-count.json").read_text())["rows"]
     assert [row["arch"] for row in rows] == ["transformer", "titans"]
+    assert [(row["chunk"], row["inner chunk"]) for row in rows] == [("-", "-"), (8, "-")]
     assert all(row["syncs/step"] == 0 and row["ops/step"] > 0 for row in rows)
     assert "tok/s" not in rows[0]  # timing only with --timing
+
+
+def test_hope_s_inner_chunk_is_its_own_option():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    tiny = ["--archs", "hope", "--model-dim", "16", "--model-layers", "1", "--heads", "2",
+            "--chunk-size", "8", "--cms-chunk-sizes", "4", "8"]
+    same = model_configs(parser.parse_args(tiny))["hope"]
+    own = model_configs(parser.parse_args([*tiny, "--inner-chunk-size", "4"]))["hope"]
+    assert (same.memory.chunk_size, same.memory.inner_chunk_size) == (8, 8)
+    assert (own.memory.chunk_size, own.memory.inner_chunk_size) == (8, 4)
+    # fewer tokens per inner step: more inner steps, so more kernels per training step
+    assert (count_step(own, 16, 1)["kernels/step"]
+            > count_step(same, 16, 1)["kernels/step"])
 
 
 def test_cli_refuses_unknown_archs_and_bad_sizes(capsys):
@@ -94,6 +112,8 @@ def test_cli_refuses_unknown_archs_and_bad_sizes(capsys):
     assert "--archs: got 'lstm'" in capsys.readouterr().err
     assert main(["bench", "ops-count", "--length", "0"]) == 2
     assert "--length: got 0" in capsys.readouterr().err
+    assert main(["bench", "ops-count", "--inner-chunk-size", "0"]) == 2
+    assert "--inner-chunk-size: got 0" in capsys.readouterr().err
 
 
 def test_decode_counts_are_per_token_and_sync_free(tmp_path, capsys):

@@ -89,14 +89,16 @@ COMPILE: tuple[str, ...] = ("off", "on")
 COMPILE_BACKENDS: tuple[str, ...] = ("inductor", "aot_eager")
 
 MODE_COLUMNS = ["device", "autocast", "compile"]
-LAYER_COLUMNS = ["layer", "T", "chunk", "params", *MODE_COLUMNS, "tok/s", "compile s",
-                 "peak MB", "note"]
-MODEL_COLUMNS = ["arch", "dim", "params", "T", "B", "chunk", "checkpoint segment",
+LAYER_COLUMNS = ["layer", "T", "chunk", "inner chunk", "params", *MODE_COLUMNS, "tok/s",
+                 "compile s", "peak MB", "note"]
+MODEL_COLUMNS = ["arch", "dim", "params", "T", "B", "chunk", "inner chunk", "checkpoint segment",
                  *MODE_COLUMNS, "cuda graph", "tok/s", "compile s", "peak MB", "note"]
-DECODE_COLUMNS = ["arch", "context", "chunk", *MODE_COLUMNS, "ms/token", "compile s",
+DECODE_COLUMNS = ["arch", "context", "chunk", "inner chunk", *MODE_COLUMNS, "ms/token", "compile s",
                   "state MB", "note"]
 # The layers whose speed depends on the memory chunk size (the others run once, chunk "-").
 CHUNKED_LAYERS: tuple[str, ...] = ("neural-memory", "self-modifying-titans", "hope-block")
+# The layers with HOPE's inner memories (their chunk: --inner-chunk-size).
+INNER_CHUNKED_LAYERS: tuple[str, ...] = ("self-modifying-titans", "hope-block")
 NO_CHUNK = "-"
 
 
@@ -127,17 +129,19 @@ def autocast(device: str, mode: str, cache_enabled: bool = True
     return contextlib.nullcontext()
 
 
-def _layer_configs(dim: int, heads: int, chunk_size: int, cms_chunk_sizes: list[int]
-                   ) -> dict[str, ModelConfig]:
+def _layer_configs(dim: int, heads: int, chunk_size: int, cms_chunk_sizes: list[int],
+                   inner_chunk_size: int | None = None) -> dict[str, ModelConfig]:
     """One-block configs of each arch whose layers are measured, at the requested sizes (the
-    memories' chunks, inner chunk included, all ``chunk_size``)."""
+    memories' chunks ``chunk_size``, HOPE's inner chunk ``inner_chunk_size``, None: the
+    same)."""
     memory = {"chunk_size": chunk_size}
     cms = {"chunk_sizes": tuple(cms_chunk_sizes)}
     shared = {"dim": dim, "heads": heads, "layers": 1}
     return {"transformer": ModelConfig(arch="transformer", **shared),
             "titans": ModelConfig(arch="titans", memory=memory, **shared),
-            "hope": ModelConfig(arch="hope", memory={**memory, "inner_chunk_size": chunk_size},
-                                cms=cms, **shared),
+            "hope": ModelConfig(arch="hope",
+                                memory={**memory, "inner_chunk_size": inner_chunk_size
+                                        or chunk_size}, cms=cms, **shared),
             "hope-attention": ModelConfig(arch="hope-attention", cms=cms, **shared)}
 
 
@@ -164,11 +168,12 @@ def build_layer(name: str, configs: dict[str, ModelConfig]) -> nn.Module:
 
 def make_layer_workload(layer: str, dim: int, heads: int, chunk_size: int,
                         cms_chunk_sizes: list[int], length: int, batch: int,
-                        seed: int = 0, device: str = "cpu",
-                        autocast_mode: str = "off") -> Callable[[], torch.Tensor]:
+                        seed: int = 0, device: str = "cpu", autocast_mode: str = "off",
+                        inner_chunk_size: int | None = None) -> Callable[[], torch.Tensor]:
     """One forward+backward pass of a layer (module level: the memory probe imports it)."""
     torch.manual_seed(seed)
-    module = build_layer(layer, _layer_configs(dim, heads, chunk_size, cms_chunk_sizes))
+    module = build_layer(layer, _layer_configs(dim, heads, chunk_size, cms_chunk_sizes,
+                                               inner_chunk_size))
     module.to(device)
     x = torch.randn(batch, length, dim, device=device, requires_grad=True)
 
@@ -490,6 +495,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "too); several values run side by side, each cell in a fresh "
                              "process, e.g. '32 64 128'; layers and archs without such a "
                              "memory run once (default: 64)")
+    parser.add_argument("--inner-chunk-size", type=int, default=None, metavar="C",
+                        help="chunk of HOPE's inner memories (k, v, eta, alpha); the hope "
+                             "model's own default is 16 (default: each --chunk-size value)")
     parser.add_argument("--cms-chunk-sizes", type=int, nargs="+", default=[64, 512],
                         help="CMS level chunk sizes (default: 64 512)")
     parser.add_argument("--archs", nargs="+", default=list(ARCHS),
@@ -560,7 +568,8 @@ def _check_args(args: argparse.Namespace) -> None:
         for name in names:
             if name not in allowed:
                 raise invalid(option, repr(name), f"names from {', '.join(allowed)}")
-    for name in ("lengths", "batch", "dim", "heads", "chunk_size", "cms_chunk_sizes",
+    for name in ("lengths", "batch", "dim", "heads", "chunk_size", "inner_chunk_size",
+                 "cms_chunk_sizes",
                  "model_dim", "model_layers", "vocab_size", "window", "decode_contexts",
                  "decode_steps", "titans_dim", "titans_length", "titans_batch", "repeats",
                  "threads"):
@@ -587,7 +596,8 @@ def _check_args(args: argparse.Namespace) -> None:
                       "distinct values (each runs side by side with the others)")
     # Validates dims, heads and chunk sizes once, with the config's own messages.
     for chunk in args.chunk_size:
-        _layer_configs(args.dim, args.heads, chunk, args.cms_chunk_sizes)
+        _layer_configs(args.dim, args.heads, chunk, args.cms_chunk_sizes,
+                       args.inner_chunk_size)
     _base_config(args)
 
 
@@ -597,9 +607,20 @@ def _base_config(args: argparse.Namespace) -> ModelConfig:
 
 
 def _sections(args: argparse.Namespace, chunk: int) -> dict[str, Any]:
-    """The memory and CMS options of the compared models (every memory chunk ``chunk``)."""
-    return {"memory": {"chunk_size": chunk, "inner_chunk_size": chunk},
+    """The memory and CMS options of the compared models (every memory chunk ``chunk``,
+    HOPE's inner chunk ``--inner-chunk-size`` if given)."""
+    return {"memory": {"chunk_size": chunk, "inner_chunk_size": _inner_size(args, chunk)},
             "cms": {"chunk_sizes": tuple(args.cms_chunk_sizes)}}
+
+
+def _inner_size(args: argparse.Namespace, chunk: int) -> int:
+    """HOPE's inner chunk at the memory chunk ``chunk``."""
+    return args.inner_chunk_size or chunk
+
+
+def _inner_shown(args: argparse.Namespace, size: int, has_inner: bool) -> int | str:
+    """The ``inner chunk`` column: HOPE's inner chunk in its rows, ``-`` in the others."""
+    return _inner_size(args, size) if has_inner else NO_CHUNK
 
 
 def _chunks(args: argparse.Namespace, chunked: bool) -> list[tuple[int | str, int]]:
@@ -615,17 +636,21 @@ def _layer_rows(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
     for layer in args.layers:
         chunks = _chunks(args, layer in CHUNKED_LAYERS)
         with torch.device("meta"):  # the chunk size changes no parameter: counted once
-            config = _layer_configs(args.dim, args.heads, chunks[0][1], args.cms_chunk_sizes)
+            config = _layer_configs(args.dim, args.heads, chunks[0][1], args.cms_chunk_sizes,
+                                    args.inner_chunk_size)
             params = sum(p.numel() for p in build_layer(layer, config).parameters())
         for length, (chunk, size), mode in itertools.product(args.lengths, chunks,
                                                              _modes(args)):
             kwargs = {"layer": layer, "dim": args.dim, "heads": args.heads,
                       "chunk_size": size, "cms_chunk_sizes": args.cms_chunk_sizes,
-                      "length": length, "batch": args.batch}
+                      "length": length, "batch": args.batch,
+                      "inner_chunk_size": args.inner_chunk_size}
             progress(f"layer {layer} T={length} chunk {chunk} {_mode_text(mode)}")
             result = _cell(args, make_layer_workload, kwargs, mode, threads)
             rows.append({"layer": layer, "T": length, "B": args.batch, "D": args.dim,
-                         "chunk": chunk, "params": params, **_mode_columns(mode, result),
+                         "chunk": chunk,
+                         "inner chunk": _inner_shown(args, size, layer in INNER_CHUNKED_LAYERS),
+                         "params": params, **_mode_columns(mode, result),
                          "tok/s": args.batch * length / result["seconds"],
                          "peak MB": result["peak MB"], "note": result["note"],
                          "threads": threads})
@@ -652,6 +677,13 @@ def _model_configs(args: argparse.Namespace) -> dict[tuple[str, int | str], Mode
     return configs
 
 
+def _inner_column(config: ModelConfig) -> int | str:
+    """The ``inner chunk`` column of an arch's rows."""
+    memory = config.memory
+    has_inner = memory is not None and hasattr(memory, "inner_chunk_size")
+    return memory.inner_chunk_size if has_inner else NO_CHUNK
+
+
 def _model_rows(args: argparse.Namespace, configs: dict[tuple[str, int | str], ModelConfig],
                 threads: int) -> list[dict[str, Any]]:
     rows = []
@@ -667,6 +699,7 @@ def _model_rows(args: argparse.Namespace, configs: dict[tuple[str, int | str], M
             result = _cell(args, make_model_workload, kwargs, mode, threads)
             rows.append({"arch": arch, "dim": config.dim, "layers": config.layers,
                          "params": params, "T": length, "B": args.batch, "chunk": chunk,
+                         "inner chunk": _inner_column(config),
                          "checkpoint segment": shown, **_mode_columns(mode, result),
                          "cuda graph": "on" if mode.cuda_graph else "off",
                          "setup s": result.get("setup s"),
@@ -695,6 +728,7 @@ def _decode_rows(args: argparse.Namespace, configs: dict[tuple[str, int | str], 
                 result = {"seconds": math.nan, "first s": None, "state MB": None,
                           "note": f"failed: {str(err).strip().splitlines()[-1]}"}
             rows.append({"arch": arch, "dim": config.dim, "context": context, "chunk": chunk,
+                         "inner chunk": _inner_column(config),
                          **_mode_columns(mode, result),
                          "ms/token": 1000 * result["seconds"], "state MB": result["state MB"],
                          "note": result["note"], "steps": args.decode_steps,

@@ -89,8 +89,8 @@ NON_PARAMETRIC = ("embed.", "persistent", "memory_weights", "inner_weights")
 # Ops that only relabel memory (no kernel on a GPU) besides those whose schema says "view".
 METADATA_OPS = frozenset({"_unsafe_view", "lift_fresh"})
 
-COLUMNS = ["arch", "params", "T", "ops/step", "kernels/step", "syncs/step", "kernels/token",
-           "param GFLOP/tok", "in-context GFLOP/tok"]
+COLUMNS = ["arch", "params", "T", "chunk", "inner chunk", "ops/step", "kernels/step",
+           "syncs/step", "kernels/token", "param GFLOP/tok", "in-context GFLOP/tok"]
 DECODE_COLUMNS = ["decode kernels/token", "decode syncs/token"]
 COMPILED_COLUMNS = ["profiled kernels eager", "profiled kernels compiled", "compile s", "note"]
 # aten ops that only relabel or allocate memory: no kernel of their own in a profile (their
@@ -380,6 +380,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, default=4, help="heads (default: 4)")
     parser.add_argument("--chunk-size", type=int, default=64,
                         help="memory chunk size (default: 64)")
+    parser.add_argument("--inner-chunk-size", type=int, default=None,
+                        help="chunk of HOPE's inner memories; the hope model's own default "
+                             "is 16 (default: --chunk-size)")
     parser.add_argument("--cms-chunk-sizes", type=int, nargs="+", default=[64, 512],
                         help="CMS level chunk sizes (default: 64 512)")
     parser.add_argument("--window", type=int, default=512,
@@ -442,7 +445,8 @@ def model_configs(args: argparse.Namespace) -> dict[str, ModelConfig]:
 
     base = ModelConfig(arch="transformer", vocab_size=args.vocab_size, dim=args.model_dim,
                        layers=args.model_layers, heads=args.heads)
-    sections = {"memory": {"chunk_size": args.chunk_size, "inner_chunk_size": args.chunk_size},
+    inner = args.inner_chunk_size or args.chunk_size
+    sections = {"memory": {"chunk_size": args.chunk_size, "inner_chunk_size": inner},
                 "cms": {"chunk_sizes": tuple(args.cms_chunk_sizes)}}
     return {arch: base if arch == "transformer"
             else matched_config(arch, base, args.window, sections)
@@ -456,7 +460,8 @@ def _check_args(args: argparse.Namespace) -> None:
     if isinstance(args.decode_tokens, bool) or args.decode_tokens < 0:
         raise invalid("--decode-tokens", args.decode_tokens, "an integer >= 0 (0 = off)")
     for name in ("length", "batch", "model_dim", "model_layers", "heads", "chunk_size",
-                 "cms_chunk_sizes", "window", "vocab_size", "repeats", "threads"):
+                 "inner_chunk_size", "cms_chunk_sizes", "window", "vocab_size", "repeats",
+                 "threads"):
         value = getattr(args, name)
         for item in value if isinstance(value, list) else [value]:
             if item is not None and item < 1:
@@ -475,6 +480,8 @@ def run(args: argparse.Namespace) -> int:
         progress(f"ops-count {arch} T={args.length}")
         row = count_step(config, args.length, args.batch)
         row["threads"] = torch.get_num_threads()
+        row["chunk"] = args.chunk_size if config.memory is not None else "-"
+        row["inner chunk"] = getattr(config.memory, "inner_chunk_size", "-")
         if args.decode_tokens:
             row.update(count_decode(config, args.length, args.batch, args.decode_tokens))
         if args.compiled:

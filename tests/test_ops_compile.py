@@ -86,14 +86,17 @@ def test_inductor_chunk_step_equals_eager():
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_compiled_stacked_chunk_equals_eager(backend):
-    # the self-modifying layer's whole chunk (read, gates, targets, chunk step) as one graph
-    layer = make(inner_chunk_size=4)
+@pytest.mark.parametrize(("inner_chunk", "step_name"), [
+    (4, "_stacked_chunk_step"), (3, "_inner_chunk_step")])
+def test_compiled_stacked_chunk_equals_eager(backend, inner_chunk, step_name):
+    # the self-modifying layer's whole chunk (read, gates, targets, chunk step) as one graph:
+    # all memories stacked when they share the chunk, the inner ones alone when not
+    layer = make(inner_chunk_size=inner_chunk)
     x = inputs(length=13)
     eager = run_with_grads(layer, x, (13,))
     set_compile(True, backend=backend)
     compiled = run_with_grads(layer, x, (13,))
-    step = self_modifying_module._stacked_chunk_step
+    step = getattr(self_modifying_module, step_name)
     assert backend in step.compiled and not step.failed
     for got, want in zip(torch.utils._pytree.tree_leaves(compiled),
                          torch.utils._pytree.tree_leaves(eager), strict=True):

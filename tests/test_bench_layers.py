@@ -92,13 +92,15 @@ def test_hope_s_inner_chunk_is_its_own_option(monkeypatch, tmp_path):
         if "config" in kwargs:
             memory = kwargs["config"]["memory"]
             seen.append((memory["chunk_size"], memory.get("inner_chunk_size")))
-        else:
-            config = layers._layer_configs(
-                kwargs["dim"], kwargs["heads"], kwargs["chunk_size"], kwargs["cms_chunk_sizes"],
-                kwargs["inner_chunk_size"])["hope"].memory
-            seen.append((kwargs["layer"], config.inner_chunk_size))
+        else:  # the workload's own layer
+            built = []
+            monkeypatch.setattr(layers, "build_layer", lambda name, configs: built.append(
+                configs["hope"].memory.inner_chunk_size) or real_build(name, configs))
+            layers.make_layer_workload(**kwargs)
+            seen.append((kwargs["layer"], *built))
         return {"seconds": 1.0, "first s": 1.0, "peak MB": None, "note": ""}
 
+    real_build = layers.build_layer
     monkeypatch.setattr(layers, "_cell", fake_cell)
     code = main(["bench", "layers", "--sections", "layers", "models",
                  "--layers", "neural-memory", "self-modifying-titans",

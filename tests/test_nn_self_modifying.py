@@ -214,8 +214,16 @@ def run_with_grads(layer, x, lengths):
 
 
 def separate_only(layer, monkeypatch):
-    """The layer with its stacked path switched off (every token through the separate ops)."""
+    """The layer with its stacked path switched off (every token through the separate ops,
+    the inner memories piece by piece: none of the helpers the fused paths share)."""
     monkeypatch.setattr(layer, "_stacked_span", lambda inner, memory, length: (0, 0, length))
+    return pieces_only(layer, monkeypatch)
+
+
+def pieces_only(layer, monkeypatch):
+    """The layer with its fused inner chunks switched off (every inner chunk through
+    ``_run_inner_pieces``: read, append, ``_inner_update``)."""
+    monkeypatch.setattr(layer, "_run_inner_chunks", layer._run_inner_pieces)
     return layer
 
 
@@ -244,6 +252,41 @@ def test_stacked_memories_equal_separate_ops(overrides, lengths, monkeypatch):
                          torch.utils._pytree.tree_leaves(state_ref), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     names = ["input", *(name for name, _ in stacked.named_parameters())]
+    for name, got, want in zip(names, grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=name)
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"momentum": False, "weight_decay": False, "dgd": False},
+    {"memory_target": "v", "normalize_values": True},
+    {"adaptive_q": True},
+    {"adaptive_k": False, "adaptive_v": False, "activation": "silu", "inner_depth": 3},
+])
+@pytest.mark.parametrize("lengths", [(13,), (2, 9, 2), (4, 8), (1, 1, 5, 6)])
+def test_fused_inner_chunks_equal_the_inner_pieces(overrides, lengths, monkeypatch):
+    # inner chunk 3 under a main chunk of 4 (not stacked): whole inner chunks take one fused
+    # step each; reading, appending and updating piece by piece must give the same outputs,
+    # state and gradients (float64)
+    fused = make(**overrides)
+    calls = []
+    run_chunks = fused._run_inner_chunks
+
+    def counted(reads, theta, state):
+        calls.append(reads.shape[1])
+        return run_chunks(reads, theta, state)
+
+    monkeypatch.setattr(fused, "_run_inner_chunks", counted)
+    pieces = pieces_only(make(**overrides), monkeypatch)
+    x = inputs(length=sum(lengths))
+    y, state, grads = run_with_grads(fused, x, lengths)
+    y_ref, state_ref, grads_ref = run_with_grads(pieces, x, lengths)
+    assert calls and all(size % 3 == 0 for size in calls)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    for got, want in zip(torch.utils._pytree.tree_leaves(state),
+                         torch.utils._pytree.tree_leaves(state_ref), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    names = ["input", *(name for name, _ in fused.named_parameters())]
     for name, got, want in zip(names, grads, grads_ref, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=name)
 

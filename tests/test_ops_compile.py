@@ -88,15 +88,17 @@ def test_inductor_chunk_step_equals_eager():
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 @pytest.mark.parametrize(("inner_chunk", "step_name"), [
     (4, "_stacked_chunk_step"), (3, "_inner_chunk_step")])
-def test_compiled_stacked_chunk_equals_eager(backend, inner_chunk, step_name):
+def test_compiled_stacked_chunk_equals_eager(backend, inner_chunk, step_name, monkeypatch):
     # the self-modifying layer's whole chunk (read, gates, targets, chunk step) as one graph:
     # all memories stacked when they share the chunk, the inner ones alone when not
+    step = getattr(self_modifying_module, step_name)
+    monkeypatch.setattr(step, "compiled", {})  # compiled here, not by an earlier test
+    monkeypatch.setattr(step, "failed", False)
     layer = make(inner_chunk_size=inner_chunk)
     x = inputs(length=13)
     eager = run_with_grads(layer, x, (13,))
     set_compile(True, backend=backend)
     compiled = run_with_grads(layer, x, (13,))
-    step = getattr(self_modifying_module, step_name)
     assert backend in step.compiled and not step.failed
     for got, want in zip(torch.utils._pytree.tree_leaves(compiled),
                          torch.utils._pytree.tree_leaves(eager), strict=True):
@@ -298,11 +300,15 @@ def test_compiled_momentum_state_step_has_every_gradient_of_the_eager_one():
 
 # One block: a graph per shape of the whole model is traced (HOPE's chunk ends make several),
 # and the second block of the tiny models would only double the tracing time.
-@pytest.mark.parametrize(("arch", "cms"), [
-    ("hope", None), ("titans", None), ("transformer", None),
-    pytest.param("hope", {"teach_signal": "lm", "chunk_sizes": (4, 8)}, marks=pytest.mark.slow)])
-def test_compiled_decoding_reads_each_token_with_one_graph_and_the_same_values(arch, cms):
-    model = tiny_model(arch, layers=1, **({"cms": cms} if cms else {})).eval()
+# (The slow suite keeps a two-block HOPE: the state handed from block to block.)
+@pytest.mark.parametrize(("arch", "cms", "layers"), [
+    ("hope", None, 1), ("titans", None, 1), ("transformer", None, 1),
+    pytest.param("hope", None, 2, marks=pytest.mark.slow),
+    pytest.param("hope", {"teach_signal": "lm", "chunk_sizes": (4, 8)}, 1,
+                 marks=pytest.mark.slow)])
+def test_compiled_decoding_reads_each_token_with_one_graph_and_the_same_values(arch, cms,
+                                                                              layers):
+    model = tiny_model(arch, layers=layers, **({"cms": cms} if cms else {})).eval()
     ids = random_ids(2, 7)
     assert token_reader(model) is model  # compiling off: the model itself
     eager_ids, eager_logits = generate(model, ids, 9, temperature=0, return_logits=True)

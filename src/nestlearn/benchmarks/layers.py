@@ -16,8 +16,9 @@ Four sections (``--sections``):
   expansion 4, momentum on), forward and backward, same thread count, each timed in a fresh
   process of its own after the same warm-up (``benchmarks/titans_compare.py``); our layer's
   float64 error against its per-token reference is reported beside it.
-Every memory's chunk (HOPE's inner chunk too) is ``--chunk-size``; several values run side by
-side (a ``chunk`` column; layers and archs without a chunked memory run once, shown ``-``).
+Every memory's chunk is ``--chunk-size`` (HOPE's inner chunk too, unless
+``--inner-chunk-size`` sets it; an ``inner chunk`` column); several values run side by side (a
+``chunk`` column; layers and archs without a chunked memory run once, shown ``-``).
 Peak memory is measured in a fresh process per cell (``--no-memory`` skips it); on CUDA it
 is ``torch.cuda.max_memory_allocated`` during one pass instead.
 
@@ -492,12 +493,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, default=4, help="heads (default: 4)")
     parser.add_argument("--chunk-size", type=int, nargs="+", default=[64], metavar="C",
                         help="memory chunk size (every memory of an arch, HOPE's inner one "
-                             "too); several values run side by side, each cell in a fresh "
-                             "process, e.g. '32 64 128'; layers and archs without such a "
-                             "memory run once (default: 64)")
+                             "too unless --inner-chunk-size); several values run side by "
+                             "side, each cell in a fresh process, e.g. '32 64 128'; layers "
+                             "and archs without such a memory run once (default: 64)")
     parser.add_argument("--inner-chunk-size", type=int, default=None, metavar="C",
-                        help="chunk of HOPE's inner memories (k, v, eta, alpha); the hope "
-                             "model's own default is 16 (default: each --chunk-size value)")
+                        help="chunk of HOPE's inner memories (k, v, eta, alpha) in the "
+                             "layers, models and decode sections; the hope model's own default "
+                             "is 16 (default: each --chunk-size value)")
     parser.add_argument("--cms-chunk-sizes", type=int, nargs="+", default=[64, 512],
                         help="CMS level chunk sizes (default: 64 512)")
     parser.add_argument("--archs", nargs="+", default=list(ARCHS),

@@ -330,7 +330,9 @@ class SelfModifyingTitans(nn.Module):
                 chunk_size=c.inner_chunk_size, check_values=False)
             return final
         # Gates come from sigmoids: their values are checked only under nestlearn.debug_checks
-        # (each check is a device sync, and this runs once per inner chunk).
+        # (each check is a device sync, and this runs once per inner chunk completed piece by
+        # piece; whole chunks take _inner_chunk, unchecked, and the main memory's op checks
+        # the same gates).
         return deep_memory_update(memory, keys, targets, alpha, eta, theta, objective="l2",
                                   activation=c.activation, dgd=c.dgd, check_values=False)
 
@@ -342,19 +344,21 @@ class SelfModifyingTitans(nn.Module):
         from the inner memories, q ``[B, T, H, Dh]`` (None unless ``adaptive_q``), and their
         state after the segment. Each inner chunk reads the memories as they were at its start.
 
-        The whole inner chunks inside the segment run through ``_inner_chunks`` (one fused
-        step per chunk); the pieces before and after them, and everything under
-        ``use_naive``, through ``_run_inner_pieces``: the same values either way."""
+        The whole inner chunks inside the segment run through ``_run_inner_chunks`` (one
+        fused step per chunk); the pieces before and after them, and everything under
+        ``use_naive``, through ``_run_inner_pieces``: the same values either way (float32 and
+        float64; a model cast to bf16 without autocast rounds the pieces' gates and states
+        once per chunk, the fused chunks once per segment)."""
         c = self.config
         size = c.inner_chunk_size
         length = reads.shape[1]
         head = min(length, (size - state.pending) % size)
         whole = 0 if c.use_naive else (length - head) // size * size
         sizes = (head, whole, length - head - whole)
-        results = []
+        results: list[list[torch.Tensor | None]] = []
         for index, (piece_reads, piece_theta) in _split_time(sizes, reads, theta):
             if index == 1:
-                *outputs, state = self._inner_chunks(piece_reads, piece_theta, state)
+                *outputs, state = self._run_inner_chunks(piece_reads, piece_theta, state)
             else:
                 *outputs, state = self._run_inner_pieces(piece_reads, piece_theta, state)
             results.append(outputs)
@@ -363,10 +367,10 @@ class SelfModifyingTitans(nn.Module):
             for parts in zip(*results, strict=True))
         return k, v, alpha, gate, q, state
 
-    def _inner_chunks(self, reads: torch.Tensor, theta: torch.Tensor | None,
-                      state: ChunkedMemoryState
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                 torch.Tensor | None, ChunkedMemoryState]:
+    def _run_inner_chunks(self, reads: torch.Tensor, theta: torch.Tensor | None,
+                          state: ChunkedMemoryState
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                     torch.Tensor | None, ChunkedMemoryState]:
         """``_run_inner`` of whole inner chunks from a state with nothing pending: per chunk
         one ``_inner_chunk_step`` (read, gates, targets and the stacked update), nothing
         appended to the state and no per-chunk checks."""
@@ -693,13 +697,14 @@ def _inner_chunks(config: SelfModifyingTitansConfig, weights: list[torch.Tensor]
     multiple of ``inner_chunk_size``) from the stacked chunk-start state ``weights``,
     ``momentum`` ``[B, count * H, out, in]``: k, v ``[B, T, H, Dh]``, alpha, g ``[B, T, H]``,
     q (``adaptive_q``, else None) and the stacked state after the last chunk. Runs in full
-    precision under autocast, as the ops of ``_run_inner_pieces`` do."""
+    precision under autocast (gates and normalizations included), as the memory ops of
+    ``_run_inner_pieces`` do."""
     c = config
     size = c.inner_chunk_size
     inputs = reads.transpose(1, 2).contiguous()
     chunks = inputs.shape[2] // size
     thetas, products = _theta_chunks(theta, len(c.inner_memories), size, chunks)
-    pieces = []
+    pieces: list[tuple[torch.Tensor | None, ...]] = []
     for read_in, theta_c, products_c in zip(inputs.split(size, 2), thetas, products,
                                             strict=True):
         piece, weights, momentum = _inner_chunk_step(

@@ -2,12 +2,12 @@
 
 Off by default. ``nestlearn.ops.set_compile(True)`` (or ``NESTLEARN_COMPILE=1`` in the
 environment, or ``train.compile: true`` in a run config) compiles each step the first time it
-runs (the deep memory's chunk and token steps, the self-modifying layer's stacked chunk, a
-CMS level's piece); the compiled step is exact (the float64 parity tests run on it too). A step
-that cannot be compiled (no C++ compiler for the CPU backend, an unsupported platform or
-op) warns once and runs eagerly from then on, in this process. ``backend`` picks the
-``torch.compile`` backend ("inductor", the default, generates fused kernels; "aot_eager" only
-traces, which checks a graph quickly).
+runs (the deep memory's chunk and token steps, the self-modifying layer's stacked chunk and
+its inner memories' chunk, a CMS level's piece); the compiled step is exact (the float64
+parity tests run on it too). A step that cannot be compiled (no C++ compiler for the CPU
+backend, an unsupported platform or op) warns once and runs eagerly from then on, in this
+process. ``backend`` picks the ``torch.compile`` backend ("inductor", the default, generates
+fused kernels; "aot_eager" only traces, which checks a graph quickly).
 """
 
 from __future__ import annotations

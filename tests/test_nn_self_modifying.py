@@ -213,6 +213,20 @@ def run_with_grads(layer, x, lengths):
     return y, state, grads
 
 
+def assert_same_runs(layer, reference, x, lengths):
+    """Equal outputs, final state and gradients (float64) of two layers over ``x`` cut into
+    ``lengths``."""
+    y, state, grads = run_with_grads(layer, x, lengths)
+    y_ref, state_ref, grads_ref = run_with_grads(reference, x, lengths)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    for got, want in zip(torch.utils._pytree.tree_leaves(state),
+                         torch.utils._pytree.tree_leaves(state_ref), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    names = ["input", *(name for name, _ in layer.named_parameters())]
+    for name, got, want in zip(names, grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=name)
+
+
 def separate_only(layer, monkeypatch):
     """The layer with its stacked path switched off (every token through the separate ops,
     the inner memories piece by piece: none of the helpers the fused paths share)."""
@@ -244,16 +258,7 @@ def test_stacked_memories_equal_separate_ops(overrides, lengths, monkeypatch):
     separate = separate_only(make(**options), monkeypatch)
     assert stacked._stacked_span(stacked.init_state(2).inner, stacked.init_state(2).memory,
                                  13)[1] == 12
-    x = inputs(length=sum(lengths))
-    y, state, grads = run_with_grads(stacked, x, lengths)
-    y_ref, state_ref, grads_ref = run_with_grads(separate, x, lengths)
-    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
-    for got, want in zip(torch.utils._pytree.tree_leaves(state),
-                         torch.utils._pytree.tree_leaves(state_ref), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    names = ["input", *(name for name, _ in stacked.named_parameters())]
-    for name, got, want in zip(names, grads, grads_ref, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=name)
+    assert_same_runs(stacked, separate, inputs(length=sum(lengths)), lengths)
 
 
 @pytest.mark.parametrize("overrides", [
@@ -278,17 +283,8 @@ def test_fused_inner_chunks_equal_the_inner_pieces(overrides, lengths, monkeypat
 
     monkeypatch.setattr(fused, "_run_inner_chunks", counted)
     pieces = pieces_only(make(**overrides), monkeypatch)
-    x = inputs(length=sum(lengths))
-    y, state, grads = run_with_grads(fused, x, lengths)
-    y_ref, state_ref, grads_ref = run_with_grads(pieces, x, lengths)
+    assert_same_runs(fused, pieces, inputs(length=sum(lengths)), lengths)
     assert calls and all(size % 3 == 0 for size in calls)
-    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
-    for got, want in zip(torch.utils._pytree.tree_leaves(state),
-                         torch.utils._pytree.tree_leaves(state_ref), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    names = ["input", *(name for name, _ in fused.named_parameters())]
-    for name, got, want in zip(names, grads, grads_ref, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=name)
 
 
 def test_stacked_path_only_where_chunks_and_shapes_agree():

@@ -571,10 +571,9 @@ def _check_args(args: argparse.Namespace) -> None:
             if name not in allowed:
                 raise invalid(option, repr(name), f"names from {', '.join(allowed)}")
     for name in ("lengths", "batch", "dim", "heads", "chunk_size", "inner_chunk_size",
-                 "cms_chunk_sizes",
-                 "model_dim", "model_layers", "vocab_size", "window", "decode_contexts",
-                 "decode_steps", "titans_dim", "titans_length", "titans_batch", "repeats",
-                 "threads"):
+                 "cms_chunk_sizes", "model_dim", "model_layers", "vocab_size", "window",
+                 "decode_contexts", "decode_steps", "titans_dim", "titans_length",
+                 "titans_batch", "repeats", "threads"):
         value = getattr(args, name)
         for item in value if isinstance(value, list) else [value]:
             if item is not None and item < 1:
@@ -620,11 +619,6 @@ def _inner_size(args: argparse.Namespace, chunk: int) -> int:
     return args.inner_chunk_size or chunk
 
 
-def _inner_shown(args: argparse.Namespace, size: int, has_inner: bool) -> int | str:
-    """The ``inner chunk`` column: HOPE's inner chunk in its rows, ``-`` in the others."""
-    return _inner_size(args, size) if has_inner else NO_CHUNK
-
-
 def _chunks(args: argparse.Namespace, chunked: bool) -> list[tuple[int | str, int]]:
     """``(shown, size)`` for every ``--chunk-size`` of a layer or arch with a chunked memory;
     else its one run, ``(NO_CHUNK, the first size)`` (no memory reads the size)."""
@@ -651,7 +645,8 @@ def _layer_rows(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
             result = _cell(args, make_layer_workload, kwargs, mode, threads)
             rows.append({"layer": layer, "T": length, "B": args.batch, "D": args.dim,
                          "chunk": chunk,
-                         "inner chunk": _inner_shown(args, size, layer in INNER_CHUNKED_LAYERS),
+                         "inner chunk": (_inner_size(args, size)
+                                         if layer in INNER_CHUNKED_LAYERS else NO_CHUNK),
                          "params": params, **_mode_columns(mode, result),
                          "tok/s": args.batch * length / result["seconds"],
                          "peak MB": result["peak MB"], "note": result["note"],
@@ -680,10 +675,8 @@ def _model_configs(args: argparse.Namespace) -> dict[tuple[str, int | str], Mode
 
 
 def _inner_column(config: ModelConfig) -> int | str:
-    """The ``inner chunk`` column of an arch's rows."""
-    memory = config.memory
-    has_inner = memory is not None and hasattr(memory, "inner_chunk_size")
-    return memory.inner_chunk_size if has_inner else NO_CHUNK
+    """The ``inner chunk`` column of an arch's rows (``-`` without HOPE's inner memories)."""
+    return getattr(config.memory, "inner_chunk_size", NO_CHUNK)
 
 
 def _model_rows(args: argparse.Namespace, configs: dict[tuple[str, int | str], ModelConfig],

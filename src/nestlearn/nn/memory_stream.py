@@ -94,6 +94,18 @@ def empty_chunked_state(chunk_start: DeepMemoryState, batch: int, heads: int, di
                               empty(heads), empty(heads) if momentum else None)
 
 
+def chunk_piece_sizes(pending: int, length: int, chunk_size: int) -> list[int]:
+    """Sizes of the pieces of a ``length``-token segment cut where chunks end, its stream
+    having ``pending`` tokens of the current chunk already: the rest of that chunk, whole
+    chunks, then what is left."""
+    first = min(length, chunk_size - pending)
+    rest = length - first
+    sizes = [first] + [chunk_size] * (rest // chunk_size)
+    if rest % chunk_size:
+        sizes.append(rest % chunk_size)
+    return sizes
+
+
 MemoryOp = Callable[..., tuple[torch.Tensor, DeepMemoryState | None]]
 ValueMap = Callable[[DeepMemoryState, torch.Tensor], torch.Tensor]
 
@@ -119,10 +131,7 @@ def run_chunked_memory(op: MemoryOp, state: ChunkedMemoryState, q: torch.Tensor,
         # split per tensor, not a slice per piece: a slice's backward fills a zero gradient
         # of the whole segment for every piece (O(T^2 / C) traffic), split's is one cat.
         length = k.shape[1]
-        first = min(length, chunk_size - state.pending)
-        sizes = [first] + [chunk_size] * ((length - first) // chunk_size)
-        if (length - first) % chunk_size:
-            sizes.append((length - first) % chunk_size)
+        sizes = chunk_piece_sizes(state.pending, length, chunk_size)
         pieces = zip(*(x.split(sizes, 1) if x is not None else [None] * len(sizes)
                        for x in (q, k, v, alpha, eta, theta)), strict=True)
         outputs = []

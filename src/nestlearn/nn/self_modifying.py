@@ -43,7 +43,11 @@ from nestlearn.nn.memory_common import (
     resolve_head_dim,
     run_memory,
 )
-from nestlearn.nn.memory_stream import ChunkedMemoryState, empty_chunked_state
+from nestlearn.nn.memory_stream import (
+    ChunkedMemoryState,
+    chunk_piece_sizes,
+    empty_chunked_state,
+)
 from nestlearn.nn.transformer import check_input
 from nestlearn.ops._chunking import segment_products
 from nestlearn.ops._compile import compiled_step
@@ -398,11 +402,7 @@ class SelfModifyingTitans(nn.Module):
         # Pieces end where the inner chunks end. torch.split, not slicing in the loop: its
         # backward writes every piece's gradient into one tensor, where each slice's backward
         # would allocate and fill a zero gradient of the whole segment (O(T^2 / C) traffic).
-        first = min(length, c.inner_chunk_size - state.pending)
-        rest = length - first
-        sizes = [first] + [c.inner_chunk_size] * (rest // c.inner_chunk_size)
-        if rest % c.inner_chunk_size:
-            sizes.append(rest % c.inner_chunk_size)
+        sizes = chunk_piece_sizes(state.pending, length, c.inner_chunk_size)
         read_pieces = reads.split(sizes, dim=1)
         theta_pieces = theta.split(sizes, dim=1) if theta is not None else [None] * len(sizes)
         count = len(c.inner_memories)

@@ -11,6 +11,7 @@ from nestlearn.benchmarks.common import (
     format_table,
     in_fresh_process,
     measure,
+    model_chunks_help,
     peak_memory_mb,
     write_report,
 )
@@ -111,3 +112,18 @@ def test_compile_failures_go_to_the_note_and_other_warnings_are_shown_once():
     assert len(shown) == 1
     assert notes == ["compile failed: torch.compile of _chunk failed, running it eagerly "
                      "from now on (X)"]
+
+
+@pytest.mark.parametrize("arch", ["hope", "titans"])
+def test_model_chunks_help_names_the_chunks_the_models_are_built_with(arch):
+    from nestlearn.models import ModelConfig
+
+    config = ModelConfig(arch=arch)
+    memory = config.memory
+    inner = getattr(memory, "inner_chunk_size", memory.chunk_size)
+    cms = " ".join(str(size) for size in config.cms.chunk_sizes) if config.cms else None
+    text = model_chunks_help()
+    assert f"--chunk-size {memory.chunk_size} " in text
+    assert f"--inner-chunk-size {inner} " in text
+    if cms is not None:
+        assert f"--cms-chunk-sizes {cms}'" in text

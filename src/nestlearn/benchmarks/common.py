@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import multiprocessing as mp
 import platform
@@ -18,6 +19,9 @@ from typing import Any
 import torch
 
 from nestlearn.errors import NestlearnError, NonFiniteError
+from nestlearn.models import ARCHS
+from nestlearn.models.archs import MEMORY_GATE_DEFAULTS
+from nestlearn.nn.cms import CMSConfig
 
 
 def progress(message: str) -> None:
@@ -65,6 +69,20 @@ def measure(workload: Callable[[], torch.Tensor], repeats: int,
     except (NestlearnError, NonFiniteError) as err:
         return float("nan"), f"failed: {err}"
     return seconds, "" if torch.isfinite(losses[-1]) else "non-finite outputs"
+
+
+def model_chunks_help() -> str:
+    """The chunk sizes `nestlearn train` builds the memory archs with, which the benches'
+    defaults (64; CMS 64 512) are not, read from the models' own defaults: help text of both
+    benches' ``--chunk-size``."""
+    chunk = MEMORY_GATE_DEFAULTS["chunk_size"]
+    inner = ARCHS["hope"].memory_defaults["inner_chunk_size"]
+    cms_sizes = next(field.default for field in dataclasses.fields(CMSConfig)
+                     if field.name == "chunk_sizes")
+    cms = " ".join(str(size) for size in cms_sizes)
+    return (f"the models' own defaults are {chunk} for every memory (HOPE's inner ones "
+            f"{inner}) and CMS chunks {cms}: '--chunk-size {chunk} --inner-chunk-size {inner} "
+            f"--cms-chunk-sizes {cms}' measures what 'nestlearn train' builds")
 
 
 # The compiled path's eager-fallback warning (ops/_compile.py): the step then ran uncompiled.

@@ -62,6 +62,7 @@ from nestlearn.benchmarks.common import (
     cuda_peak_mb,
     in_fresh_process,
     measure,
+    model_chunks_help,
     peak_memory_mb,
     progress,
     time_call,
@@ -495,11 +496,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="memory chunk size (every memory of an arch, HOPE's inner one "
                              "too unless --inner-chunk-size); several values run side by "
                              "side, each cell in a fresh process, e.g. '32 64 128'; layers "
-                             "and archs without such a memory run once (default: 64)")
+                             "and archs without such a memory run once; "
+                             f"{model_chunks_help()} (default: 64)")
     parser.add_argument("--inner-chunk-size", type=int, default=None, metavar="C",
                         help="chunk of HOPE's inner memories (k, v, eta, alpha) in the "
-                             "layers, models and decode sections; the hope model's own default "
-                             "is 16 (default: each --chunk-size value)")
+                             "layers, models and decode sections on its own "
+                             "(default: each --chunk-size value)")
     parser.add_argument("--cms-chunk-sizes", type=int, nargs="+", default=[64, 512],
                         help="CMS level chunk sizes (default: 64 512)")
     parser.add_argument("--archs", nargs="+", default=list(ARCHS),

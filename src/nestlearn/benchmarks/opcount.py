@@ -65,6 +65,7 @@ from torch.utils.flop_counter import (
 from nestlearn.benchmarks.common import (
     compile_failures,
     in_fresh_process,
+    model_chunks_help,
     progress,
     time_call,
     write_report,
@@ -379,10 +380,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="blocks of every model (default: 4)")
     parser.add_argument("--heads", type=int, default=4, help="heads (default: 4)")
     parser.add_argument("--chunk-size", type=int, default=64,
-                        help="memory chunk size (default: 64)")
+                        help=f"memory chunk size; {model_chunks_help()} (default: 64)")
     parser.add_argument("--inner-chunk-size", type=int, default=None,
-                        help="chunk of HOPE's inner memories; the hope model's own default "
-                             "is 16 (default: --chunk-size)")
+                        help="chunk of HOPE's inner memories on its own "
+                             "(default: --chunk-size)")
     parser.add_argument("--cms-chunk-sizes", type=int, nargs="+", default=[64, 512],
                         help="CMS level chunk sizes (default: 64 512)")
     parser.add_argument("--window", type=int, default=512,

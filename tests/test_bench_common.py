@@ -16,6 +16,7 @@ from nestlearn.benchmarks.common import (
     write_report,
 )
 from nestlearn.errors import NestlearnError
+from nestlearn.models import ARCHS, ModelConfig
 
 
 def allocate_mib(mib: int):
@@ -114,16 +115,16 @@ def test_compile_failures_go_to_the_note_and_other_warnings_are_shown_once():
                      "from now on (X)"]
 
 
-@pytest.mark.parametrize("arch", ["hope", "titans"])
+@pytest.mark.parametrize("arch", [name for name, spec in ARCHS.items()
+                                  if spec.memory is not None or spec.cms])
 def test_model_chunks_help_names_the_chunks_the_models_are_built_with(arch):
-    from nestlearn.models import ModelConfig
-
-    config = ModelConfig(arch=arch)
-    memory = config.memory
-    inner = getattr(memory, "inner_chunk_size", memory.chunk_size)
-    cms = " ".join(str(size) for size in config.cms.chunk_sizes) if config.cms else None
+    window = {"window": 64} if ARCHS[arch].attention == "windowed" else {}
+    config = ModelConfig(arch=arch, attention=window or None)
     text = model_chunks_help()
-    assert f"--chunk-size {memory.chunk_size} " in text
-    assert f"--inner-chunk-size {inner} " in text
-    if cms is not None:
-        assert f"--cms-chunk-sizes {cms}'" in text
+    if config.memory is not None:
+        inner = getattr(config.memory, "inner_chunk_size", None)
+        assert f"--chunk-size {config.memory.chunk_size} " in text
+        assert inner is None or f"--inner-chunk-size {inner} " in text
+    if config.cms is not None:
+        sizes = " ".join(str(size) for size in config.cms.chunk_sizes)
+        assert f"--cms-chunk-sizes {sizes}'" in text

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import multiprocessing as mp
 import platform
@@ -19,9 +18,6 @@ from typing import Any
 import torch
 
 from nestlearn.errors import NestlearnError, NonFiniteError
-from nestlearn.models import ARCHS
-from nestlearn.models.archs import MEMORY_GATE_DEFAULTS
-from nestlearn.nn.cms import CMSConfig
 
 
 def progress(message: str) -> None:
@@ -72,14 +68,13 @@ def measure(workload: Callable[[], torch.Tensor], repeats: int,
 
 
 def model_chunks_help() -> str:
-    """The chunk sizes `nestlearn train` builds the memory archs with, which the benches'
-    defaults (64; CMS 64 512) are not, read from the models' own defaults: help text of both
-    benches' ``--chunk-size``."""
-    chunk = MEMORY_GATE_DEFAULTS["chunk_size"]
-    inner = ARCHS["hope"].memory_defaults["inner_chunk_size"]
-    cms_sizes = next(field.default for field in dataclasses.fields(CMSConfig)
-                     if field.name == "chunk_sizes")
-    cms = " ".join(str(size) for size in cms_sizes)
+    """Help text: the chunk sizes `nestlearn train` builds the models with, read from the
+    default `hope` config (every memory arch shares its memory chunk, every CMS its chunks)."""
+    from nestlearn.models import ModelConfig  # lazily: the other benches need no model
+
+    config = ModelConfig(arch="hope")
+    chunk, inner = config.memory.chunk_size, config.memory.inner_chunk_size
+    cms = " ".join(str(size) for size in config.cms.chunk_sizes)
     return (f"the models' own defaults are {chunk} for every memory (HOPE's inner ones "
             f"{inner}) and CMS chunks {cms}: '--chunk-size {chunk} --inner-chunk-size {inner} "
             f"--cms-chunk-sizes {cms}' measures what 'nestlearn train' builds")

@@ -66,8 +66,8 @@ register_arch(ArchSpec(
 register_arch(ArchSpec(
     "hope", hope_block, "HOPE: self-modifying Titans + CMS",
     memory=SelfModifyingTitansConfig, cms=True,
-    # Models read out unit-norm values and run the inner memories at a shorter chunk than the
-    # main memory (MEMORY_LAYERS.md, "Stability").
+    # Models read out unit-norm values and pin the inner memories' chunk at 16, which stays 16
+    # when memory.chunk_size is overridden (MEMORY_LAYERS.md, "Stability").
     memory_defaults={**MEMORY_GATE_DEFAULTS, "inner_chunk_size": 16,
                      "normalize_values": True}))
 register_arch(ArchSpec(

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from nestlearn.ops import _chunking
+from nestlearn.ops._chunk_coefficients import chunk_coefficients
 from nestlearn.ops._chunking import segment_products
 
 deep_memory_module = sys.modules["nestlearn.ops.deep_memory"]
@@ -86,8 +87,8 @@ def test_batched_coefficients_equal_per_chunk_ones(length, chunk, momentum, dgd)
         def heads_first(gate, part=part):
             return None if gate is None else gate[:, part].transpose(1, 2)
 
-        direct = deep_memory_module._ChunkCoefficients(
-            heads_first(alpha), heads_first(eta), heads_first(theta), previous=dgd)
+        direct = chunk_coefficients(heads_first(alpha), heads_first(eta), heads_first(theta),
+                                    previous=dgd)
         assert set(vars(coeffs)) == set(vars(direct))
         for name, want in vars(direct).items():
             got = getattr(coeffs, name)

@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 
 from nestlearn.errors import invalid
-from nestlearn.ops._chunking import num_chunks, segment_products
+from nestlearn.ops._chunk_coefficients import ChunkCoefficients, chunk_coefficients
+from nestlearn.ops._chunking import num_chunks
 from nestlearn.ops._compile import compiled_step
 from nestlearn.ops._deep_memory_common import (
     ACTIVATIONS,
@@ -48,77 +49,6 @@ __all__ = [
     "deep_memory_update",
     "init_deep_memory_weights",
 ]
-
-
-class _ChunkCoefficients:
-    """The gate coefficients of one chunk (local tokens 1..C; A_t, Theta_t cumulative products).
-
-    ``decay[t, i] = A_t / A_i``; ``coef[t, i] = c_{t,i}``, the weight of token i's gradient in
-    W_t: with momentum sum_{j=i..t} (A_t/A_j)(Theta_j/Theta_i) eta_i (a product of two
-    segment-decay matrices), without it (A_t/A_i) eta_i; ``scale[t] = A_t``;
-    ``carry[t] = s_t = sum_{j<=t} (A_t/A_j) Theta_j``, the weight of the incoming momentum.
-    ``momentum_decay[t, i] = Theta_t / Theta_i`` and ``theta_scale[t] = Theta_t`` give S_t.
-    With ``previous=True`` the ``prev_*`` twins hold the same quantities one token earlier (row
-    t holds t - 1), which the delta rule needs: token t's correction uses W_{t-1} k_t.
-
-    Every segment product comes from ``segment_products`` (a cumulative product of gates in
-    [0, 1], never a ratio of prefix products): nothing over- or underflows, and a gate of
-    exactly 0 keeps exact gradients, where log-space segment sums would need log(0).
-    """
-
-    def __init__(self, alpha: torch.Tensor, eta: torch.Tensor, theta: torch.Tensor | None,
-                 previous: bool, momentum_products: torch.Tensor | None = None) -> None:
-        products = segment_products(alpha)  # [..., C + 1, C + 1], indexed by positions
-        eta_cols = eta[..., None, :]
-        self.decay = products[..., 1:, 1:]
-        self.scale = products[..., 1:, 0]
-        self.eta_decay = self.decay * eta_cols
-        if previous:
-            self.prev_decay = products[..., :-1, 1:]  # A_{t-1} / A_i for i < t, else 0
-            self.prev_scale = products[..., :-1, 0]
-            self.prev_eta_decay = self.prev_decay * eta_cols
-        if theta is None:
-            self.coef, self.carry = self.eta_decay, None
-            if previous:
-                self.prev_coef, self.prev_carry = self.prev_eta_decay, None
-            return
-        if momentum_products is None:
-            momentum_products = segment_products(theta)
-        self.momentum_decay = momentum_products[..., 1:, 1:]
-        self.theta_scale = momentum_products[..., 1:, 0]
-        # coef = (decay @ momentum_decay) eta and carry = decay @ theta_scale, and their
-        # one-token-earlier twins, from one product: row t of products[:, 1:] is decay's row
-        # t (row 0 is zero), row t - 1 prev_decay's; column 0 of momentum_products[1:] is
-        # theta_scale, the others momentum_decay.
-        both = products[..., :, 1:] @ momentum_products[..., 1:, :]  # [..., C + 1, C + 1]
-        self.coef, self.carry = both[..., 1:, 1:] * eta_cols, both[..., 1:, 0]
-        if previous:
-            self.prev_coef, self.prev_carry = both[..., :-1, 1:] * eta_cols, both[..., :-1, 0]
-
-    def per_chunk(self, last_size: int) -> list[_ChunkCoefficients]:
-        """Coefficients computed for all N chunks at once (gates ``[B, H, N, C]``) as one
-        object per chunk; the last chunk's cropped to its ``last_size`` real tokens.
-
-        Computing them batched costs a fixed number of ops instead of some thirty per chunk.
-        Cropping is exact: the last chunk's gates were padded at its end, and row t of every
-        coefficient only involves tokens <= t (every matrix is lower triangular)."""
-        parts = {name: value.unbind(2) for name, value in vars(self).items()
-                 if value is not None}
-        count = len(next(iter(parts.values())))
-        chunks = []
-        for index in range(count):
-            chunk = object.__new__(_ChunkCoefficients)
-            for name in vars(self):
-                setattr(chunk, name, parts[name][index] if name in parts else None)
-            chunks.append(chunk)
-        if last_size < self.decay.shape[-1]:
-            last = chunks[-1]
-            for name, value in parts.items():
-                cropped = value[-1][..., :last_size]
-                if cropped.dim() == 4:  # a [B, H, C, C] matrix
-                    cropped = cropped[..., :last_size, :]
-                setattr(last, name, cropped)
-        return chunks
 
 
 def _apply_weight(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -158,7 +88,7 @@ def _key_pass(weights: list[torch.Tensor], keys: torch.Tensor, values: torch.Ten
 
 def _delta_pseudo_values(momentum: list[torch.Tensor] | None, keys: torch.Tensor,
                          first_pre: torch.Tensor, first_error: torch.Tensor,
-                         coeffs: _ChunkCoefficients) -> torch.Tensor:
+                         coeffs: ChunkCoefficients) -> torch.Tensor:
     """w_i = W_{1,i-1} k_i for every token of the chunk, by one triangular solve (UT transform).
 
     With dgd,
@@ -188,7 +118,7 @@ def _chunk(weights: list[torch.Tensor], momentum: list[torch.Tensor] | None,
            queries: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,
            alpha: torch.Tensor, eta: torch.Tensor, theta: torch.Tensor | None, objective: str,
            activation: str, dgd: bool, need_state: bool,
-           coeffs: _ChunkCoefficients | None = None, read_heads: int | None = None,
+           coeffs: ChunkCoefficients | None = None, read_heads: int | None = None,
            ) -> tuple[torch.Tensor | None, list[torch.Tensor] | None, list[torch.Tensor] | None]:
     """One chunk: outputs M_t(q_t) for its tokens and (if asked) the chunk-end state.
 
@@ -198,7 +128,7 @@ def _chunk(weights: list[torch.Tensor], momentum: list[torch.Tensor] | None,
     """
     inputs, errors, first_pre = _key_pass(weights, keys, values, objective, activation)
     if coeffs is None:
-        coeffs = _ChunkCoefficients(alpha, eta, theta, previous=dgd)
+        coeffs = chunk_coefficients(alpha, eta, theta, previous=dgd)
     pseudo = None
     if dgd:
         pseudo = _delta_pseudo_values(momentum, keys, first_pre, errors[0], coeffs)
@@ -222,23 +152,23 @@ def _chunk(weights: list[torch.Tensor], momentum: list[torch.Tensor] | None,
         out = queries + hidden
     if not need_state:
         return out, None, None
-    # the chunk-end state: the same sums at t = C (the last row of every coefficient matrix)
-    last_coef = coeffs.coef[..., -1, :, None]
-    last_scale = coeffs.scale[..., -1, None, None]
+    # the chunk-end state: the same sums at t = C (the coefficients' end rows)
+    last_coef = coeffs.end_coef[..., None]
+    last_scale = coeffs.end_scale[..., None, None]
     weight_errors = []
     for index in range(len(weights)):
         weighted = errors[index] * last_coef
         if pseudo is not None and index == 0:
             # the delta-rule terms share the input k_i: one matmul for both
-            weighted = weighted + pseudo * coeffs.eta_decay[..., -1, :, None]
+            weighted = weighted + pseudo * coeffs.end_eta_decay[..., None]
         weight_errors.append(weighted)
     if momentum is None:
         new_weights = [last_scale * w - e.transpose(-1, -2) @ a
                        for w, e, a in zip(weights, weight_errors, inputs, strict=True)]
         return out, new_weights, None
-    last_mom = (coeffs.momentum_decay[..., -1, :] * eta)[..., None]
-    carry_end = coeffs.carry[..., -1, None, None]
-    theta_end = coeffs.theta_scale[..., -1, None, None]
+    last_mom = coeffs.end_momentum[..., None]
+    carry_end = coeffs.end_carry[..., None, None]
+    theta_end = coeffs.theta_end[..., None, None]
     new_weights, new_momentum = [], []
     for w, m, e, we, a in zip(weights, momentum, errors, weight_errors, inputs, strict=True):
         new_w, new_m = _MomentumStateStep.apply(w, m, a, we, e * last_mom, last_scale, carry_end,
@@ -266,9 +196,10 @@ def _minus_outer(target: torch.Tensor, errors: torch.Tensor, inputs: torch.Tenso
 
 
 def _frobenius(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """<a, b> over the last two dims, ``[..., 1, 1]``: one fused dot product, no temporary (a
-    view when both are contiguous)."""
-    return torch.linalg.vecdot(a.flatten(-2), b.flatten(-2))[..., None, None]
+    """<a, b> over the last two dims, ``[..., 1, 1]``: one matrix-vector product of the
+    flattened operands (a view each when contiguous), where a dot product is a
+    multiplication and a reduction."""
+    return a.flatten(-2)[..., None, :] @ b.flatten(-2)[..., :, None]
 
 
 class _MomentumStateStep(torch.autograd.Function):
@@ -311,11 +242,17 @@ class _MomentumStateStep(torch.autograd.Function):
         if need[1]:
             grads[1] = torch.addcmul(grad_momentum * theta_end, grad_weight, carry)
         if need[2]:
-            grads[2] = -(weight_error @ grad_weight) - momentum_error @ grad_momentum
-        if need[3]:
-            grads[3] = -(inputs @ grad_weight.transpose(-1, -2))
-        if need[4]:
-            grads[4] = -(inputs @ grad_momentum.transpose(-1, -2))
+            # -(we @ gW) - me @ gM, the second product's negation folded into one baddbmm
+            flat = torch.baddbmm(
+                (momentum_error @ grad_momentum).flatten(0, -3),
+                weight_error.flatten(0, -3), grad_weight.flatten(0, -3), beta=-1, alpha=-1)
+            grads[2] = flat.view(inputs.shape)
+        if need[3] or need[4]:
+            negated = -inputs  # chunk-sized: one negation for both products
+            if need[3]:
+                grads[3] = negated @ grad_weight.transpose(-1, -2)
+            if need[4]:
+                grads[4] = negated @ grad_momentum.transpose(-1, -2)
         if need[5]:
             grads[5] = _frobenius(grad_weight, weight)
         if need[6]:
@@ -326,22 +263,28 @@ class _MomentumStateStep(torch.autograd.Function):
 
 
 def _all_coefficients(alpha: torch.Tensor, eta: torch.Tensor, theta: torch.Tensor | None,
-                      chunk_size: int, dgd: bool) -> list[_ChunkCoefficients]:
-    """Every chunk's gate coefficients from one batched computation (gates ``[B, T, H]``).
-
-    The gates are padded to whole chunks as the chunkwise linear rules pad them (alpha and
-    theta with 1, eta with 0); ``per_chunk`` crops the last chunk back to its real tokens."""
+                      chunk_size: int, dgd: bool) -> list[ChunkCoefficients]:
+    """Every chunk's gate coefficients (gates ``[B, T, H]``): the whole chunks from one
+    batched computation, a last partial chunk from one of its own (its end rows are its
+    last real token's)."""
     length = alpha.shape[1]
-    count = num_chunks(length, chunk_size)
-    pad = count * chunk_size - length
+    whole = length // chunk_size
+    sizes = [size for size in (whole * chunk_size, length - whole * chunk_size) if size]
+    pieces = [gate.transpose(1, 2).split(sizes, -1) if gate is not None else [None] * len(sizes)
+              for gate in (alpha, eta, theta)]
+    chunks = []
+    for alpha_p, eta_p, theta_p in zip(*pieces, strict=True):
+        if alpha_p.shape[-1] < chunk_size:  # the partial chunk
+            chunks.append(chunk_coefficients(alpha_p, eta_p, theta_p, previous=dgd))
+            continue
 
-    def chunked(gate: torch.Tensor, value: float) -> torch.Tensor:
-        gate = torch.nn.functional.pad(gate.transpose(1, 2), (0, pad), value=value)
-        return gate.unflatten(-1, (count, chunk_size))  # [B, H, N, C]
+        def chunked(gate: torch.Tensor) -> torch.Tensor:
+            return gate.unflatten(-1, (whole, chunk_size))  # [B, H, N, C]
 
-    coeffs = _ChunkCoefficients(chunked(alpha, 1.0), chunked(eta, 0.0),
-                                None if theta is None else chunked(theta, 1.0), previous=dgd)
-    return coeffs.per_chunk(length - (count - 1) * chunk_size)
+        coeffs = chunk_coefficients(chunked(alpha_p), chunked(eta_p),
+                                    None if theta_p is None else chunked(theta_p), previous=dgd)
+        chunks.extend(coeffs.per_chunk())
+    return chunks
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
@@ -456,7 +399,7 @@ def deep_memory_chunk_step(weights: list[torch.Tensor], momentum: list[torch.Ten
     """
     coeffs = None
     if momentum_products is not None:
-        coeffs = _ChunkCoefficients(alpha, eta, theta, dgd, momentum_products)
+        coeffs = chunk_coefficients(alpha, eta, theta, dgd, momentum_products)
     out, new_weights, new_momentum = _chunk_step(
         weights, momentum, q, k, v, alpha, eta, theta, objective, activation, dgd, True, coeffs,
         read_heads)

@@ -49,6 +49,7 @@ from nestlearn.nn.memory_stream import (
     empty_chunked_state,
 )
 from nestlearn.nn.transformer import check_input
+from nestlearn.nn.unit_norm import unit_normalize
 from nestlearn.ops._chunking import segment_products
 from nestlearn.ops._compile import compiled_step
 from nestlearn.ops._deep_memory_common import batched_state, mlp_forward
@@ -302,12 +303,12 @@ class SelfModifyingTitans(nn.Module):
         if c.adaptive_q:
             reads = torch.cat([reads, q_read], 2)  # x^q feeds the q memory
         else:
-            q = F.normalize(q_read, dim=-1)
+            q = unit_normalize(q_read)
         if c.normalize_inputs:
             # Unit-norm inputs, like the unit-norm keys the memories are trained on: otherwise
             # the self-generated targets M(v) carry the input's scale and the memories' gain
             # grows chunk after chunk (see MEMORY_LAYERS.md).
-            reads = F.normalize(reads, dim=-1)
+            reads = unit_normalize(reads)
         return q, reads, tail
 
     def _inner_update(self, state: ChunkedMemoryState) -> DeepMemoryState:
@@ -411,12 +412,12 @@ class SelfModifyingTitans(nn.Module):
             out = deep_memory_apply(weights, piece_reads, activation=c.activation)
             k_raw, v, eta_features, alpha_features, *q_raw = out.chunk(count, dim=2)
             # Without adaptation a projection is its memory's input itself (the ablations).
-            k = F.normalize(k_raw if c.adaptive_k else piece_reads[:, :, :c.heads], dim=-1)
+            k = unit_normalize(k_raw if c.adaptive_k else piece_reads[:, :, :c.heads])
             if not c.adaptive_v:
                 v = piece_reads[:, :, c.heads:2 * c.heads]
             if c.normalize_values:
-                v = F.normalize(v, dim=-1)
-            q = F.normalize(q_raw[0], dim=-1) if q_raw else None
+                v = unit_normalize(v)
+            q = unit_normalize(q_raw[0]) if q_raw else None
             gate = torch.sigmoid((eta_features * self.eta_readout).sum(-1) + self.eta_bias)
             if c.weight_decay:
                 alpha = torch.sigmoid((alpha_features * self.alpha_readout).sum(-1)
@@ -673,11 +674,11 @@ def _read_inner(c: SelfModifyingTitansConfig, weights: list[torch.Tensor],
     heads = c.heads
     read = mlp_forward(tuple(weights), read_in, c.activation).split(heads, 1)
     # Without adaptation a projection is its memory's input itself (the ablations).
-    k = F.normalize(read[0] if c.adaptive_k else read_in[:, :heads], dim=-1)
+    k = unit_normalize(read[0] if c.adaptive_k else read_in[:, :heads])
     v = read[1] if c.adaptive_v else read_in[:, heads:2 * heads]
     if c.normalize_values:
-        v = F.normalize(v, dim=-1)
-    q = F.normalize(read[4], dim=-1) if c.adaptive_q else None
+        v = unit_normalize(v)
+    q = unit_normalize(read[4]) if c.adaptive_q else None
     gate = torch.sigmoid((read[2] * eta_readout[:, None]).sum(-1) + eta_bias[:, None])
     if alpha_readout is not None and alpha_bias is not None:
         alpha = torch.sigmoid((read[3] * alpha_readout[:, None]).sum(-1) + alpha_bias[:, None])

@@ -35,6 +35,7 @@ from nestlearn.nn.memory_common import (
 )
 from nestlearn.nn.memory_stream import ChunkedMemoryState, empty_chunked_state
 from nestlearn.nn.transformer import check_input
+from nestlearn.nn.unit_norm import unit_normalize
 from nestlearn.ops.deep_memory import (
     DeepMemoryState,
     deep_memory,
@@ -217,10 +218,10 @@ class NeuralMemory(nn.Module):
         if self.conv is not None:
             projected, tail = self.conv(projected, tail)
         q, k, v = F.silu(projected).unflatten(-1, (3, c.heads, c.head_dim)).unbind(2)
-        q = F.normalize(q, dim=-1)
-        k = F.normalize(k, dim=-1)
+        q = unit_normalize(q)
+        k = unit_normalize(k)
         if c.normalize_values:
-            v = F.normalize(v, dim=-1)
+            v = unit_normalize(v)
         alpha, eta, theta = self.gate_values(stream)
         return MemoryInputs(q, k, v, alpha, eta, theta), tail
 

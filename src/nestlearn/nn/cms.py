@@ -48,6 +48,7 @@ from nestlearn.nn.cms_levels import (
     weight_names,
     weight_shapes,
 )
+from nestlearn.nn.cms_step_gate import step_gate_factor, sum_squares
 from nestlearn.nn.transformer import RMSNorm
 from nestlearn.ops._compile import compiled_step
 from nestlearn.state import TreeState, state_dataclass, static_field
@@ -221,12 +222,7 @@ def token_curvature(kind: str, weights: tuple[torch.Tensor, ...], n: torch.Tenso
     # Sums over the last axis as matmuls (one kernel each, where square and sum are two).
     weighted = (slopes @ columns if columns.dim() == 1
                 else (slopes @ columns[:, :, None])[..., 0])
-    return torch.addcmul(_sum_squares(hidden), _sum_squares(n), weighted)
-
-
-def _sum_squares(x: torch.Tensor) -> torch.Tensor:
-    """``x.square().sum(-1)`` as one batched dot product."""
-    return (x[..., None, :] @ x[..., :, None])[..., 0, 0]
+    return torch.addcmul(sum_squares(hidden), sum_squares(n), weighted)
 
 
 def step_gate(config: CMSConfig, index: int, weights: tuple[torch.Tensor, ...],
@@ -236,10 +232,12 @@ def step_gate(config: CMSConfig, index: int, weights: tuple[torch.Tensor, ...],
     ``chunk_step / (C kappa_t)`` (None without a ceiling)."""
     if config.chunk_step is None:
         return None
-    kappa = token_curvature(config.mlp, weights, n, activations, derivatives)
+    if derivatives is None:
+        derivatives = level_derivatives(config.mlp, activations)
     budget = config.chunk_step / (config.level_inner_lr[index] * config.chunk_sizes[index])
-    # min(1, budget / kappa) (budget > 0: a level that learns has inner_lr > 0), one clamp
-    return (budget / kappa.clamp_min(budget))[..., None]
+    # min(1, budget / kappa) (budget > 0: a level that learns has inner_lr > 0): the plain
+    # form is budget / token_curvature(...).clamp_min(budget); one node with a written backward
+    return step_gate_factor(budget, activations[-1], n, weights[-1], derivatives)
 
 
 def _changes_at(config: CMSConfig, index: int, position: int) -> bool:

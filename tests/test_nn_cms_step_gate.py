@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from nestlearn.benchmarks.opcount import OpCounter
+from nestlearn.errors import NestlearnError
 from nestlearn.nn.cms import token_curvature
 from nestlearn.nn.cms_levels import level_derivatives, level_forward, weight_shapes
 from nestlearn.nn.cms_step_gate import step_gate_factor
@@ -59,10 +60,26 @@ def test_gradcheck() -> None:
     n = torch.randn(2, 3, 5, generator=generator, dtype=torch.float64, requires_grad=True)
     w_down = torch.randn(2, 5, 4, generator=generator, dtype=torch.float64,
                          requires_grad=True)
-    # budget 10: some tokens above it, none within gradcheck's step of the kink
+    with torch.no_grad():
+        columns = w_down.square().sum(-2)[:, None]
+        kappa = (hidden.square().sum(-1) + n.square().sum(-1)
+                 * ((d0.square() + d1.square()) * columns).sum(-1)).flatten().sort().values
+    # a budget halfway between two tokens' curvatures: both regimes, neither near the kink
+    budget = float(kappa[2] + kappa[3]) / 2
+    gate = step_gate_factor(budget, hidden, n, w_down, (d0, d1))
+    assert (gate == 1).any() and (gate < 1).any()
     assert torch.autograd.gradcheck(
-        lambda *x: step_gate_factor(10.0, x[0], x[1], x[2], x[3:]),
+        lambda *x: step_gate_factor(budget, x[0], x[1], x[2], x[3:]),
         (hidden, n, w_down, d0, d1))
+
+
+def test_a_double_backward_is_refused() -> None:
+    weights, n = level_inputs("gelu", False)
+    _, activations = level_forward("gelu", weights, n)
+    gate = step_gate_factor(1e-3, activations[-1], n, weights[-1],
+                            level_derivatives("gelu", activations))
+    with pytest.raises(NestlearnError, match="create_graph=True"):
+        torch.autograd.grad(gate.sum(), (n,), create_graph=True)
 
 
 def test_fewer_ops_than_autograd_of_the_plain_form() -> None:

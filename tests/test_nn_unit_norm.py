@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from nestlearn.benchmarks.opcount import OpCounter
+from nestlearn.errors import NestlearnError
 from nestlearn.nn.unit_norm import EPS, unit_normalize
 
 
@@ -43,3 +45,9 @@ def test_fewer_ops_than_autograd_of_f_normalize() -> None:
         return ops.total_kernels
 
     assert count(unit_normalize) < count(lambda x: F.normalize(x, dim=-1))
+
+
+def test_a_double_backward_is_refused() -> None:
+    x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(NestlearnError, match="create_graph=True"):
+        torch.autograd.grad(unit_normalize(x).sum(), (x,), create_graph=True)

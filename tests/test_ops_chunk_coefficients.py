@@ -4,12 +4,16 @@ expressions (float64, gates at exactly 0 and 1, any subset of the outputs used).
 from __future__ import annotations
 
 import itertools
+import sys
 
 import pytest
 import torch
 
+from nestlearn.errors import NestlearnError
 from nestlearn.ops._chunk_coefficients import chunk_coefficients
 from nestlearn.ops._chunking import segment_products
+
+deep_memory_module = sys.modules["nestlearn.ops.deep_memory"]
 
 NAMES = ("scale", "eta_decay", "coef", "carry", "prev_scale", "prev_eta_decay", "prev_coef",
          "prev_carry", "end_scale", "end_eta_decay", "end_coef", "end_carry", "end_momentum",
@@ -59,10 +63,18 @@ def gates(size: int, momentum: bool) -> list[torch.Tensor]:
             if g is not None]
 
 
-@pytest.mark.parametrize("previous,momentum", list(itertools.product([False, True], repeat=2)))
-def test_values_and_gradients_match_the_plain_expressions(previous: bool,
-                                                          momentum: bool) -> None:
+@pytest.mark.parametrize("previous,momentum,frozen",
+                         [(p, m, None) for p, m in itertools.product([False, True], repeat=2)]
+                         + [(True, True, "alpha"), (True, True, "eta"), (True, True, "theta"),
+                            (False, False, "alpha"), (True, False, "eta")])
+def test_values_and_gradients_match_the_plain_expressions(previous: bool, momentum: bool,
+                                                          frozen: str | None) -> None:
+    """Every output and every output's gradient alone; ``frozen``: that gate needs no
+    gradient (the node's needs_input_grad branches)."""
     inputs = gates(5, momentum)
+    names = ("alpha", "eta", "theta")
+    if frozen is not None:
+        inputs[names.index(frozen)].requires_grad_(False)
     theta = inputs[2] if momentum else None
     fast = chunk_coefficients(inputs[0], inputs[1], theta, previous)
     plain = plain_coefficients(inputs[0], inputs[1], theta, previous)
@@ -81,11 +93,15 @@ def test_values_and_gradients_match_the_plain_expressions(previous: bool,
             get = values.get if isinstance(values, dict) else lambda n: getattr(values, n)
             return sum((get(name) * weight).sum() for name, weight in weights.items())
 
-        want = torch.autograd.grad(loss(plain_coefficients(*inputs[:2], theta, previous)),
-                                   inputs, allow_unused=True, materialize_grads=True)
-        got = torch.autograd.grad(loss(chunk_coefficients(*inputs[:2], theta, previous)),
-                                  inputs, allow_unused=True, materialize_grads=True)
-        for name, w, g in zip(("alpha", "eta", "theta"), want, got, strict=False):
+        wrt = [x for x in inputs if x.requires_grad]
+        plain_loss = loss(plain_coefficients(*inputs[:2], theta, previous))
+        fast_loss = loss(chunk_coefficients(*inputs[:2], theta, previous))
+        if not plain_loss.requires_grad:  # outputs of the frozen gate alone
+            continue
+        want = torch.autograd.grad(plain_loss, wrt, allow_unused=True, materialize_grads=True)
+        got = torch.autograd.grad(fast_loss, wrt, allow_unused=True, materialize_grads=True)
+        wrt_names = [gate for gate, x in zip(names, inputs, strict=False) if x.requires_grad]
+        for name, w, g in zip(wrt_names, want, got, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14, msg=f"{subset}: {name}")
 
 
@@ -100,6 +116,75 @@ def test_gradcheck(momentum: bool) -> None:
     assert torch.autograd.gradcheck(every_output, tuple(inputs))
 
 
+def test_momentum_products_given_by_the_caller() -> None:
+    """theta's products computed outside (as the self-modifying layer does for all chunks at
+    once): the same values, and gradients reach theta through them, or not when detached."""
+    alpha, eta, theta = gates(6, True)
+    for detached in (False, True):
+        products = segment_products(theta)
+        if detached:
+            products = products.detach()
+        given = chunk_coefficients(alpha, eta, theta, True, momentum_products=products)
+        plain = plain_coefficients(alpha, eta, theta if not detached else theta.detach(), True)
+        loss_given = sum(getattr(given, n).sum() * (i + 1) for i, n in enumerate(NAMES))
+        loss_plain = sum(plain[n].sum() * (i + 1) for i, n in enumerate(NAMES))
+        wrt = (alpha, eta) if detached else (alpha, eta, theta)
+        for g, w in zip(torch.autograd.grad(loss_given, wrt),
+                        torch.autograd.grad(loss_plain, wrt), strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(("length", "chunk", "momentum", "dgd"),
+                         [(11, 4, True, True), (8, 4, False, True), (5, 8, True, False),
+                          (6, 1, True, True)])
+def test_every_chunk_of_a_sequence_equals_the_plain_expressions(length: int, chunk: int,
+                                                                momentum: bool,
+                                                                dgd: bool) -> None:
+    """``deep_memory``'s coefficients of a whole sequence (whole chunks batched, a partial
+    last chunk on its own) against the plain expressions on each chunk's own gates."""
+    torch.manual_seed(length + chunk)
+    alpha, eta, theta = (torch.rand(2, length, 3, dtype=torch.float64) for _ in range(3))
+    alpha[0, 1, 0] = 0.0
+    theta = theta if momentum else None
+    every = deep_memory_module._all_coefficients(alpha, eta, theta, chunk, dgd)
+    assert len(every) == -(-length // chunk)
+    for index, coeffs in enumerate(every):
+        part = slice(index * chunk, (index + 1) * chunk)
+        plain = plain_coefficients(*(None if g is None else g[:, part].transpose(1, 2)
+                                     for g in (alpha, eta, theta)), previous=dgd)
+        for name in NAMES:
+            if plain[name] is None:
+                assert getattr(coeffs, name) is None, name
+            else:
+                torch.testing.assert_close(getattr(coeffs, name), plain[name], rtol=1e-13,
+                                           atol=1e-15, msg=name)
+
+
+def test_a_partial_chunk_equals_the_padded_chunk_cropped() -> None:
+    """Tokens padded after the real ones (alpha = theta = 1, eta = 0) change no coefficient of
+    a real token: row t only involves tokens <= t. So a partial chunk computed alone equals a
+    whole one padded and cropped, its end rows the padded matrices' row at its last token."""
+    alpha, eta, theta = (g.detach() for g in gates(3, True))
+
+    def padded(gate: torch.Tensor, value: float) -> torch.Tensor:
+        return torch.nn.functional.pad(gate, (0, 2), value=value)
+
+    alone = chunk_coefficients(alpha, eta, theta, True)
+    whole = chunk_coefficients(padded(alpha, 1.0), padded(eta, 0.0), padded(theta, 1.0), True)
+    for name in ("eta_decay", "coef", "prev_eta_decay", "prev_coef"):
+        torch.testing.assert_close(getattr(alone, name), getattr(whole, name)[..., :3, :3],
+                                   rtol=0, atol=1e-15, msg=name)
+    for name in ("scale", "carry", "prev_scale", "prev_carry"):
+        torch.testing.assert_close(getattr(alone, name), getattr(whole, name)[..., :3],
+                                   rtol=0, atol=1e-15, msg=name)
+    for name in ("eta_decay", "coef"):
+        torch.testing.assert_close(getattr(alone, f"end_{name}"),
+                                   getattr(whole, name)[..., 2, :3], rtol=0, atol=1e-15)
+    for name in ("scale", "carry"):
+        torch.testing.assert_close(getattr(alone, f"end_{name}"), getattr(whole, name)[..., 2],
+                                   rtol=0, atol=1e-15)
+
+
 def test_per_chunk_equals_each_chunk_alone() -> None:
     alpha, eta, theta = gates(12, True)
     batched = chunk_coefficients(*(g.unflatten(-1, (3, 4)) for g in (alpha, eta, theta)),
@@ -110,6 +195,13 @@ def test_per_chunk_equals_each_chunk_alone() -> None:
         for name in NAMES:
             torch.testing.assert_close(getattr(chunk, name), getattr(alone, name), rtol=0,
                                        atol=1e-15)
+
+
+def test_a_double_backward_is_refused() -> None:
+    alpha, eta, theta = gates(4, True)
+    coeffs = chunk_coefficients(alpha, eta, theta, True)
+    with pytest.raises(NestlearnError, match="create_graph=True"):
+        torch.autograd.grad(coeffs.coef.sum(), (alpha,), create_graph=True)
 
 
 def test_fewer_ops_than_autograd_of_the_plain_expressions() -> None:

@@ -1,19 +1,13 @@
 """The fewer-op forms inside the chunkwise ops against their direct definitions, in float64:
-segment products (tril + constant upper ones) and the deep memory's gate coefficients computed
-for all chunks at once (then cropped for a short last chunk)."""
+segment products (tril + constant upper ones). The deep memory's gate coefficients have their
+own tests (``test_ops_chunk_coefficients.py``)."""
 
 from __future__ import annotations
 
-import sys
-
-import pytest
 import torch
 
 from nestlearn.ops import _chunking
-from nestlearn.ops._chunk_coefficients import chunk_coefficients
 from nestlearn.ops._chunking import segment_products
-
-deep_memory_module = sys.modules["nestlearn.ops.deep_memory"]
 
 
 def segment_products_by_definition(gate: torch.Tensor) -> torch.Tensor:
@@ -70,30 +64,3 @@ def test_segment_products_backward_reads_nothing_on_the_host():
     assert host_reads_in_backward(_chunking._products_forward) > 0
     assert host_reads_in_backward(segment_products) == 0
 
-@pytest.mark.parametrize(("length", "chunk", "momentum", "dgd"),
-                         [(11, 4, True, True), (8, 4, False, True), (5, 8, True, False),
-                          (6, 1, True, True)])
-def test_batched_coefficients_equal_per_chunk_ones(length, chunk, momentum, dgd):
-    torch.manual_seed(length + chunk)
-    batch, heads = 2, 3
-    alpha = torch.rand(batch, length, heads, dtype=torch.float64)
-    eta = torch.rand(batch, length, heads, dtype=torch.float64)
-    theta = torch.rand(batch, length, heads, dtype=torch.float64) if momentum else None
-    batched = deep_memory_module._all_coefficients(alpha, eta, theta, chunk, dgd)
-    assert len(batched) == -(-length // chunk)
-    for index, coeffs in enumerate(batched):
-        part = slice(index * chunk, (index + 1) * chunk)
-
-        def heads_first(gate, part=part):
-            return None if gate is None else gate[:, part].transpose(1, 2)
-
-        direct = chunk_coefficients(heads_first(alpha), heads_first(eta), heads_first(theta),
-                                    previous=dgd)
-        assert set(vars(coeffs)) == set(vars(direct))
-        for name, want in vars(direct).items():
-            got = getattr(coeffs, name)
-            if want is None:
-                assert got is None, name
-            else:
-                assert got.shape == want.shape, name
-                torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15, msg=name)

@@ -208,7 +208,10 @@ def token_curvature(kind: str, weights: tuple[torch.Tensor, ...], n: torch.Tenso
     ceiling"): ||J||^2 <= sum over weights of ||J_w||^2, with ||J_down||^2 = ||hidden||^2 and,
     for an input-side weight, ||J_w||^2 <= ||n||^2 sum_i ||w_down[:, i]||^2 d_i^2 (d_i the
     hidden unit's derivative with respect to that weight's output i). ``derivatives``:
-    ``level_derivatives(kind, activations)`` if already made (the gradient reads them too)."""
+    ``level_derivatives(kind, activations)`` if already made (the gradient reads them too).
+
+    The plain differentiable form: ``step_gate`` computes the same kappa inside one node with
+    a written backward (``nn.cms_step_gate``), and the tests tie the two."""
     if derivatives is None:
         derivatives = level_derivatives(kind, activations)
     out_weight = weights[-1]

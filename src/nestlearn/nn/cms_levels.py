@@ -73,7 +73,7 @@ def outer_sum(error: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
 
 def level_derivatives(kind: str, activations: tuple[torch.Tensor, ...]
                       ) -> tuple[torch.Tensor, ...]:
-    """The hidden units' derivatives that the step ceiling (``cms.token_curvature``) and the
+    """The hidden units' derivatives that the step ceiling (``cms.step_gate``) and the
     gradient (``level_grad_factors``) both read, made once for both: swiglu
     ``(silu(gate), up * silu'(gate))`` (d hidden / d up and d hidden / d gate), gelu
     ``(gelu'(pre),)``."""

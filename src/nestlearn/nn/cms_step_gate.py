@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from nestlearn.errors import invalid
+from nestlearn.ops._first_order import check_first_order
 
 
 def sum_squares(x: torch.Tensor) -> torch.Tensor:
@@ -43,7 +44,7 @@ def _slopes(derivatives: tuple[torch.Tensor, ...]) -> torch.Tensor:
 class _StepGate(torch.autograd.Function):
     """``(hidden, n, w_down, derivative, second derivative or None, budget) -> gate [B, P, 1]``.
     A fixed signature (no ``*args``): torch.compile's tracing of a Function misplaced a
-    leading float before variadic tensors. Reverse mode only."""
+    leading float before variadic tensors. Reverse mode, first order only."""
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, n: torch.Tensor, w_down: torch.Tensor,
@@ -65,6 +66,7 @@ class _StepGate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        check_first_order("the CMS step gate")
         (hidden, n, w_down, slopes, columns, weighted, input_squares, kappa, gate,
          *derivatives) = ctx.saved_tensors
         need = ctx.needs_input_grad

@@ -3,8 +3,8 @@
 The self-modifying layer normalizes its keys (and values) once per inner chunk, inside the
 chunk loop, so every op of the normalization and of its backward runs once per chunk, per
 memory, per block. Autograd of ``x / max(||x||, eps)`` records about thirteen ops in the
-backward (the division's two sides, the clamp's mask, the norm's own backward); the gradient
-itself is three fused passes:
+backward (the division's two sides, the clamp's mask, the norm's own backward); written out,
+the gradient takes five:
 
     y = x / d,  d = max(||x||, eps):   dL/dx = (g - [||x|| >= eps] y <y, g>) / d,
 
@@ -19,11 +19,16 @@ from typing import Any
 
 import torch
 
+from nestlearn.ops._first_order import check_first_order
+
 # F.normalize's default
 EPS = 1e-12
 
 
 class _UnitNorm(torch.autograd.Function):
+    """``(x, eps) -> x / max(||x||, eps)`` with the backward above. Reverse mode, first order
+    only."""
+
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, eps: float) -> torch.Tensor:
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
@@ -34,6 +39,7 @@ class _UnitNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        check_first_order("unit_normalize")
         y, denominator, through_norm = ctx.saved_tensors
         along = (y * grad).sum(-1, keepdim=True) * through_norm
         return torch.addcmul(grad, y, along, value=-1.0) / denominator, None

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from nestlearn.ops._chunking import _products_backward, _products_forward, segment_products
+from nestlearn.ops._first_order import check_first_order
 
 # Output order of the node; ``momentum`` adds the mixed-product coefficients, ``previous`` the
 # one-token-earlier twins.
@@ -71,11 +72,13 @@ class ChunkCoefficients:
     end_carry: torch.Tensor | None
     end_momentum: torch.Tensor | None
     theta_end: torch.Tensor | None
+    momentum: bool  # whether theta was given
 
     def __init__(self, values: dict[str, torch.Tensor]) -> None:
         for name in _names(True, True):
             setattr(self, name, values.get(name))
-        if self.coef is None:  # no momentum: one step of plain gradient descent per token
+        self.momentum = self.coef is not None
+        if not self.momentum:  # one step of plain gradient descent per token
             self.coef, self.prev_coef = self.eta_decay, self.prev_eta_decay
             self.end_coef = self.end_eta_decay
 
@@ -84,7 +87,7 @@ class ChunkCoefficients:
         the chunk axis ``dim``; its backward is one stacking per coefficient)."""
         values = {name: getattr(self, name) for name in _names(True, True)
                   if getattr(self, name) is not None}
-        if self.carry is None:  # the aliases are rebuilt per chunk
+        if not self.momentum:  # the aliases are rebuilt per chunk
             values = {name: value for name, value in values.items()
                       if name not in ("coef", "prev_coef", "end_coef")}
         parts = {name: value.unbind(dim) for name, value in values.items()}
@@ -150,10 +153,34 @@ def _by_position(lead: torch.Size, size: int, now: torch.Tensor | None,
     return total
 
 
+class _Gradients:
+    """The gradients that reached the node's outputs, gathered by position."""
+
+    def __init__(self, names: tuple[str, ...], grads: tuple[torch.Tensor | None, ...],
+                 eta: torch.Tensor) -> None:
+        self.grads = dict(zip(names, grads, strict=True))
+        self.lead, self.size = eta.shape[:-1], eta.shape[-1]
+
+    def get(self, name: str) -> torch.Tensor | None:
+        return self.grads.get(name)
+
+    def matrix(self, name: str) -> torch.Tensor | None:
+        """``[..., C + 1, C]`` from ``name``, ``prev_name`` and ``end_name``."""
+        return _by_position(self.lead, self.size, self.get(name), self.get(f"prev_{name}"),
+                            self.get(f"end_{name}"))
+
+    def column(self, name: str) -> torch.Tensor | None:
+        """``[..., C + 1, 1]`` from the vectors ``name``, ``prev_name`` and ``end_name``."""
+        now, prev, end = (self.get(n) for n in (name, f"prev_{name}", f"end_{name}"))
+        return _by_position(self.lead, self.size, None if now is None else now[..., None],
+                            None if prev is None else prev[..., None],
+                            None if end is None else end[..., None])
+
+
 class _Coefficients(torch.autograd.Function):
     """``(alpha, eta, Q, previous) -> the coefficients in _names order`` (Q, theta's segment
     products, None without momentum), with the backward described in the module docstring.
-    Reverse mode only."""
+    Reverse mode, first order only."""
 
     @staticmethod
     def forward(ctx: Any, alpha: torch.Tensor, eta: torch.Tensor,
@@ -167,67 +194,71 @@ class _Coefficients(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        check_first_order("the deep memory's chunk coefficients")
         products, eta, momentum, mixed = ctx.saved_tensors
         need_alpha, need_eta, need_momentum, _ = ctx.needs_input_grad
-        g = dict(zip(ctx.names, grads, strict=True))
-        lead, size = eta.shape[:-1], eta.shape[-1]
-
-        def column(name: str) -> torch.Tensor | None:  # a vector's gradient as a column
-            grad = g.get(name)
-            return None if grad is None else grad[..., None]
-
-        eta_cols = eta[..., None, :]
+        g = _Gradients(ctx.names, grads, eta)
         cols = products[..., 1:]
-        eta_parts: list[torch.Tensor] = []  # summed once at the end
-        # d/dP[:, 1:] and d/dP[:, 0], by position
-        grad_cols = None
-        decayed = _by_position(lead, size, g.get("eta_decay"), g.get("prev_eta_decay"),
-                               g.get("end_eta_decay"))
+        eta_parts: list[torch.Tensor] = []  # dL/deta, summed once at the end
+        col_parts: list[torch.Tensor] = []  # dL/dP[:, 1:]
+        decayed = g.matrix("eta_decay")  # eta_decay = P[:, 1:] eta, by position
         if decayed is not None:
-            grad_cols = decayed * eta_cols
+            if need_alpha:
+                col_parts.append(decayed * eta[..., None, :])
             if need_eta:
                 eta_parts.append((decayed * cols).sum(-2))
-        grad_start = _by_position(lead, size, column("scale"), column("prev_scale"),
-                                  column("end_scale"))
         grad_momentum = None
         if momentum is not None:
-            mixed_rows = _by_position(lead, size, g.get("coef"), g.get("prev_coef"),
-                                      g.get("end_coef"))
-            carried = _by_position(lead, size, column("carry"), column("prev_carry"),
-                                   column("end_carry"))
-            if mixed_rows is not None and need_eta:
-                eta_parts.append((mixed_rows * mixed[..., 1:]).sum(-2))
-            if mixed_rows is not None or carried is not None:
-                if carried is None:
-                    carried = eta.new_zeros(*lead, size + 1, 1)
-                mixed_grad = torch.cat(
-                    [carried, mixed_rows * eta_cols if mixed_rows is not None
-                     else eta.new_zeros(*lead, size + 1, size)], -1)
-                through = mixed_grad @ momentum[..., 1:, :].transpose(-1, -2)
-                grad_cols = through if grad_cols is None else grad_cols + through
-                if need_momentum:
-                    grad_momentum = torch.nn.functional.pad(
-                        cols.transpose(-1, -2) @ mixed_grad, (0, 0, 1, 0))
-            end_momentum, theta_end = g.get("end_momentum"), g.get("theta_end")
-            if end_momentum is not None and need_eta:
-                eta_parts.append(end_momentum * momentum[..., -1, 1:])
-            if need_momentum and (end_momentum is not None or theta_end is not None):
-                if grad_momentum is None:
-                    grad_momentum = momentum.new_zeros(momentum.shape)
-                if end_momentum is not None:
-                    grad_momentum[..., -1, 1:].add_(end_momentum * eta)
-                if theta_end is not None:
-                    grad_momentum[..., -1, 0].add_(theta_end)
+            grad_momentum = _momentum_gradients(g, cols, eta, momentum, mixed, need_alpha,
+                                                need_eta, need_momentum, eta_parts, col_parts)
+        grad_alpha = None
+        start = g.column("scale") if need_alpha else None  # dL/dP[:, 0]
+        if start is not None or col_parts:
+            if start is None:
+                start = eta.new_zeros(*g.lead, g.size + 1, 1)
+            grad_cols = (col_parts[0] if col_parts
+                         else eta.new_zeros(*g.lead, g.size + 1, g.size))
+            for part in col_parts[1:]:
+                grad_cols = grad_cols + part
+            grad_alpha = _products_backward(products, torch.cat([start, grad_cols], -1))
         grad_eta = None
         if eta_parts:
             grad_eta = eta_parts[0]
             for part in eta_parts[1:]:
                 grad_eta = grad_eta + part
-        grad_alpha = None
-        if need_alpha and (grad_cols is not None or grad_start is not None):
-            if grad_start is None:
-                grad_start = eta.new_zeros(*lead, size + 1, 1)
-            if grad_cols is None:
-                grad_cols = eta.new_zeros(*lead, size + 1, size)
-            grad_alpha = _products_backward(products, torch.cat([grad_start, grad_cols], -1))
         return grad_alpha, grad_eta, grad_momentum, None
+
+
+def _momentum_gradients(g: _Gradients, cols: torch.Tensor, eta: torch.Tensor,
+                        momentum: torch.Tensor, mixed: torch.Tensor, need_alpha: bool,
+                        need_eta: bool, need_momentum: bool, eta_parts: list[torch.Tensor],
+                        col_parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The momentum coefficients' share: dL/dQ (returned), and their parts of dL/deta and
+    dL/dP[:, 1:] (appended). ``mixed = P[:, 1:] Q[1:, :]``: coef its columns 1.. times eta,
+    carry its column 0; end_momentum = Q[C, 1:] eta, theta_end = Q[C, 0]."""
+    mixed_rows, carried = g.matrix("coef"), g.column("carry")
+    if mixed_rows is not None and need_eta:
+        eta_parts.append((mixed_rows * mixed[..., 1:]).sum(-2))
+    grad_momentum = None
+    if (mixed_rows is not None or carried is not None) and (need_alpha or need_momentum):
+        if carried is None:
+            carried = eta.new_zeros(*g.lead, g.size + 1, 1)
+        scaled = (mixed_rows * eta[..., None, :] if mixed_rows is not None
+                  else eta.new_zeros(*g.lead, g.size + 1, g.size))
+        mixed_grad = torch.cat([carried, scaled], -1)  # dL/dmixed
+        if need_alpha:
+            col_parts.append(mixed_grad @ momentum[..., 1:, :].transpose(-1, -2))
+        if need_momentum:
+            grad_momentum = torch.nn.functional.pad(cols.transpose(-1, -2) @ mixed_grad,
+                                                    (0, 0, 1, 0))
+    end_momentum, theta_end = g.get("end_momentum"), g.get("theta_end")
+    if end_momentum is not None and need_eta:
+        eta_parts.append(end_momentum * momentum[..., -1, 1:])
+    if need_momentum and (end_momentum is not None or theta_end is not None):
+        if grad_momentum is None:
+            grad_momentum = momentum.new_zeros(momentum.shape)
+        if end_momentum is not None:
+            grad_momentum[..., -1, 1:].add_(end_momentum * eta)
+        if theta_end is not None:
+            grad_momentum[..., -1, 0].add_(theta_end)
+    return grad_momentum

@@ -196,10 +196,10 @@ def _minus_outer(target: torch.Tensor, errors: torch.Tensor, inputs: torch.Tenso
 
 
 def _frobenius(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """<a, b> over the last two dims, ``[..., 1, 1]``: one matrix-vector product of the
-    flattened operands (a view each when contiguous), where a dot product is a
-    multiplication and a reduction."""
-    return a.flatten(-2)[..., None, :] @ b.flatten(-2)[..., :, None]
+    """<a, b> over the last two dims, ``[..., 1, 1]``: one fused dot product, no temporary (a
+    view when both are contiguous). Not a matrix-vector product of the flattened operands:
+    fewer kernels on paper, but 150 us against 20 us per call at HOPE's shapes on this CPU."""
+    return torch.linalg.vecdot(a.flatten(-2), b.flatten(-2))[..., None, None]
 
 
 class _MomentumStateStep(torch.autograd.Function):
@@ -270,20 +270,17 @@ def _all_coefficients(alpha: torch.Tensor, eta: torch.Tensor, theta: torch.Tenso
     length = alpha.shape[1]
     whole = length // chunk_size
     sizes = [size for size in (whole * chunk_size, length - whole * chunk_size) if size]
-    pieces = [gate.transpose(1, 2).split(sizes, -1) if gate is not None else [None] * len(sizes)
+    # one split per gate: heads-first [B, H, T] pieces, the whole chunks' first
+    pieces = [None if gate is None else gate.transpose(1, 2).split(sizes, -1)
               for gate in (alpha, eta, theta)]
     chunks = []
-    for alpha_p, eta_p, theta_p in zip(*pieces, strict=True):
-        if alpha_p.shape[-1] < chunk_size:  # the partial chunk
-            chunks.append(chunk_coefficients(alpha_p, eta_p, theta_p, previous=dgd))
-            continue
-
-        def chunked(gate: torch.Tensor) -> torch.Tensor:
-            return gate.unflatten(-1, (whole, chunk_size))  # [B, H, N, C]
-
-        coeffs = chunk_coefficients(chunked(alpha_p), chunked(eta_p),
-                                    None if theta_p is None else chunked(theta_p), previous=dgd)
-        chunks.extend(coeffs.per_chunk())
+    if whole:
+        alpha_w, eta_w, theta_w = (None if p is None else p[0].unflatten(-1, (whole, chunk_size))
+                                   for p in pieces)
+        chunks.extend(chunk_coefficients(alpha_w, eta_w, theta_w, previous=dgd).per_chunk())
+    if length > whole * chunk_size:
+        alpha_p, eta_p, theta_p = (None if p is None else p[-1] for p in pieces)
+        chunks.append(chunk_coefficients(alpha_p, eta_p, theta_p, previous=dgd))
     return chunks
 
 

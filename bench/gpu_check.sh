@@ -16,6 +16,10 @@
 #                   PARTS: e.g. PARTS=models)
 # PARTS names the parts to run, in the order above (default: all but models, at most about
 # 9.5 minutes with the default limits); e.g. PARTS="profile models".
+# CHUNKS: chunk options added to the profile, graph, train-graph and models parts (default
+# none: the benches' chunk of 64 and CMS chunks 64 512, as the earlier GPU runs); the models
+# as `nestlearn train` builds them: CHUNKS="--chunk-size 16 --inner-chunk-size 16
+# --cms-chunk-sizes 16 64" (4x the chunk steps: allow the parts more time).
 # Each part runs under `timeout` (seconds from PARITY_S, COMPILE_PARITY_S, PROFILE_S,
 # GRAPH_S, TRAIN_GRAPH_S, MODELS_S), so one slow part cannot use up the others' time; the
 # table parts write their JSON after every row, so a part cut short keeps what it finished.
@@ -36,6 +40,9 @@ GRAPH_S="${GRAPH_S:-180}"
 TRAIN_GRAPH_S="${TRAIN_GRAPH_S:-110}"
 MODELS_S="${MODELS_S:-580}"
 PARTS="${PARTS:-parity compile-parity profile graph train-graph}"
+CHUNKS="${CHUNKS:-}"
+# shellcheck disable=SC2206  # the options are meant to split into words
+chunk_options=($CHUNKS)
 for name in $PARTS; do
     case "$name" in
         parity|compile-parity|profile|graph|train-graph|models) ;;
@@ -84,16 +91,16 @@ part parity "$PARITY_S" "$PY" bench/gpu_parity.py --device cuda
 part compile-parity "$COMPILE_PARITY_S" "$PY" bench/gpu_parity.py --device cuda \
     --compile inductor
 part profile "$PROFILE_S" "$PY" bench/gpu_profile.py --length 2048 --batch 8 \
-    --repeats 3 --out "$OUT"
+    --repeats 3 --out "$OUT" ${chunk_options[@]+"${chunk_options[@]}"}
 part graph "$GRAPH_S" "$PY" bench/gpu_graph.py --length 2048 --batch 8 --repeats 3 \
-    --out "$OUT"
+    --out "$OUT" ${chunk_options[@]+"${chunk_options[@]}"}
 part train-graph "$TRAIN_GRAPH_S" "$PY" bench/gpu_train_graph.py --length 2048 --batch 8 \
-    --out "$OUT"
+    --out "$OUT" ${chunk_options[@]+"${chunk_options[@]}"}
 # cheapest archs first, so a run cut short has the most cells
 part models "$MODELS_S" "$PY" -m nestlearn bench layers --sections models \
     --archs transformer titans titans-mag hope-attention hope \
     --device cuda --autocast bf16 --batch 8 --lengths 2048 --compile off on --cuda-graph off on \
-    --no-memory --repeats 3 --out "$OUT"
+    --no-memory --repeats 3 --out "$OUT" ${chunk_options[@]+"${chunk_options[@]}"}
 
 echo "total $((SECONDS - started))s" | tee -a "$OUT/summary.txt"
 if grep -q -e 'stopped at' -e ': exit [1-9]' "$OUT/summary.txt"; then

@@ -20,6 +20,8 @@ import nestlearn
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--device", "cpu", "--batch", "1", "--length", "11", "--heads", "1", "--dim", "4",
         "--hidden", "6", "--chunk-size", "4"]
+# the models as `nestlearn train` builds them
+CHUNKS = "--chunk-size 16 --inner-chunk-size 16 --cms-chunk-sizes 16 64"
 OPS = ("deep_memory", "deep_memory dgd", "titans_linear", "delta_rule", "linear_attention")
 
 
@@ -71,7 +73,7 @@ def test_check_script_runs_every_part_under_its_limit_and_sums_up(tmp_path):
     # profile is stopped at a 1 s limit: every part still runs and the summary says so.
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable,
            "PYTHONPATH": str(Path(nestlearn.__file__).parents[1]), "CUDA_VISIBLE_DEVICES": "",
-           "PROFILE_S": "1", "OMP_NUM_THREADS": "1",
+           "PROFILE_S": "1", "OMP_NUM_THREADS": "1", "CHUNKS": CHUNKS,
            "PARTS": "parity compile-parity profile graph train-graph models"}
     script = ROOT / "bench" / "gpu_check.sh"
     assert os.access(script, os.X_OK)
@@ -87,6 +89,10 @@ def test_check_script_runs_every_part_under_its_limit_and_sums_up(tmp_path):
     assert [line.split(" ")[1] for line in log.splitlines() if line.startswith("== ")] == parts
     # the models part got past argument parsing to the CUDA check: its options all exist
     assert "--device: got 'cuda'; allowed: cpu" in log.split("== models")[1]
+    # CHUNKS reaches every part that builds models (and, above, they parsed it)
+    for name in ("profile", "graph", "train-graph", "models"):
+        command = next(line for line in log.splitlines() if line.startswith(f"== {name} "))
+        assert command.endswith(CHUNKS), command
     assert "gpu_graph: error: CUDA graphs need a CUDA device" in log
     assert "gpu_train_graph: error: CUDA graphs need a CUDA device" in log
     assert (tmp_path / "environment.txt").read_text().startswith(result.stdout.splitlines()[0])

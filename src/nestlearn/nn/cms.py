@@ -48,7 +48,7 @@ from nestlearn.nn.cms_levels import (
     weight_names,
     weight_shapes,
 )
-from nestlearn.nn.cms_step_gate import step_gate_factor, sum_squares
+from nestlearn.nn.cms_step_gate import curvature_parts, step_gate_factor
 from nestlearn.nn.transformer import RMSNorm
 from nestlearn.ops._compile import compiled_step
 from nestlearn.state import TreeState, state_dataclass, static_field
@@ -210,22 +210,11 @@ def token_curvature(kind: str, weights: tuple[torch.Tensor, ...], n: torch.Tenso
     hidden unit's derivative with respect to that weight's output i). ``derivatives``:
     ``level_derivatives(kind, activations)`` if already made (the gradient reads them too).
 
-    The plain differentiable form: ``step_gate`` computes the same kappa inside one node with
-    a written backward (``nn.cms_step_gate``), and the tests tie the two."""
+    Differentiable by autograd (the plain form the tests tie ``step_gate``'s node to: that
+    node computes the same kappa with a written backward, ``nn.cms_step_gate``)."""
     if derivatives is None:
         derivatives = level_derivatives(kind, activations)
-    out_weight = weights[-1]
-    columns = out_weight.square().sum(-2)  # ||w_down[:, i]||^2: [H] or [B, H]
-    hidden = activations[-1]
-    if kind == "swiglu":
-        silu_gate, up_slope = derivatives
-        slopes = silu_gate.square() + up_slope.square()
-    else:
-        slopes = derivatives[0].square()
-    # Sums over the last axis as matmuls (one kernel each, where square and sum are two).
-    weighted = (slopes @ columns if columns.dim() == 1
-                else (slopes @ columns[:, :, None])[..., 0])
-    return torch.addcmul(sum_squares(hidden), sum_squares(n), weighted)
+    return curvature_parts(activations[-1], n, weights[-1], derivatives)[-1]
 
 
 def step_gate(config: CMSConfig, index: int, weights: tuple[torch.Tensor, ...],

@@ -41,6 +41,22 @@ def _slopes(derivatives: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return slopes
 
 
+def curvature_parts(hidden: torch.Tensor, n: torch.Tensor, w_down: torch.Tensor,
+                    derivatives: tuple[torch.Tensor, ...]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                               torch.Tensor]:
+    """kappa_t ``[B, P]`` and the parts its gradient reads: ``(s, c, s . c, ||n||^2, kappa)``
+    (``cms.token_curvature`` is its differentiable use, the gate node its other)."""
+    slopes = _slopes(derivatives)
+    columns = w_down.square().sum(-2)  # ||w_down[:, i]||^2: [H] (shared weights) or [B, H]
+    # Sums over the last axis as matmuls (one kernel each, where square and sum are two).
+    weighted = (slopes @ columns if columns.dim() == 1
+                else (slopes @ columns[:, :, None])[..., 0])
+    input_squares = sum_squares(n)
+    kappa = torch.addcmul(sum_squares(hidden), input_squares, weighted)
+    return slopes, columns, weighted, input_squares, kappa
+
+
 class _StepGate(torch.autograd.Function):
     """``(hidden, n, w_down, derivative, second derivative or None, budget) -> gate [B, P, 1]``.
     A fixed signature (no ``*args``): torch.compile's tracing of a Function misplaced a
@@ -51,12 +67,8 @@ class _StepGate(torch.autograd.Function):
                 first: torch.Tensor, second: torch.Tensor | None, budget: float
                 ) -> torch.Tensor:
         derivatives = (first,) if second is None else (first, second)
-        slopes = _slopes(derivatives)
-        columns = w_down.square().sum(-2)  # [H] (shared weights) or [B, H]
-        weighted = (slopes @ columns if columns.dim() == 1
-                    else (slopes @ columns[:, :, None])[..., 0])
-        input_squares = sum_squares(n)
-        kappa = torch.addcmul(sum_squares(hidden), input_squares, weighted)
+        slopes, columns, weighted, input_squares, kappa = curvature_parts(hidden, n, w_down,
+                                                                          derivatives)
         clamped = kappa.clamp_min(budget)
         gate = budget / clamped
         ctx.save_for_backward(hidden, n, w_down, slopes, columns, weighted, input_squares,

@@ -216,17 +216,17 @@ class _Coefficients(torch.autograd.Function):
         if start is not None or col_parts:
             if start is None:
                 start = eta.new_zeros(*g.lead, g.size + 1, 1)
-            grad_cols = (col_parts[0] if col_parts
+            grad_cols = (_total(col_parts) if col_parts
                          else eta.new_zeros(*g.lead, g.size + 1, g.size))
-            for part in col_parts[1:]:
-                grad_cols = grad_cols + part
             grad_alpha = _products_backward(products, torch.cat([start, grad_cols], -1))
-        grad_eta = None
-        if eta_parts:
-            grad_eta = eta_parts[0]
-            for part in eta_parts[1:]:
-                grad_eta = grad_eta + part
-        return grad_alpha, grad_eta, grad_momentum, None
+        return grad_alpha, _total(eta_parts) if eta_parts else None, grad_momentum, None
+
+
+def _total(parts: list[torch.Tensor]) -> torch.Tensor:
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
 
 
 def _momentum_gradients(g: _Gradients, cols: torch.Tensor, eta: torch.Tensor,

@@ -14,7 +14,8 @@ with scalar coefficients from the gates, and a layer's pre-activation at token t
     W_t x = A_t W_{t'} x + s_t S_{t'} x - sum_{i<=t} c_{t,i} (a_i . x) e_i,
 a causal C x C masked matmul, as in attention. With dgd=True the decay of W_1 becomes the
 matrix (alpha_t I - eta_t k_t k_t^T): a gated delta rule whose pseudo-values come from one
-unit-lower-triangular solve per chunk (the WY / UT transform of DeltaNet).
+unit-lower-triangular solve per chunk (the WY / UT transform of DeltaNet, as an explicit
+inverse times the right-hand side: ``ops/_unit_triangular.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from nestlearn.ops._deep_memory_common import (
     mlp_forward,
 )
 from nestlearn.ops._precision import full_precision
+from nestlearn.ops._unit_triangular import unit_lower_solve
 from nestlearn.ops.deep_memory_naive import deep_memory_naive
 
 __all__ = [
@@ -102,7 +104,7 @@ def _delta_pseudo_values(momentum: list[torch.Tensor] | None, keys: torch.Tensor
     if momentum is not None:
         rhs = rhs + coeffs.prev_carry[..., None] * _apply_weight(keys, momentum[0])
     system = coeffs.prev_eta_decay * gram
-    return torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+    return unit_lower_solve(system, rhs)
 
 
 def _row_scaled_product(scale: torch.Tensor, x: torch.Tensor,

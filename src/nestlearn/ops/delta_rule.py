@@ -14,6 +14,7 @@ import torch
 
 from nestlearn.ops._chunking import merge_tokens, segment_products, split_gate, split_tokens
 from nestlearn.ops._precision import full_precision
+from nestlearn.ops._unit_triangular import unit_lower_solve
 from nestlearn.ops._validate import check_gated_matrix_rule
 
 
@@ -64,13 +65,11 @@ def gated_delta_rule(
 
     # M_t = from_start_t M_0 + sum_{i<=t} decay[t, i] u_i k_i^T with writes
     # u_t = eta_t (v_t - M_{t-1} k_t), i.e. (I + A) U = eta V - (eta start_before K) M_0^T.
+    # A's strictly lower part; the solve reads no diagonal (it is I's)
     system = ec[..., :, None] * decay_before * (kc @ kc.transpose(-1, -2))
-    system = system + torch.eye(size, dtype=q.dtype, device=q.device)
     # One solve for both right-hand sides: the writes are value_writes - key_writes M_0^T.
-    solved = torch.linalg.solve_triangular(
-        system, torch.cat([ec[..., None] * vc, (ec * start_before)[..., None] * kc], dim=-1),
-        upper=False, unitriangular=True,
-    )
+    solved = unit_lower_solve(
+        system, torch.cat([ec[..., None] * vc, (ec * start_before)[..., None] * kc], dim=-1))
     value_writes, key_writes = solved.split([vc.shape[-1], kc.shape[-1]], dim=-1)
     keys_to_end = to_end[..., 1:, None] * kc
 

@@ -51,3 +51,13 @@ def test_a_double_backward_is_refused() -> None:
     x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
     with pytest.raises(NestlearnError, match="create_graph=True"):
         torch.autograd.grad(unit_normalize(x).sum(), (x,), create_graph=True)
+
+
+@pytest.mark.parametrize("no_grad", [True, False])
+def test_without_a_recorded_gradient_three_ops_and_the_same_values(no_grad: bool) -> None:
+    x = rows().detach()
+    with torch.set_grad_enabled(not no_grad), OpCounter() as ops:
+        got = unit_normalize(x if no_grad else x.requires_grad_(False))
+    torch.testing.assert_close(got, F.normalize(x, dim=-1), rtol=0, atol=0)
+    assert got.grad_fn is None
+    assert ops.total_kernels == 3  # the norm, the clamp, the division; no saved mask

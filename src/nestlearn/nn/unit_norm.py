@@ -47,5 +47,8 @@ class _UnitNorm(torch.autograd.Function):
 
 def unit_normalize(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """``x / max(||x||_2, eps)`` over the last dim: ``torch.nn.functional.normalize(x, dim=-1)``
-    with a backward of a few fused ops (reverse mode only)."""
+    with a backward of a few fused ops (reverse mode only). Where no gradient is recorded
+    (decoding, evaluation) the same three ops run without the node and its saved mask."""
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(eps)
     return _UnitNorm.apply(x, eps)

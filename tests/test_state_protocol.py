@@ -28,6 +28,7 @@ from nestlearn.ops import DeepMemoryState, TitansLinearState, titans_linear
 from nestlearn.state import (
     detach,
     find_nonfinite,
+    first_tensor,
     flatten,
     instances,
     is_state_class,
@@ -97,6 +98,19 @@ def test_flatten_unflatten_round_trip_keeps_tensors_and_integer_fields():
                 if not isinstance(value, (torch.Tensor, tuple)) and value is not None \
                         and not is_state_class(type(value)):
                     assert getattr(copy, field.name) == value, field.name
+
+
+def test_first_tensor_is_the_first_leaf_of_tensors():
+    for state in every_state():
+        leaves = tensors(("text", 3, None, state))
+        assert first_tensor(("text", 3, None, state)) is (leaves[0] if leaves else None)
+        floating = [leaf for leaf in leaves if leaf.is_floating_point()]
+        assert first_tensor(state, floating=True) is (floating[0] if floating else None)
+    ids = torch.zeros(2, dtype=torch.long)
+    half = torch.zeros(2, dtype=torch.bfloat16)
+    assert first_tensor(((ids, None), {"x": half})) is ids
+    assert first_tensor(((ids, None), {"x": half}), floating=True) is half
+    assert first_tensor(("no", "tensors", (1, 2.0))) is None
 
 
 def test_detach_cuts_the_graph_and_keeps_the_rest():

@@ -115,6 +115,17 @@ def tensors(tree: Any) -> list[torch.Tensor]:
     return instances(tree, torch.Tensor)
 
 
+def first_tensor(tree: Any, floating: bool = False) -> torch.Tensor | None:
+    """The first tensor leaf of ``tree`` in traversal order (the first floating-point one if
+    ``floating``), or None. The walk is lazy and stops there: the memory ops ask this once per
+    call (per chunk, per decoded token), and flattening every argument and state to read one
+    device or dtype cost more Python time than some of the ops' kernels."""
+    for leaf in pytree.tree_iter(tree, is_leaf=lambda node: isinstance(node, torch.Tensor)):
+        if isinstance(leaf, torch.Tensor) and (not floating or leaf.is_floating_point()):
+            return leaf
+    return None
+
+
 def named_tensors(tree: Any, name: str = "state") -> dict[str, torch.Tensor]:
     """Every tensor leaf keyed by its path, e.g. ``state.blocks[1].memory.conv_tail``."""
     leaves, _ = pytree.tree_flatten_with_path(tree)

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from nestlearn.state import tensors, tree_map
+from nestlearn.state import first_tensor, tensors, tree_map
 
 F = TypeVar("F", bound=Callable[..., Any])
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -35,23 +35,25 @@ def _raise_precision(value: Any) -> Any:
 def _autocast_device(args: tuple, kwargs: dict) -> str | None:
     """The device type of the first tensor in the arguments (inside states too) if autocast
     is on for it, else None (also for device types autocast does not know, such as meta)."""
-    for tensor in tensors((args, kwargs)):
-        device = tensor.device.type
-        try:
-            return device if torch.is_autocast_enabled(device) else None
-        except RuntimeError:
-            return None
-    return None
+    first = first_tensor((args, kwargs))
+    if first is None:
+        return None
+    device = first.device.type
+    try:
+        return device if torch.is_autocast_enabled(device) else None
+    except RuntimeError:
+        return None
 
 
 def _low_precision_dtype(args: tuple, kwargs: dict) -> torch.dtype | None:
     """The dtype of the floating tensors in the arguments if they all share one bf16/fp16
     dtype, else None."""
-    floating = [t for t in tensors((args, kwargs)) if t.is_floating_point()]
-    if not floating or floating[0].dtype not in LOW_PRECISION:
+    first = first_tensor((args, kwargs), floating=True)
+    if first is None or first.dtype not in LOW_PRECISION:
         return None
-    dtype = floating[0].dtype
-    return dtype if all(t.dtype == dtype for t in floating) else None
+    dtype = first.dtype
+    return dtype if all(t.dtype == dtype for t in tensors((args, kwargs))
+                        if t.is_floating_point()) else None
 
 
 def _lower_precision(value: Any, dtype: torch.dtype) -> Any:

@@ -17,6 +17,7 @@ from nestlearn.benchmarks.opcount import (
     parametric_weights,
     profiled_kernels,
     profiled_syncs,
+    skeleton_config,
 )
 from nestlearn.cli import main
 
@@ -91,6 +92,34 @@ def test_cli_writes_a_table_and_json(tmp_path, capsys):
     assert [(row["chunk"], row["inner chunk"]) for row in rows] == [("-", "-"), (8, "-")]
     assert all(row["syncs/step"] == 0 and row["ops/step"] > 0 for row in rows)
     assert "tok/s" not in rows[0]  # timing only with --timing
+
+
+def test_a_skeleton_issues_the_same_ops_with_almost_no_weights():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model-layers", "2", "--chunk-size", "8", "--cms-chunk-sizes",
+                              "8", "16", "--window", "16"])
+    for arch, config in model_configs(args).items():
+        skeleton = skeleton_config(config)
+        assert skeleton.dim == 2 * config.heads and skeleton.layers == config.layers
+        full, bare = count_step(config, 24, 1), count_step(skeleton, 24, 1)
+        assert bare["ops/step"] == full["ops/step"], arch
+        assert bare["kernels/step"] == full["kernels/step"], arch
+        assert bare["top kernels"] == full["top kernels"], arch
+        assert bare["params"] * 50 < full["params"], arch
+        assert bare["matmul GFLOP/step"] * 50 < full["matmul GFLOP/step"], arch
+
+
+def test_timing_reports_the_skeleton_s_share(tmp_path, capsys):
+    code = main(["bench", "ops-count", "--archs", "titans", "--length", "16", "--model-dim",
+                 "16", "--model-layers", "1", "--heads", "2", "--chunk-size", "8",
+                 "--vocab-size", "32", "--timing", "--repeats", "1", "--out", str(tmp_path)])
+    assert code == 0
+    assert "| skeleton s | fixed share |" in capsys.readouterr().out
+    row = json.loads((tmp_path / "ops-count.json").read_text())["rows"][0]
+    seconds = row["T"] / row["tok/s"]
+    assert row["skeleton s"] > 0
+    assert row["fixed share"] == pytest.approx(row["skeleton s"] / seconds)
 
 
 def test_hope_s_inner_chunk_is_its_own_option():

@@ -41,12 +41,18 @@ generated kernel, a small cost the eager timing does not pay). A step that could
 compiled and ran eagerly is named in the ``note`` column.
 
 With ``--timing`` (off by default: it needs a quiet machine) it also times the step and this
-machine's fp32 matmul rate, and reports the fraction of that rate the step achieves.
+machine's fp32 matmul rate, and reports the fraction of that rate the step achieves. It also
+times the arch's skeleton (``skeleton_config``: every width cut to 2 per head, the same ops in
+the same order, almost no arithmetic): ``skeleton s`` is what the step's ops cost whatever
+they compute (dispatch, autograd, Python, allocation), and ``fixed share`` that over the
+step's time. A share near 1 says the step is bound by how many ops it issues, not by its
+FLOPs, so fewer (fused) ops, not faster products, are what would speed it up.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -107,7 +113,8 @@ NON_COMPUTING = frozenset({
     "aten::result_type", "aten::is_nonzero", "aten::movedim", "aten::swapaxes"})
 # Names of the kernels a compiler generates, as they appear in a profile.
 GENERATED_KERNELS = ("cpp_fused", "triton_")
-TIMING_COLUMNS = ["tok/s", "GFLOP/s", "fraction of matmul rate"]
+TIMING_COLUMNS = ["tok/s", "GFLOP/s", "fraction of matmul rate", "skeleton s", "fixed share"]
+SKELETON_HEAD_DIM = 2
 
 
 class OpCounter(TorchDispatchMode):
@@ -368,6 +375,21 @@ def time_step(config: ModelConfig, length: int, batch: int, repeats: int) -> flo
     return time_call(make_step(model, ids), repeats=repeats, warmup=1)
 
 
+def skeleton_config(config: ModelConfig, head_dim: int = SKELETON_HEAD_DIM) -> ModelConfig:
+    """``config`` with every width cut to ``head_dim`` per head (model, memory and CMS widths;
+    hidden sizes follow them): the same layers, heads, depth, chunks and vocabulary, so one
+    step issues the same ops in the same order (``tests/test_bench_opcount.py`` checks the
+    counts) with almost no arithmetic. Its step time is the ops' fixed cost."""
+    dim = config.heads * head_dim
+    sections: dict[str, Any] = {}
+    if config.memory is not None:
+        sections["memory"] = dataclasses.replace(config.memory, dim=dim,
+                                                 head_dim=dim // config.memory.heads)
+    if config.cms is not None:
+        sections["cms"] = dataclasses.replace(config.cms, dim=dim, hidden=None)
+    return dataclasses.replace(config, dim=dim, mlp_hidden=None, **sections)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--archs", nargs="+", default=list(ARCHS),
                         help=f"models to count, from {', '.join(ARCHS)} (default: all)")
@@ -491,10 +513,13 @@ def run(args: argparse.Namespace) -> int:
                                       args.compile_backend))
         if rate is not None:
             seconds = time_step(config, args.length, args.batch, args.repeats)
+            skeleton = time_step(skeleton_config(config), args.length, args.batch,
+                                 args.repeats)
             achieved = row["matmul GFLOP/step"] * 1e9 / seconds
             row.update({"tok/s": args.batch * args.length / seconds,
                         "GFLOP/s": achieved / 1e9, "fraction of matmul rate": achieved / rate,
-                        "matmul GFLOP/s": rate / 1e9})
+                        "matmul GFLOP/s": rate / 1e9, "skeleton s": skeleton,
+                        "fixed share": skeleton / seconds})
         rows.append(row)
     columns = (COLUMNS + (DECODE_COLUMNS if args.decode_tokens else [])
                + (TIMING_COLUMNS if rate is not None else [])

@@ -139,15 +139,18 @@ def _chunk(weights: list[torch.Tensor], momentum: list[torch.Tensor] | None,
         def read(x: torch.Tensor) -> torch.Tensor:
             return x if read_heads is None else x[:, x.shape[1] - read_heads:]
 
+        # each coefficient sliced once for every layer: a slice's backward is a zero-filled
+        # full-size gradient and a copy, and autograd adds one per slice taken
+        scale, coef = read(coeffs.scale), read(coeffs.coef)
+        carry = read(coeffs.carry) if momentum is not None else None
         act = ACTIVATIONS[activation][0]
         hidden = queries
         for index, weight in enumerate(weights):
             scores = hidden @ read(inputs[index]).transpose(-1, -2)  # (a_i . x_t), [B, H, C, C]
-            pre = _row_scaled_product(read(coeffs.scale), hidden, read(weight))
-            pre = pre - (read(coeffs.coef) * scores) @ read(errors[index])
-            if momentum is not None:
-                pre = pre + _row_scaled_product(read(coeffs.carry), hidden,
-                                                read(momentum[index]))
+            pre = _row_scaled_product(scale, hidden, read(weight))
+            pre = pre - (coef * scores) @ read(errors[index])
+            if carry is not None and momentum is not None:
+                pre = pre + _row_scaled_product(carry, hidden, read(momentum[index]))
             if pseudo is not None and index == 0:
                 pre = pre - (read(coeffs.eta_decay) * scores) @ read(pseudo)
             hidden = act(pre) if index < len(weights) - 1 else pre

@@ -422,7 +422,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile backend of --compiled (default: inductor; "
                              "aot_eager only traces, in seconds)")
     parser.add_argument("--timing", action="store_true",
-                        help="also time each step and the fp32 matmul rate (needs a quiet "
+                        help="also time each step, its skeleton (the same ops at width 2 per "
+                             "head: their fixed cost) and the fp32 matmul rate (needs a quiet "
                              "machine; counts alone are deterministic)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs per arch with --timing, median reported (default: 3)")

@@ -15,7 +15,8 @@ with scalar coefficients from the gates, and a layer's pre-activation at token t
 a causal C x C masked matmul, as in attention. With dgd=True the decay of W_1 becomes the
 matrix (alpha_t I - eta_t k_t k_t^T): a gated delta rule whose pseudo-values come from one
 unit-lower-triangular solve per chunk (the WY / UT transform of DeltaNet, as an explicit
-inverse times the right-hand side: ``ops/_unit_triangular.py``).
+inverse times the right-hand side: ``ops/_unit_triangular.py``). The query rows' read-out is
+one autograd node with a written backward (``ops/_chunk_read.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 
 from nestlearn.errors import invalid
 from nestlearn.ops._chunk_coefficients import ChunkCoefficients, chunk_coefficients
+from nestlearn.ops._chunk_read import apply_weight, chunk_read
 from nestlearn.ops._chunking import num_chunks
 from nestlearn.ops._compile import compiled_step
 from nestlearn.ops._deep_memory_common import (
@@ -53,14 +55,6 @@ __all__ = [
 ]
 
 
-def _apply_weight(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Rows ``W x_t`` (``x @ W^T``), computed as ``(W @ x^T)^T``: the same product, but the
-    weight's gradient then comes out in the weight's own memory layout, so summing it with its
-    other gradients (and the state step's weight-sized products) streams instead of transposing.
-    """
-    return (weight @ x.transpose(-1, -2)).transpose(-1, -2)
-
-
 def _key_pass(weights: list[torch.Tensor], keys: torch.Tensor, values: torch.Tensor,
               objective: str, activation: str,
               ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
@@ -74,7 +68,7 @@ def _key_pass(weights: list[torch.Tensor], keys: torch.Tensor, values: torch.Ten
     inputs, pres = [], []
     hidden = keys
     for index, weight in enumerate(weights):
-        pre = _apply_weight(hidden, weight)
+        pre = apply_weight(hidden, weight)
         inputs.append(hidden)
         pres.append(pre)
         hidden = act(pre) if index < len(weights) - 1 else pre
@@ -102,18 +96,9 @@ def _delta_pseudo_values(momentum: list[torch.Tensor] | None, keys: torch.Tensor
     gram = keys @ keys.transpose(-1, -2)
     rhs = coeffs.prev_scale[..., None] * first_pre - (coeffs.prev_coef * gram) @ first_error
     if momentum is not None:
-        rhs = rhs + coeffs.prev_carry[..., None] * _apply_weight(keys, momentum[0])
+        rhs = rhs + coeffs.prev_carry[..., None] * apply_weight(keys, momentum[0])
     system = coeffs.prev_eta_decay * gram
     return unit_lower_solve(system, rhs)
-
-
-def _row_scaled_product(scale: torch.Tensor, x: torch.Tensor,
-                        weight: torch.Tensor) -> torch.Tensor:
-    """Rows ``scale[t] * (W x_t)``, scaling whichever side is narrower: the product is the same,
-    and the backward then keeps the narrow scaled tensor instead of the wide one."""
-    if weight.shape[-1] <= weight.shape[-2]:
-        return _apply_weight(scale[..., None] * x, weight)
-    return scale[..., None] * _apply_weight(x, weight)
 
 
 def _chunk(weights: list[torch.Tensor], momentum: list[torch.Tensor] | None,
@@ -139,22 +124,15 @@ def _chunk(weights: list[torch.Tensor], momentum: list[torch.Tensor] | None,
         def read(x: torch.Tensor) -> torch.Tensor:
             return x if read_heads is None else x[:, x.shape[1] - read_heads:]
 
-        # each coefficient sliced once for every layer: a slice's backward is a zero-filled
-        # full-size gradient and a copy, and autograd adds one per slice taken
-        scale, coef = read(coeffs.scale), read(coeffs.coef)
-        carry = read(coeffs.carry) if momentum is not None else None
-        act = ACTIVATIONS[activation][0]
-        hidden = queries
-        for index, weight in enumerate(weights):
-            scores = hidden @ read(inputs[index]).transpose(-1, -2)  # (a_i . x_t), [B, H, C, C]
-            pre = _row_scaled_product(scale, hidden, read(weight))
-            pre = pre - (coef * scores) @ read(errors[index])
-            if carry is not None and momentum is not None:
-                pre = pre + _row_scaled_product(carry, hidden, read(momentum[index]))
-            if pseudo is not None and index == 0:
-                pre = pre - (read(coeffs.eta_decay) * scores) @ read(pseudo)
-            hidden = act(pre) if index < len(weights) - 1 else pre
-        out = queries + hidden
+        # one node with a written backward (ops/_chunk_read.py); each tensor sliced once
+        with_pseudo = pseudo is not None
+        out = chunk_read(
+            activation, queries, read(coeffs.scale), read(coeffs.coef),
+            read(coeffs.carry) if momentum is not None else None,
+            read(coeffs.eta_decay) if with_pseudo else None,
+            read(pseudo) if pseudo is not None else None, [read(w) for w in weights],
+            None if momentum is None else [read(m) for m in momentum],
+            [read(a) for a in inputs], [read(e) for e in errors])
     if not need_state:
         return out, None, None
     # the chunk-end state: the same sums at t = C (the coefficients' end rows)

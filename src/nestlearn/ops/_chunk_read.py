@@ -8,7 +8,7 @@ with h = h_{l-1} (h_0 = q), s = scale and c = carry per row, coef and eta_decay 
 C x C coefficient matrices, a_l, e_l the chunk's layer inputs and output errors, S_l the
 momentum and w the delta rule's pseudo-values; h_l = act(pre_l) and the output is q + pre_L.
 
-Why one node: autograd of these lines records about 90 nodes per chunk for a 2-layer memory
+Why one node: autograd of these lines records about 80 nodes per chunk for a 2-layer memory
 (each ``@`` on ``[B, H, C, D]`` tensors is two expands, two reshapes, a ``bmm`` and a view;
 each broadcast product a multiplication whose backward reduces), and HOPE's step runs the chunk
 once per 16 tokens per block. Written out, with G = dL/dpre_l, the backward is per layer

@@ -7,31 +7,36 @@ from __future__ import annotations
 import pytest
 import torch
 
+from memory_chunk_cases import (
+    BATCH,
+    DIM,
+    HEADS,
+    HIDDEN,
+    SIZE,
+    layer_widths,
+    random_weights,
+    seeded_randn,
+)
 from nestlearn.errors import NestlearnError
 from nestlearn.ops._chunk_read import chunk_read, chunk_read_reference
 
 
 def case(layers: int, momentum: bool, pseudo: bool, shared: bool, seed: int = 0
          ) -> tuple[list[torch.Tensor | None], dict[str, int]]:
-    """Inputs of a read of ``layers`` layers (B=2, H=3, C=5, D=4, hidden 6), float64."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator, dtype=torch.float64)
-
-    batch, heads, size, dim, hidden = 2, 3, 5, 4, 6
-    widths = [dim] + [hidden] * (layers - 1) + [dim]
-    lead = (heads,) if shared else (batch, heads)
-    weights = [0.5 * rand(*lead, widths[i + 1], widths[i]) for i in range(layers)]
-    moments = [0.5 * rand(*lead, widths[i + 1], widths[i]) for i in range(layers)]
-    inputs = [rand(batch, heads, size, widths[i]) for i in range(layers)]
-    errors = [rand(batch, heads, size, widths[i + 1]) for i in range(layers)]
+    """Inputs of a read of ``layers`` layers, float64."""
+    randn = seeded_randn(seed)
+    batch, heads, size, dim, hidden = BATCH, HEADS, SIZE, DIM, HIDDEN
+    widths = layer_widths(layers)
+    weights = random_weights(randn, layers, shared, 0.5)
+    moments = random_weights(randn, layers, shared, 0.5)
+    inputs = [randn(batch, heads, size, widths[i]) for i in range(layers)]
+    errors = [randn(batch, heads, size, widths[i + 1]) for i in range(layers)]
     tril = torch.ones(size, size, dtype=torch.float64).tril()
-    tensors = [rand(batch, heads, size, dim), rand(batch, heads, size),
-               rand(batch, heads, size, size) * tril,
-               rand(batch, heads, size) if momentum else None,
-               rand(batch, heads, size, size) * tril if pseudo else None,
-               rand(batch, heads, size, hidden) if pseudo else None,
+    tensors = [randn(batch, heads, size, dim), randn(batch, heads, size),
+               randn(batch, heads, size, size) * tril,
+               randn(batch, heads, size) if momentum else None,
+               randn(batch, heads, size, size) * tril if pseudo else None,
+               randn(batch, heads, size, hidden) if pseudo else None,
                *weights, *(moments if momentum else [None] * layers), *inputs, *errors]
     return tensors, {"layers": layers, "batch": batch}
 

@@ -102,7 +102,7 @@ def _read_forward(activation: str, queries: torch.Tensor, scale: torch.Tensor,
     return queries + hidden, hiddens, pres, scores_all
 
 
-def _through_activation(activation: str, grad: torch.Tensor, pre: torch.Tensor,
+def through_activation(activation: str, grad: torch.Tensor, pre: torch.Tensor,
                         out: torch.Tensor) -> torch.Tensor:
     """``grad * act'(pre)`` by the activation's own backward kernel (one op where the slope
     formula takes several); ``out`` = act(pre)."""
@@ -208,7 +208,7 @@ class _ChunkRead(torch.autograd.Function):
             if need[8 + 2 * layers + index]:
                 grad_inputs[index] = grad_scores.transpose(-1, -2) @ hidden
             if index > 0:
-                grad = _through_activation(ctx.activation, grad_hidden, pres[index - 1],
+                grad = through_activation(ctx.activation, grad_hidden, pres[index - 1],
                                            hidden)
         grad_queries = grad_out + grad_hidden if need[2] else None
         return (None, None, grad_queries, grad_scale, grad_coef, grad_carry, grad_decay,

@@ -16,7 +16,8 @@ a causal C x C masked matmul, as in attention. With dgd=True the decay of W_1 be
 matrix (alpha_t I - eta_t k_t k_t^T): a gated delta rule whose pseudo-values come from one
 unit-lower-triangular solve per chunk (the WY / UT transform of DeltaNet, as an explicit
 inverse times the right-hand side: ``ops/_unit_triangular.py``). The query rows' read-out is
-one autograd node with a written backward (``ops/_chunk_read.py``).
+one autograd node with a written backward (``ops/_chunk_read.py``), and so is the key pass
+(``ops/_key_pass.py``).
 """
 
 from __future__ import annotations
@@ -29,9 +30,7 @@ from nestlearn.ops._chunk_read import apply_weight, chunk_read
 from nestlearn.ops._chunking import num_chunks
 from nestlearn.ops._compile import compiled_step
 from nestlearn.ops._deep_memory_common import (
-    ACTIVATIONS,
     DeepMemoryState,
-    activation_slope,
     batched_state,
     check_activation,
     check_deep_memory_args,
@@ -39,6 +38,7 @@ from nestlearn.ops._deep_memory_common import (
     init_deep_memory_weights,
     mlp_forward,
 )
+from nestlearn.ops._key_pass import key_pass, key_pass_reference
 from nestlearn.ops._precision import full_precision
 from nestlearn.ops._unit_triangular import unit_lower_solve
 from nestlearn.ops.deep_memory_naive import deep_memory_naive
@@ -53,33 +53,6 @@ __all__ = [
     "deep_memory_update",
     "init_deep_memory_weights",
 ]
-
-
-def _key_pass(weights: list[torch.Tensor], keys: torch.Tensor, values: torch.Tensor,
-              objective: str, activation: str,
-              ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    """Forward and hand-written backward of the chunk's keys through the chunk-start weights.
-
-    Returns per layer the inputs a_i and output errors e_i (grad of token i = e_i a_i^T), and
-    the first layer's pre-activations W_1 k_i. Written with plain differentiable ops, so the
-    outer loss can backpropagate through the inner gradients.
-    """
-    act = ACTIVATIONS[activation][0]
-    inputs, pres = [], []
-    hidden = keys
-    for index, weight in enumerate(weights):
-        pre = apply_weight(hidden, weight)
-        inputs.append(hidden)
-        pres.append(pre)
-        hidden = act(pre) if index < len(weights) - 1 else pre
-    # dl/dM(k): M(k) - v for the L2 objective, -v for the dot objective
-    error = keys + hidden - values if objective == "l2" else -values
-    errors = [error]
-    for index in range(len(weights) - 1, 0, -1):
-        error = (error @ weights[index]) * activation_slope(pres[index - 1], activation)
-        errors.append(error)
-    errors.reverse()
-    return inputs, errors, pres[0]
 
 
 def _delta_pseudo_values(momentum: list[torch.Tensor] | None, keys: torch.Tensor,
@@ -113,7 +86,7 @@ def _chunk(weights: list[torch.Tensor], momentum: list[torch.Tensor] | None,
     ``coeffs``: the chunk's gate coefficients if computed already (else from the gates);
     ``read_heads``: queries (and outputs) only for that many last heads (None: every head).
     """
-    inputs, errors, first_pre = _key_pass(weights, keys, values, objective, activation)
+    inputs, errors, first_pre = key_pass(weights, keys, values, objective, activation)
     if coeffs is None:
         coeffs = chunk_coefficients(alpha, eta, theta, previous=dgd)
     pseudo = None
@@ -420,7 +393,8 @@ def _token_step(start: list[torch.Tensor], weights: list[torch.Tensor],
     """The tensor work of ``deep_memory_token_step`` (batched weights ``[B, H, out, in]``):
     ``o [B, 1, H, D]``, the new weights and momentum (None without theta)."""
     key, query = _heads_first(k), _heads_first(q)
-    inputs, errors, _ = _key_pass(start, key, _heads_first(v), objective, activation)
+    inputs, errors, _ = key_pass_reference(start, key, _heads_first(v), objective,
+                                           activation)
 
     def scalar(gate: torch.Tensor) -> torch.Tensor:
         return gate.transpose(1, 2)[..., None]  # [B, 1, H] -> [B, H, 1, 1]

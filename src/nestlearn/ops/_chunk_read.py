@@ -28,16 +28,13 @@ from typing import Any
 
 import torch
 
-from nestlearn.ops._deep_memory_common import ACTIVATIONS
+from nestlearn.ops._deep_memory_common import (
+    ACTIVATIONS,
+    accumulate,
+    apply_weight,
+    sum_to_shape,
+)
 from nestlearn.ops._first_order import check_first_order
-
-
-def apply_weight(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Rows ``W x_t`` (``x @ W^T``), computed as ``(W @ x^T)^T``: the same product, but the
-    weight's gradient then comes out in the weight's own memory layout, so summing it with its
-    other gradients (and the state step's weight-sized products) streams instead of transposing.
-    """
-    return (weight @ x.transpose(-1, -2)).transpose(-1, -2)
 
 
 def row_scaled_product(scale: torch.Tensor, x: torch.Tensor,
@@ -115,11 +112,6 @@ def through_activation(activation: str, grad: torch.Tensor, pre: torch.Tensor,
     return torch.ops.aten.tanh_backward(grad, out)
 
 
-def _sum_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``grad`` summed over the dims that ``like`` broadcasts (a shared initial state)."""
-    return grad if grad.shape == like.shape else grad.sum_to_size(like.shape)
-
-
 class _ChunkRead(torch.autograd.Function):
     """``chunk_read`` with the backward of the module docstring. Reverse mode, first order."""
 
@@ -137,7 +129,7 @@ class _ChunkRead(torch.autograd.Function):
                                                    eta_decay, pseudo, weights, momentum,
                                                    inputs, errors)
         ctx.activation, ctx.layers = activation, layers
-        ctx.has_momentum, ctx.has_pseudo = momentum is not None, pseudo is not None
+        ctx.has_momentum = momentum is not None
         ctx.save_for_backward(scale, coef, carry, eta_decay, pseudo, *weights,
                               *(momentum or []), *inputs, *errors, *hiddens, *pres[:-1],
                               *scores)
@@ -172,20 +164,19 @@ class _ChunkRead(torch.autograd.Function):
             through_weight = grad @ weight  # G W_l, [..., C, in]
             grad_hidden = scale[..., None] * through_weight
             if need[3]:
-                part = torch.linalg.vecdot(through_weight, hidden)
-                grad_scale = part if grad_scale is None else grad_scale + part
+                grad_scale = accumulate(grad_scale, torch.linalg.vecdot(through_weight, hidden))
             if need[8 + index]:
-                grad_weights[index] = _sum_to(
+                grad_weights[index] = sum_to_shape(
                     (scale[..., None] * grad).transpose(-1, -2) @ hidden, weight)
             if momentum is not None and carry is not None:
                 moment = momentum[index]
                 through_moment = grad @ moment
                 grad_hidden = torch.addcmul(grad_hidden, carry[..., None], through_moment)
                 if need[5]:
-                    part = torch.linalg.vecdot(through_moment, hidden)
-                    grad_carry = part if grad_carry is None else grad_carry + part
+                    grad_carry = accumulate(grad_carry,
+                                            torch.linalg.vecdot(through_moment, hidden))
                 if need[8 + layers + index]:
-                    grad_moments[index] = _sum_to(
+                    grad_moments[index] = sum_to_shape(
                         (carry[..., None] * grad).transpose(-1, -2) @ hidden, moment)
             # the read subtracts its score terms: their gradients carry a minus sign, taken
             # once here on G instead of on each product
@@ -193,8 +184,7 @@ class _ChunkRead(torch.autograd.Function):
             by_error = negated @ errors[index].transpose(-1, -2)  # -G e_l^T, [..., C, C]
             grad_scores = coef * by_error
             if need[4]:
-                part = by_error * score
-                grad_coef = part if grad_coef is None else grad_coef + part
+                grad_coef = accumulate(grad_coef, by_error * score)
             if need[8 + 3 * layers + index]:
                 grad_errors[index] = (coef * score).transpose(-1, -2) @ negated
             if index == 0 and pseudo is not None and eta_decay is not None:

@@ -113,6 +113,24 @@ def check_objective(objective: str) -> None:
     check_choice("objective", objective, OBJECTIVES)
 
 
+def apply_weight(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Rows ``W x_t`` (``x @ W^T``), computed as ``(W @ x^T)^T``: the same product, but the
+    weight's gradient then comes out in the weight's own memory layout, so summing it with its
+    other gradients (and the state step's weight-sized products) streams instead of transposing.
+    """
+    return (weight @ x.transpose(-1, -2)).transpose(-1, -2)
+
+
+def accumulate(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+    """``total + part``, or ``part`` when nothing was summed yet (a written backward's sums)."""
+    return part if total is None else total + part
+
+
+def sum_to_shape(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``grad`` summed over the dims that ``like`` broadcasts (a shared initial state)."""
+    return grad if grad.shape == like.shape else grad.sum_to_size(like.shape)
+
+
 def mlp_forward(weights: tuple[torch.Tensor, ...], x: torch.Tensor,
                 activation: str) -> torch.Tensor:
     """M(x) for ``x`` ``[..., N, D]`` and weights ``[..., out, in]`` (leading dims broadcast)."""

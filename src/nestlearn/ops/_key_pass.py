@@ -29,8 +29,14 @@ from typing import Any
 
 import torch
 
-from nestlearn.ops._chunk_read import apply_weight, through_activation
-from nestlearn.ops._deep_memory_common import ACTIVATIONS, activation_slope
+from nestlearn.ops._chunk_read import through_activation
+from nestlearn.ops._deep_memory_common import (
+    ACTIVATIONS,
+    accumulate,
+    activation_slope,
+    apply_weight,
+    sum_to_shape,
+)
 from nestlearn.ops._first_order import check_first_order
 
 KeyPass = tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]
@@ -68,14 +74,6 @@ def key_pass(weights: list[torch.Tensor], keys: torch.Tensor, values: torch.Tens
     return inputs, errors, outputs[-1]
 
 
-def _add(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
-    return part if total is None else total + part
-
-
-def _sum_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return grad if grad.shape == like.shape else grad.sum_to_size(like.shape)
-
-
 class _KeyPass(torch.autograd.Function):
     """``(objective, activation, L, k, v, W_1..W_L) -> (a_1..a_{L-1}, e_0..e_{L-1}, z_0)``."""
 
@@ -105,7 +103,7 @@ class _KeyPass(torch.autograd.Function):
         slopes.reverse()  # slopes[l - 1] = act'(z_{l-1})
         ctx.objective, ctx.activation, ctx.layers = objective, activation, layers
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*weights, *inputs, *pres, *errors, *through, *slopes)
+        ctx.save_for_backward(*weights, *inputs, *pres[:-1], *errors, *through, *slopes)
         return (*inputs[1:], *errors, pres[0])
 
     @staticmethod
@@ -115,7 +113,7 @@ class _KeyPass(torch.autograd.Function):
         saved = list(ctx.saved_tensors)
         weights, saved = saved[:layers], saved[layers:]
         inputs, saved = saved[:layers], saved[layers:]
-        pres, saved = saved[:layers], saved[layers:]
+        pres, saved = saved[:layers - 1], saved[layers - 1:]
         errors, saved = saved[:layers], saved[layers:]
         through, slopes = saved[:layers - 1], saved[layers - 1:]
         curvature = ACTIVATIONS[ctx.activation][2]
@@ -130,31 +128,33 @@ class _KeyPass(torch.autograd.Function):
             if incoming is None:
                 continue
             grad_through = incoming * slopes[index - 1]
-            grad_pre[index - 1] = _add(grad_pre[index - 1], incoming * through[index - 1]
-                                       * curvature(pres[index - 1]))
-            grad_err[index] = _add(grad_err[index], grad_through @ weights[index].transpose(-1, -2))
-            grad_w[index] = _add(grad_w[index], errors[index].transpose(-1, -2) @ grad_through)
+            grad_pre[index - 1] = accumulate(
+                grad_pre[index - 1], incoming * through[index - 1] * curvature(pres[index - 1]))
+            weight = weights[index]
+            grad_err[index] = accumulate(grad_err[index], grad_through @ weight.transpose(-1, -2))
+            grad_w[index] = accumulate(grad_w[index],
+                                       errors[index].transpose(-1, -2) @ grad_through)
         # the objective: e_{L-1} = k + z_{L-1} - v (l2) or -v (dot)
         last = grad_err[layers - 1]
         if last is not None:
             grad_values = -last
             if ctx.objective == "l2":
                 grad_keys = last
-                grad_pre[layers - 1] = _add(grad_pre[layers - 1], last)
+                grad_pre[layers - 1] = accumulate(grad_pre[layers - 1], last)
         # the MLP, down from the last layer
         for index in range(layers - 1, -1, -1):
             grad = grad_pre[index]
             total = grad_in[index]  # the a_l a later user differentiated (None for k)
             if grad is not None:
-                grad_w[index] = _add(grad_w[index], grad.transpose(-1, -2) @ inputs[index])
-                total = _add(total, grad @ weights[index])
+                grad_w[index] = accumulate(grad_w[index], grad.transpose(-1, -2) @ inputs[index])
+                total = accumulate(total, grad @ weights[index])
             if total is None:
                 continue
             if index > 0:
-                grad_pre[index - 1] = _add(grad_pre[index - 1], through_activation(
+                grad_pre[index - 1] = accumulate(grad_pre[index - 1], through_activation(
                     ctx.activation, total, pres[index - 1], inputs[index]))
             else:
-                grad_keys = _add(grad_keys, total)
-        grad_weights = [None if g is None else _sum_to(g, w)
+                grad_keys = accumulate(grad_keys, total)
+        grad_weights = [None if g is None else sum_to_shape(g, w)
                         for g, w in zip(grad_w, weights, strict=True)]
         return (None, None, None, grad_keys, grad_values, *grad_weights)

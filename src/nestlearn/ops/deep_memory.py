@@ -26,11 +26,12 @@ import torch
 
 from nestlearn.errors import invalid
 from nestlearn.ops._chunk_coefficients import ChunkCoefficients, chunk_coefficients
-from nestlearn.ops._chunk_read import apply_weight, chunk_read
+from nestlearn.ops._chunk_read import chunk_read
 from nestlearn.ops._chunking import num_chunks
 from nestlearn.ops._compile import compiled_step
 from nestlearn.ops._deep_memory_common import (
     DeepMemoryState,
+    apply_weight,
     batched_state,
     check_activation,
     check_deep_memory_args,
@@ -103,7 +104,7 @@ def _chunk(weights: list[torch.Tensor], momentum: list[torch.Tensor] | None,
             activation, queries, read(coeffs.scale), read(coeffs.coef),
             read(coeffs.carry) if momentum is not None else None,
             read(coeffs.eta_decay) if with_pseudo else None,
-            read(pseudo) if pseudo is not None else None, [read(w) for w in weights],
+            read(pseudo) if with_pseudo else None, [read(w) for w in weights],
             None if momentum is None else [read(m) for m in momentum],
             [read(a) for a in inputs], [read(e) for e in errors])
     if not need_state:

@@ -117,6 +117,11 @@ TIMING_COLUMNS = ["tok/s", "GFLOP/s", "fraction of matmul rate", "skeleton s", "
 SKELETON_HEAD_DIM = 2
 
 
+def is_kernel(func: Any) -> bool:
+    """Whether an aten op computes (a kernel on a GPU), not only relabels memory."""
+    return not func.is_view and func.overloadpacket.__name__ not in METADATA_OPS
+
+
 class OpCounter(TorchDispatchMode):
     """Counts the aten ops issued while active (by name), the host syncs among them and their
     matmul FLOPs (torch's FLOP formulas, without its module tracking, which is slow).
@@ -135,7 +140,7 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         self.ops[name] += 1
-        if not func.is_view and name not in METADATA_OPS:
+        if is_kernel(func):
             self.kernels[name] += 1
         if name in SYNC_OPS or (name in HOST_COPY_OPS and args[0].dim() > 0):
             self.syncs[name] += 1
@@ -211,20 +216,26 @@ def parametric_weights(model: nn.Module) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if per_token(name, p))
 
 
-def make_step(model: nn.Module, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """One training step's forward and backward (no optimizer), as the trainer runs it."""
+def make_step(model: nn.Module, ids: torch.Tensor,
+              before_backward: Callable[[], None] | None = None
+              ) -> Callable[[], torch.Tensor]:
+    """One training step's forward and backward (no optimizer), as the trainer runs it;
+    ``before_backward`` is called between the two (``kernel_sites`` switches phase there)."""
 
     def step() -> torch.Tensor:
         model.zero_grad(set_to_none=True)
         logits, _ = model(ids[:, :-1])
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        if before_backward is not None:
+            before_backward()
         loss.backward()
         return loss.detach()
 
     return step
 
 
-def seeded_step(config: ModelConfig, length: int, batch: int, seed: int = 0
+def seeded_step(config: ModelConfig, length: int, batch: int, seed: int = 0,
+                before_backward: Callable[[], None] | None = None
                 ) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
     """The model of ``config`` and one training step of it on seeded random ids (the same
     model and ids for every count of the same seed)."""
@@ -232,7 +243,7 @@ def seeded_step(config: ModelConfig, length: int, batch: int, seed: int = 0
     model = build_model(config)
     ids = torch.randint(0, config.vocab_size, (batch, length + 1),
                         generator=torch.Generator().manual_seed(seed))
-    return model, make_step(model, ids)
+    return model, make_step(model, ids, before_backward)
 
 
 def profiled_syncs(step: Callable[[], Any]) -> Counter[str]:
@@ -425,6 +436,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time each step, its skeleton (the same ops at width 2 per "
                              "head: their fixed cost) and the fp32 matmul rate (needs a quiet "
                              "machine; counts alone are deterministic)")
+    parser.add_argument("--sites", type=int, default=0, metavar="N",
+                        help="also list the N sources (package functions, and the autograd "
+                             "nodes they record) that issue the most kernels per step, "
+                             "forward and backward apart; written to ops-count-sites.json "
+                             "(default: 0, off)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs per arch with --timing, median reported (default: 3)")
     parser.add_argument("--threads", type=int, default=None,
@@ -483,6 +499,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise invalid("--archs", repr(name), f"names from {', '.join(ARCHS)}")
     if isinstance(args.decode_tokens, bool) or args.decode_tokens < 0:
         raise invalid("--decode-tokens", args.decode_tokens, "an integer >= 0 (0 = off)")
+    if args.sites < 0:
+        raise invalid("--sites", args.sites, "an integer >= 0 (0 = off)")
     for name in ("length", "batch", "model_dim", "model_layers", "heads", "chunk_size",
                  "inner_chunk_size", "cms_chunk_sizes", "window", "vocab_size", "repeats",
                  "threads"):
@@ -493,13 +511,15 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from nestlearn.benchmarks.kernel_sites import SITE_COLUMNS, count_sites, site_rows
+
     _check_args(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     configs = model_configs(args)
     rate = matmul_rate() if args.timing else None
-    rows = []
+    rows, sites = [], []
     for arch, config in configs.items():
         progress(f"ops-count {arch} T={args.length}")
         row = count_step(config, args.length, args.batch)
@@ -522,10 +542,16 @@ def run(args: argparse.Namespace) -> int:
                         "matmul GFLOP/s": rate / 1e9, "skeleton s": skeleton,
                         "fixed share": skeleton / seconds})
         rows.append(row)
+        if args.sites:
+            progress(f"ops-count {arch} T={args.length}: kernels by site")
+            sites.extend(site_rows(arch, count_sites(config, args.length, args.batch),
+                                   args.sites))
     columns = (COLUMNS + (DECODE_COLUMNS if args.decode_tokens else [])
                + (TIMING_COLUMNS if rate is not None else [])
                + (COMPILED_COLUMNS if args.compiled else [])
                + (["compiled tok/s"] if args.compiled and rate is not None else []))
     write_report("ops-count", rows, columns, args.out)
+    if sites:
+        write_report("ops-count-sites", sites, SITE_COLUMNS, args.out)
     print(f"done in {time.perf_counter() - started:.1f} s")
     return 0

@@ -121,6 +121,18 @@ def apply_weight(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (weight @ x.transpose(-1, -2)).transpose(-1, -2)
 
 
+def add_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``total + a @ b`` (``[..., M, K] x [..., K, N]``) as one fused kernel (``baddbmm``)
+    where the three share their leading dims, else as a product and a sum. Unrecorded use
+    only (the written nodes' forwards and backwards)."""
+    lead = total.shape[:-2]
+    if a.shape[:-2] != lead or b.shape[:-2] != lead:
+        return total + a @ b
+    flat = torch.baddbmm(total.reshape(-1, *total.shape[-2:]), a.reshape(-1, *a.shape[-2:]),
+                         b.reshape(-1, *b.shape[-2:]))
+    return flat.view(total.shape)
+
+
 def accumulate(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
     """``total + part``, or ``part`` when nothing was summed yet (a written backward's sums)."""
     return part if total is None else total + part

@@ -81,3 +81,18 @@ def test_cli_lists_the_top_sites_per_arch(tmp_path, capsys):
 def test_cli_refuses_negative_sites(capsys):
     assert main(["bench", "ops-count", "--archs", "titans", "--sites", "-1"]) != 0
     assert "--sites" in capsys.readouterr().err
+
+
+def test_decode_sites_add_up_to_the_decode_budget(tmp_path, capsys):
+    code = main(["bench", "ops-count", "--archs", "titans", "--length", "8", "--model-dim",
+                 "16", "--model-layers", "1", "--heads", "2", "--chunk-size", "4",
+                 "--vocab-size", "32", "--decode-tokens", "4", "--sites", "1000", "--out",
+                 str(tmp_path)])
+    assert code == 0
+    budget = json.loads((tmp_path / "ops-count.json").read_text())["rows"][0]
+    rows = json.loads((tmp_path / "ops-count-sites.json").read_text())["rows"]
+    decode = [row for row in rows if row["phase"] == "decode"]
+    assert decode and all(row["site"].startswith("nestlearn.") for row in decode)
+    assert sum(row["kernels"] for row in decode) == pytest.approx(budget["decode kernels/token"])
+    step = [row for row in rows if row["phase"] != "decode"]
+    assert sum(row["kernels"] for row in step) == budget["kernels/step"]

@@ -11,11 +11,14 @@ so the sites add up to ``kernels/step``):
 - a **backward** kernel to the autograd node running it, named with the package function that
   recorded the node in the forward (``MulBackward0 <- nestlearn.ops.deep_memory._chunk``), read
   from the creation stack autograd keeps in anomaly mode (``check_nan=False``: no extra
-  kernels). A written node's own kernels are its ``...Backward`` class; those of the engine
-  between nodes (gradient sums) are ``(autograd engine)``.
+  kernels). A written node's own kernels are its ``...Backward`` class. The engine sums the
+  gradients of a tensor used more than once while the node that produced the last of them
+  is current, so that sum is charged to that node; a kernel with no node current is
+  ``(autograd engine)``.
 
-Counts are deterministic, like the budget's; anomaly mode makes the counting step slower, not
-different.
+With ``--decode-tokens`` the generation the budget counts is charged the same way (phase
+"decode", forward sites only, kernels per token). Counts are deterministic, like the
+budget's; anomaly mode makes the counting step slower, not different.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from nestlearn.benchmarks.opcount import is_kernel, seeded_step
+from nestlearn.benchmarks.opcount import is_kernel, run_decode, seeded_step
 from nestlearn.models import ModelConfig
 
 PACKAGE = "nestlearn."
@@ -76,13 +79,14 @@ def creation_site(node: Any) -> str:
 
 class KernelSites(TorchDispatchMode):
     """Counts computing ops by ``(phase, site)`` while active; set ``phase`` to "backward"
-    before the backward pass. Node names are cached per node (a node runs many kernels)."""
+    before the backward pass (any other phase is charged by the Python stack). Node names
+    are cached per node (a node runs many kernels)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.phase = "forward"
         self.sites: Counter[tuple[str, str]] = Counter()
-        self._node_sites: dict[int, str] = {}
+        self._node_sites: dict[int, tuple[Any, str]] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if is_kernel(func):
@@ -90,15 +94,16 @@ class KernelSites(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
     def _site(self) -> str:
-        if self.phase == "forward":
+        if self.phase != "backward":
             return forward_site()
         node = torch._C._current_autograd_node()
         if node is None:
             return ENGINE
         key = id(node)
         if key not in self._node_sites:
-            self._node_sites[key] = f"{type(node).__name__} <- {creation_site(node)}"
-        return self._node_sites[key]
+            # the node is kept with its name: a freed one's id could name another node
+            self._node_sites[key] = (node, f"{type(node).__name__} <- {creation_site(node)}")
+        return self._node_sites[key][1]
 
 
 def count_sites(config: ModelConfig, length: int, batch: int, seed: int = 0
@@ -118,9 +123,22 @@ def count_sites(config: ModelConfig, length: int, batch: int, seed: int = 0
     return counter.sites
 
 
-def site_rows(arch: str, sites: Counter[tuple[str, str]], top: int) -> list[dict[str, Any]]:
-    """The ``top`` sites with the most kernels as report rows (share of the step's kernels)."""
+def count_decode_sites(config: ModelConfig, length: int, batch: int, tokens: int,
+                       seed: int = 0) -> Counter[tuple[str, str]]:
+    """Kernels of greedy generation (the budget's ``--decode-tokens`` run) by site, phase
+    "decode": ``tokens`` one-token forwards, no backward."""
+    counter = KernelSites()
+    counter.phase = "decode"
+    run_decode(config, length, batch, tokens, counter, seed)
+    return counter.sites
+
+
+def site_rows(arch: str, sites: Counter[tuple[str, str]], top: int, per: int = 1
+              ) -> list[dict[str, Any]]:
+    """The ``top`` sites with the most kernels as report rows: kernels over ``per`` (the
+    decoded tokens: kernels per token) and their share of all the counted kernels."""
     total = sum(sites.values())
-    return [{"arch": arch, "phase": phase, "site": site, "kernels": count,
+    return [{"arch": arch, "phase": phase, "site": site,
+             "kernels": count if per == 1 else count / per,
              "share": count / total}
             for (phase, site), count in sites.most_common(top)]

@@ -293,10 +293,10 @@ def count_step(config: ModelConfig, length: int, batch: int, seed: int = 0) -> d
             "top kernels": dict(ops.kernels.most_common(20))}
 
 
-def count_decode(config: ModelConfig, length: int, batch: int, tokens: int,
-                 seed: int = 0) -> dict[str, Any]:
-    """Kernels and syncs per token of greedy generation after a prompt of ``length`` tokens
-    (see the module doc): ``tokens`` forwards of one token each, the state carried."""
+def run_decode(config: ModelConfig, length: int, batch: int, tokens: int,
+               mode: TorchDispatchMode, seed: int = 0) -> None:
+    """Greedy generation of ``tokens`` tokens after a seeded prompt of ``length`` tokens, with
+    ``mode`` (a counter) active for the generation only (the prompt is read before)."""
     from nestlearn.models.generation import generate
 
     torch.manual_seed(seed)
@@ -305,8 +305,16 @@ def count_decode(config: ModelConfig, length: int, batch: int, tokens: int,
                         generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         state = model(ids[:, :-1])[1] if length > 1 else None
-        with OpCounter() as ops:
+        with mode:
             generate(model, ids[:, -1:], tokens, temperature=0, state=state)
+
+
+def count_decode(config: ModelConfig, length: int, batch: int, tokens: int,
+                 seed: int = 0) -> dict[str, Any]:
+    """Kernels and syncs per token of greedy generation after a prompt of ``length`` tokens
+    (see the module doc): ``tokens`` forwards of one token each, the state carried."""
+    ops = OpCounter()
+    run_decode(config, length, batch, tokens, ops, seed)
     return {"decode tokens": tokens, "decode ops/token": ops.total_ops / tokens,
             "decode kernels/token": ops.total_kernels / tokens,
             "decode syncs/token": ops.total_syncs / tokens,
@@ -439,7 +447,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sites", type=int, default=0, metavar="N",
                         help="also list the N sources (package functions, and the autograd "
                              "nodes they record) that issue the most kernels per step, "
-                             "forward and backward apart; written to ops-count-sites.json "
+                             "forward and backward apart (with --decode-tokens also per "
+                             "decoded token); written to ops-count-sites.json "
                              "(default: 0, off)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs per arch with --timing, median reported (default: 3)")
@@ -511,7 +520,12 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nestlearn.benchmarks.kernel_sites import SITE_COLUMNS, count_sites, site_rows
+    from nestlearn.benchmarks.kernel_sites import (
+        SITE_COLUMNS,
+        count_decode_sites,
+        count_sites,
+        site_rows,
+    )
 
     _check_args(args)
     if args.threads is not None:
@@ -546,6 +560,10 @@ def run(args: argparse.Namespace) -> int:
             progress(f"ops-count {arch} T={args.length}: kernels by site")
             sites.extend(site_rows(arch, count_sites(config, args.length, args.batch),
                                    args.sites))
+            if args.decode_tokens:
+                sites.extend(site_rows(arch, count_decode_sites(
+                    config, args.length, args.batch, args.decode_tokens), args.sites,
+                    per=args.decode_tokens))
     columns = (COLUMNS + (DECODE_COLUMNS if args.decode_tokens else [])
                + (TIMING_COLUMNS if rate is not None else [])
                + (COMPILED_COLUMNS if args.compiled else [])

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from nestlearn.benchmarks.opcount import is_kernel, run_decode, seeded_step
+from nestlearn.benchmarks.counted_runs import is_kernel, run_decode, seeded_step
 from nestlearn.models import ModelConfig
 
 PACKAGE = "nestlearn."

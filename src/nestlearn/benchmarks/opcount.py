@@ -76,6 +76,13 @@ from nestlearn.benchmarks.common import (
     time_call,
     write_report,
 )
+from nestlearn.benchmarks.counted_runs import is_kernel, make_step, run_decode, seeded_step
+from nestlearn.benchmarks.kernel_sites import (
+    SITE_COLUMNS,
+    count_decode_sites,
+    count_sites,
+    site_rows,
+)
 from nestlearn.errors import invalid
 from nestlearn.models import ARCHS, ModelConfig, build_model
 from nestlearn.ops._compile import BACKENDS
@@ -93,8 +100,6 @@ HOST_COPY_OPS = frozenset({"lift_fresh"})
 SYNC_METHODS = ("tolist", "numpy", "__array__")
 # Parameters that are not multiplied with every token (see the module doc).
 NON_PARAMETRIC = ("embed.", "persistent", "memory_weights", "inner_weights")
-# Ops that only relabel memory (no kernel on a GPU) besides those whose schema says "view".
-METADATA_OPS = frozenset({"_unsafe_view", "lift_fresh"})
 
 COLUMNS = ["arch", "params", "T", "chunk", "inner chunk", "ops/step", "kernels/step",
            "syncs/step", "kernels/token", "param GFLOP/tok", "in-context GFLOP/tok"]
@@ -115,11 +120,6 @@ NON_COMPUTING = frozenset({
 GENERATED_KERNELS = ("cpp_fused", "triton_")
 TIMING_COLUMNS = ["tok/s", "GFLOP/s", "fraction of matmul rate", "skeleton s", "fixed share"]
 SKELETON_HEAD_DIM = 2
-
-
-def is_kernel(func: Any) -> bool:
-    """Whether an aten op computes (a kernel on a GPU), not only relabels memory."""
-    return not func.is_view and func.overloadpacket.__name__ not in METADATA_OPS
 
 
 class OpCounter(TorchDispatchMode):
@@ -216,36 +216,6 @@ def parametric_weights(model: nn.Module) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if per_token(name, p))
 
 
-def make_step(model: nn.Module, ids: torch.Tensor,
-              before_backward: Callable[[], None] | None = None
-              ) -> Callable[[], torch.Tensor]:
-    """One training step's forward and backward (no optimizer), as the trainer runs it;
-    ``before_backward`` is called between the two (``kernel_sites`` switches phase there)."""
-
-    def step() -> torch.Tensor:
-        model.zero_grad(set_to_none=True)
-        logits, _ = model(ids[:, :-1])
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
-        if before_backward is not None:
-            before_backward()
-        loss.backward()
-        return loss.detach()
-
-    return step
-
-
-def seeded_step(config: ModelConfig, length: int, batch: int, seed: int = 0,
-                before_backward: Callable[[], None] | None = None
-                ) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
-    """The model of ``config`` and one training step of it on seeded random ids (the same
-    model and ids for every count of the same seed)."""
-    torch.manual_seed(seed)
-    model = build_model(config)
-    ids = torch.randint(0, config.vocab_size, (batch, length + 1),
-                        generator=torch.Generator().manual_seed(seed))
-    return model, make_step(model, ids, before_backward)
-
-
 def profiled_syncs(step: Callable[[], Any]) -> Counter[str]:
     """Host reads (``SYNC_OPS``) by op name in one ``step()`` as torch's profiler records it.
     It sees the reads inside autograd's own formulas, which a dispatch mode does not: while
@@ -291,22 +261,6 @@ def count_step(config: ModelConfig, length: int, batch: int, seed: int = 0) -> d
             "matmul GFLOP/step": total_flops / 1e9,
             "syncs by op": dict(syncs),
             "top kernels": dict(ops.kernels.most_common(20))}
-
-
-def run_decode(config: ModelConfig, length: int, batch: int, tokens: int,
-               mode: TorchDispatchMode, seed: int = 0) -> None:
-    """Greedy generation of ``tokens`` tokens after a seeded prompt of ``length`` tokens, with
-    ``mode`` (a counter) active for the generation only (the prompt is read before)."""
-    from nestlearn.models.generation import generate
-
-    torch.manual_seed(seed)
-    model = build_model(config).eval()
-    ids = torch.randint(0, config.vocab_size, (batch, length),
-                        generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        state = model(ids[:, :-1])[1] if length > 1 else None
-        with mode:
-            generate(model, ids[:, -1:], tokens, temperature=0, state=state)
 
 
 def count_decode(config: ModelConfig, length: int, batch: int, tokens: int,
@@ -520,13 +474,6 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nestlearn.benchmarks.kernel_sites import (
-        SITE_COLUMNS,
-        count_decode_sites,
-        count_sites,
-        site_rows,
-    )
-
     _check_args(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

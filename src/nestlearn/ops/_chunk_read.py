@@ -24,7 +24,8 @@ autograd of the plain expression in float64. First order only, like the other wr
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -85,16 +86,17 @@ def chunk_read_reference(activation: str, queries: torch.Tensor, scale: torch.Te
     return queries + hidden
 
 
-class _Saved(NamedTuple):
+@dataclass
+class _Saved:
     """What the node's forward keeps for its backward, per layer: the input rows h, the
     pre-activations (all but the last), the scores (a_i . h_t) and the weighted scores
     -coef * scores; for the delta rule's term the first layer's -eta_decay * scores."""
 
-    hiddens: list[torch.Tensor]
-    pres: list[torch.Tensor]
-    scores: list[torch.Tensor]
-    weighted: list[torch.Tensor]
-    pseudo_weighted: torch.Tensor | None
+    hiddens: list[torch.Tensor] = field(default_factory=list)
+    pres: list[torch.Tensor] = field(default_factory=list)
+    scores: list[torch.Tensor] = field(default_factory=list)
+    weighted: list[torch.Tensor] = field(default_factory=list)
+    pseudo_weighted: torch.Tensor | None = None
 
 
 def _read_forward(activation: str, queries: torch.Tensor, scale: torch.Tensor,
@@ -108,7 +110,7 @@ def _read_forward(activation: str, queries: torch.Tensor, scale: torch.Tensor,
     (``addcmul``): three kernels a layer fewer than the reference's lines."""
     act = ACTIVATIONS[activation][0]
     hidden = queries
-    saved = _Saved([], [], [], [], None)
+    saved = _Saved()
     for index, weight in enumerate(weights):
         scores = hidden @ inputs[index].transpose(-1, -2)
         weighted = neg_coef * scores
@@ -116,7 +118,7 @@ def _read_forward(activation: str, queries: torch.Tensor, scale: torch.Tensor,
         if carry is not None and momentum is not None:
             pre = torch.addcmul(pre, carry[..., None], apply_weight(hidden, momentum[index]))
         if pseudo is not None and neg_decay is not None and index == 0:
-            saved = saved._replace(pseudo_weighted=neg_decay * scores)
+            saved.pseudo_weighted = neg_decay * scores
             pre = add_product(pre, saved.pseudo_weighted, pseudo)
         saved.hiddens.append(hidden)
         saved.scores.append(scores)

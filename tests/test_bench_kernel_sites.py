@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from model_cases import tiny_config
-from nestlearn.benchmarks.kernel_sites import ENGINE, OUTSIDE, KernelSites, count_sites
+from nestlearn.benchmarks.kernel_sites import (
+    ENGINE,
+    OUTSIDE,
+    KernelSites,
+    count_sites,
+    creation_site,
+)
 from nestlearn.benchmarks.opcount import count_step
 from nestlearn.cli import main
 from nestlearn.ops._deep_memory_common import mlp_forward
@@ -96,3 +102,24 @@ def test_decode_sites_add_up_to_the_decode_budget(tmp_path, capsys):
     assert sum(row["kernels"] for row in decode) == pytest.approx(budget["decode kernels/token"])
     step = [row for row in rows if row["phase"] != "decode"]
     assert sum(row["kernels"] for row in step) == budget["kernels/step"]
+
+
+class _Recorded:
+    """A node as anomaly mode leaves it: its creation stack as formatted frames."""
+
+    def __init__(self, *frames: str) -> None:
+        self.metadata = {"traceback_": list(frames)}
+
+
+def test_a_creation_site_is_the_innermost_package_frame_outside_the_benchmarks():
+    frame = '  File "{}", line 3, in {}\n    x = y\n'
+    node = _Recorded(frame.format("/x/nestlearn/benchmarks/counted_runs.py", "step"),
+                     frame.format("/x/nestlearn/nn/__init__.py", "outer"),
+                     frame.format("C:\\env\\nestlearn\\ops\\deep_memory.py", "_chunk"),
+                     frame.format("/x/torch/nn/functional.py", "linear"))
+    assert creation_site(node) == "nestlearn.ops.deep_memory._chunk"
+    assert creation_site(_Recorded(frame.format("/x/nestlearn/nn/__init__.py", "f"))) == (
+        "nestlearn.nn.f")
+    assert creation_site(_Recorded(frame.format("/x/nestlearn/benchmarks/opcount.py", "f"),
+                                   frame.format("/x/torch/autograd.py", "g"))) == OUTSIDE
+    assert creation_site(_Recorded()) == OUTSIDE

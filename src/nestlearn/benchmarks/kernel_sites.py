@@ -1,7 +1,7 @@
 """Where a training step's kernels come from: ``nestlearn bench ops-count --sites N``.
 
-The op budget (``opcount.py``) says how many kernels a step issues; this says which lines of
-the package issue them, so the next cut can go where the kernels are. One step runs under a
+The op budget (``opcount.py``) says how many kernels a step issues; this says which functions
+of the package issue them, so the next cut can go where the kernels are. One step runs under a
 dispatch mode that attributes every computing op (the same ``is_kernel`` test as the budget,
 so the sites add up to ``kernels/step``):
 
@@ -41,7 +41,7 @@ OUTSIDE = "(outside nestlearn)"
 ENGINE = "(autograd engine)"
 SITE_COLUMNS = ["arch", "phase", "site", "kernels", "share"]
 # one frame of a formatted stack: '  File ".../nestlearn/ops/x.py", line 9, in name\n ...'
-_FRAME = re.compile(r'File "[^"]*?/(nestlearn/[^"]+)\.py", line \d+, in (\S+)')
+_FRAME = re.compile(r'File "[^"]*?[\\/](nestlearn[\\/][^"]+)\.py", line \d+, in (\S+)')
 
 
 def _module_site(module: str, function: str) -> str | None:
@@ -71,7 +71,8 @@ def creation_site(node: Any) -> str:
     it as ``metadata["traceback_"]``), ``OUTSIDE`` if none."""
     for entry in reversed(node.metadata.get("traceback_", [])):
         for path, function in reversed(_FRAME.findall(entry)):
-            site = _module_site(path.replace("/", "."), function)
+            module = re.sub(r"[\\/]", ".", path).removesuffix(".__init__")
+            site = _module_site(module, function)
             if site is not None:
                 return site
     return OUTSIDE

@@ -40,6 +40,11 @@ same fresh process (``compiled tok/s``; that process was compiled with a profile
 generated kernel, a small cost the eager timing does not pay). A step that could not be
 compiled and ran eagerly is named in the ``note`` column.
 
+With ``--sites N`` it also lists the N places in the package that issue the most kernels
+(``kernel_sites.py``: forward by function, backward by autograd node and the function that
+recorded it; with ``--decode-tokens`` per decoded token too), written to
+``ops-count-sites.json``.
+
 With ``--timing`` (off by default: it needs a quiet machine) it also times the step and this
 machine's fp32 matmul rate, and reports the fraction of that rate the step achieves. It also
 times the arch's skeleton (``skeleton_config``: every width cut to 2 per head, the same ops in

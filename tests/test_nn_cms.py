@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nestlearn.errors import NestlearnError
-from nestlearn.nn.cms import CMSConfig, ContinuumMemory, ContinuumMemoryState
+from nestlearn.nn import cms as cms_module
+from nestlearn.nn.cms import (
+    CMSConfig,
+    ContinuumMemory,
+    ContinuumMemoryState,
+    settled,
+)
 from nestlearn.nn.teach_signal import find_cms_states, stream_with_teach_signal
 from nestlearn.nn.transformer import RMSNorm, SwiGLU
 
@@ -45,6 +53,9 @@ def assert_states_close(a: ContinuumMemoryState, b: ContinuumMemoryState) -> Non
         for wa, wb in zip(level_a.weights, level_b.weights, strict=True):
             torch.testing.assert_close(wa.expand_as(wb), wb.expand_as(wa), rtol=1e-10,
                                        atol=1e-12)
+    # the unfinished chunks' gradient sums, however each state holds them (accumulated or
+    # pending tokens)
+    for level_a, level_b in zip(settled(a).levels, settled(b).levels, strict=True):
         assert (level_a.accumulator is None) == (level_b.accumulator is None)
         if level_a.accumulator is not None:
             for ga, gb in zip(level_a.accumulator, level_b.accumulator, strict=True):
@@ -127,6 +138,74 @@ def test_levels_change_only_at_boundaries_by_their_accumulated_update():
                     pending[index] = [torch.zeros_like(p) for p in pending[index]]
             state = new_state
     assert changes == {0: [2, 4, 6, 8, 10, 12, 14], 1: [3, 6, 9, 12], 2: [6, 12]}
+
+
+def test_a_chunk_takes_its_gradients_once_at_its_end(monkeypatch):
+    # Token by token, a level holds its chunk's inputs and targets and takes their gradients
+    # in one call when the chunk ends (the chunk's gradients are all taken at its starting
+    # weights); the state says how many tokens it holds.
+    chunk_sizes = (2, 3, 6)
+    layer = make_layer("sequential", "swiglu", chunk_sizes)
+    calls = []
+    original = cms_module._level_piece_step
+
+    def counted(config, index, weights, n, target, learns):
+        calls.append((index, n.shape[1]))
+        return original(config, index, weights, n, target, learns)
+
+    monkeypatch.setattr(cms_module, "_level_piece_step", counted)
+    x = random_input(12)
+    state = layer.init_state(2)
+    with torch.no_grad():
+        for t in range(x.shape[1]):
+            calls.clear()
+            _, state = layer(x[:, t:t + 1], state)
+            position = t + 1
+            assert calls == [(index, size) for index, size in enumerate(chunk_sizes)
+                             if position % size == 0]
+            for size, level in zip(chunk_sizes, state.levels, strict=True):
+                held = position % size
+                assert level.accumulator is None
+                if held:
+                    assert [p.shape for p in level.pending] == [(2, held, DIM)] * 2
+                else:
+                    assert level.pending is None
+
+
+def test_pending_tokens_that_do_not_fit_the_position_are_refused():
+    layer = make_layer()
+    x = random_input(3)
+    _, state = layer(x)  # position 3: the chunk-6 level holds 3 tokens
+    level = state.levels[2]
+    short = dataclasses.replace(level, pending=tuple(p[:, :2] for p in level.pending))
+    bad = dataclasses.replace(state, levels=(*state.levels[:2], short))
+    with pytest.raises(NestlearnError, match=r"state\.levels\[2\]\.pending.*since the level"):
+        layer(x, bad)
+    single = dataclasses.replace(level, pending=level.pending[0])
+    bad = dataclasses.replace(state, levels=(*state.levels[:2], single))
+    with pytest.raises(NestlearnError, match=r"state\.levels\[2\]\.pending.*tuple"):
+        layer(x, bad)
+
+
+def test_zero_pending_tokens_add_nothing():
+    # What a stream's row reset gives a level that holds tokens (training.carried_state): zeros,
+    # whose gradients are exactly zero (the MLP has no bias), so the row's next chunk end
+    # updates as if it had held nothing.
+    layer = make_layer(chunk_step=1.0)
+    x = random_input(9)
+    _, state = layer(x[:, :3])
+    assert all(level.pending is not None for level in (state.levels[0], state.levels[2]))
+    zeros = tuple(level if level.pending is None else dataclasses.replace(
+        level, pending=tuple(torch.zeros_like(p) for p in level.pending))
+        for level in state.levels)
+    empty = tuple(dataclasses.replace(level, pending=None) for level in state.levels)
+    y_zeros, after_zeros = layer(x[:, 3:], dataclasses.replace(state, levels=zeros))
+    y_empty, after_empty = layer(x[:, 3:], dataclasses.replace(state, levels=empty))
+    torch.testing.assert_close(y_zeros, y_empty, rtol=1e-12, atol=1e-14)
+    assert_states_close(after_zeros, after_empty)
+    assert not torch.equal(after_empty.levels[2].weights[0].expand_as(
+        after_zeros.levels[2].weights[0]), state.levels[2].weights[0].expand_as(
+        after_zeros.levels[2].weights[0]))
 
 
 def test_nested_levels_restart_from_the_slower_level():

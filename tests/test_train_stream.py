@@ -103,6 +103,30 @@ def test_attention_caches_are_not_carried_and_states_round_trip():
         tree_from_state_tree({"__class__": "os:system", "fields": {}})
 
 
+def test_a_state_saved_without_a_later_field_rebuilds_with_its_default():
+    # CMS levels gained ``pending`` (tokens whose gradients wait for their chunk's end); a
+    # carried state saved before it has no such field and rebuilds with None (nothing held)
+    model = _model("hope", cms={"chunk_sizes": (4, 8)})
+    _, state = model(torch.randint(0, 32, (2, 16)))  # every CMS chunk complete: none held
+    tree = state_to_tree(detach(state))
+
+    def drop_pending(node):
+        if isinstance(node, dict):
+            node = {key: drop_pending(value) for key, value in node.items()}
+            if str(node.get("__class__", "")).endswith("CMSLevelState"):
+                assert node["fields"].pop("pending") is None
+            return node
+        if isinstance(node, (list, tuple)):
+            return type(node)(drop_pending(value) for value in node)
+        return node
+
+    back = tree_from_state_tree(drop_pending(tree))
+    levels = [level for block in back.blocks for level in block.cms.levels]
+    assert levels and all(level.pending is None for level in levels)
+    a, b = named_tensors(detach(state)), named_tensors(back)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_state_reset_option_is_validated(corpus, tmp_path):
     for bad in ("every", "every:0", "sometimes", "every:x"):
         with pytest.raises(NestlearnError, match=r"train\.state_reset"):

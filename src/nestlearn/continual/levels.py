@@ -13,8 +13,9 @@ A level is a named part of what changes while a stream runs:
 - ``"state"`` levels are the inner loop's fast weights in the carried ``LMState``:
   ``blocks.{i}.memory.state`` (the memory's weights and momentum at the start of its current
   chunk), ``blocks.{i}.memory.inner.state`` (HOPE's inner memories) and
-  ``blocks.{i}.cms.level{k}.state`` (CMS level k's weights and the gradient sum of its
-  unfinished chunk), for every memory and every CMS level that learns in context.
+  ``blocks.{i}.cms.level{k}.state`` (CMS level k's weights and what its unfinished chunk
+  has seen: a gradient sum, or the tokens whose gradients wait for the chunk's end), for
+  every memory and every CMS level that learns in context.
 
 ``period`` is the level's update period in tokens (its chunk size) for CMS and memory levels,
 None for levels only the outer optimizer moves. See the package README, "Monitoring, control
@@ -35,7 +36,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from nestlearn.errors import invalid
 from nestlearn.models.state import LMState
-from nestlearn.nn.cms import ContinuumMemory, ContinuumMemoryState
+from nestlearn.nn.cms import ContinuumMemory, ContinuumMemoryState, unfinished_gradient
 from nestlearn.nn.self_modifying import SelfModifyingTitans, SelfModifyingTitansState
 from nestlearn.nn.titans import NeuralMemory, NeuralMemoryState
 from nestlearn.state import instances, map_instances, tree_map
@@ -78,6 +79,16 @@ class Level:
         if self.slot == "cms":
             return node.levels[self.index]
         return (node.inner if self.slot == "memory.inner" else node.memory).chunk_start
+
+    def unfinished_gradient(self, model: nn.Module, state: LMState
+                            ) -> tuple[torch.Tensor, ...] | None:
+        """A CMS level's gradient sum over its unfinished chunk so far (its accumulator and
+        its pending tokens' gradients: ``nn.cms.unfinished_gradient``), None when empty."""
+        self._require_state(state)
+        if self.slot != "cms":
+            raise invalid("level", self.name, "a CMS state level (blocks.{i}.cms.level{k}.state)")
+        node = _slot_node(_block_state(model, state, self.block), self.slot)
+        return unfinished_gradient(node.config, self.index, node.levels[self.index])
 
     def write_state(self, model: nn.Module, state: LMState, value: Any) -> LMState:
         """``state`` with the level's part replaced by ``value`` (nothing else changes)."""

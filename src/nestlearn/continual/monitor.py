@@ -122,12 +122,14 @@ def _mean_norm(tensors: Sequence[torch.Tensor], shared_dims: int | None) -> floa
 def memory_surprise(level: Level, model: nn.Module, state: LMState | None) -> float | None:
     """A state level's own surprise, read from the state (no forward): the norm of a memory's
     momentum S (Titans' "past surprise", the decayed sum of its gradient steps) at its chunk
-    start, or of a CMS level's gradient sum over its unfinished chunk; averaged over the batch.
-    None for parameter levels, memories without momentum and empty sums."""
+    start, or of a CMS level's gradient sum over its unfinished chunk (taken from the tokens
+    it holds, without a forward of the model); averaged over the batch. None for parameter
+    levels, memories without momentum and empty sums."""
     if level.kind != "state" or state is None:
         return None
-    value = level.read_state(model, state)
-    held = value.accumulator if level.slot == "cms" else value.momentum
+    with torch.no_grad():
+        held = (level.unfinished_gradient(model, state) if level.slot == "cms"
+                else level.read_state(model, state).momentum)
     if held is None:
         return None
     return _mean_norm(held, level.shared_dims)

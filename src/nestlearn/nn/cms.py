@@ -23,6 +23,7 @@ loss from ``nestlearn.nn.teach_signal.stream_with_teach_signal``, which hands ``
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -176,14 +177,20 @@ class CMSConfig:
 
 @state_dataclass
 class CMSLevelState(TreeState):
-    """Fast weights of one level and the gradient sum of its current (unfinished) chunk.
+    """Fast weights of one level and what its current (unfinished) chunk has seen.
 
     ``weights``: ``[out, in]`` (still the shared meta-learned parameters) or ``[B, out, in]``.
     ``accumulator``: ``[B, out, in]`` per weight, or None when nothing is accumulated.
+    ``pending``: ``(inputs, targets)``, each ``[B, P, D]``: the level's normalized inputs and
+    local targets of the P tokens of its unfinished chunk whose gradients are not taken yet,
+    or None. A chunk's gradients are all taken at its starting weights, so they wait for the
+    chunk's end and are taken there in one call (a token decoded alone pays only the MLP).
+    The chunk's gradient sum so far is ``unfinished_gradient``.
     """
 
     weights: tuple[torch.Tensor, ...]
     accumulator: tuple[torch.Tensor, ...] | None = None
+    pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @state_dataclass
@@ -259,7 +266,7 @@ def _flush(levels: tuple[CMSLevelState, ...], pending: list[list[Factors]],
             # token, so this halves the accumulation's kernels).
             total = tuple(torch.baddbmm(acc, left.transpose(1, 2), right)
                           for acc, (left, right) in zip(level.accumulator, factors, strict=True))
-        result[index] = CMSLevelState(level.weights, total)
+        result[index] = CMSLevelState(level.weights, total, level.pending)
         pending[index] = []
     return tuple(result)
 
@@ -268,6 +275,49 @@ def _flush_one(level: CMSLevelState, pieces: list[Factors]) -> CMSLevelState:
     """``_flush`` of one level: its pending pieces' gradient factors added to its
     accumulator."""
     return _flush((level,), [pieces], (0,))[0]
+
+
+def _hold(level: CMSLevelState, n: torch.Tensor, target: torch.Tensor) -> CMSLevelState:
+    """``level`` with a piece's inputs and targets added to its pending tokens (in the
+    state's dtype: under autocast the targets come out in the lower precision)."""
+    dtype = level.weights[0].dtype
+    piece = (n.to(dtype), target.to(dtype))
+    held = piece if level.pending is None else tuple(
+        torch.cat((before, new), dim=1) for before, new in zip(level.pending, piece,
+                                                                 strict=True))
+    return CMSLevelState(level.weights, level.accumulator, held)
+
+
+def _release(level: CMSLevelState, n: torch.Tensor, target: torch.Tensor
+             ) -> tuple[CMSLevelState, torch.Tensor, torch.Tensor, int]:
+    """For a piece that ends its chunk: ``level`` without its pending tokens, the piece's
+    inputs and targets with those tokens put first, and how many there were."""
+    if level.pending is None:
+        return level, n, target, 0
+    inputs, targets = level.pending
+    return (CMSLevelState(level.weights, level.accumulator),
+            torch.cat((inputs, n), dim=1), torch.cat((targets, target), dim=1),
+            inputs.shape[1])
+
+
+def unfinished_gradient(config: CMSConfig, index: int, level: CMSLevelState
+                        ) -> tuple[torch.Tensor, ...] | None:
+    """The gradient sum of level ``index``'s unfinished chunk so far, ``[B, out, in]`` per
+    weight: its accumulator plus the gradients of its pending tokens (None: neither)."""
+    if level.pending is None:
+        return level.accumulator
+    _, factors = _level_piece(config, index, level.weights, *level.pending, True)
+    return _flush_one(CMSLevelState(level.weights, level.accumulator), [factors]).accumulator
+
+
+def settled(state: ContinuumMemoryState) -> ContinuumMemoryState:
+    """``state`` with every level's pending tokens' gradients added to its accumulator: the
+    same state (the same outputs and updates ahead) in the form the token-by-token reference
+    ``ContinuumMemory.forward_naive`` keeps."""
+    levels = tuple(CMSLevelState(level.weights,
+                                 unfinished_gradient(state.config, index, level))
+                   for index, level in enumerate(state.levels))
+    return dataclasses.replace(state, levels=levels)
 
 
 def _level_step(config: CMSConfig, index: int, level: CMSLevelState) -> CMSLevelState:
@@ -483,7 +533,28 @@ class ContinuumMemory(nn.Module):
                     raise invalid(f"state.levels[{index}].weights",
                                   f"{weight.dtype} on {weight.device}",
                                   f"the dtype and device of x ({x.dtype} on {x.device})")
+            if level.pending is not None:
+                self._check_pending(index, level.pending, state.position, x)
         return state
+
+    def _check_pending(self, index: int, pending: object, position: int,
+                       x: torch.Tensor) -> None:
+        """A level's pending tokens: ``(inputs, targets)`` ``[B, P, D]``, P the tokens seen
+        since its last chunk end."""
+        name = f"state.levels[{index}].pending"
+        held = position % self.config.chunk_sizes[index]
+        shape = (x.shape[0], held, self.config.dim)
+        if not (isinstance(pending, tuple) and len(pending) == 2
+                and all(isinstance(p, torch.Tensor) for p in pending)):
+            raise invalid(name, type(pending).__name__, "a tuple (inputs, targets) of tensors")
+        for part in pending:
+            if tuple(part.shape) != shape or not self.config.level_learns(index):
+                raise invalid(name, tuple(part.shape),
+                              f"{shape} (batch, tokens since the level's last chunk end, dim) "
+                              "on a level that learns in context")
+            if part.dtype != x.dtype or part.device != x.device:
+                raise invalid(name, f"{part.dtype} on {part.device}",
+                              f"the dtype and device of x ({x.dtype} on {x.device})")
 
     def _level_error(self, index: int, n: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Local objective's error ``mlp(n) - target n`` (target: a learned linear map of n)."""
@@ -585,18 +656,21 @@ class ContinuumMemory(nn.Module):
             targets = (normed @ self.local_targets[str(index)].transpose(0, 1)
                        if learns else normed)
             sizes = [stop - start for start, stop in pieces]
-            outputs, pending = [], []
+            outputs = []
             for (_, stop), n, target in zip(pieces, normed.split(sizes, 1),
                                             targets.split(sizes, 1), strict=True):
+                if learns and stop % size:
+                    # the chunk goes on after this segment: its gradients wait for its end
+                    outputs.append(level_forward(config.mlp, level.weights, n)[0])
+                    level = _hold(level, n, target)
+                    continue
+                level, n, target, held = _release(level, n, target)
                 out, factors = _level_piece_step(config, index, level.weights, n, target,
                                                  learns)
-                outputs.append(out)
+                outputs.append(out[:, held:] if held else out)
                 if factors is not None:
-                    pending.append(factors)
-                if stop % size == 0:
-                    level = _level_step(config, index, _flush_one(level, pending))
-                    pending = []
-            result[index] = _flush_one(level, pending)
+                    level = _level_step(config, index, _flush_one(level, [factors]))
+            result[index] = level
             out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
             if config.variant == "independent":
                 term = self.mix[index] * out

@@ -42,6 +42,9 @@ def test_bench_layers_runs_at_a_tiny_size(tmp_path, capsys):
     short = {row["arch"]: row["state MB"] for row in decode if row["context"] == 8}
     assert grows["transformer"] == 2 * short["transformer"]  # the KV cache
     assert grows["titans"] == short["titans"]
+    # two decoded tokens after an 8- or 16-token prompt: every arch holds more mid-chunk (its
+    # memories' pending tokens) or in a longer cache than after the prompt
+    assert all(row["largest state MB"] > row["state MB"] for row in decode)
     assert all(row["device"] == "cpu" and row["autocast"] == "off" and row["compile"] == "off"
                and row["compile s"] is None for row in layers + models + decode)
     assert "| arch | context | chunk | inner chunk | device | autocast | compile | ms/token |" \
@@ -126,7 +129,8 @@ def test_each_cell_measures_its_own_chunk_size(monkeypatch, tmp_path):
 
     def fake_decode(measure, config, context, steps, segment, *rest, threads):
         seen.append((config["memory"] and config["memory"]["chunk_size"], segment))
-        return {"seconds": 1.0, "first s": 1.0, "state MB": 0.0, "note": ""}
+        return {"seconds": 1.0, "first s": 1.0, "state MB": 0.0, "largest state MB": 0.0,
+                "note": ""}
 
     monkeypatch.setattr(layers, "_cell", fake_cell)
     monkeypatch.setattr(layers, "in_fresh_process", fake_decode)

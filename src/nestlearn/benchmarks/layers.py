@@ -96,7 +96,7 @@ LAYER_COLUMNS = ["layer", "T", "chunk", "inner chunk", "params", *MODE_COLUMNS, 
 MODEL_COLUMNS = ["arch", "dim", "params", "T", "B", "chunk", "inner chunk", "checkpoint segment",
                  *MODE_COLUMNS, "cuda graph", "tok/s", "compile s", "peak MB", "note"]
 DECODE_COLUMNS = ["arch", "context", "chunk", "inner chunk", *MODE_COLUMNS, "ms/token", "compile s",
-                  "state MB", "note"]
+                  "state MB", "largest state MB", "note"]
 # The layers whose speed depends on the memory chunk size (the others run once, chunk "-").
 CHUNKED_LAYERS: tuple[str, ...] = ("neural-memory", "self-modifying-titans", "hope-block")
 # The layers with HOPE's inner memories (their chunk: --inner-chunk-size).
@@ -271,10 +271,12 @@ def _state_mb(state: object) -> float:
 @torch.no_grad()
 def decode_latency(config: ModelConfig, context: int, steps: int, segment: int,
                    repeats: int, device: str = "cpu", autocast_mode: str = "off"
-                   ) -> tuple[float, float, str, float]:
-    """(seconds per token, state MB, note, first s) of greedy decoding after a
-    ``context``-token prompt; the note flags non-finite logits; ``first s`` is the wall time
-    of the prompt and the first (untimed) decoding run, which includes any compiling."""
+                   ) -> tuple[float, float, float, str, float]:
+    """(seconds per token, state MB, largest state MB, note, first s) of greedy decoding after
+    a ``context``-token prompt: the state's size after the prompt and the largest it reaches
+    while decoding (a layer may hold more mid-chunk than at a chunk end; read in the untimed
+    first run); the note flags non-finite logits; ``first s`` is the wall time of the prompt
+    and the first decoding run, which includes any compiling."""
     torch.manual_seed(0)
     model = build_model(config).eval().to(device)
     ids = torch.randint(0, config.vocab_size, (1, context), device=device)
@@ -290,7 +292,9 @@ def decode_latency(config: ModelConfig, context: int, steps: int, segment: int,
 
     read = token_reader(model)  # under --compile on: the whole forward as one graph
 
-    def run() -> None:
+    sizes: list[float] = []
+
+    def run(track: bool = False) -> None:
         token, carried = first, state
         with autocast(device, autocast_mode):
             for _ in range(steps):
@@ -298,12 +302,15 @@ def decode_latency(config: ModelConfig, context: int, steps: int, segment: int,
                 # kept on the device: a host read per token would stall a GPU's queue
                 finite.append(torch.isfinite(out).all())
                 token = out[:, -1:].argmax(-1)
+                if track:
+                    sizes.append(_state_mb(carried))
 
     prompt_s, (first, state) = timed_once(read_prompt, device)
-    warmup_s, _ = timed_once(run, device)
+    warmup_s, _ = timed_once(lambda: run(track=True), device)
     seconds = time_call(run, repeats=repeats, warmup=0, device=device) / steps
     note = "" if bool(torch.stack(finite).all()) else "non-finite outputs"
-    return seconds, _state_mb(state), note, prompt_s + warmup_s
+    state_mb = _state_mb(state)
+    return seconds, state_mb, max([state_mb, *sizes]), note, prompt_s + warmup_s
 
 
 def _graphs_compiled(mode: RunMode) -> int:
@@ -435,12 +442,14 @@ def measure_decode(config: dict[str, Any], context: int, steps: int, segment: in
                    repeats: int, mode: RunMode) -> dict[str, Any]:
     """One decode cell in this process (``decode_latency`` in ``mode``)."""
     notes: list[str] = []
-    result: dict[str, Any] = {"seconds": math.nan, "first s": None, "state MB": None}
+    result: dict[str, Any] = {"seconds": math.nan, "first s": None, "state MB": None,
+                              "largest state MB": None}
     with _run_in_mode(mode, notes):
-        seconds, state_mb, note, first = decode_latency(
+        seconds, state_mb, largest_mb, note, first = decode_latency(
             ModelConfig.from_dict(config), context, steps, segment, repeats, mode.device,
             mode.autocast)
-        result.update({"seconds": seconds, "state MB": state_mb, "first s": first})
+        result.update({"seconds": seconds, "state MB": state_mb,
+                       "largest state MB": largest_mb, "first s": first})
         notes.insert(0, note)
     result["note"] = _join(notes)
     return result
@@ -723,11 +732,13 @@ def _decode_rows(args: argparse.Namespace, configs: dict[tuple[str, int | str], 
                     result = measure_decode(*cell)
             except RuntimeError as err:  # the measuring process raised or died
                 result = {"seconds": math.nan, "first s": None, "state MB": None,
+                          "largest state MB": None,
                           "note": f"failed: {str(err).strip().splitlines()[-1]}"}
             rows.append({"arch": arch, "dim": config.dim, "context": context, "chunk": chunk,
                          "inner chunk": _inner_column(config),
                          **_mode_columns(mode, result),
                          "ms/token": 1000 * result["seconds"], "state MB": result["state MB"],
+                         "largest state MB": result["largest state MB"],
                          "note": result["note"], "steps": args.decode_steps,
                          "threads": threads})
             write_json("layers-decode", rows, args.out)

@@ -187,6 +187,30 @@ def test_pending_tokens_that_do_not_fit_the_position_are_refused():
         layer(x, bad)
 
 
+@pytest.mark.parametrize("variant", ["sequential", "independent"])
+def test_the_reference_continues_from_a_state_holding_tokens(variant):
+    layer = make_layer(variant, chunk_step=1.0)
+    x = random_input(11)
+    _, state = layer(x[:, :4])  # the chunk-3 and chunk-6 levels hold tokens
+    assert state.levels[1].pending is not None and state.levels[2].pending is not None
+    y, final = layer(x[:, 4:], state)
+    y_ref, final_ref = layer.forward_naive(x[:, 4:], state)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    assert_states_close(final, final_ref)
+
+
+def test_a_nested_state_holding_tokens_is_refused():
+    sequential, nested = make_layer("sequential"), make_layer("nested")
+    x = random_input(3)
+    _, held = sequential(x)
+    _, state = nested(x)
+    bad = dataclasses.replace(state, levels=(state.levels[0], state.levels[1],
+                                             dataclasses.replace(state.levels[2],
+                                                                 pending=held.levels[2].pending)))
+    with pytest.raises(NestlearnError, match=r"pending.*nested variant holds none"):
+        nested(x, bad)
+
+
 def test_zero_pending_tokens_add_nothing():
     # What a stream's row reset gives a level that holds tokens (training.carried_state): zeros,
     # whose gradients are exactly zero (the MLP has no bias), so the row's next chunk end

@@ -547,6 +547,9 @@ class ContinuumMemory(nn.Module):
         if not (isinstance(pending, tuple) and len(pending) == 2
                 and all(isinstance(p, torch.Tensor) for p in pending)):
             raise invalid(name, type(pending).__name__, "a tuple (inputs, targets) of tensors")
+        if self.config.variant == "nested":
+            # its pieces take their gradients as they come (a level restarts mid-chunk)
+            raise invalid(name, "held tokens", "None (the nested variant holds none)")
         for part in pending:
             if tuple(part.shape) != shape or not self.config.level_learns(index):
                 raise invalid(name, tuple(part.shape),
@@ -690,7 +693,8 @@ class ContinuumMemory(nn.Module):
         """
         x = self._check_input(x)
         state = self.init_state(x.shape[0]) if state is None else self._check_state(state, x)
-        state = _through_teach_hook(state, teach_hook)
+        # held tokens as the gradient sum this reference keeps
+        state = settled(_through_teach_hook(state, teach_hook))
         config = self.config
         batch = x.shape[0]
         local = config.teach_signal == "local" and config.learns_in_context

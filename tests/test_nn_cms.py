@@ -172,19 +172,53 @@ def test_a_chunk_takes_its_gradients_once_at_its_end(monkeypatch):
                     assert level.pending is None
 
 
-def test_pending_tokens_that_do_not_fit_the_position_are_refused():
+def test_malformed_pending_tokens_are_refused():
     layer = make_layer()
     x = random_input(3)
     _, state = layer(x)  # position 3: the chunk-6 level holds 3 tokens
     level = state.levels[2]
-    short = dataclasses.replace(level, pending=tuple(p[:, :2] for p in level.pending))
-    bad = dataclasses.replace(state, levels=(*state.levels[:2], short))
-    with pytest.raises(NestlearnError, match=r"state\.levels\[2\]\.pending.*since the level"):
-        layer(x, bad)
-    single = dataclasses.replace(level, pending=level.pending[0])
-    bad = dataclasses.replace(state, levels=(*state.levels[:2], single))
-    with pytest.raises(NestlearnError, match=r"state\.levels\[2\]\.pending.*tuple"):
-        layer(x, bad)
+    inputs, targets = level.pending
+    for pending, match in [
+            (inputs, "tuple"),
+            ((inputs, targets[:, :2]), r"\[2, P, 6\]"),
+            ((inputs[..., :4], targets[..., :4]), r"\[2, P, 6\]"),
+            ((inputs[:1], targets[:1]), r"\[2, P, 6\]"),
+            ((inputs[:, :0], targets[:, :0]), "P >= 1")]:
+        bad = dataclasses.replace(state, levels=(*state.levels[:2], dataclasses.replace(
+            level, pending=pending)))
+        with pytest.raises(NestlearnError, match=r"state\.levels\[2\]\.pending.*" + match):
+            layer(x, bad)
+
+
+def test_a_state_holding_fewer_tokens_than_its_chunk_has_seen_runs_on():
+    # A settled state (its tokens in the accumulator: the reference's form, or one written
+    # back by nestlearn.continual) mid-chunk, then token by token: the same as one pass.
+    layer = make_layer(chunk_step=1.0)
+    x = random_input(12)
+    y_ref, final_ref = layer(x)
+    _, state = layer(x[:, :4])
+    state = settled(state)
+    assert all(level.pending is None for level in state.levels)
+    outputs = []
+    for t in range(4, 12):
+        y, state = layer(x[:, t:t + 1], state)
+        outputs.append(y)
+    torch.testing.assert_close(torch.cat(outputs, 1), y_ref[:, 4:], rtol=1e-10, atol=1e-12)
+    assert_states_close(state, final_ref)
+
+
+def test_held_tokens_do_not_keep_the_segment_alive():
+    layer = make_layer()
+    _, state = layer(random_input(10))  # the chunk-3 and chunk-6 levels hold 1 and 4 tokens
+    for level in state.levels[1:]:
+        for part in level.pending:
+            assert part.untyped_storage().nbytes() == part.numel() * part.element_size()
+
+
+def test_settled_hands_back_a_state_that_holds_nothing():
+    layer = make_layer()
+    _, state = layer(random_input(6))
+    assert settled(state) is state
 
 
 @pytest.mark.parametrize("variant", ["sequential", "independent"])
@@ -484,6 +518,18 @@ def test_lm_teach_signal_matches_independent_gradient_sums():
     for g, g_ref in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-11)
     assert all(p.abs().sum() > 0 for p in grads[1:4])
+
+
+def test_lm_teach_signal_drives_the_reference_as_the_fast_path(monkeypatch):
+    # The driver finds the states it attached by identity: the reference hands an LM-driven
+    # state back as it came (HOPE blocks call it under use_naive)
+    model = TinyLM(lm_config()).double()
+    ids, targets = lm_stream(9)
+    logits, state = stream_with_teach_signal(model, ids, targets)
+    monkeypatch.setattr(model.cms, "forward", model.cms.forward_naive)
+    logits_ref, state_ref = stream_with_teach_signal(model, ids, targets)
+    torch.testing.assert_close(logits_ref, logits, rtol=1e-10, atol=1e-12)
+    assert_states_close(state_ref["cms"], state["cms"])
 
 
 def test_lm_teach_signal_changes_levels_only_at_boundaries():

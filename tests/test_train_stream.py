@@ -14,12 +14,13 @@ import torch
 from nestlearn.errors import NestlearnError
 from nestlearn.losses import lm_loss_sum
 from nestlearn.models import ModelConfig, build_model
-from nestlearn.nn.cms import ContinuumMemoryState
+from nestlearn.nn.cms import ContinuumMemoryState, unfinished_gradient
 from nestlearn.nn.teach_signal import stream_with_teach_signal
 from nestlearn.state import detach, named_tensors
 from nestlearn.training import NonFiniteError, Trainer, train
 from nestlearn.training import checkpoint as ckpt
 from nestlearn.training.carried_state import (
+    carried_form,
     drop_attention_caches,
     reset_rows,
     state_to_tree,
@@ -345,8 +346,10 @@ def test_gloo_lm_teach_signal_ranks_agree_with_a_single_process(tmp_path):
 @pytest.mark.parametrize("arch", ["hope-attention",
                                   pytest.param("titans-mag", marks=pytest.mark.slow)])
 def test_attention_archs_train_in_stream_mode_with_memories_carried(corpus, tmp_path, arch):
-    window = ["model.attention.window=16"] if arch == "titans-mag" else []
-    config = tiny_config(corpus, tmp_path / "run", *window, f"model.arch={arch}", *STREAM,
+    # hope-attention's slower CMS level (chunk 256) ends no chunk in these two segments
+    window = ["model.attention.window=16"] if arch == "titans-mag" else [
+        "model.cms.chunk_sizes=16,256"]
+    config = tiny_config(corpus, tmp_path / "run", f"model.arch={arch}", *window, *STREAM,
                          "train.steps=2")
     trainer = Trainer(config, progress=False)
     result = trainer.run()
@@ -355,6 +358,31 @@ def test_attention_archs_train_in_stream_mode_with_memories_carried(corpus, tmp_
     assert caches and all(t.shape[2] == 0 for t in caches)  # KV caches are not carried
     memories = [name for name in named_tensors(trainer.carried) if "attention" not in name]
     assert memories  # the CMS levels / neural memory are
+    # the held tokens are carried as their gradient sum (carried_form)
+    assert not [name for name in memories if "pending" in name]
+    assert arch != "hope-attention" or [name for name in memories if "accumulator" in name]
+
+
+def test_carried_form_settles_the_cms_levels_held_tokens():
+    # What a stream carries past an optimizer step: a held token's gradient taken with the
+    # weights and parameters that saw it (a running sum), detached, as before levels held tokens
+    model = _model("hope", cms={"chunk_sizes": (4, 32)})
+    _, state = model(torch.randint(0, 32, (2, 12)))  # the chunk-32 levels hold 12 tokens
+    carried = carried_form(state)
+    held = 0
+    for block, kept in zip(state.blocks, carried.blocks, strict=True):
+        for index, (level, settled) in enumerate(zip(block.cms.levels, kept.cms.levels,
+                                                     strict=True)):
+            held += level.pending is not None
+            assert settled.pending is None
+            want = unfinished_gradient(block.cms.config, index, level)
+            if want is None:
+                assert settled.accumulator is None
+                continue
+            for got, expected in zip(settled.accumulator, want, strict=True):
+                assert not got.requires_grad
+                torch.testing.assert_close(got, expected.detach(), rtol=1e-12, atol=1e-14)
+    assert held == 2  # one level per block
 
 
 def test_titans_recipes_train_in_stream_mode_by_default(corpus, tmp_path):

@@ -50,8 +50,8 @@ from torch import nn
 from nestlearn.continual.stream import ClassSplit, LMSplit, SeriesSplit, Stream
 from nestlearn.errors import NestlearnError, check_choice, check_int
 from nestlearn.models.teaching import scored_forward, uses_lm_teach_signal
-from nestlearn.state import detach, named_tensors
-from nestlearn.training.carried_state import drop_attention_caches
+from nestlearn.state import named_tensors
+from nestlearn.training.carried_state import carried_form, drop_attention_caches
 
 STATE_POLICIES: tuple[str, ...] = ("reset", "carry")
 # default evaluation budget: tokens per split (lm, forecast) or rows (classification)
@@ -162,7 +162,7 @@ class Learner:
     def keep_state(self, state: Any) -> None:
         """Keep the state a training step ended with (carry only)."""
         if self.carry:
-            self.carried = drop_attention_caches(detach(state))
+            self.carried = carried_form(state)
 
     def forward(self, batch: Batch, state: Any = None) -> tuple[torch.Tensor, Any]:
         raise NotImplementedError

@@ -53,8 +53,7 @@ from torch import nn
 from nestlearn.continual.learners import Batch, Learner
 from nestlearn.errors import NestlearnError, check_decay, check_int, check_nonnegative, invalid
 from nestlearn.optim import MultiFrequency
-from nestlearn.state import detach
-from nestlearn.training.carried_state import drop_attention_caches
+from nestlearn.training.carried_state import carried_form
 
 BETAS = (0.9, 0.98)
 
@@ -350,7 +349,7 @@ class LwF(Method):
             finally:
                 learner.model = student_model
         if learner.carry:
-            self.teacher_state = drop_attention_caches(detach(state))
+            self.teacher_state = carried_form(state)
         if self.old_classes:
             keep = torch.tensor(self.old_classes)
             logits, teacher_logits = logits[..., keep], teacher_logits[..., keep]

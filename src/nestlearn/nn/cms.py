@@ -182,10 +182,11 @@ class CMSLevelState(TreeState):
     ``weights``: ``[out, in]`` (still the shared meta-learned parameters) or ``[B, out, in]``.
     ``accumulator``: ``[B, out, in]`` per weight, or None when nothing is accumulated.
     ``pending``: ``(inputs, targets)``, each ``[B, P, D]``: the level's normalized inputs and
-    local targets of the P tokens of its unfinished chunk whose gradients are not taken yet,
-    or None. A chunk's gradients are all taken at its starting weights, so they wait for the
-    chunk's end and are taken there in one call (a token decoded alone pays only the MLP).
-    The chunk's gradient sum so far is ``unfinished_gradient``.
+    local targets of the last P tokens of its unfinished chunk, whose gradients are not taken
+    yet (the chunk's earlier tokens, if any, are in the accumulator), or None. A chunk's
+    gradients are all taken at its starting weights, so they wait for the chunk's end and are
+    taken there in one call (a token decoded alone pays only the MLP). The chunk's gradient
+    sum so far is ``unfinished_gradient``.
     """
 
     weights: tuple[torch.Tensor, ...]
@@ -281,11 +282,18 @@ def _hold(level: CMSLevelState, n: torch.Tensor, target: torch.Tensor) -> CMSLev
     """``level`` with a piece's inputs and targets added to its pending tokens (in the
     state's dtype: under autocast the targets come out in the lower precision)."""
     dtype = level.weights[0].dtype
-    piece = (n.to(dtype), target.to(dtype))
+    piece = (_owned(n.to(dtype)), _owned(target.to(dtype)))
     held = piece if level.pending is None else tuple(
         torch.cat((before, new), dim=1) for before, new in zip(level.pending, piece,
                                                                  strict=True))
     return CMSLevelState(level.weights, level.accumulator, held)
+
+
+def _owned(piece: torch.Tensor) -> torch.Tensor:
+    """``piece``, copied when it is a view of a larger buffer (a segment's last tokens): held
+    in the state, a view would keep the whole segment's buffer alive."""
+    whole = piece.untyped_storage().nbytes() == piece.numel() * piece.element_size()
+    return piece if whole else piece.clone()
 
 
 def _release(level: CMSLevelState, n: torch.Tensor, target: torch.Tensor
@@ -313,7 +321,9 @@ def unfinished_gradient(config: CMSConfig, index: int, level: CMSLevelState
 def settled(state: ContinuumMemoryState) -> ContinuumMemoryState:
     """``state`` with every level's pending tokens' gradients added to its accumulator: the
     same state (the same outputs and updates ahead) in the form the token-by-token reference
-    ``ContinuumMemory.forward_naive`` keeps."""
+    ``ContinuumMemory.forward_naive`` keeps; ``state`` itself when no level holds tokens."""
+    if all(level.pending is None for level in state.levels):
+        return state
     levels = tuple(CMSLevelState(level.weights,
                                  unfinished_gradient(state.config, index, level))
                    for index, level in enumerate(state.levels))
@@ -534,27 +544,28 @@ class ContinuumMemory(nn.Module):
                                   f"{weight.dtype} on {weight.device}",
                                   f"the dtype and device of x ({x.dtype} on {x.device})")
             if level.pending is not None:
-                self._check_pending(index, level.pending, state.position, x)
+                self._check_pending(index, level.pending, x)
         return state
 
-    def _check_pending(self, index: int, pending: object, position: int,
-                       x: torch.Tensor) -> None:
-        """A level's pending tokens: ``(inputs, targets)`` ``[B, P, D]``, P the tokens seen
-        since its last chunk end."""
+    def _check_pending(self, index: int, pending: object, x: torch.Tensor) -> None:
+        """A level's pending tokens: ``(inputs, targets)`` ``[B, P, D]``, P >= 1. Any P: a
+        state that holds fewer than the tokens since the chunk's start has the others in its
+        accumulator (a settled state, one written back by ``nestlearn.continual``), and one
+        rolled back to an earlier position of the stream holds what it held then."""
         name = f"state.levels[{index}].pending"
-        held = position % self.config.chunk_sizes[index]
-        shape = (x.shape[0], held, self.config.dim)
         if not (isinstance(pending, tuple) and len(pending) == 2
                 and all(isinstance(p, torch.Tensor) for p in pending)):
             raise invalid(name, type(pending).__name__, "a tuple (inputs, targets) of tensors")
         if self.config.variant == "nested":
             # its pieces take their gradients as they come (a level restarts mid-chunk)
             raise invalid(name, "held tokens", "None (the nested variant holds none)")
+        held = pending[0].shape[1] if pending[0].dim() == 3 else 0
+        shape = (x.shape[0], held, self.config.dim)
         for part in pending:
-            if tuple(part.shape) != shape or not self.config.level_learns(index):
+            if tuple(part.shape) != shape or held < 1 or not self.config.level_learns(index):
                 raise invalid(name, tuple(part.shape),
-                              f"{shape} (batch, tokens since the level's last chunk end, dim) "
-                              "on a level that learns in context")
+                              f"two tensors [{x.shape[0]}, P, {self.config.dim}] (batch, held "
+                              "tokens P >= 1, dim) on a level that learns in context")
             if part.dtype != x.dtype or part.device != x.device:
                 raise invalid(name, f"{part.dtype} on {part.device}",
                               f"the dtype and device of x ({x.dtype} on {x.device})")

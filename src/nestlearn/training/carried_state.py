@@ -17,6 +17,8 @@ caches, and its form in a checkpoint.
   and fresh shapes differ otherwise (the pending tokens of a memory chunk when ``seq_len`` is
   not a multiple of the memory's chunk size) cannot be reset for one row: refused, naming
   the tensor.
+- :func:`carried_form`: what is carried, detached, caches emptied and every CMS level's held
+  tokens turned into their gradient sum (taken before the optimizer's step).
 - :func:`drop_attention_caches`: a carried KV cache would grow without bound (global
   attention) and cannot be emptied for one row, so stream training carries the recurrent
   memories only; attention sees its own segment, as in window training (its position, the
@@ -37,8 +39,9 @@ import torch
 import torch.utils._pytree as pytree
 
 from nestlearn.errors import NestlearnError
+from nestlearn.nn.cms import ContinuumMemoryState, settled
 from nestlearn.nn.transformer import AttentionState
-from nestlearn.state import is_state_class, map_instances, named_tensors
+from nestlearn.state import detach, is_state_class, map_instances, named_tensors
 
 _CLASS = "__class__"
 _FIELDS = "fields"
@@ -81,6 +84,18 @@ def reset_rows(carried: Any, init_state: Callable[[int], Any], reset: torch.Tens
                 "row can be reset only where both agree (stream training: data.seq_len a "
                 "multiple of every memory chunk size, or train.state_reset='never')")
     return pytree.tree_unflatten(out, spec)
+
+
+def carried_form(state: Any) -> Any:
+    """What stream training carries to its next segment: ``state`` detached, its KV caches
+    emptied (``drop_attention_caches``) and every CMS level's held tokens turned into their
+    gradient sum (``nn.cms.settled``): taken now, at the weights and with the parameters
+    that saw them, as a level's running sum has always been carried. Left held, their
+    gradients would be taken after the optimizer's step, with the next step's parameters,
+    and reach them through the carried inputs."""
+    with torch.no_grad():
+        state = map_instances(settled, state, ContinuumMemoryState)
+    return drop_attention_caches(detach(state))
 
 
 def drop_attention_caches(state: Any) -> Any:

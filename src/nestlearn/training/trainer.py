@@ -34,7 +34,7 @@ from nestlearn.evaluate.perplexity import EvalResult, evaluate_batches, tokens_p
 from nestlearn.losses import lm_loss_sum, scored_targets
 from nestlearn.models.teaching import uses_lm_teach_signal
 from nestlearn.nn.teach_signal import stream_with_teach_signal
-from nestlearn.state import detach, to
+from nestlearn.state import to
 from nestlearn.training import checkpoint as ckpt
 from nestlearn.training.builders import (
     autocast_context,
@@ -46,7 +46,7 @@ from nestlearn.training.builders import (
     seed_everything,
 )
 from nestlearn.training.carried_state import (
-    drop_attention_caches,
+    carried_form,
     reset_rows,
     state_to_tree,
     tree_from_state_tree,
@@ -244,7 +244,7 @@ class Trainer:
                 ids = torch.zeros(1, self.config.data.seq_len, dtype=torch.long,
                                   device=self.ctx.device)
                 _, state = self.model(ids)
-                reset_rows(drop_attention_caches(state), lambda batch: self.model.init_state(batch,
+                reset_rows(carried_form(state), lambda batch: self.model.init_state(batch,
                                                                      device=self.ctx.device),
                            torch.ones(1, dtype=torch.bool, device=self.ctx.device))
 
@@ -429,7 +429,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.stream:
-            self.carried = drop_attention_caches(detach(state))
+            self.carried = carried_form(state)
         self.step += 1
         self.tokens_seen += int(total_count)
         seconds = time.perf_counter() - start

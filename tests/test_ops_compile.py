@@ -328,3 +328,17 @@ def test_a_compiled_token_reader_does_not_keep_its_model_alive():
     del model
     gc.collect()
     assert alive() is None
+
+
+@pytest.mark.parametrize("ends_a_chunk", [False, True])
+def test_a_decoded_cms_token_traces_without_graph_breaks(ends_a_chunk):
+    # Compiled decoding traces the whole forward as one graph: holding a token (or releasing
+    # the held ones at a chunk end) must not break it
+    layer = make_layer(chunk_sizes=(2, 3, 6), chunk_step=1.0)
+    x = random_input(6)
+    with torch.no_grad():
+        _, state = layer(x[:, :5 if ends_a_chunk else 4])
+        explained = torch._dynamo.explain(layer)(x[:, 5:6] if ends_a_chunk else x[:, 4:5],
+                                                 state)
+    assert any(level.pending is not None for level in state.levels)
+    assert explained.graph_break_count == 0, explained.break_reasons

@@ -278,22 +278,19 @@ def _flush_one(level: CMSLevelState, pieces: list[Factors]) -> CMSLevelState:
     return _flush((level,), [pieces], (0,))[0]
 
 
-def _hold(level: CMSLevelState, n: torch.Tensor, target: torch.Tensor) -> CMSLevelState:
+def _hold(level: CMSLevelState, n: torch.Tensor, target: torch.Tensor,
+          copy: bool) -> CMSLevelState:
     """``level`` with a piece's inputs and targets added to its pending tokens (in the
-    state's dtype: under autocast the targets come out in the lower precision)."""
+    state's dtype: under autocast the targets come out in the lower precision). ``copy``: the
+    piece is a view of a longer segment's tensors, which a held view would keep alive."""
     dtype = level.weights[0].dtype
-    piece = (_owned(n.to(dtype)), _owned(target.to(dtype)))
-    held = piece if level.pending is None else tuple(
-        torch.cat((before, new), dim=1) for before, new in zip(level.pending, piece,
-                                                                 strict=True))
+    piece = tuple(part.to(dtype) for part in (n, target))
+    if level.pending is None:
+        held = tuple(part.clone() for part in piece) if copy else piece
+    else:
+        held = tuple(torch.cat((before, new), dim=1)
+                     for before, new in zip(level.pending, piece, strict=True))
     return CMSLevelState(level.weights, level.accumulator, held)
-
-
-def _owned(piece: torch.Tensor) -> torch.Tensor:
-    """``piece``, copied when it is a view of a larger buffer (a segment's last tokens): held
-    in the state, a view would keep the whole segment's buffer alive."""
-    whole = piece.untyped_storage().nbytes() == piece.numel() * piece.element_size()
-    return piece if whole else piece.clone()
 
 
 def _release(level: CMSLevelState, n: torch.Tensor, target: torch.Tensor
@@ -676,7 +673,7 @@ class ContinuumMemory(nn.Module):
                 if learns and stop % size:
                     # the chunk goes on after this segment: its gradients wait for its end
                     outputs.append(level_forward(config.mlp, level.weights, n)[0])
-                    level = _hold(level, n, target)
+                    level = _hold(level, n, target, copy=len(pieces) > 1)
                     continue
                 level, n, target, held = _release(level, n, target)
                 out, factors = _level_piece_step(config, index, level.weights, n, target,

@@ -10,6 +10,10 @@ from nestlearn.nn.self_modifying import SelfModifyingTitansConfig
 VOCAB = 17
 ARCHS_WIRED = ["transformer", "titans", "titans-mag", "hope", "hope-attention"]
 
+# The `nestlearn bench ops-count` CLI tests' model: one block of width 16, two heads, 32 words.
+TINY_BENCH_MODEL = ["--model-dim", "16", "--model-layers", "1", "--heads", "2", "--vocab-size",
+                    "32"]
+
 
 # Names of the parameters that are meta-learned initial states of in-context memories.
 INITIAL_STATE_MARKERS = ("memory_weights", "inner_weights", "initial.")

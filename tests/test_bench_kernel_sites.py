@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from model_cases import tiny_config
+from model_cases import TINY_BENCH_MODEL, tiny_config
 from nestlearn.benchmarks.kernel_sites import (
     ENGINE,
     OUTSIDE,
@@ -70,8 +70,8 @@ def test_a_kernel_is_charged_to_the_function_that_recorded_its_node():
 
 def test_cli_lists_the_top_sites_per_arch(tmp_path, capsys):
     code = main(["bench", "ops-count", "--archs", "transformer", "titans", "--length", "16",
-                 "--model-dim", "16", "--model-layers", "1", "--heads", "2", "--chunk-size",
-                 "8", "--vocab-size", "32", "--sites", "3", "--out", str(tmp_path)])
+                 *TINY_BENCH_MODEL, "--chunk-size", "8", "--sites", "3", "--out",
+                 str(tmp_path)])
     assert code == 0
     assert "| arch | phase | site | kernels | share |" in capsys.readouterr().out
     budget = json.loads((tmp_path / "ops-count.json").read_text())["rows"]

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from model_cases import tiny_config
+from model_cases import TINY_BENCH_MODEL, tiny_config
 from nestlearn.benchmarks.opcount import (
     OpCounter,
     add_arguments,
@@ -81,9 +81,8 @@ def test_a_step_count_is_deterministic_and_sync_free(arch, chunk):
 
 def test_cli_writes_a_table_and_json(tmp_path, capsys):
     code = main(["bench", "ops-count", "--archs", "transformer", "titans", "--length", "16",
-                 "--model-dim", "16", "--model-layers", "1", "--heads", "2", "--chunk-size",
-                 "8", "--cms-chunk-sizes", "4", "8", "--vocab-size", "32", "--out",
-                 str(tmp_path)])
+                 *TINY_BENCH_MODEL, "--chunk-size", "8", "--cms-chunk-sizes", "4", "8",
+                 "--out", str(tmp_path)])
     assert code == 0
     out = capsys.readouterr().out
     assert "| arch | params | T | chunk | inner chunk | ops/step | kernels/step | syncs/step" in out
@@ -111,9 +110,9 @@ def test_a_skeleton_issues_the_same_ops_with_almost_no_weights():
 
 
 def test_timing_reports_the_skeleton_s_share(tmp_path, capsys):
-    code = main(["bench", "ops-count", "--archs", "titans", "--length", "16", "--model-dim",
-                 "16", "--model-layers", "1", "--heads", "2", "--chunk-size", "8",
-                 "--vocab-size", "32", "--timing", "--repeats", "1", "--out", str(tmp_path)])
+    code = main(["bench", "ops-count", "--archs", "titans", "--length", "16",
+                 *TINY_BENCH_MODEL, "--chunk-size", "8", "--timing", "--repeats", "1",
+                 "--out", str(tmp_path)])
     assert code == 0
     assert "| skeleton s | fixed share |" in capsys.readouterr().out
     row = json.loads((tmp_path / "ops-count.json").read_text())["rows"][0]
@@ -147,9 +146,8 @@ def test_cli_refuses_unknown_archs_and_bad_sizes(capsys):
 
 def test_decode_counts_are_per_token_and_sync_free(tmp_path, capsys):
     code = main(["bench", "ops-count", "--archs", "transformer", "hope", "--length", "6",
-                 "--model-dim", "16", "--model-layers", "1", "--heads", "2", "--chunk-size",
-                 "4", "--cms-chunk-sizes", "2", "4", "--vocab-size", "32", "--decode-tokens",
-                 "5", "--out", str(tmp_path)])
+                 *TINY_BENCH_MODEL, "--chunk-size", "4", "--cms-chunk-sizes", "2", "4",
+                 "--decode-tokens", "5", "--out", str(tmp_path)])
     assert code == 0
     assert "decode kernels/token" in capsys.readouterr().out
     rows = json.loads((tmp_path / "ops-count.json").read_text())["rows"]
@@ -176,9 +174,8 @@ def test_profiled_kernels_count_the_innermost_computing_ops():
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_compiled_counts_each_side_in_a_fresh_process(backend, tmp_path, capsys):
     code = main(["bench", "ops-count", "--archs", "titans", "--length", "16",
-                 "--model-dim", "16", "--model-layers", "1", "--heads", "2", "--chunk-size",
-                 "8", "--vocab-size", "32", "--compiled", "--compile-backend", backend,
-                 "--threads", "1", "--out", str(tmp_path)])
+                 *TINY_BENCH_MODEL, "--chunk-size", "8", "--compiled", "--compile-backend",
+                 backend, "--threads", "1", "--out", str(tmp_path)])
     assert code == 0
     assert "profiled kernels compiled | compile s" in capsys.readouterr().out
     row = json.loads((tmp_path / "ops-count.json").read_text())["rows"][0]

@@ -20,6 +20,12 @@ from typing import Any
 
 import torch
 
+from nestlearn.benchmarks.parity_table import (
+    ParityTable,
+    check_positive,
+    device_missing,
+    device_name,
+)
 from nestlearn.ops import (
     DeepMemoryState,
     TitansLinearState,
@@ -145,13 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run the deep memory with its chunk step compiled by this "
                              "torch.compile backend (default: not)")
     args = parser.parse_args(argv)
-    for name in ("batch", "length", "heads", "dim", "hidden", "chunk_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}: got {getattr(args, name)}; "
-                         "allowed: integers >= 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("gpu_parity: error: --device: got 'cuda'; allowed: cpu "
-              "(torch.cuda.is_available() is false here)", file=sys.stderr)
+    check_positive(parser, args, ("batch", "length", "heads", "dim", "hidden", "chunk_size"))
+    if device_missing("gpu_parity", args.device):
         return 2
 
     x = make_inputs(args.batch, args.length, args.heads, args.dim, args.device)
@@ -170,12 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile:
         cases.append((f"deep_memory dgd, compiled ({args.compile})",
                       _deep_case(True), deep_x, args.compile))
-    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    print(f"float64 parity on {args.device} ({name}), B={args.batch} T={args.length} "
-          f"H={args.heads} D={args.dim} chunk {args.chunk_size}, tolerance {args.tolerance:g}")
-    print("| op | outputs+state rel err | gradients rel err | ok |")
-    print("|---|---|---|---|")
-    failed = []
+    print(f"float64 parity on {args.device} ({device_name(args.device)}), B={args.batch} "
+          f"T={args.length} H={args.heads} D={args.dim} chunk {args.chunk_size}, "
+          f"tolerance {args.tolerance:g}")
+    table = ParityTable("op", ("outputs+state rel err", "gradients rel err"), args.tolerance)
     for label, run, inputs, backend in cases:
         if backend is not None:
             set_compile(True, backend)
@@ -183,21 +182,13 @@ def main(argv: list[str] | None = None) -> int:
             errors = relative_errors(run, inputs, args.chunk_size)
         finally:
             set_compile(None)
-        ok = all(error <= args.tolerance for error in errors.values())
-        if backend is not None and (compiled_chunk_step.failed
-                                    or backend not in compiled_chunk_step.compiled):
-            ok = False  # the eager fallback ran: this row would say nothing about compiling
+        # a compile that failed ran eagerly: its row would say nothing about compiling
+        compiled = backend is None or (not compiled_chunk_step.failed
+                                       and backend in compiled_chunk_step.compiled)
+        if not compiled:
             label = f"{label}: compile failed, ran eagerly"
-        if not ok:
-            failed.append(label)
-        print(f"| {label} | {errors['outputs+state']:.3e} | {errors['gradients']:.3e} | "
-              f"{'yes' if ok else 'NO'} |", flush=True)
-    if failed:
-        print(f"above tolerance: {', '.join(failed)}")
-        return 1
-    print("all within tolerance")
-    return 0
-
+        table.row(label, (errors["outputs+state"], errors["gradients"]), ok=compiled)
+    return table.verdict()
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -71,26 +71,32 @@ def test_parity_script_refuses_cuda_without_it(gpu_parity, monkeypatch, capsys):
 def test_check_script_runs_every_part_under_its_limit_and_sums_up(tmp_path):
     # Without CUDA (hidden here even on a GPU machine) the CUDA parts exit 2 at once and the
     # profile is stopped at a 1 s limit: every part still runs and the summary says so.
+    parts = ["parity", "compile-parity", "streaming", "profile", "graph", "train-graph",
+             "models", "decode"]
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable,
            "PYTHONPATH": str(Path(nestlearn.__file__).parents[1]), "CUDA_VISIBLE_DEVICES": "",
-           "PROFILE_S": "1", "OMP_NUM_THREADS": "1", "CHUNKS": CHUNKS,
-           "PARTS": "parity compile-parity profile graph train-graph models"}
+           "PROFILE_S": "1", "OMP_NUM_THREADS": "1", "CHUNKS": CHUNKS, "PARTS": " ".join(parts)}
     script = ROOT / "bench" / "gpu_check.sh"
     assert os.access(script, os.X_OK)
     result = subprocess.run([str(script)], env=env, capture_output=True, text=True,
                             timeout=300, check=False)
     assert result.returncode == 1, result.stdout + result.stderr
     summary = (tmp_path / "summary.txt").read_text().splitlines()
-    parts = ["parity", "compile-parity", "profile", "graph", "train-graph", "models"]
-    assert [line.split(":")[0] for line in summary[:6]] == parts
-    assert "stopped at the 1s limit" in summary[2] and summary[6].startswith("total ")
-    assert all(": exit 2 after" in summary[i] for i in (0, 1, 3, 4, 5))
+    assert [line.split(":")[0] for line in summary[:len(parts)]] == parts
+    profile = parts.index("profile")
+    assert "stopped at the 1s limit" in summary[profile]
+    assert summary[len(parts)].startswith("total ")
+    assert all(": exit 2 after" in line
+               for index, line in enumerate(summary[:len(parts)]) if index != profile)
     log = (tmp_path / "parts.log").read_text()
     assert [line.split(" ")[1] for line in log.splitlines() if line.startswith("== ")] == parts
-    # the models part got past argument parsing to the CUDA check: its options all exist
-    assert "--device: got 'cuda'; allowed: cpu" in log.split("== models")[1]
-    # CHUNKS reaches every part that builds models (and, above, they parsed it)
-    for name in ("profile", "graph", "train-graph", "models"):
+    # the bench parts got past argument parsing to the CUDA check: their options all exist
+    for name in ("models", "decode"):
+        assert "--device: got 'cuda'; allowed: cpu" in log.split(f"== {name} ")[1], name
+    assert "gpu_streaming: error: --device: got 'cuda'; allowed: cpu" in log
+    # CHUNKS reaches every part that builds models at the benches' sizes (and, above, they
+    # parsed it)
+    for name in ("profile", "graph", "train-graph", "models", "decode"):
         command = next(line for line in log.splitlines() if line.startswith(f"== {name} "))
         assert command.endswith(CHUNKS), command
     assert "gpu_graph: error: CUDA graphs need a CUDA device" in log
@@ -187,3 +193,63 @@ def test_train_graph_script_builds_a_graphed_windows_run(gpu_train_graph, tmp_pa
         assert (config.data.sampling, config.data.seq_len, config.data.batch_size) == (
             "windows", 64, 2)
         assert config.model.arch == "titans" and config.optim.name == "adamw"
+
+
+@pytest.fixture(scope="module")
+def gpu_streaming():
+    return load_script("gpu_streaming")
+
+
+STREAMING_COLUMNS = ["segments", "token by token", "gradients", "cpu vs device"]
+
+
+def streaming_rows(out: str) -> dict[str, dict[str, str]]:
+    return {arch: dict(zip([*STREAMING_COLUMNS, "ok"], cells, strict=True))
+            for arch, cells in table(out).items()}
+
+
+def test_streaming_script_passes_for_every_arch_on_cpu(gpu_streaming, capsys):
+    assert gpu_streaming.main(["--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    rows = streaming_rows(out)
+    assert list(rows) == ["transformer", "hope", "hope-attention", "titans", "titans-mag"]
+    for arch, row in rows.items():
+        assert row["ok"] == "yes", arch
+        for column in STREAMING_COLUMNS:
+            assert float(row[column]) < 1e-12, (arch, column)
+    assert out.rstrip().endswith("all within tolerance")
+
+
+def test_streaming_script_fails_above_its_tolerance(gpu_streaming, capsys):
+    # rounding alone is above zero: every arch is reported and the exit code says so
+    assert gpu_streaming.main(["--device", "cpu", "--archs", "titans", "hope",
+                               "--tolerance", "0"]) == 1
+    out = capsys.readouterr().out
+    assert list(streaming_rows(out)) == ["titans", "hope"]
+    assert "above tolerance: titans, hope" in out
+
+
+def test_streaming_script_catches_a_wrong_token_step(gpu_streaming, monkeypatch, capsys):
+    # a memory's one-token step off by 1e-6 (a shift: the per-head norm after the memory would
+    # undo a scale): the one-token segments (token by token, and the 1-token cut among the
+    # segments) are caught; one pass is not touched
+    import nestlearn.nn.memory_stream as memory_stream
+
+    exact = memory_stream._token_step
+
+    def off(*args, **kwargs):
+        out, state = exact(*args, **kwargs)
+        return out + 1e-6, state
+
+    monkeypatch.setattr(memory_stream, "_token_step", off)
+    assert gpu_streaming.main(["--device", "cpu", "--archs", "titans"]) == 1
+    row = streaming_rows(capsys.readouterr().out)["titans"]
+    assert float(row["token by token"]) > 1e-9 and float(row["segments"]) > 1e-9
+    assert float(row["cpu vs device"]) == 0 and row["ok"] == "NO"
+
+
+def test_streaming_script_refuses_cuda_without_it(gpu_streaming, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_streaming.main(["--device", "cuda"]) == 2
+    assert capsys.readouterr().err.startswith("gpu_streaming: error: --device: got 'cuda'; "
+                                              "allowed: cpu")

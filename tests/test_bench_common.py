@@ -47,6 +47,10 @@ def _where(tag: str) -> tuple[str, int, int]:
     return tag, os.getpid(), torch.get_num_threads()
 
 
+def _variable(name: str) -> str | None:
+    return os.environ.get(name)
+
+
 def _fails() -> None:
     raise ArithmeticError("no result here")
 
@@ -77,6 +81,18 @@ def _within(seconds: float, fn):
 def test_in_fresh_process_returns_the_childs_result_at_the_given_threads():
     assert in_fresh_process(_where, "tag", threads=1)[::2] == ("tag", 1)
     assert in_fresh_process(_where, "tag", threads=1)[1] != os.getpid()
+
+
+def test_in_fresh_process_starts_the_child_with_the_variables_given(monkeypatch):
+    monkeypatch.setenv("NESTLEARN_BENCH_PROBE", "parent")
+    monkeypatch.delenv("NESTLEARN_BENCH_OTHER", raising=False)
+    env = {"NESTLEARN_BENCH_PROBE": "child", "NESTLEARN_BENCH_OTHER": "set"}
+    assert in_fresh_process(_variable, "NESTLEARN_BENCH_PROBE", env=env) == "child"
+    assert in_fresh_process(_variable, "NESTLEARN_BENCH_OTHER", env=env) == "set"
+    # this process's environment is as it was, and a child without env sees it
+    assert os.environ["NESTLEARN_BENCH_PROBE"] == "parent"
+    assert "NESTLEARN_BENCH_OTHER" not in os.environ
+    assert in_fresh_process(_variable, "NESTLEARN_BENCH_PROBE") == "parent"
 
 
 def test_in_fresh_process_raises_a_failure_or_death_of_the_child_instead_of_waiting():

@@ -181,6 +181,46 @@ def test_titans_pytorch_side_by_side_at_each_chunk_size(tmp_path):
     assert all(row["tok/s"] > 0 and row["note"] == "" and row["warmup"] == 3 for row in rows)
 
 
+def test_titans_pytorch_side_by_side_with_each_allocator_setting(tmp_path, monkeypatch):
+    pytest.importorskip("titans_pytorch", reason="optional bench dependency")
+    from nestlearn.benchmarks import titans_compare
+
+    started = []
+    fresh = titans_compare.in_fresh_process
+
+    def recording(target, *args, env=None, **kwargs):
+        started.append(env)
+        return fresh(target, *args, env=env, **kwargs)
+
+    monkeypatch.setattr(titans_compare, "in_fresh_process", recording)
+    code = main(["bench", "layers", "--sections", "titans-pytorch", "--chunk-size", "4",
+                 "--titans-malloc", "default", "tuned", "--titans-dim", "16",
+                 "--titans-length", "16", "--titans-batch", "1", "--repeats", "1",
+                 "--threads", "1", "--no-memory", "--out", str(tmp_path)])
+    assert code == 0
+    rows = json.loads((tmp_path / "layers-titans-pytorch.json").read_text())["rows"]
+    assert [(row["implementation"], row["malloc"]) for row in rows] == [
+        ("nestlearn", "default"), ("titans-pytorch", "default"),
+        ("nestlearn", "tuned"), ("titans-pytorch", "tuned")]
+    # each side of a setting timed in a child started with that setting's variables
+    assert started == [None, None, titans_compare.TUNED_MALLOC, titans_compare.TUNED_MALLOC]
+    for ours, theirs in (rows[:2], rows[2:]):  # each against titans-pytorch at its setting
+        assert ours["speedup vs titans-pytorch"] == pytest.approx(
+            ours["tok/s"] / theirs["tok/s"])
+    assert all(row["page faults/step"] >= 0 and row["note"] == "" for row in rows)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--sections", "layers", "decode", "--titans-malloc", "tuned"],
+     "--titans-malloc: got tuned with --sections layers decode; allowed: tuned with the "
+     "titans-pytorch section"),
+    (["--sections", "titans-pytorch", "--titans-malloc", "tuned", "tuned"],
+     "--titans-malloc: got tuned tuned; allowed: distinct values")])
+def test_titans_malloc_is_refused_where_it_would_do_nothing(args, message, capsys):
+    assert main(["bench", "layers", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_bench_layers_refuses_unknown_names(capsys):
     assert main(["bench", "layers", "--layers", "lstm"]) == 2
     assert "--layers" in capsys.readouterr().err

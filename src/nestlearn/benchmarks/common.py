@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing as mp
+import os
 import platform
 import sys
 import time
@@ -122,7 +123,8 @@ def _child(target: Callable[..., Any], args: tuple, threads: int, queue: mp.Queu
     queue.put(report)
 
 
-def in_fresh_process(target: Callable[..., Any], *args: Any, threads: int | None = None) -> Any:
+def in_fresh_process(target: Callable[..., Any], *args: Any, threads: int | None = None,
+                     env: dict[str, str] | None = None) -> Any:
     """``target(*args)`` run in a new (spawned) process at ``threads`` torch threads.
 
     Each measurement then starts from the same state: nothing earlier in this process (loaded
@@ -130,12 +132,15 @@ def in_fresh_process(target: Callable[..., Any], *args: Any, threads: int | None
     before) can speed up or slow down one implementation against another. ``target`` must be
     a module-level function so the child can import it. An exception in the child, or its
     death, raises ``RuntimeError`` here (with the child's traceback) instead of a hang.
+    ``env``: variables added to the child's environment (set before it starts, so what the C
+    library reads at start-up, such as glibc's ``MALLOC_*`` settings, sees them).
     """
     ctx = mp.get_context("spawn")
     queue: mp.Queue = ctx.Queue()
     proc = ctx.Process(target=_child,
                        args=(target, args, threads or torch.get_num_threads(), queue))
-    proc.start()
+    with _environment(env or {}):
+        proc.start()
     while True:
         try:
             ok, result = queue.get(timeout=1.0)
@@ -149,6 +154,21 @@ def in_fresh_process(target: Callable[..., Any], *args: Any, threads: int | None
     if not ok:
         raise RuntimeError(f"the measuring process failed:\n{result}")
     return result
+
+
+@contextlib.contextmanager
+def _environment(variables: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``variables`` set, restored afterwards."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _peak_rise(make_workload: Callable[..., Callable[[], Any]], kwargs: dict) -> float:
@@ -174,18 +194,19 @@ def cuda_peak_mb(workload: Callable[[], Any]) -> float:
 
 
 def peak_memory_mb(make_workload: Callable[..., Callable[[], Any]], threads: int | None = None,
-                   device: str = "cpu", **kwargs: Any) -> float:
+                   device: str = "cpu", env: dict[str, str] | None = None,
+                   **kwargs: Any) -> float:
     """Peak memory (MiB) that one call of the workload adds.
 
     ``make_workload(**kwargs)`` builds inputs and returns a zero-argument callable; it must be a
     module-level function so the child process can import it. On CPU (``device="cpu"``)
     measured in a fresh process as the rise of the process's peak RSS above its RSS once
     inputs exist, so allocator caches of earlier measurements cannot hide or inflate it; on
-    CUDA, in this process, by :func:`cuda_peak_mb`.
+    CUDA, in this process, by :func:`cuda_peak_mb`. ``env``: as for :func:`in_fresh_process`.
     """
     if device == "cuda":
         return cuda_peak_mb(make_workload(**kwargs))
-    return in_fresh_process(_peak_rise, make_workload, kwargs, threads=threads)
+    return in_fresh_process(_peak_rise, make_workload, kwargs, threads=threads, env=env)
 
 
 def environment() -> dict[str, Any]:

@@ -49,6 +49,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import platform
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -71,7 +72,9 @@ from nestlearn.benchmarks.common import (
     write_report,
 )
 from nestlearn.benchmarks.titans_compare import (
+    MALLOC_SETTINGS,
     TITANS_COLUMNS,
+    TUNED_MALLOC,
     titans_pytorch_available,
     titans_rows,
 )
@@ -536,6 +539,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="T of the titans-pytorch comparison (default: 1024)")
     parser.add_argument("--titans-batch", type=int, default=2,
                         help="batch of the titans-pytorch comparison (default: 2)")
+    parser.add_argument("--titans-malloc", nargs="+", choices=MALLOC_SETTINGS,
+                        default=["default"],
+                        help="glibc's allocator settings for both sides of the titans-pytorch "
+                             "comparison: 'default', or 'tuned' (freed memory kept for reuse "
+                             "instead of handed back to the kernel and faulted in again: "
+                             f"{' '.join(f'{k}={v}' for k, v in TUNED_MALLOC.items())}); "
+                             "several run side by side (default: default)")
     parser.add_argument("--device", choices=DEVICES, default="cpu",
                         help="layers, models, decode: where tensors and models live; cuda "
                              "timings synchronize around each timed call and peak MB is "
@@ -603,6 +613,15 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise invalid("--device", "'cuda'", "cpu (torch.cuda.is_available() is false here: "
                                             "no CUDA device or a CPU-only torch)")
+    if "tuned" in args.titans_malloc and "titans-pytorch" not in args.sections:
+        raise invalid("--titans-malloc", "tuned with --sections " + " ".join(args.sections),
+                      "tuned with the titans-pytorch section, the one it applies to")
+    if "tuned" in args.titans_malloc and platform.libc_ver()[0] != "glibc":
+        raise invalid("--titans-malloc", "tuned", "default here (the settings are glibc's; "
+                      f"this Python runs on {platform.libc_ver()[0] or 'another C library'})")
+    if len(set(args.titans_malloc)) < len(args.titans_malloc):
+        raise invalid("--titans-malloc", " ".join(args.titans_malloc),
+                      "distinct values (each runs side by side with the others)")
     if len(set(args.chunk_size)) < len(args.chunk_size):
         raise invalid("--chunk-size", " ".join(map(str, args.chunk_size)),
                       "distinct values (each runs side by side with the others)")

@@ -5,12 +5,16 @@ same chunk size, batch, length and thread count. Each implementation is timed an
 memory in a fresh process of its own (``in_fresh_process``), after the same warm-up: run in one
 process, whichever goes second inherits the allocator state the first one left (glibc raises
 its mmap threshold after large frees), which moved titans-pytorch's time by up to 1.7x here.
+``--titans-malloc tuned`` runs both sides with glibc set to keep freed memory for reuse
+(``TUNED_MALLOC``), side by side with the default: titans-pytorch's step is bound by page
+faults under the default settings, ours is not, so the speed-up depends on the setting.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import resource
 from collections.abc import Callable
 from typing import Any
 
@@ -28,8 +32,16 @@ from nestlearn.benchmarks.common import (
 from nestlearn.ops import set_compile
 
 IMPLEMENTATIONS: tuple[str, ...] = ("nestlearn", "titans-pytorch")
-TITANS_COLUMNS = ["implementation", "chunk", "compile", "params", "tok/s", "compile s", "peak MB",
-                  "max err vs naive (f64)", "speedup vs titans-pytorch", "note"]
+TITANS_COLUMNS = ["implementation", "chunk", "malloc", "compile", "params", "tok/s",
+                  "page faults/step", "compile s", "peak MB", "max err vs naive (f64)",
+                  "speedup vs titans-pytorch", "note"]
+# glibc's allocator as it comes, or tuned to keep freed memory for reuse: by default a freed
+# block above the mmap threshold goes back to the kernel, and the next allocation of that size
+# faults its pages in again (titans-pytorch's step spends most of its system time there).
+MALLOC_SETTINGS: tuple[str, ...] = ("default", "tuned")
+TUNED_MALLOC: dict[str, str] = {"MALLOC_MMAP_THRESHOLD_": str(64 * 2**20),
+                                "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20),
+                                "MALLOC_TOP_PAD_": str(64 * 2**20)}
 # titans-pytorch's first calls are slower while its caches fill; both get the same warm-up
 WARMUP = 3
 
@@ -76,16 +88,20 @@ def make_titans_workload(implementation: str, dim: int, chunk_size: int, length:
 
 
 def _timed(kwargs: dict[str, Any], repeats: int,
-           backend: str | None = None) -> tuple[float, str, float]:
-    """(median seconds, note, first call s); ``backend``: our chunk steps compiled with it
-    (None: eager). The first call counts as the first of the ``WARMUP`` calls."""
+           backend: str | None = None) -> tuple[float, str, float, int]:
+    """(median seconds, note, first call s, minor page faults of one more call); ``backend``:
+    our chunk steps compiled with it (None: eager). The first call counts as the first of the
+    ``WARMUP`` calls."""
     set_compile(backend is not None, backend or "inductor")
     notes: list[str] = []
     with compile_failures(notes):
         workload = make_titans_workload(**kwargs)
         first, _ = timed_once(workload)
         seconds, note = measure(workload, repeats, warmup=WARMUP - 1)
-    return seconds, "; ".join(n for n in [note, *notes] if n), first
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        workload()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    return seconds, "; ".join(n for n in [note, *notes] if n), first, faults
 
 
 def _compiled_workload(backend: str, **kwargs: Any) -> Callable[[], torch.Tensor]:
@@ -108,37 +124,45 @@ def titans_exactness(dim: int, chunk_size: int, length: int, batch: int) -> floa
 
 
 def titans_rows(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
-    """Per ``--chunk-size``, one row per implementation (ours once per --compile value,
-    titans-pytorch eager); ours carry the speed-up over titans-pytorch at that chunk size and
-    the float64 error."""
-    return [row for chunk in args.chunk_size for row in _rows_at_chunk(args, chunk, threads)]
+    """Per ``--chunk-size`` and ``--titans-malloc`` setting, one row per implementation (ours
+    once per --compile value, titans-pytorch eager); ours carry the speed-up over
+    titans-pytorch at that chunk size and allocator setting, and the float64 error."""
+    settings = getattr(args, "titans_malloc", ["default"])
+    return [row for chunk in args.chunk_size for malloc in settings
+            for row in _rows_at_chunk(args, chunk, malloc, threads)]
 
 
-def _rows_at_chunk(args: argparse.Namespace, chunk: int, threads: int) -> list[dict[str, Any]]:
+def _rows_at_chunk(args: argparse.Namespace, chunk: int, malloc: str,
+                   threads: int) -> list[dict[str, Any]]:
+    env = TUNED_MALLOC if malloc == "tuned" else None
     rows = []
     compiles = getattr(args, "compile", ["off"])
     backend = getattr(args, "compile_backend", "inductor")
     cells = [("nestlearn", value == "on") for value in compiles] + [("titans-pytorch", False)]
     for implementation, compiled in cells:
         shown = "on" if compiled else "off"
-        progress(f"NeuralMemory: {implementation}, chunk {chunk}, compile {shown}")
+        progress(f"NeuralMemory: {implementation}, chunk {chunk}, malloc {malloc}, "
+                 f"compile {shown}")
         kwargs = {"implementation": implementation, "dim": args.titans_dim,
                   "chunk_size": chunk, "length": args.titans_length,
                   "batch": args.titans_batch}
-        seconds, note, first = in_fresh_process(_timed, kwargs, args.repeats,
-                                                backend if compiled else None, threads=threads)
+        seconds, note, first, faults = in_fresh_process(_timed, kwargs, args.repeats,
+                                                backend if compiled else None, threads=threads,
+                                                env=env)
         make = (functools.partial(_compiled_workload, backend) if compiled
                 else make_titans_workload)
         peak = (None if args.no_memory or note.startswith("failed")
-                else peak_memory_mb(make, threads=threads, **kwargs))
+                else peak_memory_mb(make, threads=threads, env=env, **kwargs))
         error = (titans_exactness(args.titans_dim, chunk, args.titans_length,
                                   args.titans_batch) if implementation == "nestlearn" else None)
         module = titans_module(implementation, args.titans_dim, chunk)
-        rows.append({"implementation": implementation, "chunk": chunk, "compile": shown,
+        rows.append({"implementation": implementation, "chunk": chunk, "malloc": malloc,
+                     "compile": shown,
                      "compile s": first if compiled else None, "first call s": first,
                      "params": sum(p.numel() for p in module.parameters()),
                      "D": args.titans_dim, "T": args.titans_length, "B": args.titans_batch,
                      "tok/s": args.titans_batch * args.titans_length / seconds,
+                     "page faults/step": faults,
                      "peak MB": peak, "max err vs naive (f64)": error, "note": note,
                      "threads": threads, "warmup": WARMUP, "repeats": args.repeats})
     *ours, theirs = rows

@@ -22,7 +22,7 @@
 #                   bench layers --sections decode`; up to 7 minutes, not in the default
 #                   PARTS either)
 # PARTS names the parts to run, in the order above (default: all but models and decode, at
-# most about 10.5 minutes with the default limits); e.g. PARTS="profile models".
+# most about 11.5 minutes with the default limits); e.g. PARTS="profile models".
 # CHUNKS: chunk options added to the profile, graph, train-graph, models and decode parts
 # (default none: the benches' chunk of 64 and CMS chunks 64 512, as the earlier GPU runs);
 # the models as `nestlearn train` builds them: CHUNKS="--chunk-size 16 --inner-chunk-size 16
@@ -43,7 +43,7 @@ PY="${PYTHON:-python}"
 OUT="${OUT:-results/gpu}"
 PARITY_S="${PARITY_S:-30}"
 COMPILE_PARITY_S="${COMPILE_PARITY_S:-150}"
-STREAMING_S="${STREAMING_S:-60}"
+STREAMING_S="${STREAMING_S:-120}"
 PROFILE_S="${PROFILE_S:-100}"
 GRAPH_S="${GRAPH_S:-180}"
 TRAIN_GRAPH_S="${TRAIN_GRAPH_S:-110}"

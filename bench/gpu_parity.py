@@ -190,5 +190,6 @@ def main(argv: list[str] | None = None) -> int:
         table.row(label, (errors["outputs+state"], errors["gradients"]), ok=compiled)
     return table.verdict()
 
+
 if __name__ == "__main__":
     sys.exit(main())

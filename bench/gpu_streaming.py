@@ -10,10 +10,12 @@ stream in float64 on ``--device``:
   level holding its chunk's tokens), against one pass, the same way;
 - ``gradients``: the parameters' gradients of a loss on the segments' logits and final state
   (the state passed on, not detached), against the same loss on one pass;
-- ``cpu vs device``: one pass on ``--device`` against one pass of the same weights on CPU.
+- ``cpu vs device``: one pass on ``--device`` against one pass of the same weights on CPU:
+  logits, final state and the parameters' gradients.
 
 Each cell is the largest relative error ``||a - b|| / ||b||`` over what it compares (a CMS
-level's held tokens as their gradient sum, the form of every other segmentation). Exit code 1
+level's held tokens as their gradient sum, the form of every other segmentation); states that
+differ in structure, in a non-tensor value or in a tensor's shape count as ``inf``. Exit code 1
 when any cell is above ``--tolerance`` (default 1e-10), 2 when ``--device cuda`` has no CUDA
 device. The test suite checks the same contract on CPU (``tests/test_streaming_contract.py``);
 this script is for a GPU machine (``bench/gpu_check.sh``), where the kernels differ.
@@ -28,6 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from nestlearn.benchmarks.parity_table import (
@@ -62,34 +65,46 @@ def small_config(arch: str, dim: int, vocab: int, chunk: int) -> ModelConfig:
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """``||got - want|| / ||want||`` (the absolute error where ``want`` is zero), on CPU."""
+    """``||got - want|| / ||want||`` (the absolute error where ``want`` is zero), on CPU;
+    ``inf`` for tensors of different shapes, except a batch-shared tensor against its
+    per-row copies (``[...]`` against ``[B, ...]``, as a memory's meta-learned initial
+    weights are held until a row's first update), and for integer tensors that differ."""
     got, want = got.detach().cpu(), want.detach().cpu()
-    got, want = torch.broadcast_tensors(got, want)
+    if got.shape != want.shape:
+        if got.shape[1:] != want.shape and want.shape[1:] != got.shape:
+            return float("inf")
+        got, want = torch.broadcast_tensors(got, want)
+    if not want.is_floating_point():
+        return 0.0 if torch.equal(got, want) else float("inf")
     scale = want.norm().item()
     difference = (got - want).norm().item()
     return difference / scale if scale > 0 else difference
 
 
-def comparable(state: Any) -> dict[str, torch.Tensor]:
-    """A final state's tensors by path, each CMS level's held tokens as their gradient sum."""
-    return named_tensors(map_instances(settled, state, ContinuumMemoryState))
+def comparable(state: Any) -> Any:
+    """A final state with each CMS level's held tokens as their gradient sum (the form every
+    segmentation's state takes for the same stream)."""
+    return map_instances(settled, state, ContinuumMemoryState)
 
 
 def worst_state_error(got: Any, want: Any) -> float:
-    """The largest relative error over the two states' tensors; ``inf`` when they do not hold
-    the same tensors (paths, shapes, dtypes)."""
-    got_tensors, want_tensors = comparable(got), comparable(want)
-    if got_tensors.keys() != want_tensors.keys():
+    """The largest relative error over the two states' tensors; ``inf`` when they differ in
+    structure (classes, fields, static values such as positions) or in a non-tensor leaf."""
+    got_leaves, got_spec = pytree.tree_flatten(comparable(got))
+    want_leaves, want_spec = pytree.tree_flatten(comparable(want))
+    if got_spec != want_spec:
         return float("inf")
     worst = 0.0
-    for path, want_tensor in want_tensors.items():
-        got_tensor = got_tensors[path]
-        if got_tensor.dtype != want_tensor.dtype:
+    for got_leaf, want_leaf in zip(got_leaves, want_leaves, strict=True):
+        if isinstance(got_leaf, torch.Tensor) != isinstance(want_leaf, torch.Tensor):
             return float("inf")
-        try:
-            worst = max(worst, relative_error(got_tensor, want_tensor))
-        except RuntimeError:  # shapes that do not broadcast
+        if not isinstance(want_leaf, torch.Tensor):
+            if got_leaf != want_leaf:
+                return float("inf")
+            continue
+        if got_leaf.dtype != want_leaf.dtype:
             return float("inf")
+        worst = max(worst, relative_error(got_leaf, want_leaf))
     return worst
 
 
@@ -109,7 +124,7 @@ def probe_loss(logits: torch.Tensor, state: Any) -> torch.Tensor:
     weights = torch.linspace(-1, 1, logits.numel(), dtype=logits.dtype,
                              device=logits.device).view_as(logits)
     loss = (logits * weights).sum()
-    for tensor in comparable(state).values():
+    for tensor in named_tensors(comparable(state)).values():
         if tensor.is_floating_point() and tensor.requires_grad:
             loss = loss + tensor.square().sum() / (1 + tensor.numel())
     return loss
@@ -137,8 +152,7 @@ def arch_errors(arch: str, args: argparse.Namespace) -> dict[str, float]:
     generator = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, args.vocab_size, (args.batch, args.length), generator=generator)
     one_pass = [args.length]
-    rest = args.length - sum(CUTS)
-    segments = [*CUTS, rest] if rest > 0 else one_pass
+    segments = [*CUTS, args.length - sum(CUTS)]
     with torch.no_grad():
         logits, state = read(model, ids.to(args.device), one_pass)
         errors = {}
@@ -151,8 +165,11 @@ def arch_errors(arch: str, args: argparse.Namespace) -> dict[str, float]:
         errors["cpu vs device"] = max(relative_error(logits, cpu_logits),
                                       worst_state_error(state, cpu_state))
     device_ids = ids.to(args.device)
+    one_pass_gradients = gradients(model, device_ids, one_pass)
     errors["gradients"] = worst_gradient_error(gradients(model, device_ids, segments),
-                                               gradients(model, device_ids, one_pass))
+                                               one_pass_gradients)
+    errors["cpu vs device"] = max(errors["cpu vs device"], worst_gradient_error(
+        one_pass_gradients, gradients(on_cpu, ids, one_pass)))
     return errors
 
 
@@ -175,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="largest relative error allowed (default: 1e-10)")
     args = parser.parse_args(argv)
     check_positive(parser, args, ("batch", "length", "dim", "chunk", "vocab_size"))
+    if args.length <= sum(CUTS):
+        parser.error(f"--length: got {args.length}; allowed: integers >= {sum(CUTS) + 1} "
+                     f"(the segments are {', '.join(map(str, CUTS))} and the rest)")
     if device_missing("gpu_streaming", args.device):
         return 2
     print(f"float64 streaming parity on {args.device} ({device_name(args.device)}), "
@@ -185,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         errors = arch_errors(arch, args)
         table.row(arch, [errors[column] for column in COLUMNS])
     return table.verdict()
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -93,6 +93,15 @@ def test_in_fresh_process_starts_the_child_with_the_variables_given(monkeypatch)
     assert os.environ["NESTLEARN_BENCH_PROBE"] == "parent"
     assert "NESTLEARN_BENCH_OTHER" not in os.environ
     assert in_fresh_process(_variable, "NESTLEARN_BENCH_PROBE") == "parent"
+    # None removes a variable from the child's environment only
+    assert in_fresh_process(_variable, "NESTLEARN_BENCH_PROBE",
+                            env={"NESTLEARN_BENCH_PROBE": None}) is None
+    assert os.environ["NESTLEARN_BENCH_PROBE"] == "parent"
+
+
+def test_peak_memory_on_cuda_refuses_an_environment_it_could_not_apply():
+    with pytest.raises(NestlearnError, match=r"env: got .* with device cuda; allowed: None"):
+        peak_memory_mb(lambda: (lambda: None), device="cuda", env={"MALLOC_TOP_PAD_": "1"})
 
 
 def test_in_fresh_process_raises_a_failure_or_death_of_the_child_instead_of_waiting():

@@ -248,6 +248,35 @@ def test_streaming_script_catches_a_wrong_token_step(gpu_streaming, monkeypatch,
     assert float(row["cpu vs device"]) == 0 and row["ok"] == "NO"
 
 
+def test_streaming_state_comparison_counts_any_difference_in_form_as_infinite(gpu_streaming):
+    from nestlearn.models import build_model
+
+    error = gpu_streaming.relative_error
+    shared = torch.randn(3, 4, dtype=torch.float64)
+    # a batch-shared tensor equals its per-row copies; other shape differences do not pass
+    assert error(shared.expand(2, 3, 4), shared) == 0 == error(shared, shared.expand(2, 3, 4))
+    assert error(shared[:2], shared) == float("inf")
+    assert error(torch.zeros(2, 0, 4), torch.ones(2, 1, 4)) == float("inf")
+    assert error(torch.tensor([1, 2]), torch.tensor([1, 3])) == float("inf")
+    assert error(torch.tensor([1, 2]), torch.tensor([1, 2])) == 0
+    torch.manual_seed(0)
+    model = build_model(gpu_streaming.small_config("hope", 16, 17, 4)).double()
+    ids = torch.randint(0, 17, (1, 9))
+    with torch.no_grad():
+        _, state = gpu_streaming.read(model, ids, [9])
+        _, shorter = gpu_streaming.read(model, ids[:, :8], [8])
+    assert gpu_streaming.worst_state_error(state, state) == 0
+    # a stream one token shorter: another position (a static value) and other held tokens
+    assert gpu_streaming.worst_state_error(shorter, state) == float("inf")
+
+
+def test_streaming_script_refuses_a_stream_too_short_for_its_segments(gpu_streaming, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_streaming.main(["--device", "cpu", "--length", "13"])
+    assert exit_info.value.code == 2
+    assert "--length: got 13; allowed: integers >= 14" in capsys.readouterr().err
+
+
 def test_streaming_script_refuses_cuda_without_it(gpu_streaming, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gpu_streaming.main(["--device", "cuda"]) == 2

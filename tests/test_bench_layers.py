@@ -185,29 +185,38 @@ def test_titans_pytorch_side_by_side_with_each_allocator_setting(tmp_path, monke
     pytest.importorskip("titans_pytorch", reason="optional bench dependency")
     from nestlearn.benchmarks import titans_compare
 
-    started = []
+    timed, probed = [], []
     fresh = titans_compare.in_fresh_process
 
     def recording(target, *args, env=None, **kwargs):
-        started.append(env)
+        timed.append(env)
         return fresh(target, *args, env=env, **kwargs)
 
+    def probe(make, threads=None, env=None, **kwargs):
+        probed.append(env)
+        return 1.0
+
     monkeypatch.setattr(titans_compare, "in_fresh_process", recording)
+    monkeypatch.setattr(titans_compare, "peak_memory_mb", probe)
+    # what a shell may have set is not the "default" setting: the children start without it
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "12345")
     code = main(["bench", "layers", "--sections", "titans-pytorch", "--chunk-size", "4",
                  "--titans-malloc", "default", "tuned", "--titans-dim", "16",
                  "--titans-length", "16", "--titans-batch", "1", "--repeats", "1",
-                 "--threads", "1", "--no-memory", "--out", str(tmp_path)])
+                 "--threads", "1", "--out", str(tmp_path)])
     assert code == 0
     rows = json.loads((tmp_path / "layers-titans-pytorch.json").read_text())["rows"]
     assert [(row["implementation"], row["malloc"]) for row in rows] == [
         ("nestlearn", "default"), ("titans-pytorch", "default"),
         ("nestlearn", "tuned"), ("titans-pytorch", "tuned")]
-    # each side of a setting timed in a child started with that setting's variables
-    assert started == [None, None, titans_compare.TUNED_MALLOC, titans_compare.TUNED_MALLOC]
+    # each side of a setting timed and probed in a child started with that setting
+    default, tuned = titans_compare.DEFAULT_MALLOC, titans_compare.TUNED_MALLOC
+    assert timed == probed == [default, default, tuned, tuned]
+    assert set(default) == set(tuned) and all(value is None for value in default.values())
     for ours, theirs in (rows[:2], rows[2:]):  # each against titans-pytorch at its setting
         assert ours["speedup vs titans-pytorch"] == pytest.approx(
             ours["tok/s"] / theirs["tok/s"])
-    assert all(row["page faults/step"] >= 0 and row["note"] == "" for row in rows)
+    assert all(isinstance(row["page faults/step"], int) and row["note"] == "" for row in rows)
 
 
 @pytest.mark.parametrize(("args", "message"), [

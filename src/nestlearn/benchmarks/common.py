@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from nestlearn.errors import NestlearnError, NonFiniteError
+from nestlearn.errors import NestlearnError, NonFiniteError, invalid
 
 
 def progress(message: str) -> None:
@@ -124,7 +124,7 @@ def _child(target: Callable[..., Any], args: tuple, threads: int, queue: mp.Queu
 
 
 def in_fresh_process(target: Callable[..., Any], *args: Any, threads: int | None = None,
-                     env: dict[str, str] | None = None) -> Any:
+                     env: dict[str, str | None] | None = None) -> Any:
     """``target(*args)`` run in a new (spawned) process at ``threads`` torch threads.
 
     Each measurement then starts from the same state: nothing earlier in this process (loaded
@@ -132,8 +132,8 @@ def in_fresh_process(target: Callable[..., Any], *args: Any, threads: int | None
     before) can speed up or slow down one implementation against another. ``target`` must be
     a module-level function so the child can import it. An exception in the child, or its
     death, raises ``RuntimeError`` here (with the child's traceback) instead of a hang.
-    ``env``: variables added to the child's environment (set before it starts, so what the C
-    library reads at start-up, such as glibc's ``MALLOC_*`` settings, sees them).
+    ``env``: variables set in the child's environment (``None``: removed), before it starts,
+    so what the C library reads at start-up, such as glibc's ``MALLOC_*`` settings, sees them.
     """
     ctx = mp.get_context("spawn")
     queue: mp.Queue = ctx.Queue()
@@ -157,11 +157,16 @@ def in_fresh_process(target: Callable[..., Any], *args: Any, threads: int | None
 
 
 @contextlib.contextmanager
-def _environment(variables: dict[str, str]) -> Iterator[None]:
-    """``os.environ`` with ``variables`` set, restored afterwards."""
+def _environment(variables: dict[str, str | None]) -> Iterator[None]:
+    """``os.environ`` with ``variables`` set (``None``: removed), restored afterwards. It is
+    the process's environment: not for threads that start processes at the same time."""
     saved = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
     try:
+        for name, value in variables.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         yield
     finally:
         for name, value in saved.items():
@@ -194,7 +199,7 @@ def cuda_peak_mb(workload: Callable[[], Any]) -> float:
 
 
 def peak_memory_mb(make_workload: Callable[..., Callable[[], Any]], threads: int | None = None,
-                   device: str = "cpu", env: dict[str, str] | None = None,
+                   device: str = "cpu", env: dict[str, str | None] | None = None,
                    **kwargs: Any) -> float:
     """Peak memory (MiB) that one call of the workload adds.
 
@@ -202,8 +207,12 @@ def peak_memory_mb(make_workload: Callable[..., Callable[[], Any]], threads: int
     module-level function so the child process can import it. On CPU (``device="cpu"``)
     measured in a fresh process as the rise of the process's peak RSS above its RSS once
     inputs exist, so allocator caches of earlier measurements cannot hide or inflate it; on
-    CUDA, in this process, by :func:`cuda_peak_mb`. ``env``: as for :func:`in_fresh_process`.
+    CUDA, in this process, by :func:`cuda_peak_mb`. ``env``: as for :func:`in_fresh_process`
+    (CPU only: the CUDA probe starts no process).
     """
+    if device == "cuda" and env:
+        raise invalid("env", f"{sorted(env)} with device cuda",
+                      "None with device cuda (the CUDA probe runs in this process)")
     if device == "cuda":
         return cuda_peak_mb(make_workload(**kwargs))
     return in_fresh_process(_peak_rise, make_workload, kwargs, threads=threads, env=env)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import resource
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +30,11 @@ from nestlearn.benchmarks.common import (
 )
 from nestlearn.ops import set_compile
 
+try:  # Unix only: elsewhere the page-fault column stays empty
+    import resource
+except ImportError:
+    resource = None
+
 IMPLEMENTATIONS: tuple[str, ...] = ("nestlearn", "titans-pytorch")
 TITANS_COLUMNS = ["implementation", "chunk", "malloc", "compile", "params", "tok/s",
                   "page faults/step", "compile s", "peak MB", "max err vs naive (f64)",
@@ -39,9 +43,12 @@ TITANS_COLUMNS = ["implementation", "chunk", "malloc", "compile", "params", "tok
 # block above the mmap threshold goes back to the kernel, and the next allocation of that size
 # faults its pages in again (titans-pytorch's step spends most of its system time there).
 MALLOC_SETTINGS: tuple[str, ...] = ("default", "tuned")
-TUNED_MALLOC: dict[str, str] = {"MALLOC_MMAP_THRESHOLD_": str(64 * 2**20),
-                                "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20),
-                                "MALLOC_TOP_PAD_": str(64 * 2**20)}
+TUNED_MALLOC: dict[str, str | None] = {"MALLOC_MMAP_THRESHOLD_": str(64 * 2**20),
+                                       "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20),
+                                       "MALLOC_TOP_PAD_": str(64 * 2**20)}
+# "default" is glibc's own: the same variables removed from the child's environment, whatever
+# this shell has set
+DEFAULT_MALLOC: dict[str, str | None] = dict.fromkeys(TUNED_MALLOC)
 # titans-pytorch's first calls are slower while its caches fill; both get the same warm-up
 WARMUP = 3
 
@@ -88,20 +95,27 @@ def make_titans_workload(implementation: str, dim: int, chunk_size: int, length:
 
 
 def _timed(kwargs: dict[str, Any], repeats: int,
-           backend: str | None = None) -> tuple[float, str, float, int]:
-    """(median seconds, note, first call s, minor page faults of one more call); ``backend``:
-    our chunk steps compiled with it (None: eager). The first call counts as the first of the
-    ``WARMUP`` calls."""
+           backend: str | None = None) -> tuple[float, str, float, int | None]:
+    """(median seconds, note, first call s, minor page faults of one more call or None);
+    ``backend``: our chunk steps compiled with it (None: eager). The first call counts as the
+    first of the ``WARMUP`` calls."""
     set_compile(backend is not None, backend or "inductor")
     notes: list[str] = []
     with compile_failures(notes):
         workload = make_titans_workload(**kwargs)
         first, _ = timed_once(workload)
         seconds, note = measure(workload, repeats, warmup=WARMUP - 1)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        workload()
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        faults = _page_faults(workload)
     return seconds, "; ".join(n for n in [note, *notes] if n), first, faults
+
+
+def _page_faults(workload: Callable[[], torch.Tensor]) -> int | None:
+    """Minor page faults of one call (None where the platform does not count them)."""
+    if resource is None:
+        return None
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    workload()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
 def _compiled_workload(backend: str, **kwargs: Any) -> Callable[[], torch.Tensor]:
@@ -134,7 +148,7 @@ def titans_rows(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
 
 def _rows_at_chunk(args: argparse.Namespace, chunk: int, malloc: str,
                    threads: int) -> list[dict[str, Any]]:
-    env = TUNED_MALLOC if malloc == "tuned" else None
+    env = TUNED_MALLOC if malloc == "tuned" else DEFAULT_MALLOC
     rows = []
     compiles = getattr(args, "compile", ["off"])
     backend = getattr(args, "compile_backend", "inductor")

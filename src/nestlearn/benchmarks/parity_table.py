@@ -30,6 +30,7 @@ def device_missing(script: str, device: str) -> bool:
 
 
 def device_name(device: str) -> str:
+    """The GPU's name for ``cuda``, else ``cpu`` (the tables' first line names it)."""
     return torch.cuda.get_device_name() if device == "cuda" else "cpu"
 
 

@@ -162,18 +162,18 @@ def _environment(variables: dict[str, str | None]) -> Iterator[None]:
     the process's environment: not for threads that start processes at the same time."""
     saved = {name: os.environ.get(name) for name in variables}
     try:
-        for name, value in variables.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        _assign(variables)
         yield
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        _assign(saved)
+
+
+def _assign(variables: dict[str, str | None]) -> None:
+    for name, value in variables.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def _peak_rise(make_workload: Callable[..., Callable[[], Any]], kwargs: dict) -> float:

@@ -34,22 +34,27 @@ class DeepMemoryState(TreeState):
     momentum: tuple[torch.Tensor, ...] | None = None
 
 
-def _normal_pdf(z: torch.Tensor) -> torch.Tensor:
-    return torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+def _unit_gradient(z: torch.Tensor) -> torch.Tensor:
+    """Ones shaped like ``z``: one element written and broadcast, so an activation's backward
+    kernel with this gradient returns the activation's slope itself."""
+    return z.new_ones(()).expand_as(z)
 
 
 def _gelu_slope(z: torch.Tensor) -> torch.Tensor:
-    # d/dz [z Phi(z)] = Phi(z) + z phi(z), the exact (erf) GELU that F.gelu computes by default
-    return 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0))) + z * _normal_pdf(z)
+    # d/dz [z Phi(z)] = Phi(z) + z phi(z), the exact (erf) GELU that F.gelu computes by default,
+    # as the one kernel autograd runs for F.gelu's backward (the closed form is ten kernels)
+    return torch.ops.aten.gelu_backward(_unit_gradient(z), z)
 
 
 def _gelu_curvature(z: torch.Tensor) -> torch.Tensor:
-    return _normal_pdf(z) * (2.0 - z * z)
+    # phi(z) (2 - z^2), phi the standard normal density
+    square = z * z
+    return torch.exp(-0.5 * square) * (2.0 - square) * (1.0 / math.sqrt(2.0 * math.pi))
 
 
 def _silu_slope(z: torch.Tensor) -> torch.Tensor:
-    sig = torch.sigmoid(z)
-    return sig * (1.0 + z * (1.0 - sig))
+    # sigma(z) (1 + z (1 - sigma(z))), as the one kernel of F.silu's backward
+    return torch.ops.aten.silu_backward(_unit_gradient(z), z)
 
 
 def _silu_curvature(z: torch.Tensor) -> torch.Tensor:

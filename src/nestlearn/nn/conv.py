@@ -69,14 +69,15 @@ class CausalDepthwiseConv(nn.Module):
             # as autocast runs conv1d: in the input's (low) precision, not promoted to float32
             weight = weight.to(x.dtype)
             bias = bias.to(x.dtype) if bias is not None else None
-        y = padded[:, :length] * weight[:, 0]
+        first = padded[:, :length]
+        y = first * weight[:, 0] if bias is None else torch.addcmul(bias, first, weight[:, 0])
         for j in range(1, self.width):
             y = torch.addcmul(y, padded[:, j:j + length], weight[:, j])
-        if bias is not None:
-            y = y + bias
-        # a copy: a view would keep the whole padded segment alive for as long as the state
-        new_tail = padded[:, padded.shape[1] - (self.width - 1):].clone()
-        return y, new_tail
+        new_tail = padded[:, padded.shape[1] - (self.width - 1):]
+        # A view would keep the whole padded segment alive for as long as the state: a copy,
+        # unless the segment is no longer than the tail (decoding), where the view costs less
+        # than the copy's kernel.
+        return y, (new_tail if length < self.width else new_tail.clone())
 
     def forward_naive(self, x: torch.Tensor, tail: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -121,6 +121,39 @@ def test_timing_reports_the_skeleton_s_share(tmp_path, capsys):
     assert row["fixed share"] == pytest.approx(row["skeleton s"] / seconds)
 
 
+def test_timing_with_decode_tokens_times_decoding_and_its_skeleton(tmp_path, capsys,
+                                                                   monkeypatch):
+    from nestlearn.benchmarks import opcount
+
+    timed = []
+
+    def fake_time_call(fn, repeats=3, warmup=1, device="cpu"):
+        out = fn()
+        timed.append(out)
+        return 0.5 if len(timed) % 2 else 0.25  # the arch's decode, then its skeleton's
+
+    code = main(["bench", "ops-count", "--archs", "titans", "--length", "6",
+                 *TINY_BENCH_MODEL, "--chunk-size", "4", "--decode-tokens", "5", "--timing",
+                 "--repeats", "1", "--out", str(tmp_path)])
+    assert code == 0
+    assert "| decode ms/token | decode skeleton ms/token | decode fixed share |" \
+        in capsys.readouterr().out
+    row = json.loads((tmp_path / "ops-count.json").read_text())["rows"][0]
+    assert row["decode ms/token"] > 0 and row["decode skeleton ms/token"] > 0
+    assert row["decode fixed share"] == pytest.approx(
+        row["decode skeleton ms/token"] / row["decode ms/token"])
+    # the timer runs the generation it counts: 5 new tokens after the 6-token prompt, per
+    # token over the 5
+    monkeypatch.setattr(opcount, "time_call", fake_time_call)
+    config = model_configs(argparse.Namespace(
+        archs=["titans"], vocab_size=256, model_dim=16, model_layers=1, heads=2,
+        chunk_size=4, inner_chunk_size=None, cms_chunk_sizes=[4, 8], window=8))["titans"]
+    columns = opcount.decode_timing(config, 6, 1, 5, repeats=1)
+    assert [t.shape for t in timed] == [(1, 6), (1, 6)]
+    assert columns == {"decode ms/token": 100.0, "decode skeleton ms/token": 50.0,
+                       "decode fixed share": 0.5}
+
+
 def test_hope_s_inner_chunk_is_its_own_option():
     parser = argparse.ArgumentParser()
     add_arguments(parser)

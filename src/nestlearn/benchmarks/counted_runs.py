@@ -52,10 +52,11 @@ def seeded_step(config: ModelConfig, length: int, batch: int, seed: int = 0,
     return model, make_step(model, ids, before_backward)
 
 
-def run_decode(config: ModelConfig, length: int, batch: int, tokens: int,
-               mode: TorchDispatchMode, seed: int = 0) -> None:
-    """Greedy generation of ``tokens`` tokens after a seeded prompt of ``length`` tokens, with
-    ``mode`` (a counter) active for the generation only (the prompt is read before)."""
+def prompted_decoder(config: ModelConfig, length: int, batch: int, tokens: int,
+                     seed: int = 0) -> Callable[[], torch.Tensor]:
+    """Greedy generation of ``tokens`` tokens after a seeded prompt of ``length`` tokens: the
+    prompt is read here, once; each call of the returned function generates from the state
+    the prompt left (the same tokens every call) and returns them."""
     from nestlearn.models.generation import generate
 
     torch.manual_seed(seed)
@@ -64,5 +65,17 @@ def run_decode(config: ModelConfig, length: int, batch: int, tokens: int,
                         generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         state = model(ids[:, :-1])[1] if length > 1 else None
-        with mode:
-            generate(model, ids[:, -1:], tokens, temperature=0, state=state)
+
+    def decode() -> torch.Tensor:
+        return generate(model, ids[:, -1:], tokens, temperature=0, state=state)
+
+    return decode
+
+
+def run_decode(config: ModelConfig, length: int, batch: int, tokens: int,
+               mode: TorchDispatchMode, seed: int = 0) -> None:
+    """:func:`prompted_decoder`'s generation once, with ``mode`` (a counter) active for the
+    generation only (the prompt is read before)."""
+    decode = prompted_decoder(config, length, batch, tokens, seed)
+    with mode:
+        decode()

@@ -51,7 +51,10 @@ times the arch's skeleton (``skeleton_config``: every width cut to 2 per head, t
 the same order, almost no arithmetic): ``skeleton s`` is what the step's ops cost whatever
 they compute (dispatch, autograd, Python, allocation), and ``fixed share`` that over the
 step's time. A share near 1 says the step is bound by how many ops it issues, not by its
-FLOPs, so fewer (fused) ops, not faster products, are what would speed it up.
+FLOPs, so fewer (fused) ops, not faster products, are what would speed it up. With
+``--decode-tokens`` as well it times the generation it counts (ms per token, the prompt
+untimed) and the same generation of the skeleton: ``decode skeleton ms/token`` is what a
+decoded token costs whatever it computes, a floor for eager decoding at this op count.
 """
 
 from __future__ import annotations
@@ -81,7 +84,13 @@ from nestlearn.benchmarks.common import (
     time_call,
     write_report,
 )
-from nestlearn.benchmarks.counted_runs import is_kernel, make_step, run_decode, seeded_step
+from nestlearn.benchmarks.counted_runs import (
+    is_kernel,
+    make_step,
+    prompted_decoder,
+    run_decode,
+    seeded_step,
+)
 from nestlearn.benchmarks.kernel_sites import (
     SITE_COLUMNS,
     count_decode_sites,
@@ -124,6 +133,7 @@ NON_COMPUTING = frozenset({
 # Names of the kernels a compiler generates, as they appear in a profile.
 GENERATED_KERNELS = ("cpp_fused", "triton_")
 TIMING_COLUMNS = ["tok/s", "GFLOP/s", "fraction of matmul rate", "skeleton s", "fixed share"]
+DECODE_TIMING_COLUMNS = ["decode ms/token", "decode skeleton ms/token", "decode fixed share"]
 SKELETON_HEAD_DIM = 2
 
 
@@ -353,6 +363,24 @@ def time_step(config: ModelConfig, length: int, batch: int, repeats: int) -> flo
     return time_call(make_step(model, ids), repeats=repeats, warmup=1)
 
 
+def time_decode(config: ModelConfig, length: int, batch: int, tokens: int,
+                repeats: int) -> float:
+    """Median seconds per token of greedy generation of ``tokens`` tokens after a prompt of
+    ``length`` tokens (the generation the decode counts count; the prompt is not timed)."""
+    decode = prompted_decoder(config, length, batch, tokens)
+    return time_call(decode, repeats=repeats, warmup=1) / tokens
+
+
+def decode_timing(config: ModelConfig, length: int, batch: int, tokens: int,
+                  repeats: int) -> dict[str, float]:
+    """The ``--timing --decode-tokens`` columns: ms per decoded token, the same for the arch's
+    skeleton (the decoding's fixed cost), and their ratio."""
+    seconds = time_decode(config, length, batch, tokens, repeats)
+    skeleton = time_decode(skeleton_config(config), length, batch, tokens, repeats)
+    return {"decode ms/token": seconds * 1e3, "decode skeleton ms/token": skeleton * 1e3,
+            "decode fixed share": skeleton / seconds}
+
+
 def skeleton_config(config: ModelConfig, head_dim: int = SKELETON_HEAD_DIM) -> ModelConfig:
     """``config`` with every width cut to ``head_dim`` per head (model, memory and CMS widths;
     hidden sizes follow them): the same layers, heads, depth, chunks and vocabulary, so one
@@ -401,8 +429,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "aot_eager only traces, in seconds)")
     parser.add_argument("--timing", action="store_true",
                         help="also time each step, its skeleton (the same ops at width 2 per "
-                             "head: their fixed cost) and the fp32 matmul rate (needs a quiet "
-                             "machine; counts alone are deterministic)")
+                             "head: their fixed cost) and the fp32 matmul rate, and with "
+                             "--decode-tokens the decoding per token and its skeleton's (needs "
+                             "a quiet machine; counts alone are deterministic)")
     parser.add_argument("--sites", type=int, default=0, metavar="N",
                         help="also list the N sources (package functions, and the autograd "
                              "nodes they record) that issue the most kernels per step, "
@@ -507,6 +536,9 @@ def run(args: argparse.Namespace) -> int:
                         "GFLOP/s": achieved / 1e9, "fraction of matmul rate": achieved / rate,
                         "matmul GFLOP/s": rate / 1e9, "skeleton s": skeleton,
                         "fixed share": skeleton / seconds})
+            if args.decode_tokens:
+                row.update(decode_timing(config, args.length, args.batch, args.decode_tokens,
+                                         args.repeats))
         rows.append(row)
         if args.sites:
             progress(f"ops-count {arch} T={args.length}: kernels by site")
@@ -518,6 +550,7 @@ def run(args: argparse.Namespace) -> int:
                     per=args.decode_tokens))
     columns = (COLUMNS + (DECODE_COLUMNS if args.decode_tokens else [])
                + (TIMING_COLUMNS if rate is not None else [])
+               + (DECODE_TIMING_COLUMNS if rate is not None and args.decode_tokens else [])
                + (COMPILED_COLUMNS if args.compiled else [])
                + (["compiled tok/s"] if args.compiled and rate is not None else []))
     write_report("ops-count", rows, columns, args.out)

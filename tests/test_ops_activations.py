@@ -66,5 +66,4 @@ def test_slope_keeps_the_input_dtype_and_shape(name: str) -> None:
         z = torch.randn(3, 5, dtype=dtype)
         out = slope(z)
         assert out.dtype == dtype and out.shape == z.shape
-        # a fresh tensor, not a view of the broadcast unit gradient
         assert out.stride() == z.contiguous().stride()

@@ -35,14 +35,17 @@ class DeepMemoryState(TreeState):
 
 
 def _unit_gradient(z: torch.Tensor) -> torch.Tensor:
-    """Ones shaped like ``z``: one element written and broadcast, so an activation's backward
-    kernel with this gradient returns the activation's slope itself."""
-    return z.new_ones(()).expand_as(z)
+    """Ones shaped like ``z``, so an activation's backward kernel with this gradient returns the
+    activation's slope itself. Written out in full: with a broadcast scalar (stride 0) the
+    kernel takes its strided loop, 1.2-2.6x slower than both kernels here at the sizes
+    measured (152 to 48,640 GELU inputs)."""
+    return torch.ones_like(z)
 
 
 def _gelu_slope(z: torch.Tensor) -> torch.Tensor:
     # d/dz [z Phi(z)] = Phi(z) + z phi(z), the exact (erf) GELU that F.gelu computes by default,
-    # as the one kernel autograd runs for F.gelu's backward (the closed form is ten kernels)
+    # as the kernel autograd runs for F.gelu's backward, given ones (two kernels; the closed
+    # form is ten)
     return torch.ops.aten.gelu_backward(_unit_gradient(z), z)
 
 
@@ -53,7 +56,7 @@ def _gelu_curvature(z: torch.Tensor) -> torch.Tensor:
 
 
 def _silu_slope(z: torch.Tensor) -> torch.Tensor:
-    # sigma(z) (1 + z (1 - sigma(z))), as the one kernel of F.silu's backward
+    # sigma(z) (1 + z (1 - sigma(z))), as the kernel of F.silu's backward, given ones
     return torch.ops.aten.silu_backward(_unit_gradient(z), z)
 
 

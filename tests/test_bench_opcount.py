@@ -12,6 +12,7 @@ from model_cases import TINY_BENCH_MODEL, tiny_config
 from nestlearn.benchmarks.opcount import (
     OpCounter,
     add_arguments,
+    count_decode,
     count_step,
     model_configs,
     parametric_weights,
@@ -107,6 +108,10 @@ def test_a_skeleton_issues_the_same_ops_with_almost_no_weights():
         assert bare["top kernels"] == full["top kernels"], arch
         assert bare["params"] * 50 < full["params"], arch
         assert bare["matmul GFLOP/step"] * 50 < full["matmul GFLOP/step"], arch
+        # and decodes with the same ops (what `decode skeleton ms/token` times)
+        full_decode, bare_decode = (count_decode(c, 20, 1, 6) for c in (config, skeleton))
+        for key in ("decode ops/token", "decode kernels/token", "decode top kernels"):
+            assert bare_decode[key] == full_decode[key], (arch, key)
 
 
 def test_timing_reports_the_skeleton_s_share(tmp_path, capsys):
@@ -132,7 +137,7 @@ def test_timing_with_decode_tokens_times_decoding_and_its_skeleton(tmp_path, cap
         timed.append(out)
         return 0.5 if len(timed) % 2 else 0.25  # the arch's decode, then its skeleton's
 
-    code = main(["bench", "ops-count", "--archs", "titans", "--length", "6",
+    code = main(["bench", "ops-count", "--archs", "titans", "--length", "7",
                  *TINY_BENCH_MODEL, "--chunk-size", "4", "--decode-tokens", "5", "--timing",
                  "--repeats", "1", "--out", str(tmp_path)])
     assert code == 0
@@ -142,13 +147,13 @@ def test_timing_with_decode_tokens_times_decoding_and_its_skeleton(tmp_path, cap
     assert row["decode ms/token"] > 0 and row["decode skeleton ms/token"] > 0
     assert row["decode fixed share"] == pytest.approx(
         row["decode skeleton ms/token"] / row["decode ms/token"])
-    # the timer runs the generation it counts: 5 new tokens after the 6-token prompt, per
-    # token over the 5
+    # the timer runs the generation it counts: the prompt's last token and 5 new ones (the
+    # rest of the 7-token prompt read before, untimed), per token over the 5
     monkeypatch.setattr(opcount, "time_call", fake_time_call)
     config = model_configs(argparse.Namespace(
         archs=["titans"], vocab_size=256, model_dim=16, model_layers=1, heads=2,
         chunk_size=4, inner_chunk_size=None, cms_chunk_sizes=[4, 8], window=8))["titans"]
-    columns = opcount.decode_timing(config, 6, 1, 5, repeats=1)
+    columns = opcount.decode_timing(config, 7, 1, 5, repeats=1)
     assert [t.shape for t in timed] == [(1, 6), (1, 6)]
     assert columns == {"decode ms/token": 100.0, "decode skeleton ms/token": 50.0,
                        "decode fixed share": 0.5}

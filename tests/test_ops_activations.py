@@ -5,10 +5,21 @@ as a mismatch against the per-token references, so it is tied here on its own fi
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from nestlearn.ops._deep_memory_common import ACTIVATIONS, activation_slope
+from nestlearn.ops._deep_memory_common import ACTIVATIONS, _unit_gradient, activation_slope
+
+# The activations as plain expressions: autograd of F.gelu and F.silu runs the very kernels the
+# slopes now call, so the references are differentiated from these instead.
+PLAIN = {
+    "gelu": lambda z: 0.5 * z * (1.0 + torch.erf(z / math.sqrt(2.0))),
+    "silu": lambda z: z * torch.sigmoid(z),
+    "relu": lambda z: torch.where(z > 0, z, torch.zeros_like(z)),
+    "tanh": lambda z: torch.tanh(z),
+}
 
 
 def points() -> torch.Tensor:
@@ -27,20 +38,21 @@ def autograd_derivative(fn, z: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
 def test_slope_is_the_activations_derivative(name: str) -> None:
-    act, slope, _ = ACTIVATIONS[name]
+    _, slope, _ = ACTIVATIONS[name]
     z = points()
-    if name == "relu":  # autograd's relu passes no gradient at 0, as the slope does
+    if name == "relu":  # the slope at 0 is a convention (0, as autograd's relu): not compared
         z = z.masked_fill(z == 0, 0.5)
-    torch.testing.assert_close(slope(z), autograd_derivative(act, z), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(slope(z), autograd_derivative(PLAIN[name], z), rtol=1e-12,
+                               atol=1e-14)
 
 
 @pytest.mark.parametrize("name", ["gelu", "silu", "tanh"])
 def test_curvature_is_the_slopes_derivative(name: str) -> None:
-    act, _, curvature = ACTIVATIONS[name]
+    _, _, curvature = ACTIVATIONS[name]
     z = points()
 
     def autograd_slope(t: torch.Tensor) -> torch.Tensor:
-        (grad,) = torch.autograd.grad(act(t).sum(), t, create_graph=True)
+        (grad,) = torch.autograd.grad(PLAIN[name](t).sum(), t, create_graph=True)
         return grad
 
     torch.testing.assert_close(curvature(z), autograd_derivative(autograd_slope, z),
@@ -66,4 +78,10 @@ def test_slope_keeps_the_input_dtype_and_shape(name: str) -> None:
         z = torch.randn(3, 5, dtype=dtype)
         out = slope(z)
         assert out.dtype == dtype and out.shape == z.shape
-        assert out.stride() == z.contiguous().stride()
+
+
+def test_the_unit_gradient_is_written_out_not_broadcast() -> None:
+    # a broadcast scalar (stride 0) sends the backward kernels down their slower strided loop
+    z = torch.randn(2, 3, 5)
+    ones = _unit_gradient(z)
+    assert ones.stride() == z.stride() and bool((ones == 1).all())

@@ -37,8 +37,8 @@ class DeepMemoryState(TreeState):
 def _unit_gradient(z: torch.Tensor) -> torch.Tensor:
     """Ones shaped like ``z``, so an activation's backward kernel with this gradient returns the
     activation's slope itself. Written out in full: with a broadcast scalar (stride 0) the
-    kernel takes its strided loop, 1.2-2.6x slower than both kernels here at the sizes
-    measured (152 to 48,640 GELU inputs)."""
+    kernel takes its strided loop: 1.2-1.8x slower than both kernels here at the sizes
+    measured (608 to 1.2M elements; BENCHMARKS.md, "Decoding's fixed cost")."""
     return torch.ones_like(z)
 
 
